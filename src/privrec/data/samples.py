@@ -1,0 +1,165 @@
+"""Samples and the evaluation protocols that cut them out of an interaction table (METHODS §0).
+
+A sample is (user, the user's previous ``history_len`` interactions in time order, target item, label).
+Its id ``u{user}-i{item}`` is stable across runs and protocols (a MovieLens user rates an item once), so
+ledgers, lineages and caches can refer to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from privrec.data.movielens import Dataset
+
+
+@dataclass(frozen=True)
+class View:
+    """How a sample's key-value fields are shown: their order and which are dropped (InstructMK, METHODS §1).
+
+    ``order`` None means the template's own order."""
+
+    order: tuple[str, ...] | None = None
+    dropped: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    user_id: int
+    item_id: int
+    timestamp: int
+    rating: float
+    label: int
+    history: tuple[tuple[int, float], ...]  # (item_id, rating), oldest first
+    source_id: str = ""  # the original sample of an augmented copy; == sample_id for originals
+    view: View = field(default_factory=View)
+
+    def __post_init__(self) -> None:
+        if not self.source_id:
+            object.__setattr__(self, "source_id", self.sample_id)
+
+    def history_like_rate(self, threshold: float) -> float:
+        """Share of history items rated above ``threshold`` (the 'counter' reference of METHODS §0)."""
+        if not self.history:
+            return 0.5
+        return float(np.mean([r > threshold for _, r in self.history]))
+
+
+def sample_id(user_id: int, item_id: int) -> str:
+    return f"u{user_id}-i{item_id}"
+
+
+@dataclass
+class Splits:
+    dataset: Dataset
+    train: list[Sample]
+    valid: list[Sample]
+    test: list[Sample]
+
+    def get(self, name: str) -> list[Sample]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def windows(ds: Dataset, history_len: int, like_threshold: float) -> list[list[Sample]]:
+    """Per user (in user order), every sample whose target has ``history_len`` earlier interactions.
+
+    The history is the ``history_len`` interactions immediately before the target in the user's time order
+    (ties in timestamp keep the file's row order), so no history item comes at or after its target.
+    """
+    out: list[list[Sample]] = []
+    inter = ds.inter
+    users = inter["user_id"].to_numpy()
+    items = inter["item_id"].to_numpy()
+    ratings = inter["rating"].to_numpy()
+    times = inter["timestamp"].to_numpy()
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(users)]):
+        seq = []
+        for i in range(start + history_len, end):
+            hist = tuple((int(items[j]), float(ratings[j])) for j in range(i - history_len, i))
+            seq.append(Sample(sample_id(int(users[i]), int(items[i])), int(users[i]), int(items[i]),
+                              int(times[i]), float(ratings[i]), int(ratings[i] > like_threshold), hist))
+        out.append(seq)
+    return out
+
+
+def _subsample(samples: list[Sample], n: int | None, seed: int | list[int]) -> list[Sample]:
+    if n is None or n >= len(samples):
+        return samples
+    idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=n, replace=False))
+    return [samples[i] for i in idx]
+
+
+def tallrec_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.0, last_n: int = 10_000,
+                  split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> tuple[list, list, list]:
+    """TALLRec protocol: all windows ordered by target time (ties: user, then position), keep the last
+    ``last_n``, cut train/valid/test in that time order."""
+    flat = [s for seq in windows(ds, history_len, like_threshold) for s in seq]
+    order = sorted(range(len(flat)), key=lambda i: (flat[i].timestamp, flat[i].user_id, i))
+    kept = [flat[i] for i in order[-last_n:]]
+    n_train = int(round(split[0] * len(kept)))
+    n_valid = int(round(split[1] * len(kept)))
+    return kept[:n_train], kept[n_train:n_train + n_valid], kept[n_train + n_valid:]
+
+
+def all_users_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.0, n_eval: int = 3,
+                    ) -> tuple[list, list, list]:
+    """All-users protocol: per user, the last ``n_eval`` ratings are test, the ``n_eval`` before them
+    validation, every earlier one with a full history training (METHODS §0: 84,912 / 2,829 / 2,829)."""
+    train, valid, test = [], [], []
+    for seq in windows(ds, history_len, like_threshold):
+        if len(seq) < 2 * n_eval:
+            continue  # a user with fewer than history_len + 6 ratings has no full-history eval sample
+        train += seq[:-2 * n_eval]
+        valid += seq[-2 * n_eval:-n_eval]
+        test += seq[-n_eval:]
+    return train, valid, test
+
+
+def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> Splits:
+    """Cut the configured protocol's splits and draw the configured subsets.
+
+    ``cfg`` is a :class:`privrec.config.DataConfig`. Training subsets are drawn with the experiment
+    ``seed``; valid/test subsets with ``cfg.sample_seed`` so every run of a protocol sees the same ones.
+    ``exclude`` removes samples by id before anything is drawn (deleted / tombstoned data).
+    """
+    if cfg.protocol == "tallrec":
+        tr, va, te = tallrec_split(ds, cfg.history_len, cfg.like_threshold, cfg.last_n, tuple(cfg.split))
+    else:
+        tr, va, te = all_users_split(ds, cfg.history_len, cfg.like_threshold)
+    if exclude:
+        tr, va, te = ([s for s in part if s.sample_id not in exclude] for part in (tr, va, te))
+    return Splits(
+        ds,
+        _subsample(tr, cfg.n_train, [seed, 1]),
+        _subsample(va, cfg.n_valid, [cfg.sample_seed, 2]),
+        _subsample(te, cfg.n_test, [cfg.sample_seed, 3]),
+    )
+
+
+KV_FIELDS = ("gender", "age", "occupation", "history", "title", "genres", "year")
+MASKABLE = tuple(f for f in KV_FIELDS if f != "history")
+
+
+def augment(samples: list[Sample], shuffle: bool, mask: int, copies: int, seed: int) -> list[Sample]:
+    """InstructMK augmentation (METHODS §1): each original followed by ``copies`` augmented copies.
+
+    A copy keeps the original's label, target and history; only its view changes: key-value pairs in a
+    random order (``shuffle``) and/or ``mask`` pairs removed at random (the history is never removed).
+    """
+    if copies == 0:
+        return list(samples)
+    if mask > len(MASKABLE):
+        raise ValueError(f"augment.mask={mask} exceeds the {len(MASKABLE)} maskable pairs")
+    rng = np.random.default_rng([seed, 7])
+    out: list[Sample] = []
+    for s in samples:
+        out.append(s)
+        for k in range(copies):
+            order = tuple(str(f) for f in rng.permutation(KV_FIELDS)) if shuffle else None
+            dropped = frozenset(str(f) for f in rng.choice(MASKABLE, size=mask, replace=False))
+            out.append(replace(s, sample_id=f"{s.sample_id}#aug{k}", source_id=s.sample_id,
+                               view=View(order, dropped)))
+    return out

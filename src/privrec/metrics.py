@@ -1,0 +1,76 @@
+"""Metrics, each with its formula (RecBole style: plain functions over arrays, keys like ``ndcg@10``).
+
+Like-prediction (METHODS §0): AUC, UAUC, LogLoss, accuracy. Ranking (METHODS §1): HR@K, NDCG@K from the
+1-based rank of the true item among the candidates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+EPS = 1e-7
+
+
+def auc(labels, scores) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
+
+    NaN when only one class is present."""
+    y = np.asarray(labels)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+
+
+def logloss(labels, probs) -> float:
+    """-mean(y log p + (1 - y) log(1 - p)), p clipped to [1e-7, 1 - 1e-7]."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def accuracy(labels, probs, threshold: float = 0.5) -> float:
+    """mean(1[p > threshold] == y)."""
+    y = np.asarray(labels)
+    return float(np.mean((np.asarray(probs) > threshold).astype(int) == y))
+
+
+def uauc(users, labels, scores) -> float:
+    """Mean over users of the AUC within the user's samples, over users that have both labels."""
+    by_user: dict = defaultdict(list)
+    for u, y, s in zip(users, labels, scores):
+        by_user[u].append((y, s))
+    values = []
+    for rows in by_user.values():
+        y = [r[0] for r in rows]
+        if 0 < sum(y) < len(y):
+            values.append(auc(y, [r[1] for r in rows]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def binary_metrics(labels, probs, users=None) -> dict[str, float]:
+    """``auc``, ``logloss``, ``accuracy``, ``n``, and ``uauc`` when users are given."""
+    out = {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "accuracy": accuracy(labels, probs),
+           "n": int(len(labels)), "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
+    if users is not None:
+        out["uauc"] = uauc(users, labels, probs)
+    return out
+
+
+def hit_rate(ranks, k: int) -> float:
+    """HR@K = mean(1[rank <= K]), rank 1-based."""
+    return float(np.mean(np.asarray(ranks) <= k))
+
+
+def ndcg(ranks, k: int) -> float:
+    """NDCG@K with one relevant item = mean(1[rank <= K] / log2(rank + 1))."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)))
+
+
+def ranking_metrics(ranks, hr_ks=(1, 3, 5, 10), ndcg_ks=(3, 5, 10)) -> dict[str, float]:
+    out = {f"hr@{k}": hit_rate(ranks, k) for k in hr_ks}
+    out.update({f"ndcg@{k}": ndcg(ranks, k) for k in ndcg_ks})
+    return out

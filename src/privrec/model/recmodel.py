@@ -1,0 +1,351 @@
+"""The LLM recommender: a causal LM with LoRA adapters, read as a Yes/No classifier (METHODS §0).
+
+One forward for everything (training, scoring, every method): the decoder runs over right-padded prompts,
+the hidden state at each prompt's last real token goes through the final norm and the two LM-head rows of
+"Yes" and "No" in fp32, and the model's output is the logit difference ``z = z_yes - z_no``, so
+``P(Yes) = softmax([z_yes, z_no])[0] = sigmoid(z)``. No vocabulary-sized matrix is ever computed.
+
+With LoRA on the top L layers only, the frozen bottom layers are run once per prompt and their output is
+kept in a :class:`FrozenCache` keyed by (base weights, cut layer, token ids); training and scoring then run
+the top L layers on the cached states (DESIGN.md performance habits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from privrec.errors import ModelError, UserError
+from privrec.model.backbone import default_threads, fingerprint, load_backbone, supports_bf16
+from privrec.prompts import PromptBuilder, answer_token_ids
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised sample: what the model and the training loop see."""
+
+    sample_id: str
+    ids: tuple[int, ...]
+    label: float
+    key: str  # content hash of the token ids (cache key part)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Batch:
+    items: list[Encoded]
+    input_ids: torch.Tensor | None  # (B, T) right-padded, or None when `hidden` is given
+    hidden: torch.Tensor | None  # (B, T, H) cached states at the cut, or None
+    attention_mask: torch.Tensor  # (B, T)
+    last: torch.Tensor  # (B,) index of each prompt's last real token
+    labels: torch.Tensor  # (B,) float
+
+
+class FrozenCache:
+    """Hidden states after the frozen bottom layers, one (T, H) tensor per prompt, in memory and on disk.
+
+    Keyed by the base-model fingerprint, the cut layer, the compute precision and the prompt's token ids:
+    a different base model, template or sample never reuses a stale entry.
+    """
+
+    def __init__(self, namespace: str, directory: Path | None = None):
+        self.namespace = namespace
+        self.mem: dict[str, torch.Tensor] = {}
+        self.dir = directory / namespace if directory is not None else None
+        self.hits = 0
+        self.computed = 0
+
+    def _path(self, key: str) -> Path:
+        assert self.dir is not None
+        return self.dir / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self.mem.get(key)
+        if t is None and self.dir is not None:
+            p = self._path(key)
+            if p.is_file():
+                try:
+                    t = torch.load(p, weights_only=True)
+                except Exception:  # a torn file from a killed run: recompute it
+                    t = None
+                if t is not None:
+                    self.mem[key] = t
+        if t is not None:
+            self.hits += 1
+        return t
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.mem[key] = value
+        self.computed += 1
+        if self.dir is not None:
+            p = self._path(key)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            torch.save(value, tmp)
+            tmp.replace(p)
+
+
+@contextlib.contextmanager
+def _layer_window(inner: nn.Module, start: int, end: int):
+    """Temporarily make the decoder run only layers[start:end] and skip its final norm."""
+    layers, norm = inner.layers, inner.norm
+    inner.layers = nn.ModuleList(list(layers)[start:end])
+    inner.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        inner.layers, inner.norm = layers, norm
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+class RecLM:
+    """A causal LM read as a Yes/No recommender, with optional LoRA and a frozen-layer cache.
+
+    Build it with :meth:`from_config`. ``self.model`` is the (peft-wrapped once LoRA is attached) HF model.
+    """
+
+    def __init__(self, model, tokenizer, builder: PromptBuilder, precision: str = "auto",
+                 max_length: int = 512, cache_dir: Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.builder = builder
+        self.device = next(model.parameters()).device
+        self.bf16 = precision == "bf16" or (precision == "auto" and supports_bf16(self.device))
+        self.max_length = max_length
+        self.yes_id, self.no_id = answer_token_ids(tokenizer)
+        self.n_layers = len(self._inner().layers)
+        self.cut = 0  # layers[:cut] are frozen and cached; 0 = no cache
+        self.cache: FrozenCache | None = None
+        self.cache_dir = cache_dir
+        self._fingerprint: str | None = None
+        self._encoded: dict[str, tuple[int, ...]] = {}
+        self.lora_config = None
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, dataset, device: torch.device | None = None) -> RecLM:
+        """Load the backbone of ``cfg.model`` and wire the prompt builder of ``cfg.prompt``.
+
+        Raises:
+            ModelError: the model cannot be loaded or has no decoder layers to run.
+        """
+        from privrec import assets
+
+        default_threads(cfg.model.threads)
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device)
+        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold)
+        return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
+                   cache_dir=assets.home() / "cache" / "frozen")
+
+    def _inner(self) -> nn.Module:
+        """The decoder stack (embed_tokens, layers, norm) under any peft wrapping."""
+        m = self.model
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        inner = getattr(m, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+            raise ModelError(f"{type(m).__name__}: expected a decoder with .model.layers and .model.norm")
+        return inner
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._fingerprint = fingerprint(base)
+        return self._fingerprint
+
+    def attach_lora(self, lora_cfg, seed: int) -> None:
+        """Wrap the model with a fresh peft LoRA adapter (METHODS §0: r=8, alpha=16, q/v by default).
+
+        With ``lora_cfg.top_layers`` = L, LoRA goes on layers[N-L:] only, and with ``cache_frozen`` the
+        bottom N-L layers are cached. Initialisation is seeded.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if lora_cfg.top_layers is not None and lora_cfg.top_layers > self.n_layers:
+            raise UserError(f"lora.top_layers={lora_cfg.top_layers} but the model has {self.n_layers} layers")
+        layers = None
+        if lora_cfg.top_layers is not None:
+            layers = list(range(self.n_layers - lora_cfg.top_layers, self.n_layers))
+        self.fingerprint  # hash the base weights before peft adds its own
+        pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
+                          layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                self.model = get_peft_model(self.model, pcfg)
+            except ValueError as e:
+                raise UserError(f"lora: {str(e).splitlines()[0]}") from None
+        self.lora_config = lora_cfg
+        if lora_cfg.top_layers is not None and lora_cfg.cache_frozen:
+            self.enable_cache(self.n_layers - lora_cfg.top_layers)
+
+    def enable_cache(self, cut: int) -> None:
+        self.cut = cut
+        prec = "bf16" if self.bf16 else "fp32"
+        self.cache = FrozenCache(f"{self.fingerprint}-c{cut}-{prec}", self.cache_dir)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- tokenisation ------------------------------------------------------------------------------
+    def encode(self, samples) -> list[Encoded]:
+        """Render and tokenise samples once (cached by prompt text).
+
+        Raises:
+            UserError: a prompt longer than prompt.max_length (never silently truncated).
+        """
+        out = []
+        for s in samples:
+            text = self.builder.text(s, self.tokenizer)
+            ids = self._encoded.get(text)
+            if ids is None:
+                ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                self._encoded[text] = ids
+            if len(ids) > self.max_length:
+                raise UserError(f"sample {s.sample_id}: prompt has {len(ids)} tokens > prompt.max_length="
+                                f"{self.max_length}")
+            key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+            out.append(Encoded(s.sample_id, ids, float(s.label), key))
+        return out
+
+    # --- batching ----------------------------------------------------------------------------------
+    def collate(self, items: list[Encoded]) -> Batch:
+        lengths = [len(e) for e in items]
+        T = max(lengths)
+        mask = torch.zeros(len(items), T, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        last = torch.tensor(lengths) - 1
+        labels = torch.tensor([e.label for e in items], dtype=torch.float32)
+        if self.cut > 0:
+            assert self.cache is not None
+            H = self._inner().norm.weight.shape[0]
+            states = [self.cache.get(e.key) for e in items]
+            missing = [e.sample_id for e, s in zip(items, states) if s is None]
+            assert not missing, f"frozen cache lacks {len(missing)} prompts (call prepare() first): {missing[:3]}"
+            hidden = torch.zeros(len(items), T, H, dtype=states[0].dtype)
+            for i, s in enumerate(states):
+                hidden[i, : s.shape[0]] = s
+            return Batch(items, None, hidden.to(self.device), mask.to(self.device), last.to(self.device),
+                         labels.to(self.device))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(items), T), pad, dtype=torch.long)
+        for i, e in enumerate(items):
+            ids[i, : len(e)] = torch.tensor(e.ids)
+        return Batch(items, ids.to(self.device), None, mask.to(self.device), last.to(self.device),
+                     labels.to(self.device))
+
+    @staticmethod
+    def length_batches(items: list[Encoded], batch_size: int) -> list[list[int]]:
+        """Indices grouped into batches of similar length (longest first), to waste little on padding."""
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+    # --- forward -----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _run_layers(self, start: int, end: int, input_ids=None, hidden=None, attention_mask=None):
+        inner = self._inner()
+        with _layer_window(inner, start, end), self._autocast():
+            out = inner(input_ids=input_ids, inputs_embeds=hidden, attention_mask=attention_mask,
+                        use_cache=False)
+        return out.last_hidden_state  # (B, T, H), before the final norm
+
+    def _head(self, h_last: torch.Tensor) -> torch.Tensor:
+        """(B, H) last-token states -> (B,) fp32 logit difference z_yes - z_no."""
+        inner = self._inner()
+        h = inner.norm(h_last.float())  # (B, H) final norm in fp32
+        out_emb = (self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+        w = out_emb.get_output_embeddings().weight[[self.yes_id, self.no_id]].float()  # (2, H)
+        z = h @ w.T  # (B, 2)
+        return z[:, 0] - z[:, 1]
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The one forward: (B,) fp32 z_yes - z_no for a batch (grad flows into trainable LoRA weights)."""
+        if batch.hidden is not None:
+            h = self._run_layers(self.cut, self.n_layers, hidden=batch.hidden,
+                                 attention_mask=batch.attention_mask)
+        else:
+            h = self._run_layers(0, self.n_layers, input_ids=batch.input_ids,
+                                 attention_mask=batch.attention_mask)
+        h_last = h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
+        return self._head(h_last)
+
+    @torch.no_grad()
+    def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> None:
+        """Fill the frozen cache for these prompts (no-op without a cache). Computed once per prompt."""
+        if self.cut == 0:
+            return
+        assert self.cache is not None
+        todo, seen = [], set()
+        for e in items:
+            if e.key not in seen and self.cache.get(e.key) is None:
+                todo.append(e)
+                seen.add(e.key)
+        if not todo:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        saved_cut, self.cut = self.cut, 0  # collate token ids, not cached states
+        try:
+            batches = self.length_batches(todo, batch_size)
+            for idx in _progress(batches, len(batches), "caching frozen layers", progress):
+                b = self.collate([todo[i] for i in idx])
+                h = self._run_layers(0, saved_cut, input_ids=b.input_ids, attention_mask=b.attention_mask)
+                for j, i in enumerate(idx):
+                    n = len(todo[i])
+                    self.cache.put(todo[i].key, h[j, :n].detach().to("cpu").clone())
+        finally:
+            self.cut = saved_cut
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def score_logits(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        """z_yes - z_no for every item, in input order (the one scorer; eval mode, no dropout)."""
+        if not items:
+            return np.zeros(0)
+        self.prepare(items, batch_size, progress)
+        was_training = self.model.training
+        self.model.eval()
+        out = np.zeros(len(items), dtype=np.float64)
+        try:
+            batches = self.length_batches(items, batch_size)
+            for idx in _progress(batches, len(batches), "scoring", progress):
+                z = self.logits(self.collate([items[i] for i in idx]))
+                out[idx] = z.double().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def score(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> np.ndarray:
+        """P(Yes) = sigmoid(z_yes - z_no) for every item, in input order."""
+        z = self.score_logits(items, batch_size, progress)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the untuned base model (zero-shot) while a LoRA adapter is attached."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield

@@ -1,0 +1,65 @@
+"""Tables (and plots) from run directories: ``privrec report RUN [RUN ...]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privrec.rundir import METRICS_FILE, read_json
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def collect(paths: list[str | Path]) -> list[tuple[str, dict]]:
+    return [(Path(p).name, read_json(Path(p) / METRICS_FILE)) for p in paths]
+
+
+def like_rows(runs: list[tuple[str, dict]]) -> list[list[str]]:
+    """One row per model / reference: name, AUC, UAUC, LogLoss, ACC, n_test, training seconds."""
+    rows = []
+    seen_refs = set()
+    for name, m in runs:
+        if m.get("zero_shot"):
+            z = m["zero_shot"]
+            rows.append([f"{name}: zero-shot", _fmt(z.get("auc")), _fmt(z.get("uauc")), _fmt(z.get("logloss")),
+                         _fmt(z.get("accuracy")), _fmt(m.get("n_test")), "-"])
+        label = f"{name}: {m['method']}" if m.get("method") else f"{name}: tuned"
+        rows.append([label, _fmt(m.get("auc")), _fmt(m.get("uauc")), _fmt(m.get("logloss")),
+                     _fmt(m.get("accuracy")), _fmt(m.get("n_test")), _fmt(m.get("train_seconds"))])
+        for ref, r in (m.get("references") or {}).items():
+            key = (ref, m.get("n_test"), m.get("protocol"), m.get("n_train"))
+            if key in seen_refs or ref == m.get("method"):
+                continue
+            seen_refs.add(key)
+            rows.append([f"  reference: {ref}", _fmt(r.get("auc")), _fmt(r.get("uauc")), _fmt(r.get("logloss")),
+                         _fmt(r.get("accuracy")), _fmt(m.get("n_test")), "-"])
+    return rows
+
+
+HEADER = ["run", "AUC", "UAUC", "LogLoss", "ACC", "n_test", "train s"]
+
+
+def render(paths: list[str | Path], markdown: bool = False) -> str:
+    rows = like_rows(collect(paths))
+    if markdown:
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="privrec results")
+    for h in HEADER:
+        table.add_column(h, justify="left" if h == "run" else "right")
+    for r in rows:
+        table.add_row(*r)
+    buf = StringIO()
+    Console(file=buf, width=120).print(table)
+    return buf.getvalue()

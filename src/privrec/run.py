@@ -1,0 +1,228 @@
+"""One procedure per command, each readable top to bottom: train, evaluate, baseline, recommend.
+
+``train`` has a fixed life (torchtune style): set up data, then the model (the prompt builder needs the
+dataset's records), then encode, score zero-shot, train, save, evaluate, write metrics.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privrec import baselines
+from privrec.config import ExperimentConfig
+from privrec.data import Sample, Splits, augment, build_splits, load_dataset
+from privrec.errors import RunError, UserError
+from privrec.metrics import binary_metrics
+from privrec.model.adapters import lineage_digest, load_adapter_state, read_adapter, save_adapter
+from privrec.model.recmodel import Encoded, RecLM
+from privrec.rundir import ADAPTER_DIR, RunDir, atomic_write_text
+from privrec.train import train
+
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+def setup_data(cfg: ExperimentConfig) -> Splits:
+    """Load the configured dataset and cut the protocol's splits.
+
+    Raises:
+        DataError / AssetError: missing or malformed data, or the embedded copy cannot be fetched.
+    """
+    ds = load_dataset(cfg.data.source, cfg.data.path)
+    splits = build_splits(ds, cfg.data, cfg.seed)
+    if not splits.train or not splits.test:
+        raise UserError(f"protocol {cfg.data.protocol} yields {len(splits.train)} train / {len(splits.test)} "
+                        "test samples; need at least one of each")
+    return splits
+
+
+def setup_model(cfg: ExperimentConfig, splits: Splits) -> RecLM:
+    model = RecLM.from_config(cfg, splits.dataset)
+    model.attach_lora(cfg.lora, cfg.seed)
+    return model
+
+
+def evaluate_split(model: RecLM, samples: list[Sample], items: list[Encoded], batch_size: int,
+                   progress: bool = True) -> tuple[dict, np.ndarray]:
+    probs = model.score(items, batch_size, progress)
+    return binary_metrics([s.label for s in samples], probs, [s.user_id for s in samples]), probs
+
+
+def write_predictions(path: Path, samples: list[Sample], probs: np.ndarray) -> None:
+    lines = ["sample_id,user_id,item_id,label,p_yes"]
+    lines += [f"{s.sample_id},{s.user_id},{s.item_id},{s.label},{p:.6f}" for s, p in zip(samples, probs)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    return f"{platform.machine()} {dev}, torch {torch.__version__}"
+
+
+def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train one LoRA adapter on the configured samples and evaluate it; returns metrics.json's content.
+
+    Raises:
+        UserError: bad data, model or config (see setup_data / setup_model).
+        RunError: ``--resume`` into a directory whose config differs.
+    """
+    run = RunDir(out)
+    if resume and (run / "config.yaml").is_file():
+        old = run.load_config()
+        if old.digest() != cfg.digest():
+            raise RunError(f"{run.path} was started with a different config; resume with the same one")
+    run.write_config(cfg)
+    run.log(f"privrec train -> {run.path} (model {cfg.model.name}, protocol {cfg.data.protocol})")
+
+    # 1. data (the prompt builder needs the dataset's records, so before the model)
+    splits = setup_data(cfg)
+    train_samples = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    run.log(f"samples: {len(splits.train)} train (+{len(train_samples) - len(splits.train)} augmented), "
+            f"{len(splits.valid)} valid, {len(splits.test)} test")
+
+    # 2. model: backbone + fresh LoRA (seeded)
+    model = setup_model(cfg, splits)
+    tr, va, te = model.encode(train_samples), model.encode(splits.valid), model.encode(splits.test)
+    run.log(f"prompt tokens: mean {np.mean([len(e) for e in tr]):.0f}, max {max(len(e) for e in tr + te)}; "
+            f"bf16 autocast {'on' if model.bf16 else 'off'}; cached frozen layers: {model.cut}/{model.n_layers}")
+
+    # 3. frozen-layer cache (one pass over every prompt; timed apart from training)
+    t0 = time.perf_counter()
+    model.prepare(tr + va + te, cfg.train.eval_batch_size, progress)
+    cache_seconds = time.perf_counter() - t0
+
+    # 4. zero-shot (the untuned model on the same test samples), kept across --resume
+    zero_shot = None
+    if cfg.eval.zero_shot:
+        zpath = run / ZERO_SHOT_FILE
+        if resume and zpath.is_file():
+            zero_shot = run.read_metrics(ZERO_SHOT_FILE)
+        else:
+            with model.adapter_disabled():
+                zero_shot, _ = evaluate_split(model, splits.test, te, cfg.train.eval_batch_size, progress)
+            run.write_metrics(zero_shot, ZERO_SHOT_FILE)
+        run.log(f"zero-shot test AUC {zero_shot['auc']:.4f}")
+
+    # 5. train (checkpoint every epoch; --resume continues from the last one)
+    result = train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=run.path, resume=resume,
+                   progress=progress, on_epoch=lambda r: run.log(
+                       "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
+                       + (f", valid AUC {r['valid_auc']:.4f}" if "valid_auc" in r else "")))
+
+    # 6. save the adapter with its lineage
+    save_adapter(model.model, run / ADAPTER_DIR, {
+        "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
+        "sample_ids": sorted({s.source_id for s in train_samples}),
+        "lineage_sha256": lineage_digest([s.sample_id for s in train_samples]),
+        "best_epoch": result.best_epoch,
+    })
+
+    # 7. evaluate and write the run's metrics
+    t0 = time.perf_counter()
+    metrics, probs = evaluate_split(model, splits.test, te, cfg.train.eval_batch_size, progress)
+    score_seconds = time.perf_counter() - t0
+    write_predictions(run / "predictions_test.csv", splits.test, probs)
+    refs = baselines.references(splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed)
+    metrics.update({
+        "n_test": len(splits.test), "n_train": len(splits.train), "n_train_augmented": len(tr),
+        "n_valid": len(splits.valid),
+        "train_seconds": result.seconds, "train_samples_per_second": result.samples_per_second,
+        "cache_seconds": cache_seconds, "test_score_seconds": score_seconds,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "valid_auc": result.best_valid_auc, "stopped_early": result.stopped_early,
+        "history": result.history, "zero_shot": zero_shot, "references": refs,
+        "model": cfg.model.name, "protocol": cfg.data.protocol, "machine": machine(),
+    })
+    run.write_metrics(metrics)
+    run.log(f"test AUC {metrics['auc']:.4f} (n={len(splits.test)}), trained {result.seconds:.0f}s "
+            f"at {result.samples_per_second:.2f} samples/s")
+    return metrics
+
+
+def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, Splits, RecLM]:
+    """Rebuild a trained run: its config, its splits and its model with the saved adapter loaded.
+
+    Raises:
+        RunError: not a run directory, or the adapter is missing / does not fit.
+    """
+    run = RunDir(run_path, create=False)
+    cfg = run.load_config()
+    if overrides:
+        from privrec.config import apply_overrides, parse_config
+
+        raw = cfg.model_dump()
+        cfg = parse_config(apply_overrides(raw, overrides))
+    adapter = run / ADAPTER_DIR
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise RunError(f"{run.path} has no trained adapter ({ADAPTER_DIR}/); did training finish?")
+    splits = setup_data(cfg)
+    model = setup_model(cfg, splits)
+    state, meta = read_adapter(adapter)
+    if meta.get("base_fingerprint") not in (None, model.fingerprint):
+        raise RunError(f"{adapter} was trained on different base weights than {cfg.model.name}")
+    try:
+        load_adapter_state(model.model, state)
+    except ValueError as e:
+        raise RunError(f"{adapter}: {e}") from None
+    return cfg, splits, model
+
+
+def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True) -> dict:
+    cfg, splits, model = load_trained(run_path)
+    samples = splits.get(split)
+    metrics, probs = evaluate_split(model, samples, model.encode(samples), cfg.train.eval_batch_size, progress)
+    run = RunDir(run_path, create=False)
+    run.write_metrics(metrics, f"eval_{split}.json")
+    write_predictions(run / f"predictions_{split}.csv", samples, probs)
+    return metrics
+
+
+def run_baseline(cfg: ExperimentConfig, out: str | Path) -> dict:
+    """The references of METHODS §0 on exactly the config's samples; ``lr-onehot`` is the primary."""
+    run = RunDir(out)
+    run.write_config(cfg)
+    splits = setup_data(cfg)
+    t0 = time.perf_counter()
+    refs = baselines.references(splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed)
+    metrics = dict(refs[baselines.PRIMARY])
+    metrics.update({"method": baselines.PRIMARY, "references": refs, "n_test": len(splits.test),
+                    "n_train": len(splits.train), "train_seconds": time.perf_counter() - t0,
+                    "protocol": cfg.data.protocol})
+    run.write_metrics(metrics)
+    run.log(f"baselines on {len(splits.test)} test samples: "
+            + ", ".join(f"{k} {v['auc']:.4f}" for k, v in refs.items()))
+    return metrics
+
+
+def run_recommend(run_path: str | Path, user: int, top: int = 10, max_candidates: int | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Rank the user's unrated items by P(Yes) given the user's latest history.
+
+    Raises:
+        UserError: unknown user, or a user with too short a history.
+    """
+    cfg, splits, model = load_trained(run_path)
+    ds = splits.dataset
+    rows = ds.inter[ds.inter["user_id"] == user]
+    if rows.empty:
+        raise UserError(f"user {user} not found in {ds.name}")
+    if len(rows) < cfg.data.history_len:
+        raise UserError(f"user {user} has {len(rows)} ratings; the prompt needs {cfg.data.history_len}")
+    hist = tuple((int(i), float(r)) for i, r in zip(rows["item_id"].tail(cfg.data.history_len),
+                                                     rows["rating"].tail(cfg.data.history_len)))
+    seen = set(rows["item_id"].tolist())
+    popularity = ds.inter["item_id"].value_counts()
+    candidates = [int(i) for i in popularity.index if int(i) not in seen]
+    candidates += sorted(i for i in ds.items if i not in seen and i not in set(candidates))
+    if max_candidates:
+        candidates = candidates[:max_candidates]
+    t_last = int(rows["timestamp"].max())
+    samples = [Sample(f"u{user}-i{i}", user, i, t_last, 0.0, 0, hist) for i in candidates]
+    probs = model.score(model.encode(samples), cfg.train.eval_batch_size, progress)
+    order = np.argsort(-probs, kind="stable")[:top]
+    return [{"rank": r + 1, "item_id": candidates[i], "title": ds.items[candidates[i]].title,
+             "year": ds.items[candidates[i]].year, "p_yes": float(probs[i])} for r, i in enumerate(order)]
