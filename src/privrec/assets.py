@@ -50,6 +50,12 @@ def home() -> Path:
     return Path(os.environ.get("PRIVREC_HOME", Path.home() / ".cache" / "privrec")).expanduser()
 
 
+def cache_dir() -> Path:
+    """Where computed caches (frozen-layer hidden states) go: ``$PRIVREC_CACHE_DIR`` or ``$PRIVREC_HOME/cache``."""
+    env = os.environ.get("PRIVREC_CACHE_DIR")
+    return Path(env).expanduser() if env else home() / "cache"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from privrec.errors import UserError
 
@@ -105,6 +106,7 @@ def _dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not ours
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -135,6 +135,12 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        if self.augment.copies > 0 and self.prompt.template != "kv":
+            raise ValueError("augment (InstructMK shuffle/mask) works on key-value pairs: set prompt.template=kv")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
 

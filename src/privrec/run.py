@@ -70,22 +70,22 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
         UserError: bad data, model or config (see setup_data / setup_model).
         RunError: ``--resume`` into a directory whose config differs.
     """
-    run = RunDir(out)
-    if resume and (run / "config.yaml").is_file():
-        old = run.load_config()
-        if old.digest() != cfg.digest():
-            raise RunError(f"{run.path} was started with a different config; resume with the same one")
-    run.write_config(cfg)
-    run.log(f"privrec train -> {run.path} (model {cfg.model.name}, protocol {cfg.data.protocol})")
-
-    # 1. data (the prompt builder needs the dataset's records, so before the model)
+    if resume and (Path(out) / "config.yaml").is_file():
+        if RunDir(out, create=False).load_config().digest() != cfg.digest():
+            raise RunError(f"{out} was started with a different config; resume with the same one")
+    # 1. data, then the model (the prompt builder needs the dataset's records); both before the run
+    #    directory is touched, so bad input fails with its one-line error and leaves nothing behind
     splits = setup_data(cfg)
     train_samples = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    model = setup_model(cfg, splits)
+
+    run = RunDir(out)
+    run.write_config(cfg)
+    run.log(f"privrec train -> {run.path} (model {cfg.model.name}, protocol {cfg.data.protocol})")
     run.log(f"samples: {len(splits.train)} train (+{len(train_samples) - len(splits.train)} augmented), "
             f"{len(splits.valid)} valid, {len(splits.test)} test")
 
-    # 2. model: backbone + fresh LoRA (seeded)
-    model = setup_model(cfg, splits)
+    # 2. tokenise once
     tr, va, te = model.encode(train_samples), model.encode(splits.valid), model.encode(splits.test)
     run.log(f"prompt tokens: mean {np.mean([len(e) for e in tr]):.0f}, max {max(len(e) for e in tr + te)}; "
             f"bf16 autocast {'on' if model.bf16 else 'off'}; cached frozen layers: {model.cut}/{model.n_layers}")

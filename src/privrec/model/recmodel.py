@@ -151,7 +151,7 @@ class RecLM:
         model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device)
         builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold)
         return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
-                   cache_dir=assets.home() / "cache" / "frozen")
+                   cache_dir=assets.cache_dir() / "frozen")
 
     def _inner(self) -> nn.Module:
         """The decoder stack (embed_tokens, layers, norm) under any peft wrapping."""

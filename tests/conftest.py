@@ -1,0 +1,54 @@
+"""Shared fixtures: the tiny random Llama (tests only) and the real MovieLens-100K, both built once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast here, not wait on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Frozen-layer caches of a test go to its own folder (the fetched assets stay shared)."""
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def ml100k():
+    from privrec.data import load_dataset
+
+    return load_dataset("ml-100k", None)
+
+
+def tiny_config(**sections):
+    from privrec.config import parse_config
+
+    raw = {"model": {"name": "tiny-random"}, "data": {"n_train": 64, "n_valid": 32, "n_test": 64},
+           "lora": {"r": 4, "alpha": 8}, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(ml100k, tiny_cfg):
+    from privrec.data import build_splits
+
+    return build_splits(ml100k, tiny_cfg.data, tiny_cfg.seed)
+
+
+def make_model(cfg, dataset, lora: bool = True):
+    from privrec.model.recmodel import RecLM
+
+    m = RecLM.from_config(cfg, dataset)
+    if lora:
+        m.attach_lora(cfg.lora, cfg.seed)
+    return m

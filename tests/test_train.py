@@ -1,0 +1,112 @@
+"""The one training loop: it learns, it resumes exactly, it keeps the best epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_model, tiny_config
+from privrec.metrics import auc
+from privrec.model.adapters import adapter_state
+from privrec.train import CHECKPOINT_FILE, train
+
+
+def planted(samples, ml100k):
+    """Relabel: the target decides the label (item A -> Yes, item B -> No), histories stay real."""
+    a, b = 50, 181  # Star Wars, Return of the Jedi: similar titles, opposite labels
+    out = []
+    for k, s in enumerate(samples):
+        item = a if k % 2 == 0 else b
+        out.append(dataclasses.replace(s, item_id=item, label=int(item == a), sample_id=f"{s.sample_id}-p{k}"))
+    return out
+
+
+def test_training_on_a_learnable_signal_lowers_loss_and_raises_auc(ml100k, tiny_splits):
+    cfg = tiny_config(lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                      train={"epochs": 6, "lr": 5e-3, "batch_size": 8})
+    m = make_model(cfg, ml100k)
+    tr = m.encode(planted(tiny_splits.train, ml100k))
+    te_samples = planted(tiny_splits.test, ml100k)
+    te = m.encode(te_samples)
+    labels = [s.label for s in te_samples]
+    auc_before = auc(labels, m.score(te, progress=False))
+    res = train(m, tr, cfg.train, seed=0, progress=False)
+    auc_after = auc(labels, m.score(te, progress=False))
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert auc_after > max(0.9, auc_before + 0.2), (auc_before, auc_after)
+    assert res.samples_seen == 6 * len(tr) and res.steps == 6 * 8
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interrupted_epoch_matches_uninterrupted(ml100k, tiny_splits, tmp_path):
+    cfg = tiny_config(lora={"top_layers": 1}, train={"epochs": 3, "lr": 5e-3, "schedule": "cosine",
+                                                      "warmup_ratio": 0.2})
+    data = planted(tiny_splits.train[:40], ml100k)
+
+    def run(out, interrupt_at=None, resume=False):
+        m = make_model(cfg, ml100k)
+        items = m.encode(data)
+        valid = m.encode(planted(tiny_splits.valid, ml100k))
+
+        def on_epoch(rec):
+            if rec["epoch"] == interrupt_at:
+                raise Interrupt  # dies in epoch 2, after its work, before its checkpoint
+        res = train(m, items, cfg.train, seed=0, valid=valid, checkpoint_dir=out, resume=resume,
+                    progress=False, on_epoch=on_epoch)
+        return adapter_state(m.model), res
+
+    whole, res_whole = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", interrupt_at=2)
+    ck = torch.load(tmp_path / "b" / CHECKPOINT_FILE, weights_only=False)
+    assert ck["epoch"] == 0  # only epoch 1 was checkpointed
+    resumed, res_resumed = run(tmp_path / "b", resume=True)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(whole[k], resumed[k], atol=1e-6, rtol=0)
+    assert [h["valid_auc"] for h in res_whole.history] == pytest.approx(
+        [h["valid_auc"] for h in res_resumed.history])
+    assert res_whole.best_epoch == res_resumed.best_epoch
+
+
+def test_best_epoch_is_restored_and_early_stopping_stops(ml100k, tiny_splits):
+    cfg = tiny_config(train={"epochs": 6, "lr": 5e-2, "early_stopping": 1})
+    m = make_model(cfg, ml100k)
+    items = m.encode(tiny_splits.train[:32])
+    valid_s = tiny_splits.valid
+    valid = m.encode(valid_s)
+    res = train(m, items, cfg.train, seed=1, valid=valid, progress=False)
+    aucs = [h["valid_auc"] for h in res.history]
+    assert res.best_valid_auc == max(aucs)
+    final = auc([s.label for s in valid_s], m.score(valid, progress=False))
+    assert final == pytest.approx(max(aucs), abs=1e-9)  # the best epoch's weights are what we keep
+    if res.stopped_early:
+        assert len(aucs) < 6 and aucs[-1] <= res.best_valid_auc
+
+
+def test_train_refuses_without_trainable_weights(ml100k, tiny_splits):
+    m = make_model(tiny_config(), ml100k, lora=False)
+    for p in m.model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        train(m, m.encode(tiny_splits.train[:4]), tiny_config().train, seed=0, progress=False)
+
+
+def test_seed_determines_result(ml100k, tiny_splits):
+    cfg = tiny_config(train={"epochs": 1, "lr": 1e-2})
+
+    def once(seed):
+        m = make_model(cfg.model_copy(update={"seed": seed}), ml100k)
+        train(m, m.encode(tiny_splits.train[:24]), cfg.train, seed=seed, progress=False)
+        return np.concatenate([v.flatten().numpy() for v in adapter_state(m.model).values()])
+
+    a, b, c = once(0), once(0), once(1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
