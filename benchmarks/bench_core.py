@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mdsection import write_section
 
 from privrec.config import parse_config
 from privrec.data import build_splits, load_dataset
 from privrec.model.recmodel import RecLM
 from privrec.run import machine
-
-BEGIN, END = "<!-- bench_core:begin -->", "<!-- bench_core:end -->"
 
 
 def naive_batches(items, bs, seed=0):
@@ -148,15 +145,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else ""
-        block = f"{BEGIN}\n{table}\n{END}"
-        if BEGIN in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-        else:
-            text = text + ("\n" if text else "") + block + "\n"
-        path.write_text(text)
-        print(f"wrote {path}", file=sys.stderr)
+        write_section(args.out, "bench_core", table)
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

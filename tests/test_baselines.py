@@ -28,7 +28,7 @@ def test_like_rate_is_the_prompts_history_share(tiny_splits, ml100k):
 def test_item_mean_shrinks_to_global():
     from privrec.data import Sample
 
-    mk = lambda item, label: Sample(f"u1-i{item}-{label}", 1, item, 0, 5.0 if label else 1.0, label, ())  # noqa
+    mk = lambda item, label: Sample(f"u1-i{item}-{label}", 1, item, 0, 5.0 if label else 1.0, label, ())
     train = [mk(1, 1), mk(1, 1), mk(2, 0)]
     g = 2 / 3
     got = baselines.item_mean(train, [mk(1, 0), mk(2, 0), mk(3, 0)])
@@ -38,9 +38,9 @@ def test_item_mean_shrinks_to_global():
 def test_logistic_regression_learns_a_planted_item_effect(tiny_splits, ml100k):
     rng = np.random.default_rng(0)
     good = set(rng.choice(sorted(ml100k.items), 800, replace=False).tolist())
-    relabel = lambda ss: [dataclasses.replace(s, label=int(s.item_id in good)) for s in ss]  # noqa: E731
-    from privrec.data import build_splits
+    relabel = lambda ss: [dataclasses.replace(s, label=int(s.item_id in good)) for s in ss]
     from privrec.config import parse_config
+    from privrec.data import build_splits
 
     sp = build_splits(ml100k, parse_config({"data": {"n_train": 4000, "n_test": 300}}).data, 0)
     train, test = relabel(sp.train), relabel(sp.test)

@@ -67,7 +67,7 @@ def test_all_users_split_matches_published_counts(ml100k):
 def test_subsets_are_seeded_and_test_is_fixed(ml100k):
     cfg = parse_config({"data": {"n_train": 64, "n_valid": 20, "n_test": 50}}).data
     a, b, c = build_splits(ml100k, cfg, 0), build_splits(ml100k, cfg, 0), build_splits(ml100k, cfg, 1)
-    ids = lambda xs: [s.sample_id for s in xs]  # noqa: E731
+    ids = lambda xs: [s.sample_id for s in xs]
     assert ids(a.train) == ids(b.train) and ids(a.train) != ids(c.train)
     assert ids(a.test) == ids(c.test)  # the test subset does not move with the training seed
     assert len(a.train) == 64 and len(a.test) == 50

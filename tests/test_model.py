@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model, tiny_config
+
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
 
 

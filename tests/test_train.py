@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model, tiny_config
+
 from privrec.metrics import auc
 from privrec.model.adapters import adapter_state
 from privrec.train import CHECKPOINT_FILE, train

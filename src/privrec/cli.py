@@ -84,9 +84,9 @@ def _dispatch(args) -> int:
         from privrec import run
 
         if args.command == "train":
-            m = run.run_train(cfg, args.out, resume=args.resume, progress=progress)
+            run.run_train(cfg, args.out, resume=args.resume, progress=progress)
         else:
-            m = run.run_baseline(cfg, args.out)
+            run.run_baseline(cfg, args.out)
         from privrec.report import render
 
         print(render([args.out]))

@@ -53,7 +53,7 @@ def uauc(users, labels, scores) -> float:
 def binary_metrics(labels, probs, users=None) -> dict[str, float]:
     """``auc``, ``logloss``, ``accuracy``, ``n``, and ``uauc`` when users are given."""
     out = {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "accuracy": accuracy(labels, probs),
-           "n": int(len(labels)), "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
+           "n": len(labels), "positive_rate": float(np.mean(labels)) if len(labels) else float("nan")}
     if users is not None:
         out["uauc"] = uauc(users, labels, probs)
     return out

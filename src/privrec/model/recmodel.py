@@ -183,7 +183,7 @@ class RecLM:
         layers = None
         if lora_cfg.top_layers is not None:
             layers = list(range(self.n_layers - lora_cfg.top_layers, self.n_layers))
-        self.fingerprint  # hash the base weights before peft adds its own
+        _ = self.fingerprint  # hash the base weights before peft adds its own
         pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                           target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
                           layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")

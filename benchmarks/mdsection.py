@@ -1,0 +1,19 @@
+"""Rewrite one marked section of a markdown file (benchmarks write their tables into docs/ this way)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def write_section(path: str | Path, name: str, body: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->``, or append the block."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
+    else:
+        text += ("\n" if text else "") + block + "\n"
+    path.write_text(text)
