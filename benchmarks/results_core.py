@@ -72,7 +72,7 @@ def main() -> None:
         "train s (cache s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, epochs, _, m in rows:
+    for n, _epochs, _, m in rows:
         r = m["references"]
         pub = f"{PUBLISHED[n] / 100:.4f}" if n in PUBLISHED else "-"
         lines.append(
