@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from privrec.data import Dataset, Sample, build_splits, load_dataset
+from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.model.adapters import read_adapter, save_adapter, tensors_digest
 from privrec.rundir import RunDir
@@ -50,10 +50,10 @@ from privrec.unlearning.sharding import (
     _reusable,
     build_model,
     purge_features,
-    sample_universe,
     shard_dir,
     shard_folders,
     shard_meta,
+    source_data,
     train_shard,
 )
 
@@ -69,6 +69,7 @@ class _Run:
     ledger: Ledger
     ds: Dataset
     universe: dict[str, Sample]
+    splits: Splits  # the run's split draw, before tombstones
 
 
 def _open(run_path: str | Path) -> _Run:
@@ -77,8 +78,8 @@ def _open(run_path: str | Path) -> _Run:
     cfg = run.load_config(cls=ApaConfig)
     ledger = Ledger(run / LEDGER_FILE, create=False)
     ledger.bind_source(cfg.data.source, cfg.data.path)
-    ds = load_dataset(cfg.data.source, cfg.data.path)
-    return _Run(run, cfg, ledger, ds, sample_universe(ds, cfg))
+    ds, universe, splits = source_data(cfg)
+    return _Run(run, cfg, ledger, ds, universe, splits)
 
 
 def parse_users(text: str) -> list[int]:
@@ -176,8 +177,7 @@ def run_forget(run_path: str | Path, users: list[int] | None = None, samples_fil
         new_set = {(u, i) for u, i, _ in new}
 
         # which of the run's samples go, and which shard holds each
-        sp = build_splits(r.ds, r.cfg.data, r.cfg.seed)
-        split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in sp.get(name)}
+        split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in r.splits.get(name)}
         folders = shard_folders(r.run)
         metas = {k: read_adapter(f) for k, f in folders.items()}
         owner = {sid: k for k, (_, meta) in metas.items() for sid in meta.get("sample_ids", [])}

@@ -22,6 +22,7 @@ shard-train would have produced without them.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privrec import baselines
-from privrec.config import ExperimentConfig
+from privrec.config import DataConfig, ExperimentConfig
 from privrec.data import Dataset, Sample, Splits, build_splits, load_dataset, windows
 from privrec.errors import RunError, UserError
 from privrec.metrics import binary_metrics
@@ -129,14 +130,31 @@ def sample_universe(ds: Dataset, cfg: ApaConfig) -> dict[str, Sample]:
     return {s.sample_id: s for seq in windows(ds, cfg.data.history_len, cfg.data.like_threshold) for s in seq}
 
 
+@functools.lru_cache(maxsize=2)
+def _source_data(data_json: str, seed: int) -> tuple[Dataset, dict[str, Sample], Splits]:
+    data = DataConfig.model_validate_json(data_json)
+    ds = load_dataset(data.source, data.path)
+    universe = {s.sample_id: s for seq in windows(ds, data.history_len, data.like_threshold) for s in seq}
+    return ds, universe, build_splits(ds, data, seed)
+
+
+def source_data(cfg: ApaConfig) -> tuple[Dataset, dict[str, Sample], Splits]:
+    """(dataset, every sample by id, the run's split draw before tombstones), memoised per process: all
+    three are pure functions of the source files and the data config (read-only: never mutate them).
+
+    Raises:
+        DataError / AssetError: missing or malformed data.
+    """
+    return _source_data(cfg.data.model_dump_json(), cfg.seed)
+
+
 def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits:
     """The protocol's splits (the same draw as ``privrec train``), minus every sample showing a tombstone.
 
     Raises:
         DataError / AssetError: missing or malformed data. UserError: too few samples left.
     """
-    ds = load_dataset(cfg.data.source, cfg.data.path)
-    sp = build_splits(ds, cfg.data, cfg.seed)
+    ds, _, sp = source_data(cfg)
     gone = excluded_ids(sp.train + sp.valid + sp.test, tombstones)
     sp = Splits(ds, *([s for s in part if s.sample_id not in gone] for part in (sp.train, sp.valid, sp.test)))
     if len(sp.train) < cfg.shards.k or not sp.test:
