@@ -61,7 +61,12 @@ from privrec.unlearning.sharding import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = {  # APA (arXiv 2404.10327), Movie, AUC (METHODS §4); LLaMA-7B on other hardware
-    "retrain": 0.7428, "sisa": 0.7035, "receraser": 0.6937, "apa-d": 0.7259, "apa-nd": 0.7256}
+    "retrain": 0.7428,
+    "sisa": 0.7035,
+    "receraser": 0.6937,
+    "apa-d": 0.7259,
+    "apa-nd": 0.7256,
+}
 
 
 def log(msg: str) -> None:
@@ -125,11 +130,23 @@ def step_auc(args) -> None:
         ("SISA", "random", "mean of K outputs", rnd["aggregations"]["sisa"], PUBLISHED["sisa"]),
         ("RecEraser-style", "user", "mean of K outputs", usr["aggregations"]["sisa"], PUBLISHED["receraser"]),
         ("APA(D)", "semantic", "per-sample A, B mixture", sem["aggregations"]["apa-d"], PUBLISHED["apa-d"]),
-        ("APA(ND)", "semantic", "per-sample B_k A_k mixture", sem["aggregations"]["apa-nd"], PUBLISHED["apa-nd"]),
+        (
+            "APA(ND)",
+            "semantic",
+            "per-sample B_k A_k mixture",
+            sem["aggregations"]["apa-nd"],
+            PUBLISHED["apa-nd"],
+        ),
         ("uniform", "semantic", "mean of B_k A_k (tau=0)", sem["aggregations"]["uniform"], None),
         ("SISA on semantic shards", "semantic", "mean of K outputs", sem["aggregations"]["sisa"], None),
         ("mean of single shard adapters", "semantic", "-", {"auc": sem["single_shard_mean_auc"]}, None),
-        ("APA(ND) on random shards", "random", "per-sample B_k A_k mixture", rnd["aggregations"]["apa-nd"], None),
+        (
+            "APA(ND) on random shards",
+            "random",
+            "per-sample B_k A_k mixture",
+            rnd["aggregations"]["apa-nd"],
+            None,
+        ),
         ("mean of single shard adapters", "random", "-", {"auc": rnd["single_shard_mean_auc"]}, None),
         ("mean of single shard adapters", "user", "-", {"auc": usr["single_shard_mean_auc"]}, None),
     ]
@@ -137,10 +154,11 @@ def step_auc(args) -> None:
     lines = [
         f"Model `{cfg.model.name}`, ML-100K TALLRec protocol: {sem['n_train']} train / {sem['n_valid']} "
         f"validation (APA's neighbour pool) / {sem['n_test']} test samples; K={cfg.shards.k} shards "
-        f"(sizes: semantic {sem['shards']}, random {rnd['shards']}, user {usr['shards']}); LoRA r={cfg.lora.r} "
-        f"on {', '.join(cfg.lora.target_modules)} of the top {cfg.lora.top_layers} layers, {cfg.train.epochs} "
-        f"epochs, lr {cfg.train.lr:g}, batch {cfg.train.batch_size}; APA n={cfg.shards.neighbours}, "
-        f"tau={cfg.shards.tau:g}, error {cfg.shards.error}, features {cfg.shards.features}.",
+        f"(sizes: semantic {sem['shards']}, random {rnd['shards']}, user {usr['shards']}); "
+        f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)} of the top {cfg.lora.top_layers} "
+        f"layers, {cfg.train.epochs} epochs, lr {cfg.train.lr:g}, batch {cfg.train.batch_size}; "
+        f"APA n={cfg.shards.neighbours}, tau={cfg.shards.tau:g}, error {cfg.shards.error}, "
+        f"features {cfg.shards.features}.",
         f"Machine: {machine()}. Wall time of the three runs: {time.perf_counter() - t0:.0f} s this call "
         f"(runs: semantic {fmt(sem.get('wall_seconds'), 0)} s, random {fmt(rnd.get('wall_seconds'), 0)} s, "
         f"user {fmt(usr.get('wall_seconds'), 0)} s).",
@@ -150,15 +168,22 @@ def step_auc(args) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, part, agg, m, pub in rows:
-        lines.append(f"| {name} | {part} | {agg} | {fmt(m.get('auc'))} | {fmt(m.get('logloss'))} | "
-                     f"{fmt(m.get('accuracy'))} | {fmt(pub)} |")
+        lines.append(
+            f"| {name} | {part} | {agg} | {fmt(m.get('auc'))} | {fmt(m.get('logloss'))} | "
+            f"{fmt(m.get('accuracy'))} | {fmt(pub)} |"
+        )
     refs = sem.get("references") or {}
     for ref, r in refs.items():
-        lines.append(f"| reference: {ref} | - | - | {fmt(r.get('auc'))} | {fmt(r.get('logloss'))} | "
-                     f"{fmt(r.get('accuracy'))} | - |")
-    lines += ["", "Published numbers: LLaMA-7B in the paper; compare trends (APA vs SISA / RecEraser, semantic "
-              "vs random), not absolute values. RecEraser-style here averages outputs (RecEraser's learned "
-              "attention aggregator is not implemented)."]
+        lines.append(
+            f"| reference: {ref} | - | - | {fmt(r.get('auc'))} | {fmt(r.get('logloss'))} | "
+            f"{fmt(r.get('accuracy'))} | - |"
+        )
+    lines += [
+        "",
+        "Published numbers: LLaMA-7B in the paper; compare trends (APA vs SISA / RecEraser, semantic "
+        "vs random), not absolute values. RecEraser-style here averages outputs (RecEraser's learned "
+        "attention aggregator is not implemented).",
+    ]
     write_section(args.out_results, "auc", "\n".join(lines))
 
 
@@ -184,9 +209,15 @@ def forget_on_copy(args, name: str, user: int) -> dict:
     cert = run_forget(dst, users=[user], progress=not args.no_progress)
     wall = time.perf_counter() - t0
     body = cert["body"]
-    return {"run": name, "user": user, "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
-            "affected": body["affected_shards"], "retrain_seconds": cert["record"]["retrain_seconds"],
-            "wall_seconds": wall, "passed": body["lineage_check"]["passed"]}
+    return {
+        "run": name,
+        "user": user,
+        "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
+        "affected": body["affected_shards"],
+        "retrain_seconds": cert["record"]["retrain_seconds"],
+        "wall_seconds": wall,
+        "passed": body["lineage_check"]["passed"],
+    }
 
 
 def naive_full_retrain_seconds(args, cfg: ApaConfig) -> float:
@@ -208,9 +239,12 @@ def step_forget(args) -> None:
     results = [forget_on_copy(args, n, user) for n in ("semantic", "user")]
     full_warm = sem["retrain"]["train_seconds"]
     n_prompts = sem["n_train"] + sem["n_valid"] + sem["n_test"]
-    cache_train = sem["cache_seconds"] * sem["n_train"] / n_prompts  # building the cache for the train prompts
+    cache_train = (
+        sem["cache_seconds"] * sem["n_train"] / n_prompts
+    )  # building the cache for the train prompts
     full_cold = full_warm + cache_train
     naive = None if args.skip_naive else naive_full_retrain_seconds(args, cfg)
+    sets = " ".join("--set " + s for s in args.set)
     lines = [
         f"Model `{cfg.model.name}`, {sem['n_train']} training samples in K={cfg.shards.k} shards, "
         f"{cfg.train.epochs} epochs, LoRA on the top {cfg.lora.top_layers} layers. Forgetting user {user} "
@@ -218,10 +252,10 @@ def step_forget(args) -> None:
         "Retrain = training seconds of the affected shards (the frozen-layer cache is warm: built once by "
         "shard-train and shared); wall = the whole forget in-process (request, data, model load, purge, "
         "retrain, swap, lineage check, certificate; Python start-up not included).",
-        f"Full retrain from scratch: (a) same cached path {full_warm:.0f} s; (b) (a) plus building the frozen "
-        f"cache for its {sem['n_train']} prompts {full_cold:.0f} s; (c) no frozen-layer cache "
+        f"Full retrain from scratch: (a) same cached path {full_warm:.0f} s; (b) (a) plus building the "
+        f"frozen cache for its {sem['n_train']} prompts {full_cold:.0f} s; (c) no frozen-layer cache "
         f"{fmt(naive, 0)} s.",
-        f"Command: `python benchmarks/bench_apa.py forget {' '.join('--set ' + s for s in args.set)}`".rstrip(),
+        f"Command: `python benchmarks/bench_apa.py forget {sets}`".rstrip(),
         "",
         "| partition | samples removed from training | shards retrained | retrain s | forget wall s | "
         "(a) / retrain | (b) / wall | (c) / wall | lineage check |",
@@ -232,9 +266,13 @@ def step_forget(args) -> None:
         lines.append(
             f"| {r['run']} | {r['removed_train']} | {r['affected']} | {r['retrain_seconds']:.0f} | "
             f"{r['wall_seconds']:.0f} | {full_warm / max(r['retrain_seconds'], 1e-9):.1f}x | "
-            f"{full_cold / r['wall_seconds']:.1f}x | {ratio_c} | {'passed' if r['passed'] else 'FAILED'} |")
-    lines += ["", "Goal: >= 8x at K=4. A user whose samples sit in one shard retrains 1/K of the data; semantic "
-              "shards can spread one user over several shards (the user partition never does)."]
+            f"{full_cold / r['wall_seconds']:.1f}x | {ratio_c} | {'passed' if r['passed'] else 'FAILED'} |"
+        )
+    lines += [
+        "",
+        "Goal: >= 8x at K=4. A user whose samples sit in one shard retrains 1/K of the data; semantic "
+        "shards can spread one user over several shards (the user partition never does).",
+    ]
     write_section(args.out_bench, "forget", "\n".join(lines))
 
 
@@ -273,26 +311,43 @@ def step_inference(args) -> None:
     t = {
         "APA(ND) mixture pass": best_of(lambda: score_mixture(model, te, states, omega, "nd", bs, False), R),
         "APA(D) mixture pass": best_of(lambda: score_mixture(model, te, states, omega, "d", bs, False), R),
-        "uniform mixture pass": best_of(lambda: score_mixture(model, te, states, uniform_weights(len(te), K),
-                                                              "nd", bs, False), R),
-        "neighbour weights": best_of(lambda: apa_weights(f_te, f_va, per_va, y_va, cfg.shards.neighbours,
-                                                         cfg.shards.tau, cfg.shards.error), R),
+        "uniform mixture pass": best_of(
+            lambda: score_mixture(model, te, states, uniform_weights(len(te), K), "nd", bs, False), R
+        ),
+        "neighbour weights": best_of(
+            lambda: apa_weights(
+                f_te, f_va, per_va, y_va, cfg.shards.neighbours, cfg.shards.tau, cfg.shards.error
+            ),
+            R,
+        ),
     }
 
     def untuned():
         with model.adapter_disabled():
             model.last_hidden(te, "final", bs, progress=False)
+
     t["untuned pass (features=final)"] = best_of(untuned, R)
     if model.cut:
         t["cut-layer states (features=cut)"] = best_of(lambda: model.last_hidden(te, "cut", bs, False), R)
     t["SISA (K passes)"] = best_of(lambda: score_each(model, te, states, bs, progress=False), R)
     apa_nd = t["APA(ND) mixture pass"] + t["neighbour weights"]
-    rows = [("one adapter (reference)", t_one)] + list(t.items()) + [
-        ("APA(ND) total, features=final: untuned pass + weights + mixture", apa_nd + t["untuned pass (features=final)"]),
-    ]
+    rows = (
+        [("one adapter (reference)", t_one)]
+        + list(t.items())
+        + [
+            (
+                "APA(ND) total, features=final: untuned pass + weights + mixture",
+                apa_nd + t["untuned pass (features=final)"],
+            ),
+        ]
+    )
     if "cut-layer states (features=cut)" in t:
-        rows.append(("APA(ND) total, features=cut: cached states + weights + mixture",
-                     apa_nd + t["cut-layer states (features=cut)"]))
+        rows.append(
+            (
+                "APA(ND) total, features=cut: cached states + weights + mixture",
+                apa_nd + t["cut-layer states (features=cut)"],
+            )
+        )
     n = len(te)
     lines = [
         f"Model `{cfg.model.name}`, {n} test prompts, K={K} adapters, LoRA r={cfg.lora.r} on the top "
@@ -306,9 +361,12 @@ def step_inference(args) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {1000 * s / n:.1f} | {s / t_one:.2f}x |" for name, s in rows]
-    lines += ["", "Goal: APA aggregation <= 1.15x one adapter. APA's neighbour search needs the untuned model's "
-              "state of each test sample: with features=final that is one more pass over the top layers; with "
-              "features=cut it is read from the frozen cache."]
+    lines += [
+        "",
+        "Goal: APA aggregation <= 1.15x one adapter. APA's neighbour search needs the untuned model's "
+        "state of each test sample: with features=final that is one more pass over the top layers; with "
+        "features=cut it is read from the frozen cache.",
+    ]
     write_section(args.out_bench, "inference", "\n".join(lines))
 
 
@@ -324,7 +382,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="inference: test prompts to time")
     ap.add_argument("--repeats", type=int, default=2, help="inference: best of N")
     ap.add_argument("--out-results", default=None, help="markdown file for the auc table (docs/results.md)")
-    ap.add_argument("--out-bench", default=None, help="markdown file for forget/inference (docs/benchmarks.md)")
+    ap.add_argument(
+        "--out-bench", default=None, help="markdown file for forget/inference (docs/benchmarks.md)"
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     steps = ["auc", "forget", "inference"] if args.step == "all" else [args.step]

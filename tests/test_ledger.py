@@ -20,8 +20,10 @@ from privrec.unlearning.ledger import (
 
 
 def _shards():
-    return [{"shard": 0, "retrain": True, "before_sha256": "aa", "n_before": 3},
-            {"shard": 1, "retrain": False, "before_sha256": "bb", "n_before": 2}]
+    return [
+        {"shard": 0, "retrain": True, "before_sha256": "aa", "n_before": 3},
+        {"shard": 1, "retrain": False, "before_sha256": "bb", "n_before": 2},
+    ]
 
 
 def _removed(sid="u1-i10"):
@@ -79,7 +81,10 @@ def test_adapter_records_and_data_source_binding(tmp_path):
     led.record_adapter(1, "h1", "l1", 3, "shard-train:1")
     seq = led.adapters_seq()
     led.record_adapter(0, "h0b", "l0b", 2, "r0001")
-    assert led.latest_adapters()[0]["tensors_sha256"] == "h0b" and led.latest_adapters()[1]["origin"] == "shard-train:1"
+    assert (
+        led.latest_adapters()[0]["tensors_sha256"] == "h0b"
+        and led.latest_adapters()[1]["origin"] == "shard-train:1"
+    )
     assert led.installed_after(0, seq) and not led.installed_after(1, seq)
     assert led.next_origin("shard-train") == "shard-train:2"
 

@@ -44,7 +44,9 @@ def _reference(model, items, states, omega, mode):
             B = [s[f"{name}.lora_B.weight"] for s in states]
             w = omega[i]
             if mode == "d":
-                delta = sum(w[k] * B[k] for k in range(len(states))) @ sum(w[k] * A[k] for k in range(len(states)))
+                delta = sum(w[k] * B[k] for k in range(len(states))) @ sum(
+                    w[k] * A[k] for k in range(len(states))
+                )
             else:
                 delta = sum(w[k] * B[k] @ A[k] for k in range(len(states)))
             weight = module.base_layer.weight
@@ -67,7 +69,9 @@ def test_batched_mixture_equals_per_sample_merged_reference(ml100k, tiny_splits,
     items = m.encode(tiny_splits.test[:20])
     assert len({len(e) for e in items}) > 3  # padding inside batches is exercised
     states = _random_states(m, 3, seed=1)
-    omega = np.random.default_rng(2).dirichlet(np.ones(3) * 0.5, size=len(items))  # a different mix per sample
+    omega = np.random.default_rng(2).dirichlet(
+        np.ones(3) * 0.5, size=len(items)
+    )  # a different mix per sample
     own = m.score(items, progress=False)
     fast = score_mixture(m, items, states, omega, mode, batch_size=8, progress=False)
     ref = _reference(m, items, states, omega, mode)
@@ -87,8 +91,9 @@ def test_one_hot_mixture_is_the_single_adapter(ml100k, tiny_splits):
     load_adapter_state(m.model, states[2])
     single = m.score(items, progress=False)
     for mode in ("d", "nd"):
-        np.testing.assert_allclose(score_mixture(m, items, states, omega, mode, progress=False), single,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            score_mixture(m, items, states, omega, mode, progress=False), single, atol=1e-6
+        )
 
 
 def test_mixture_rejects_bad_weights(ml100k, tiny_splits):

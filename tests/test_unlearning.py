@@ -38,8 +38,10 @@ def metas(run: Path) -> dict[int, dict]:
 
 
 def tensor_bytes(run: Path) -> dict[int, bytes]:
-    return {int(p.name.split("-")[1]): (p / "adapter_model.safetensors").read_bytes()
-            for p in sorted((run / "adapters").glob("shard-*"))}
+    return {
+        int(p.name.split("-")[1]): (p / "adapter_model.safetensors").read_bytes()
+        for p in sorted((run / "adapters").glob("shard-*"))
+    }
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -104,8 +106,9 @@ def test_shard_train_writes_disjoint_shards_with_lineage_and_metrics(trained, ct
         assert set(z["ids"].tolist()) == {s.sample_id for s in splits.train + splits.valid + splits.test}
 
 
-def test_forget_user_clears_every_lineage_and_touches_only_affected_shards(trained, forgotten, victim, ctx,
-                                                                           ml100k):
+def test_forget_user_clears_every_lineage_and_touches_only_affected_shards(
+    trained, forgotten, victim, ctx, ml100k
+):
     _, universe, splits = ctx
     before, after = metas(trained), metas(forgotten)
     held = {k for k, m in before.items() if any(universe[i].user_id == victim for i in m["sample_ids"])}
@@ -133,8 +136,9 @@ def test_forget_user_clears_every_lineage_and_touches_only_affected_shards(train
         assert not run_ids & set(z["ids"].tolist())  # derived copies purged too
 
 
-def test_retrained_shard_is_exactly_a_fresh_training_without_the_deleted_samples(forgotten, trained, victim,
-                                                                                 ctx, ml100k, monkeypatch):
+def test_retrained_shard_is_exactly_a_fresh_training_without_the_deleted_samples(
+    forgotten, trained, victim, ctx, ml100k, monkeypatch
+):
     cfg, universe, _ = ctx
     k = certificate(forgotten)["body"]["affected_shards"][0]
     remaining = [universe[i] for i in metas(trained)[k]["sample_ids"] if universe[i].user_id != victim]
@@ -157,12 +161,23 @@ run_forget(sys.argv[1], users=[int(sys.argv[2])], progress=False, fault=fault)
 
 
 def test_forget_killed_between_retrain_and_install_resumes_to_the_same_certificate(
-        trained, forgotten, victim, tmp_path, capsys):
+    trained, forgotten, victim, tmp_path, capsys
+):
     run = copy_run(trained, tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               PRIVREC_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", KILL_AT, str(run), str(victim), "retrained"], env=env, check=False,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        PRIVREC_CACHE_DIR=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT, str(run), str(victim), "retrained"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     req = Ledger(run / "ledger.sqlite", create=False).unfinished()
     assert req["status"] == RETRAINED
@@ -183,13 +198,15 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("point", ["recorded", "installed-shard"])
-def test_forget_interrupted_elsewhere_resumes_to_the_same_certificate(trained, forgotten, victim, tmp_path,
-                                                                      capsys, point):
+def test_forget_interrupted_elsewhere_resumes_to_the_same_certificate(
+    trained, forgotten, victim, tmp_path, capsys, point
+):
     run = copy_run(trained, tmp_path / "run")
 
     def fault(p):
         if p.startswith(point):
             raise Crash(p)
+
     with pytest.raises(Crash):
         run_forget(run, users=[victim], progress=False, fault=fault)
     ledger = Ledger(run / "ledger.sqlite", create=False)
@@ -241,8 +258,19 @@ def test_tombstoned_samples_stay_out_of_later_training(forgotten, victim, ctx, t
     _, universe, splits = ctx
     run = copy_run(forgotten, tmp_path / "run")
     n_removed = sum(s.user_id == victim for s in splits.train)
-    code, _, _ = cli(capsys, "shard-train", APA_TINY, "--out", str(run), "--set", "shards.k=2",
-                     "--set", "shards.partition=random", "--set", "shards.full_retrain=true")
+    code, _, _ = cli(
+        capsys,
+        "shard-train",
+        APA_TINY,
+        "--out",
+        str(run),
+        "--set",
+        "shards.k=2",
+        "--set",
+        "shards.partition=random",
+        "--set",
+        "shards.full_retrain=true",
+    )
     assert code == 0
     lineages = metas(run)
     assert sorted(lineages) == [0, 1]  # re-partitioned into 2 shards; shards 2 and 3 removed
@@ -286,8 +314,10 @@ def test_cli_errors_are_one_line_exit_2(trained, tmp_path, capsys):
         (["forget", str(run), "--users", "99999"], "user 99999 not found"),
         (["forget", str(run), "--samples", str(tmp_path / "nope.txt")], "not found"),
         (["shard-train", APA_TINY, "--out", str(tmp_path / "x"), "--set", "shards.bogus=1"], "unknown key"),
-        (["shard-train", APA_TINY, "--out", str(tmp_path / "x"), "--set", "shards.aggregations=[sisa]"],
-         "primary"),
+        (
+            ["shard-train", APA_TINY, "--out", str(tmp_path / "x"), "--set", "shards.aggregations=[sisa]"],
+            "primary",
+        ),
     ]
     (tmp_path / "bad.txt").write_text("u1-i999999\n")
     cases.append((["forget", str(run), "--samples", str(tmp_path / "bad.txt")], "not an interaction"))

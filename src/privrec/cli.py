@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=int, default=None,
                    help="score only the N most popular unseen items (default: all)")
 
-    p = sub.add_parser("shard-train", help="train one LoRA adapter per shard (APA, SISA, RecEraser-style) and "
-                       "score every aggregation")
+    p = sub.add_parser("shard-train", help="train one LoRA adapter per shard (APA, SISA, RecEraser-style) "
+                       "and score every aggregation")
     _add_config(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")

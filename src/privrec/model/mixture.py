@@ -30,8 +30,9 @@ from privrec.model.recmodel import Batch, Encoded, RecLM
 Mode = Literal["d", "nd"]
 
 
-def mixed_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, omega: torch.Tensor, mode: Mode,
-                scaling: float) -> torch.Tensor:
+def mixed_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, omega: torch.Tensor, mode: Mode, scaling: float
+) -> torch.Tensor:
     """The mixed LoRA update for a batch: (Bsz, T, in) -> (Bsz, T, out). Pure tensor maths.
 
     Args:
@@ -65,8 +66,9 @@ def lora_layers(model: RecLM) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A)]
 
 
-def stack_states(model: RecLM, states: Sequence[dict[str, torch.Tensor]]
-                 ) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float]]:
+def stack_states(
+    model: RecLM, states: Sequence[dict[str, torch.Tensor]]
+) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float]]:
     """Per LoRA layer: (module, A (K, r, in), B (K, out, r), scaling) from K adapter state dicts.
 
     Raises:
@@ -90,8 +92,12 @@ def stack_states(model: RecLM, states: Sequence[dict[str, torch.Tensor]]
 
 
 @contextlib.contextmanager
-def lora_mixture(model: RecLM, states: Sequence[dict[str, torch.Tensor]], mode: Mode,
-                 weights: Callable[[Batch], torch.Tensor]) -> Iterator[None]:
+def lora_mixture(
+    model: RecLM,
+    states: Sequence[dict[str, torch.Tensor]],
+    mode: Mode,
+    weights: Callable[[Batch], torch.Tensor],
+) -> Iterator[None]:
     """Inside this context every forward of ``model`` computes the per-sample mixture of ``states``.
 
     ``weights(batch)`` returns the (B, K) weights of the batch's samples, in the batch's row order; it is
@@ -103,7 +109,9 @@ def lora_mixture(model: RecLM, states: Sequence[dict[str, torch.Tensor]], mode: 
 
     def on_batch(batch: Batch) -> None:
         w = torch.as_tensor(weights(batch), dtype=torch.float32, device=model.device)  # (B, K)
-        assert w.shape == (len(batch.items), len(states)), f"weights {tuple(w.shape)} for {len(batch.items)} rows"
+        assert w.shape == (len(batch.items), len(states)), (
+            f"weights {tuple(w.shape)} for {len(batch.items)} rows"
+        )
         current["omega"] = w
 
     def make_hook(A: torch.Tensor, B: torch.Tensor, scaling: float):
@@ -114,6 +122,7 @@ def lora_mixture(model: RecLM, states: Sequence[dict[str, torch.Tensor]], mode: 
             assert omega is not None, "mixture forward without batch weights (RecLM.batch_hooks bypassed)"
             x = args[0]
             return output + mixed_delta(x, A, B, omega, mode, scaling).to(output.dtype)
+
         return hook
 
     handles = []
@@ -127,8 +136,15 @@ def lora_mixture(model: RecLM, states: Sequence[dict[str, torch.Tensor]], mode: 
         yield
 
 
-def score_mixture(model: RecLM, items: list[Encoded], states: Sequence[dict[str, torch.Tensor]],
-                  omega: np.ndarray, mode: Mode, batch_size: int = 16, progress: bool = True) -> np.ndarray:
+def score_mixture(
+    model: RecLM,
+    items: list[Encoded],
+    states: Sequence[dict[str, torch.Tensor]],
+    omega: np.ndarray,
+    mode: Mode,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
     """P(Yes) of every item under its own mixture ``omega[i]`` (N, K) of ``states``: one forward per batch.
 
     Raises:

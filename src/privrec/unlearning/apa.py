@@ -71,15 +71,28 @@ def uniform_weights(n: int, k: int) -> np.ndarray:
     return np.full((n, k), 1.0 / k)
 
 
-def apa_weights(query: np.ndarray, pool: np.ndarray, pool_probs: np.ndarray, pool_labels: Sequence[float],
-                n: int, tau: float, error: ErrorKind = "abs") -> np.ndarray:
+def apa_weights(
+    query: np.ndarray,
+    pool: np.ndarray,
+    pool_probs: np.ndarray,
+    pool_labels: Sequence[float],
+    n: int,
+    tau: float,
+    error: ErrorKind = "abs",
+) -> np.ndarray:
     """METHODS §4 steps 1-3: per test sample weights over the K adapters from its neighbours' errors."""
-    return softmax_weights(neighbour_errors(query, pool, prediction_errors(pool_probs, pool_labels, error), n),
-                           tau)
+    return softmax_weights(
+        neighbour_errors(query, pool, prediction_errors(pool_probs, pool_labels, error), n), tau
+    )
 
 
-def score_each(model: RecLM, items: list[Encoded], states: Sequence[dict[str, torch.Tensor]],
-               batch_size: int = 16, progress: bool = True) -> np.ndarray:
+def score_each(
+    model: RecLM,
+    items: list[Encoded],
+    states: Sequence[dict[str, torch.Tensor]],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
     """(N, K) P(Yes) of every item under every adapter, one scoring pass per adapter (loads each state)."""
     out = np.zeros((len(items), len(states)))
     for k, state in enumerate(states):
@@ -88,9 +101,16 @@ def score_each(model: RecLM, items: list[Encoded], states: Sequence[dict[str, to
     return out
 
 
-def aggregate(model: RecLM, method: Aggregation, items: list[Encoded],
-              states: Sequence[dict[str, torch.Tensor]], omega: np.ndarray | None = None,
-              per_adapter: np.ndarray | None = None, batch_size: int = 16, progress: bool = True) -> np.ndarray:
+def aggregate(
+    model: RecLM,
+    method: Aggregation,
+    items: list[Encoded],
+    states: Sequence[dict[str, torch.Tensor]],
+    omega: np.ndarray | None = None,
+    per_adapter: np.ndarray | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
     """P(Yes) of ``items`` under one aggregation of the K adapters ``states``.
 
     ``omega`` (N, K) is needed for apa-d / apa-nd; ``per_adapter`` (N, K), when given, saves SISA's K passes.
@@ -100,11 +120,13 @@ def aggregate(model: RecLM, method: Aggregation, items: list[Encoded],
             per_adapter = score_each(model, items, states, batch_size, progress)
         return per_adapter.mean(axis=1)
     if method == "uniform":
-        return score_mixture(model, items, states, uniform_weights(len(items), len(states)), "nd", batch_size,
-                             progress)
+        return score_mixture(
+            model, items, states, uniform_weights(len(items), len(states)), "nd", batch_size, progress
+        )
     if method in ("apa-d", "apa-nd"):
         if omega is None:
             raise ValueError(f"{method} needs per-sample weights omega")
-        return score_mixture(model, items, states, omega, "d" if method == "apa-d" else "nd", batch_size,
-                             progress)
+        return score_mixture(
+            model, items, states, omega, "d" if method == "apa-d" else "nd", batch_size, progress
+        )
     raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")

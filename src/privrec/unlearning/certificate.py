@@ -40,8 +40,12 @@ def canonical_sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_adapter(folder: Path, universe: dict[str, Sample], tombstones: set[tuple[int, int]],
-                  recorded_sha256: str | None = None) -> dict:
+def check_adapter(
+    folder: Path,
+    universe: dict[str, Sample],
+    tombstones: set[tuple[int, int]],
+    recorded_sha256: str | None = None,
+) -> dict:
     """Check one shard adapter folder against its own metadata, the data and the tombstones.
 
     Checks: the tensors on disk hash to the hash in ``privrec.json`` (and to ``recorded_sha256``, the
@@ -56,8 +60,14 @@ def check_adapter(folder: Path, universe: dict[str, Sample], tombstones: set[tup
     try:
         state, meta = read_adapter(folder)
     except Exception as e:  # noqa: BLE001 - an unreadable adapter is a failed check, not a crash
-        return {"shard": folder.name, "ok": False, "problems": [f"unreadable adapter: {e.__class__.__name__}"],
-                "tensors_sha256": None, "lineage_sha256": None, "n_samples": 0}
+        return {
+            "shard": folder.name,
+            "ok": False,
+            "problems": [f"unreadable adapter: {e.__class__.__name__}"],
+            "tensors_sha256": None,
+            "lineage_sha256": None,
+            "n_samples": 0,
+        }
     digest = tensors_digest(state)
     if digest != meta.get("tensors_sha256"):
         problems.append("tensors differ from the hash in privrec.json")
@@ -74,12 +84,24 @@ def check_adapter(folder: Path, universe: dict[str, Sample], tombstones: set[tup
     held = [s.sample_id for s in known if shows_tombstoned(s, tombstones)]
     if held:
         problems.append(f"lineage holds {len(held)} deleted samples (e.g. {held[0]})")
-    return {"shard": meta.get("shard", folder.name), "ok": not problems, "problems": problems,
-            "tensors_sha256": digest, "lineage_sha256": lineage, "n_samples": len(ids)}
+    return {
+        "shard": meta.get("shard", folder.name),
+        "ok": not problems,
+        "problems": problems,
+        "tensors_sha256": digest,
+        "lineage_sha256": lineage,
+        "n_samples": len(ids),
+    }
 
 
-def build_body(request: dict, interactions: list[tuple[int, int, int]], removed: list[dict],
-               shards: list[dict], checks: list[dict], run_info: dict) -> dict:
+def build_body(
+    request: dict,
+    interactions: list[tuple[int, int, int]],
+    removed: list[dict],
+    shards: list[dict],
+    checks: list[dict],
+    run_info: dict,
+) -> dict:
     """The deterministic part of a certificate."""
     return {
         "certificate": CERTIFICATE_VERSION,
@@ -87,17 +109,37 @@ def build_body(request: dict, interactions: list[tuple[int, int, int]], removed:
         "run": run_info,
         "removed": {
             "interactions": [list(t) for t in sorted(interactions)],
-            "samples": [{"sample_id": r["sample_id"], "split": r["split"], "shard": r["shard"]}
-                        for r in sorted(removed, key=lambda r: r["sample_id"])],
+            "samples": [
+                {"sample_id": r["sample_id"], "split": r["split"], "shard": r["shard"]}
+                for r in sorted(removed, key=lambda r: r["sample_id"])
+            ],
         },
         "affected_shards": [s["shard"] for s in shards if s["retrain"]],
-        "adapters": [{"shard": s["shard"], "retrained": bool(s["retrain"]), "before": s["before_sha256"],
-                      "after": s["after_sha256"], "n_before": s["n_before"], "n_after": s["n_after"],
-                      "unchanged": s["before_sha256"] == s["after_sha256"]} for s in shards],
-        "lineage_check": {"passed": all(c["ok"] for c in checks),
-                          "shards": [{"shard": c["shard"], "ok": c["ok"], "problems": c["problems"],
-                                      "lineage_sha256": c["lineage_sha256"], "n_samples": c["n_samples"]}
-                                     for c in checks]},
+        "adapters": [
+            {
+                "shard": s["shard"],
+                "retrained": bool(s["retrain"]),
+                "before": s["before_sha256"],
+                "after": s["after_sha256"],
+                "n_before": s["n_before"],
+                "n_after": s["n_after"],
+                "unchanged": s["before_sha256"] == s["after_sha256"],
+            }
+            for s in shards
+        ],
+        "lineage_check": {
+            "passed": all(c["ok"] for c in checks),
+            "shards": [
+                {
+                    "shard": c["shard"],
+                    "ok": c["ok"],
+                    "problems": c["problems"],
+                    "lineage_sha256": c["lineage_sha256"],
+                    "n_samples": c["n_samples"],
+                }
+                for c in checks
+            ],
+        },
     }
 
 

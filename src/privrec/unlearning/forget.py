@@ -117,8 +117,9 @@ def read_sample_ids(path: str | Path) -> list[str]:
     return sorted(set(ids))
 
 
-def resolve_interactions(ds: Dataset, users: list[int] | None = None, sample_ids: list[str] | None = None
-                         ) -> list[tuple[int, int, int]]:
+def resolve_interactions(
+    ds: Dataset, users: list[int] | None = None, sample_ids: list[str] | None = None
+) -> list[tuple[int, int, int]]:
     """The (user, item, timestamp) interactions a request deletes: all of the users', or the samples'.
 
     Raises:
@@ -128,8 +129,10 @@ def resolve_interactions(ds: Dataset, users: list[int] | None = None, sample_ids
         rows = inter[inter["user_id"].isin(users)]
         unknown = sorted(set(users) - set(rows["user_id"].tolist()))
         if unknown:
-            raise UserError(f"user {unknown[0]} not found in {ds.name}" + (f" (and {len(unknown) - 1} more)"
-                                                                           if len(unknown) > 1 else ""))
+            raise UserError(
+                f"user {unknown[0]} not found in {ds.name}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
     else:
         pairs = {tuple(int(g) for g in _SAMPLE_ID.match(s).groups()) for s in sample_ids or []}
         keys = list(zip(inter["user_id"].tolist(), inter["item_id"].tolist()))
@@ -138,7 +141,9 @@ def resolve_interactions(ds: Dataset, users: list[int] | None = None, sample_ids
         unknown = sorted(pairs - set(zip(rows["user_id"].tolist(), rows["item_id"].tolist())))
         if unknown:
             raise UserError(f"sample u{unknown[0][0]}-i{unknown[0][1]} is not an interaction in {ds.name}")
-    return sorted((int(u), int(i), int(t)) for u, i, t in zip(rows["user_id"], rows["item_id"], rows["timestamp"]))
+    return sorted(
+        (int(u), int(i), int(t)) for u, i, t in zip(rows["user_id"], rows["item_id"], rows["timestamp"])
+    )
 
 
 def _fault(fault: Fault | None, point: str) -> None:
@@ -147,8 +152,13 @@ def _fault(fault: Fault | None, point: str) -> None:
 
 
 # --- the command ---------------------------------------------------------------------------------------
-def run_forget(run_path: str | Path, users: list[int] | None = None, samples_file: str | Path | None = None,
-               progress: bool = True, fault: Fault | None = None) -> dict:
+def run_forget(
+    run_path: str | Path,
+    users: list[int] | None = None,
+    samples_file: str | Path | None = None,
+    progress: bool = True,
+    fault: Fault | None = None,
+) -> dict:
     """Delete users' or samples' data from a shard-train run; returns the certificate.
 
     ``fault(point)`` is called at every step boundary (tests inject crashes there).
@@ -165,15 +175,22 @@ def run_forget(run_path: str | Path, users: list[int] | None = None, samples_fil
         r = _open(run_path)
         unfinished = r.ledger.unfinished()
         if unfinished:
-            raise RunError(f"deletion request {unfinished['id']} is unfinished ({unfinished['status']}); "
-                           f"finish it first: privrec forget {r.run.path} --resume")
-        kind, spec = ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
+            raise RunError(
+                f"deletion request {unfinished['id']} is unfinished ({unfinished['status']}); "
+                f"finish it first: privrec forget {r.run.path} --resume"
+            )
+        kind, spec = (
+            ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
+        )
         interactions = resolve_interactions(r.ds, users, sample_ids)
         old = r.ledger.tombstones()
         new = [t for t in interactions if (t[0], t[1]) not in old]
         if not new:
-            return {"noop": True, "message": f"nothing to forget: all {len(interactions)} interactions were "
-                    "deleted by earlier requests"}
+            return {
+                "noop": True,
+                "message": f"nothing to forget: all {len(interactions)} interactions were "
+                "deleted by earlier requests",
+            }
         new_set = {(u, i) for u, i, _ in new}
 
         # which of the run's samples go, and which shard holds each
@@ -186,15 +203,31 @@ def run_forget(run_path: str | Path, users: list[int] | None = None, samples_fil
             s = r.universe.get(sid)
             if s is None or not shows_tombstoned(s, new_set) or shows_tombstoned(s, old):
                 continue
-            removed.append({"sample_id": sid, "user_id": s.user_id, "item_id": s.item_id,
-                            "timestamp": s.timestamp, "split": split_of.get(sid, "train"),
-                            "shard": owner.get(sid)})
+            removed.append(
+                {
+                    "sample_id": sid,
+                    "user_id": s.user_id,
+                    "item_id": s.item_id,
+                    "timestamp": s.timestamp,
+                    "split": split_of.get(sid, "train"),
+                    "shard": owner.get(sid),
+                }
+            )
         hit = {x["shard"] for x in removed if x["shard"] is not None}
-        shards = [{"shard": k, "retrain": k in hit, "before_sha256": tensors_digest(state),
-                   "n_before": len(meta.get("sample_ids", []))} for k, (state, meta) in metas.items()]
+        shards = [
+            {
+                "shard": k,
+                "retrain": k in hit,
+                "before_sha256": tensors_digest(state),
+                "n_before": len(meta.get("sample_ids", [])),
+            }
+            for k, (state, meta) in metas.items()
+        ]
         rid = r.ledger.record_request(kind, spec, new, removed, shards)
-        r.run.log(f"forget {rid}: {len(new)} interactions deleted, {len(removed)} samples removed, "
-                  f"shards to retrain: {sorted(hit)}")
+        r.run.log(
+            f"forget {rid}: {len(new)} interactions deleted, {len(removed)} samples removed, "
+            f"shards to retrain: {sorted(hit)}"
+        )
         _fault(fault, "recorded")
         return _finish(r, rid, progress, fault)
 
@@ -222,10 +255,14 @@ def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
     if r.ledger.request(rid)["status"] == INSTALLED:
         cert = _certify(r, rid)
         _fault(fault, "certified")
-        r.ledger.advance(rid, DONE, certificate_sha256=cert["body_sha256"], adapters_seq=r.ledger.adapters_seq())
+        r.ledger.advance(
+            rid, DONE, certificate_sha256=cert["body_sha256"], adapters_seq=r.ledger.adapters_seq()
+        )
         shutil.rmtree(r.run / STAGING_DIR / rid, ignore_errors=True)
-        r.run.log(f"forget {rid}: done, certificate {cert['body_sha256'][:16]}, retrain "
-                  f"{cert['record']['retrain_seconds']:.1f}s")
+        r.run.log(
+            f"forget {rid}: done, certificate {cert['body_sha256'][:16]}, retrain "
+            f"{cert['record']['retrain_seconds']:.1f}s"
+        )
         return cert
     return read_certificate(r.run / CERTIFICATES_DIR / f"{rid}.json")
 
@@ -285,8 +322,10 @@ def _install(r: _Run, rid: str, fault: Fault | None) -> None:
                 os.replace(staged, final)
         installed = tensors_digest(read_adapter(final)[0]) if final.exists() else None
         if installed != after:
-            raise RunError(f"shard {k} does not hold the adapter staged by {rid}: the run was changed during "
-                           "the request; restore it from a backup or retrain with shard-train")
+            raise RunError(
+                f"shard {k} does not hold the adapter staged by {rid}: the run was changed during "
+                "the request; restore it from a backup or retrain with shard-train"
+            )
         shutil.rmtree(old, ignore_errors=True)
         latest = r.ledger.latest_adapters().get(k)
         if latest is None or latest["origin"] != rid:
@@ -301,8 +340,10 @@ def _certify(r: _Run, rid: str) -> dict:
     tomb = r.ledger.tombstones()
     latest = r.ledger.latest_adapters()
     folders = shard_folders(r.run)
-    checks = [check_adapter(f, r.universe, tomb, (latest.get(k) or {}).get("tensors_sha256"))
-              for k, f in folders.items()]
+    checks = [
+        check_adapter(f, r.universe, tomb, (latest.get(k) or {}).get("tensors_sha256"))
+        for k, f in folders.items()
+    ]
     by_shard = {c["shard"]: c for c in checks}
     shards = r.ledger.request_shards(rid)
     for s in shards:  # every shard holds exactly what this request left: unaffected ones bit-identical
@@ -312,24 +353,43 @@ def _certify(r: _Run, rid: str) -> dict:
             what = "retrained" if s["retrain"] else "untouched"
             problem = f"adapter differs from the {what} adapter this request left"
             if c is None:
-                checks.append({"shard": s["shard"], "ok": False, "problems": [problem], "tensors_sha256": None,
-                               "lineage_sha256": None, "n_samples": 0})
+                checks.append(
+                    {
+                        "shard": s["shard"],
+                        "ok": False,
+                        "problems": [problem],
+                        "tensors_sha256": None,
+                        "lineage_sha256": None,
+                        "n_samples": 0,
+                    }
+                )
             else:
                 c["problems"].append(problem)
                 c["ok"] = False
     metas = [read_adapter(f)[1] for f in folders.values()]
-    run_info = {"base_model": r.cfg.model.name, "config_digest": r.cfg.digest(*ADAPTER_SECTIONS),
-                "base_fingerprint": metas[0].get("base_fingerprint") if metas else None,
-                "partition": r.cfg.shards.partition, "data_source": r.cfg.data.source}
+    run_info = {
+        "base_model": r.cfg.model.name,
+        "config_digest": r.cfg.digest(*ADAPTER_SECTIONS),
+        "base_fingerprint": metas[0].get("base_fingerprint") if metas else None,
+        "partition": r.cfg.shards.partition,
+        "data_source": r.cfg.data.source,
+    }
     body = build_body(req, r.ledger.interactions(rid), r.ledger.removed(rid), shards, checks, run_info)
-    record = {"created": req["created"], "completed": time.time(), "retrain_seconds": req["retrain_seconds"],
-              "wall_seconds": time.time() - req["created"], "events": r.ledger.events(rid)}
+    record = {
+        "created": req["created"],
+        "completed": time.time(),
+        "retrain_seconds": req["retrain_seconds"],
+        "wall_seconds": time.time() - req["created"],
+        "events": r.ledger.events(rid),
+    }
     cert = make_certificate(body, record)
     write_certificate(r.run / CERTIFICATES_DIR / f"{rid}.json", cert)
     if not body["lineage_check"]["passed"]:
         bad = [f"shard {c['shard']}: {'; '.join(c['problems'])}" for c in checks if not c["ok"]]
-        raise RunError(f"{rid}: lineage check failed ({' | '.join(bad)}); certificate written with "
-                       "passed=false, request left unfinished")
+        raise RunError(
+            f"{rid}: lineage check failed ({' | '.join(bad)}); certificate written with "
+            "passed=false, request left unfinished"
+        )
     return cert
 
 
@@ -357,8 +417,16 @@ def run_verify(run_path: str | Path) -> dict:
             adapters.append(c)
         for k, row in latest.items():
             if row["tensors_sha256"] is not None and k not in folders:
-                adapters.append({"shard": k, "ok": False, "problems": ["recorded in the ledger but missing"],
-                                 "tensors_sha256": None, "lineage_sha256": None, "n_samples": 0})
+                adapters.append(
+                    {
+                        "shard": k,
+                        "ok": False,
+                        "problems": ["recorded in the ledger but missing"],
+                        "tensors_sha256": None,
+                        "lineage_sha256": None,
+                        "n_samples": 0,
+                    }
+                )
         current = {c["shard"]: c["tensors_sha256"] for c in adapters}
         lineage_ids = {i for f in folders.values() for i in read_adapter(f)[1].get("sample_ids", [])}
 
@@ -380,8 +448,11 @@ def run_verify(run_path: str | Path) -> dict:
                     problems.append("certificate body altered (sha256 mismatch)")
                 if cert.get("body_sha256") != req["certificate_sha256"]:
                     problems.append("certificate differs from the one recorded in the ledger")
-                held = sorted(x["sample_id"] for x in body.get("removed", {}).get("samples", [])
-                              if x["sample_id"] in lineage_ids)
+                held = sorted(
+                    x["sample_id"]
+                    for x in body.get("removed", {}).get("samples", [])
+                    if x["sample_id"] in lineage_ids
+                )
                 if held:
                     problems.append(f"{len(held)} removed samples are back in a lineage (e.g. {held[0]})")
                 for a in body.get("adapters", []):
@@ -394,7 +465,12 @@ def run_verify(run_path: str | Path) -> dict:
         cdir = r.run / CERTIFICATES_DIR
         for p in sorted(cdir.glob("*.json")) if cdir.is_dir() else []:
             if p.name not in known:
-                certificates.append({"request": p.stem, "ok": False,
-                                     "problems": ["certificate with no request in the ledger"]})
+                certificates.append(
+                    {
+                        "request": p.stem,
+                        "ok": False,
+                        "problems": ["certificate with no request in the ledger"],
+                    }
+                )
         ok = all(a["ok"] for a in adapters) and all(c["ok"] for c in certificates)
         return {"ok": ok, "adapters": adapters, "certificates": certificates, "tombstones": len(tomb)}

@@ -91,7 +91,9 @@ def run_lock(run_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(f"another privrec command is working on {run_path}; wait for it to finish") from None
+            raise RunError(
+                f"another privrec command is working on {run_path}; wait for it to finish"
+            ) from None
         try:
             yield
         finally:
@@ -144,14 +146,18 @@ class Ledger:
 
     # --- tombstones ---------------------------------------------------------------------------------
     def tombstones(self) -> set[tuple[int, int]]:
-        return {(r["user_id"], r["item_id"]) for r in self.db.execute("SELECT user_id, item_id FROM tombstones")}
+        return {
+            (r["user_id"], r["item_id"]) for r in self.db.execute("SELECT user_id, item_id FROM tombstones")
+        }
 
     def tombstone_rows(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM tombstones ORDER BY user_id, item_id")]
 
     # --- requests -----------------------------------------------------------------------------------
     def unfinished(self) -> dict | None:
-        row = self.db.execute("SELECT * FROM requests WHERE status != ? ORDER BY seq LIMIT 1", (DONE,)).fetchone()
+        row = self.db.execute(
+            "SELECT * FROM requests WHERE status != ? ORDER BY seq LIMIT 1", (DONE,)
+        ).fetchone()
         return dict(row) if row else None
 
     def request(self, request_id: str) -> dict:
@@ -163,8 +169,14 @@ class Ledger:
     def requests(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM requests ORDER BY seq")]
 
-    def record_request(self, kind: str, spec: dict, interactions: list[tuple[int, int, int]],
-                       removed: list[dict], shards: list[dict]) -> str:
+    def record_request(
+        self,
+        kind: str,
+        spec: dict,
+        interactions: list[tuple[int, int, int]],
+        removed: list[dict],
+        shards: list[dict],
+    ) -> str:
         """Write a request, its tombstones, the samples it removes and the shards' state, atomically.
 
         Args:
@@ -178,16 +190,25 @@ class Ledger:
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests").fetchone()[0]
             rid = f"r{seq:04d}"
-            db.execute("INSERT INTO requests(id, seq, kind, spec, status, created, updated) VALUES (?,?,?,?,?,?,?)",
-                       (rid, seq, kind, json.dumps(spec, sort_keys=True), PENDING, now, now))
-            db.executemany("INSERT INTO tombstones VALUES (?,?,?,?)",
-                           [(u, i, t, rid) for u, i, t in interactions])
-            db.executemany("INSERT INTO removed VALUES (?,?,?,?,?,?,?)",
-                           [(rid, r["sample_id"], r["user_id"], r["item_id"], r["timestamp"], r["split"],
-                             r["shard"]) for r in removed])
-            db.executemany("INSERT INTO request_shards(request_id, shard, retrain, before_sha256, n_before) "
-                           "VALUES (?,?,?,?,?)",
-                           [(rid, s["shard"], int(s["retrain"]), s["before_sha256"], s["n_before"]) for s in shards])
+            db.execute(
+                "INSERT INTO requests(id, seq, kind, spec, status, created, updated) VALUES (?,?,?,?,?,?,?)",
+                (rid, seq, kind, json.dumps(spec, sort_keys=True), PENDING, now, now),
+            )
+            db.executemany(
+                "INSERT INTO tombstones VALUES (?,?,?,?)", [(u, i, t, rid) for u, i, t in interactions]
+            )
+            db.executemany(
+                "INSERT INTO removed VALUES (?,?,?,?,?,?,?)",
+                [
+                    (rid, r["sample_id"], r["user_id"], r["item_id"], r["timestamp"], r["split"], r["shard"])
+                    for r in removed
+                ],
+            )
+            db.executemany(
+                "INSERT INTO request_shards(request_id, shard, retrain, before_sha256, n_before) "
+                "VALUES (?,?,?,?,?)",
+                [(rid, s["shard"], int(s["retrain"]), s["before_sha256"], s["n_before"]) for s in shards],
+            )
             db.execute("INSERT INTO events VALUES (?,?,?,?)", (rid, PENDING, now, None))
         return rid
 
@@ -202,38 +223,61 @@ class Ledger:
 
     def set_after(self, request_id: str, shard: int, after_sha256: str | None, n_after: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE request_shards SET after_sha256=?, n_after=? WHERE request_id=? AND shard=?",
-                       (after_sha256, n_after, request_id, shard))
+            db.execute(
+                "UPDATE request_shards SET after_sha256=?, n_after=? WHERE request_id=? AND shard=?",
+                (after_sha256, n_after, request_id, shard),
+            )
 
     def removed(self, request_id: str) -> list[dict]:
-        return [dict(r) for r in self.db.execute(
-            "SELECT sample_id, user_id, item_id, timestamp, split, shard FROM removed WHERE request_id=? "
-            "ORDER BY sample_id", (request_id,))]
+        return [
+            dict(r)
+            for r in self.db.execute(
+                "SELECT sample_id, user_id, item_id, timestamp, split, shard FROM removed WHERE request_id=? "
+                "ORDER BY sample_id",
+                (request_id,),
+            )
+        ]
 
     def interactions(self, request_id: str) -> list[tuple[int, int, int]]:
-        return [(r["user_id"], r["item_id"], r["timestamp"]) for r in self.db.execute(
-            "SELECT * FROM tombstones WHERE request_id=? ORDER BY user_id, item_id", (request_id,))]
+        return [
+            (r["user_id"], r["item_id"], r["timestamp"])
+            for r in self.db.execute(
+                "SELECT * FROM tombstones WHERE request_id=? ORDER BY user_id, item_id", (request_id,)
+            )
+        ]
 
     def request_shards(self, request_id: str) -> list[dict]:
-        return [dict(r) for r in self.db.execute(
-            "SELECT shard, retrain, before_sha256, after_sha256, n_before, n_after FROM request_shards "
-            "WHERE request_id=? ORDER BY shard", (request_id,))]
+        return [
+            dict(r)
+            for r in self.db.execute(
+                "SELECT shard, retrain, before_sha256, after_sha256, n_before, n_after FROM request_shards "
+                "WHERE request_id=? ORDER BY shard",
+                (request_id,),
+            )
+        ]
 
     def events(self, request_id: str) -> list[dict]:
-        return [dict(r) for r in self.db.execute(
-            "SELECT status, at, detail FROM events WHERE request_id=? ORDER BY rowid", (request_id,))]
+        return [
+            dict(r)
+            for r in self.db.execute(
+                "SELECT status, at, detail FROM events WHERE request_id=? ORDER BY rowid", (request_id,)
+            )
+        ]
 
     # --- installed adapters -------------------------------------------------------------------------
-    def record_adapter(self, shard: int, tensors_sha256: str | None, lineage_sha256: str | None,
-                       n_samples: int, origin: str) -> None:
+    def record_adapter(
+        self, shard: int, tensors_sha256: str | None, lineage_sha256: str | None, n_samples: int, origin: str
+    ) -> None:
         """Record an adapter installed as ``shard`` (tensors_sha256 None: the shard was retired)."""
         with self._tx() as db:
-            db.execute("INSERT INTO adapters(shard, tensors_sha256, lineage_sha256, n_samples, origin, at) "
-                       "VALUES (?,?,?,?,?,?)", (shard, tensors_sha256, lineage_sha256, n_samples, origin,
-                                                time.time()))
+            db.execute(
+                "INSERT INTO adapters(shard, tensors_sha256, lineage_sha256, n_samples, origin, at) "
+                "VALUES (?,?,?,?,?,?)",
+                (shard, tensors_sha256, lineage_sha256, n_samples, origin, time.time()),
+            )
 
     def latest_adapters(self) -> dict[int, dict]:
-        """The last recorded adapter of every shard ever recorded (retired shards have tensors_sha256 None)."""
+        """The last recorded adapter of every shard ever recorded (a retired shard: tensors_sha256 None)."""
         out: dict[int, dict] = {}
         for r in self.db.execute("SELECT * FROM adapters ORDER BY seq"):
             out[r["shard"]] = dict(r)
@@ -245,11 +289,14 @@ class Ledger:
 
     def installed_after(self, shard: int, seq: int) -> bool:
         """Whether an adapter was installed as ``shard`` after adapter record ``seq``."""
-        return self.db.execute("SELECT 1 FROM adapters WHERE shard=? AND seq>? LIMIT 1", (shard, seq)).fetchone() \
+        return (
+            self.db.execute("SELECT 1 FROM adapters WHERE shard=? AND seq>? LIMIT 1", (shard, seq)).fetchone()
             is not None
+        )
 
     def next_origin(self, prefix: str) -> str:
         """A fresh origin label for a training command, e.g. ``shard-train:2``."""
-        n = self.db.execute("SELECT COUNT(DISTINCT origin) FROM adapters WHERE origin LIKE ?",
-                            (f"{prefix}:%",)).fetchone()[0]
+        n = self.db.execute(
+            "SELECT COUNT(DISTINCT origin) FROM adapters WHERE origin LIKE ?", (f"{prefix}:%",)
+        ).fetchone()[0]
         return f"{prefix}:{n + 1}"

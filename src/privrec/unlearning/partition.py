@@ -116,8 +116,9 @@ def kmeans_balanced_labels(features: np.ndarray, k: int, seed: int, iters: int =
     return labels
 
 
-def user_labels(users: Sequence[int], k: int, seed: int, features: np.ndarray | None = None,
-                iters: int = 10) -> np.ndarray:
+def user_labels(
+    users: Sequence[int], k: int, seed: int, features: np.ndarray | None = None, iters: int = 10
+) -> np.ndarray:
     """RecEraser-style: whole users per shard, balanced in samples as far as whole users allow."""
     users = np.asarray(users)
     uniq, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
@@ -148,8 +149,15 @@ def user_labels(users: Sequence[int], k: int, seed: int, features: np.ndarray | 
     return ulab[inverse]
 
 
-def partition(kind: Kind, sample_ids: Sequence[str], k: int, seed: int, features: np.ndarray | None = None,
-              users: Sequence[int] | None = None, iters: int = 25) -> list[list[str]]:
+def partition(
+    kind: Kind,
+    sample_ids: Sequence[str],
+    k: int,
+    seed: int,
+    features: np.ndarray | None = None,
+    users: Sequence[int] | None = None,
+    iters: int = 25,
+) -> list[list[str]]:
     """K disjoint shards of ``sample_ids`` covering all of them (ids sorted within a shard).
 
     Raises:

@@ -62,25 +62,35 @@ class ShardConfig(BaseModel):
 
     k: int = Field(4, ge=1, description="Number of shards K, one LoRA adapter each (METHODS §4: K=4).")
     partition: Literal["semantic", "random", "user", "kmeans-balanced"] = Field(
-        "semantic", description="semantic: APA's balanced semantic-aware k-means (METHODS §4); random: SISA; "
-        "user: RecEraser-style whole users per shard; kmeans-balanced: GraphEraser-style balanced k-means.")
+        "semantic",
+        description="semantic: APA's balanced semantic-aware k-means (METHODS §4); random: SISA; "
+        "user: RecEraser-style whole users per shard; kmeans-balanced: GraphEraser-style balanced k-means.",
+    )
     features: Literal["final", "cut"] = Field(
-        "final", description="Hidden state of the untuned model used for partitioning and the neighbour "
+        "final",
+        description="Hidden state of the untuned model used for partitioning and the neighbour "
         "search: final = last layer, last token (METHODS §4); cut = the frozen bottom layers' output at the "
-        "last token, read from the frozen-layer cache (free at inference; needs lora.top_layers).")
+        "last token, read from the frozen-layer cache (free at inference; needs lora.top_layers).",
+    )
     iters: int = Field(25, ge=1, description="Rounds of the balanced k-means / user-anchor updates.")
     aggregations: list[Literal["uniform", "apa-d", "apa-nd", "sisa"]] = Field(
-        ["uniform", "apa-d", "apa-nd", "sisa"], description="Aggregations scored on the test set.")
+        ["uniform", "apa-d", "apa-nd", "sisa"], description="Aggregations scored on the test set."
+    )
     primary: Literal["uniform", "apa-d", "apa-nd", "sisa"] = Field(
-        "apa-nd", description="The aggregation reported as the run's top-level auc / logloss / accuracy.")
+        "apa-nd", description="The aggregation reported as the run's top-level auc / logloss / accuracy."
+    )
     neighbours: int = Field(20, ge=1, description="n nearest validation samples per test sample (Movie: 20).")
     tau: float = Field(1000.0, ge=0, description="Softmax temperature on -error (tau=0: uniform weights).")
     error: Literal["abs", "squared"] = Field(
-        "abs", description="Adapter error on a neighbour: |label - P(Yes)| or its square (the paper does not "
-        "print its error function).")
+        "abs",
+        description="Adapter error on a neighbour: |label - P(Yes)| or its square (the paper does not "
+        "print its error function).",
+    )
     full_retrain: bool = Field(
-        False, description="Also train one adapter on all training samples (the retrain-from-scratch "
-        "baseline) and score it; its adapter is not kept, so forget never has to retrain it.")
+        False,
+        description="Also train one adapter on all training samples (the retrain-from-scratch "
+        "baseline) and score it; its adapter is not kept, so forget never has to retrain it.",
+    )
 
 
 class ApaConfig(ExperimentConfig):
@@ -96,8 +106,10 @@ class ApaConfig(ExperimentConfig):
         if self.augment.copies > 0:
             raise ValueError("shard-train partitions original samples: set augment.copies=0")
         if s.features == "cut" and (self.lora.top_layers is None or not self.lora.cache_frozen):
-            raise ValueError("shards.features=cut reads the frozen-layer cache: set lora.top_layers and "
-                             "lora.cache_frozen=true")
+            raise ValueError(
+                "shards.features=cut reads the frozen-layer cache: set lora.top_layers and "
+                "lora.cache_frozen=true"
+            )
         if self.data.n_train is not None and s.k > self.data.n_train:
             raise ValueError(f"shards.k={s.k} exceeds data.n_train={self.data.n_train}")
         if self.train.epochs < 1:
@@ -121,7 +133,7 @@ def shard_folders(run: RunDir) -> dict[int, Path]:
     if base.is_dir():
         for p in base.iterdir():
             if p.name.startswith(SHARD_PREFIX) and (p / "adapter_model.safetensors").is_file():
-                out[int(p.name[len(SHARD_PREFIX):])] = p
+                out[int(p.name[len(SHARD_PREFIX) :])] = p
     return dict(sorted(out.items()))
 
 
@@ -158,8 +170,10 @@ def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits
     gone = excluded_ids(sp.train + sp.valid + sp.test, tombstones)
     sp = Splits(ds, *([s for s in part if s.sample_id not in gone] for part in (sp.train, sp.valid, sp.test)))
     if len(sp.train) < cfg.shards.k or not sp.test:
-        raise UserError(f"{len(sp.train)} train / {len(sp.test)} test samples left; need >= shards.k="
-                        f"{cfg.shards.k} train and one test sample")
+        raise UserError(
+            f"{len(sp.train)} train / {len(sp.test)} test samples left; need >= shards.k="
+            f"{cfg.shards.k} train and one test sample"
+        )
     needs_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
     if needs_pool and not sp.valid:
         raise UserError("apa-d / apa-nd need validation samples (the neighbour pool); none left")
@@ -173,15 +187,17 @@ def build_model(cfg: ApaConfig, dataset: Dataset) -> tuple[RecLM, dict[str, torc
     return model, adapter_state(model.model)
 
 
-# --- features: the untuned model's hidden states, cached per run ---------------------------------------------
+# --- features: the untuned model's hidden states, cached per run ------------------------------------------
 def _features_key(model: RecLM, cfg: ApaConfig) -> str:
     prec = "bf16" if model.bf16 else "fp32"
     prompt = cfg.prompt.model_dump_json()
-    return f"{model.fingerprint}|{cfg.shards.features}|{prec}|{prompt}|{cfg.data.history_len}|{cfg.data.like_threshold}"
+    data = f"{cfg.data.history_len}|{cfg.data.like_threshold}"
+    return f"{model.fingerprint}|{cfg.shards.features}|{prec}|{prompt}|{data}"
 
 
-def load_features(run: RunDir, model: RecLM, cfg: ApaConfig, items: list[Encoded], progress: bool = True
-                  ) -> np.ndarray:
+def load_features(
+    run: RunDir, model: RecLM, cfg: ApaConfig, items: list[Encoded], progress: bool = True
+) -> np.ndarray:
     """(N, H) untuned hidden states of ``items`` (METHODS §4), computed once per run and kept in
     ``RUN/features.npz`` keyed by sample id (forget purges deleted samples' rows)."""
     path = run / FEATURES_FILE
@@ -204,8 +220,12 @@ def save_features(path: Path, key: str, rows: dict[str, np.ndarray]) -> None:
     ids = sorted(rows)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, key=np.array(key), ids=np.array(ids, dtype=str),
-                 x=np.stack([rows[i] for i in ids]).astype(np.float32) if ids else np.zeros((0, 0), np.float32))
+        np.savez(
+            f,
+            key=np.array(key),
+            ids=np.array(ids, dtype=str),
+            x=np.stack([rows[i] for i in ids]).astype(np.float32) if ids else np.zeros((0, 0), np.float32),
+        )
     tmp.replace(path)
 
 
@@ -228,8 +248,14 @@ def model_batch(cfg: ApaConfig) -> int:
 
 
 # --- one shard ---------------------------------------------------------------------------------------
-def train_shard(model: RecLM, init_state: dict[str, torch.Tensor], samples: list[Sample], cfg: ApaConfig,
-                k: int, progress: bool = True) -> TrainResult:
+def train_shard(
+    model: RecLM,
+    init_state: dict[str, torch.Tensor],
+    samples: list[Sample],
+    cfg: ApaConfig,
+    k: int,
+    progress: bool = True,
+) -> TrainResult:
     """Train shard k from the common init on ``samples`` (sorted by id), with the one training loop.
 
     The model holds the trained adapter afterwards."""
@@ -238,14 +264,23 @@ def train_shard(model: RecLM, init_state: dict[str, torch.Tensor], samples: list
     return train(model, model.encode(samples), cfg.train, shard_seed(cfg.seed, k), progress=progress)
 
 
-def shard_meta(cfg: ApaConfig, model: RecLM, k: int, samples: list[Sample], origin: str,
-               result: TrainResult) -> dict:
+def shard_meta(
+    cfg: ApaConfig, model: RecLM, k: int, samples: list[Sample], origin: str, result: TrainResult
+) -> dict:
     return {
-        "kind": "shard-adapter", "shard": k, "base_model": cfg.model.name, "base_fingerprint": model.fingerprint,
-        "config_digest": cfg.digest(*ADAPTER_SECTIONS), "partition": cfg.shards.partition,
-        "sample_ids": sorted(s.sample_id for s in samples), "n_samples": len(samples),
-        "lineage_sha256": lineage_of(samples), "train_seed": shard_seed(cfg.seed, k), "origin": origin,
-        "epochs_run": result.epochs_run, "train_seconds": result.seconds,
+        "kind": "shard-adapter",
+        "shard": k,
+        "base_model": cfg.model.name,
+        "base_fingerprint": model.fingerprint,
+        "config_digest": cfg.digest(*ADAPTER_SECTIONS),
+        "partition": cfg.shards.partition,
+        "sample_ids": sorted(s.sample_id for s in samples),
+        "n_samples": len(samples),
+        "lineage_sha256": lineage_of(samples),
+        "train_seed": shard_seed(cfg.seed, k),
+        "origin": origin,
+        "epochs_run": result.epochs_run,
+        "train_seconds": result.seconds,
     }
 
 
@@ -264,9 +299,18 @@ class Evaluation:
     seconds: dict
 
 
-def evaluate_shards(cfg: ApaConfig, model: RecLM, valid: list[Sample], test: list[Sample],
-                    va: list[Encoded], te: list[Encoded], f_va: np.ndarray | None, f_te: np.ndarray | None,
-                    states: list[dict[str, torch.Tensor]], progress: bool = True) -> Evaluation:
+def evaluate_shards(
+    cfg: ApaConfig,
+    model: RecLM,
+    valid: list[Sample],
+    test: list[Sample],
+    va: list[Encoded],
+    te: list[Encoded],
+    f_va: np.ndarray | None,
+    f_te: np.ndarray | None,
+    states: list[dict[str, torch.Tensor]],
+    progress: bool = True,
+) -> Evaluation:
     """Score every single adapter and every configured aggregation on the test samples."""
     bs = model_batch(cfg)
     y_te, users = [s.label for s in test], [s.user_id for s in test]
@@ -283,19 +327,29 @@ def evaluate_shards(cfg: ApaConfig, model: RecLM, valid: list[Sample], test: lis
         per_va = score_each(model, va, states, bs, progress)  # (M, K): the pool's errors, K passes
         seconds["valid_pool_scoring"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        omega = apa_weights(f_te, f_va, per_va, [s.label for s in valid], cfg.shards.neighbours,
-                            cfg.shards.tau, cfg.shards.error)
+        omega = apa_weights(
+            f_te,
+            f_va,
+            per_va,
+            [s.label for s in valid],
+            cfg.shards.neighbours,
+            cfg.shards.tau,
+            cfg.shards.error,
+        )
         seconds["weights"] = time.perf_counter() - t0
     for name in cfg.shards.aggregations:
         t0 = time.perf_counter()
-        probs = aggregate(model, name, te, states, omega=omega, per_adapter=per_te, batch_size=bs,
-                          progress=progress)
+        probs = aggregate(
+            model, name, te, states, omega=omega, per_adapter=per_te, batch_size=bs, progress=progress
+        )
         if name != "sisa":
             seconds[name] = time.perf_counter() - t0
         aggs[name] = binary_metrics(y_te, probs, users)
     metrics = {
-        "aggregations": aggs, "auc_by_aggregation": {k: v["auc"] for k, v in aggs.items()},
-        "single_shards": singles, "single_shard_mean_auc": float(np.mean([m["auc"] for m in singles])),
+        "aggregations": aggs,
+        "auc_by_aggregation": {k: v["auc"] for k, v in aggs.items()},
+        "single_shards": singles,
+        "single_shard_mean_auc": float(np.mean([m["auc"] for m in singles])),
     }
     if omega is not None:
         metrics["weights"] = {"mean": omega.mean(0).tolist(), "mean_max": float(omega.max(1).mean())}
@@ -320,15 +374,19 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         ledger.bind_source(cfg.data.source, cfg.data.path)
         pending = ledger.unfinished()
         if pending:
-            raise RunError(f"deletion request {pending['id']} is unfinished ({pending['status']}); "
-                           f"finish it first: privrec forget {run.path} --resume")
+            raise RunError(
+                f"deletion request {pending['id']} is unfinished ({pending['status']}); "
+                f"finish it first: privrec forget {run.path} --resume"
+            )
         tombstones = ledger.tombstones()
         # 2. data, then the model (the prompt builder needs the dataset's records)
         splits = setup_shard_data(cfg, tombstones)
         model, init_state = build_model(cfg, splits.dataset)
         run.write_config(cfg)
-        run.log(f"privrec shard-train -> {run.path} (model {cfg.model.name}, K={cfg.shards.k}, partition "
-                f"{cfg.shards.partition}, {len(tombstones)} tombstoned interactions)")
+        run.log(
+            f"privrec shard-train -> {run.path} (model {cfg.model.name}, K={cfg.shards.k}, partition "
+            f"{cfg.shards.partition}, {len(tombstones)} tombstoned interactions)"
+        )
         run.log(f"samples: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test")
 
         # 3. tokenise once; the frozen-layer cache once for every prompt (shared by all shards)
@@ -348,8 +406,15 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
 
         # 5. partition and train every shard from the common init
         t0 = time.perf_counter()
-        shards = partition(cfg.shards.partition, [s.sample_id for s in splits.train], cfg.shards.k, cfg.seed,
-                           features=f_tr, users=[s.user_id for s in splits.train], iters=cfg.shards.iters)
+        shards = partition(
+            cfg.shards.partition,
+            [s.sample_id for s in splits.train],
+            cfg.shards.k,
+            cfg.seed,
+            features=f_tr,
+            users=[s.user_id for s in splits.train],
+            iters=cfg.shards.iters,
+        )
         partition_seconds = time.perf_counter() - t0
         run.log(f"partition {cfg.shards.partition}: shard sizes {[len(s) for s in shards]}")
         by_id = {s.sample_id: s for s in splits.train}
@@ -370,8 +435,10 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             ledger.record_adapter(k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin)
             states.append(adapter_state(model.model))
             shard_seconds.append(res.seconds)
-            run.log(f"shard {k}: {len(samples)} samples, trained {res.seconds:.1f}s, "
-                    f"last loss {res.history[-1]['train_loss']:.4f}")
+            run.log(
+                f"shard {k}: {len(samples)} samples, trained {res.seconds:.1f}s, "
+                f"last loss {res.history[-1]['train_loss']:.4f}"
+            )
         _retire_extra_shards(run, ledger, cfg.shards.k, origin)
 
         # 6. the full-retrain baseline (not kept)
@@ -382,8 +449,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             t0 = time.perf_counter()
             probs = model.score(te, model_batch(cfg), progress)
             retrain = binary_metrics([s.label for s in splits.test], probs, [s.user_id for s in splits.test])
-            retrain.update(train_seconds=res.seconds, score_seconds=time.perf_counter() - t0,
-                           n_train=len(tr))
+            retrain.update(train_seconds=res.seconds, score_seconds=time.perf_counter() - t0, n_train=len(tr))
             run.log(f"full retrain: {len(tr)} samples, {res.seconds:.1f}s, test AUC {retrain['auc']:.4f}")
 
         # 7. score every aggregation
@@ -393,24 +459,39 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         metrics.update(ev.metrics)
         for single, ids in zip(metrics["single_shards"], shards):
             single["n_train"] = len(ids)
-        metrics.update({
-            "method": cfg.shards.primary, "partition": cfg.shards.partition, "k": cfg.shards.k,
-            "shards": [len(s) for s in shards], "retrain": retrain,
-            "n_train": len(splits.train), "n_valid": len(splits.valid), "n_test": len(splits.test),
-            "n_tombstoned_interactions": len(tombstones),
-            "train_seconds": float(sum(shard_seconds)), "shard_train_seconds": shard_seconds,
-            "cache_seconds": cache_seconds, "features_seconds": features_seconds,
-            "partition_seconds": partition_seconds, "score_seconds": ev.seconds,
-            "references": baselines.references(splits.dataset, splits.train, splits.test,
-                                               cfg.data.like_threshold, cfg.seed),
-            "model": cfg.model.name, "protocol": cfg.data.protocol,
-        })
+        metrics.update(
+            {
+                "method": cfg.shards.primary,
+                "partition": cfg.shards.partition,
+                "k": cfg.shards.k,
+                "shards": [len(s) for s in shards],
+                "retrain": retrain,
+                "n_train": len(splits.train),
+                "n_valid": len(splits.valid),
+                "n_test": len(splits.test),
+                "n_tombstoned_interactions": len(tombstones),
+                "train_seconds": float(sum(shard_seconds)),
+                "shard_train_seconds": shard_seconds,
+                "cache_seconds": cache_seconds,
+                "features_seconds": features_seconds,
+                "partition_seconds": partition_seconds,
+                "score_seconds": ev.seconds,
+                "references": baselines.references(
+                    splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed
+                ),
+                "model": cfg.model.name,
+                "protocol": cfg.data.protocol,
+            }
+        )
         from privrec.run import machine
 
         metrics["machine"] = machine()
         run.write_metrics(metrics)
-        run.log("test AUC: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["auc_by_aggregation"].items())
-                + f"; single shards mean {metrics['single_shard_mean_auc']:.4f}")
+        run.log(
+            "test AUC: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics["auc_by_aggregation"].items())
+            + f"; single shards mean {metrics['single_shard_mean_auc']:.4f}"
+        )
         ledger.close()
         return metrics
 
@@ -420,9 +501,11 @@ def _reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, 
     if not (folder / "adapter_model.safetensors").is_file():
         return None
     state, meta = read_adapter(folder)
-    same = (meta.get("config_digest") == cfg.digest(*ADAPTER_SECTIONS)
-            and meta.get("lineage_sha256") == lineage_of(samples)
-            and meta.get("sample_ids") == sorted(s.sample_id for s in samples))
+    same = (
+        meta.get("config_digest") == cfg.digest(*ADAPTER_SECTIONS)
+        and meta.get("lineage_sha256") == lineage_of(samples)
+        and meta.get("sample_ids") == sorted(s.sample_id for s in samples)
+    )
     return state if same else None
 
 
@@ -433,4 +516,3 @@ def _retire_extra_shards(run: RunDir, ledger: Ledger, k: int, origin: str) -> No
             shutil.rmtree(folder)
             ledger.record_adapter(j, None, None, 0, origin)
             run.log(f"shard {j}: removed (run now has K={k})")
-
