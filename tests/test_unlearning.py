@@ -253,6 +253,13 @@ def test_verify_passes_then_fails_on_tampering(forgotten, tmp_path, capsys):
     code, out, _ = cli(capsys, "forget", str(run), "--verify")
     assert code == 1 and "altered" in out
 
+    path.write_text(json.dumps(cert))  # 4. a stray copy of a shard: shards must stay disjoint
+    code, out, _ = cli(capsys, "forget", str(run), "--verify")
+    assert code == 0, out
+    shutil.copytree(folder, run / "adapters" / "shard-9")
+    code, out, _ = cli(capsys, "forget", str(run), "--verify")
+    assert code == 1 and "in two shards" in out and "not recorded in the ledger" in out
+
 
 def test_tombstoned_samples_stay_out_of_later_training(forgotten, victim, ctx, tmp_path, capsys):
     _, universe, splits = ctx
@@ -326,3 +333,14 @@ def test_cli_errors_are_one_line_exit_2(trained, tmp_path, capsys):
         assert code == 2, argv
         assert msg in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not Ledger(run / "ledger.sqlite", create=False).requests()  # nothing was recorded
+
+
+def test_shard_train_resume_keeps_finished_shards_and_retrains_the_missing_one(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    shutil.rmtree(run / "adapters" / "shard-3")  # as if killed before shard 3 was saved
+    code, _, _ = cli(capsys, "shard-train", APA_TINY, "--out", str(run), "--resume")
+    assert code == 0
+    log = (run / "log.txt").read_text()
+    assert log.count("kept (resume)") == 3
+    assert tensor_bytes(run) == tensor_bytes(trained)  # shard 3 retrained bit-identically (seeded)
+    assert cli(capsys, "forget", str(run), "--verify")[0] == 0

@@ -18,11 +18,12 @@ finished by ``privrec forget RUN --resume`` and is never applied twice:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,17 @@ def _open(run_path: str | Path) -> _Run:
     ledger.bind_source(cfg.data.source, cfg.data.path)
     ds, universe, splits = source_data(cfg)
     return _Run(run, cfg, ledger, ds, universe, splits)
+
+
+@contextlib.contextmanager
+def _session(run_path: str | Path) -> Iterator[_Run]:
+    """The run, locked for this command, its ledger closed at the end."""
+    with run_lock(Path(run_path)):
+        r = _open(run_path)
+        try:
+            yield r
+        finally:
+            r.ledger.close()
 
 
 def parse_users(text: str) -> list[int]:
@@ -171,8 +183,7 @@ def run_forget(
     if (users is None) == (samples_file is None):
         raise UserError("give exactly one of --users or --samples")
     sample_ids = read_sample_ids(samples_file) if samples_file is not None else None
-    with run_lock(Path(run_path)):
-        r = _open(run_path)
+    with _session(run_path) as r:
         unfinished = r.ledger.unfinished()
         if unfinished:
             raise RunError(
@@ -234,8 +245,7 @@ def run_forget(
 
 def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None) -> dict | None:
     """Finish the unfinished request of a run, if any; returns its certificate (None: nothing to do)."""
-    with run_lock(Path(run_path)):
-        r = _open(run_path)
+    with _session(run_path) as r:
         req = r.ledger.unfinished()
         if req is None:
             return None
@@ -403,8 +413,7 @@ def run_verify(run_path: str | Path) -> dict:
     of its removed samples is in any current lineage; every shard it certified still holds the adapter it
     certified, unless the ledger shows a later install of that shard.
     """
-    with run_lock(Path(run_path)):
-        r = _open(run_path)
+    with _session(run_path) as r:
         tomb = r.ledger.tombstones()
         latest = r.ledger.latest_adapters()
         folders = shard_folders(r.run)
@@ -428,7 +437,17 @@ def run_verify(run_path: str | Path) -> dict:
                     }
                 )
         current = {c["shard"]: c["tensors_sha256"] for c in adapters}
-        lineage_ids = {i for f in folders.values() for i in read_adapter(f)[1].get("sample_ids", [])}
+        owners: dict[str, list[int]] = {}
+        for k, f in folders.items():
+            for i in read_adapter(f)[1].get("sample_ids", []):
+                owners.setdefault(i, []).append(k)
+        shared = sorted(i for i, ks in owners.items() if len(ks) > 1)
+        if shared:  # shards are a partition: e.g. an interrupted re-partition left old shards beside new ones
+            adapters.append({"shard": "all", "ok": False, "tensors_sha256": None, "lineage_sha256": None,
+                             "n_samples": len(owners), "problems": [
+                                 f"{len(shared)} samples are in two shards (e.g. {shared[0]}): rerun "
+                                 "shard-train --resume"]})
+        lineage_ids = set(owners)
 
         certificates = []
         known = set()

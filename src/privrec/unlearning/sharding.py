@@ -426,6 +426,12 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             kept = _reusable(folder, cfg, samples) if resume else None
             if kept is not None:
                 run.log(f"shard {k}: kept (resume), {len(samples)} samples")
+                _, meta = read_adapter(folder)
+                if (ledger.latest_adapters().get(k) or {}).get("tensors_sha256") != meta["tensors_sha256"]:
+                    # saved just before an interruption, never recorded: record it now
+                    ledger.record_adapter(
+                        k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin
+                    )
                 states.append(kept)
                 shard_seconds.append(0.0)
                 continue
