@@ -27,6 +27,7 @@ Each step rewrites only its own marked section of the output file.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import shutil
@@ -115,6 +116,7 @@ def shard_run(args, name: str) -> dict:
     m = run_shard_train(cfg, out, progress=not args.no_progress)
     m["wall_seconds"] = time.perf_counter() - t0
     RunDir(out).write_metrics(m)
+    gc.collect()  # the run's model and in-memory frozen cache go before the next run loads its own
     return m
 
 
