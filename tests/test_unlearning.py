@@ -344,3 +344,16 @@ def test_shard_train_resume_keeps_finished_shards_and_retrains_the_missing_one(t
     assert log.count("kept (resume)") == 3
     assert tensor_bytes(run) == tensor_bytes(trained)  # shard 3 retrained bit-identically (seeded)
     assert cli(capsys, "forget", str(run), "--verify")[0] == 0
+
+
+def test_forgetting_a_whole_shard_retires_it(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    ids = metas(run)[0]["sample_ids"]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    assert cli(capsys, "forget", str(run), "--samples", str(tmp_path / "ids.txt"))[0] == 0
+    assert sorted(metas(run)) == [1, 2, 3]  # no data left to train shard 0: it is gone, not kept
+    after = {a["shard"]: a for a in certificate(run)["body"]["adapters"]}
+    assert after[0]["after"] is None and after[0]["n_after"] == 0 and not after[0]["unchanged"]
+    affected = certificate(run)["body"]["affected_shards"]
+    assert 0 in affected and all(after[k]["unchanged"] == (k not in affected) for k in (1, 2, 3))
+    assert cli(capsys, "forget", str(run), "--verify")[0] == 0
