@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=int, default=None,
                    help="score only the N most popular unseen items (default: all)")
 
+    p = sub.add_parser("shard-train", help="train one LoRA adapter per shard (APA, SISA, RecEraser-style) "
+                       "and score every aggregation")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
+
+    p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a shard-train run")
+    p.add_argument("run", help="shard-train run directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--users", help="comma-separated user ids, e.g. 12,40")
+    g.add_argument("--samples", metavar="FILE", help="file with one sample id (u<user>-i<item>) per line")
+    g.add_argument("--resume", action="store_true", help="finish an interrupted request")
+    g.add_argument("--verify", action="store_true", help="re-check every certificate against the adapters")
+
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--markdown", action="store_true")
@@ -91,6 +105,8 @@ def _dispatch(args) -> int:
 
         print(render([args.out]))
         return 0
+    if args.command in ("shard-train", "forget"):
+        return _dispatch_unlearning(args, progress)
     from privrec import run
 
     if args.command == "evaluate":
@@ -102,6 +118,51 @@ def _dispatch(args) -> int:
             print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
         return 0
     raise AssertionError(args.command)
+
+
+def _dispatch_unlearning(args, progress: bool) -> int:
+    if args.command == "shard-train":
+        from privrec.config import load_config
+        from privrec.unlearning.sharding import ApaConfig, run_shard_train
+
+        m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume,
+                            progress)
+        rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}
+        rows["single shards (mean)"] = m["single_shard_mean_auc"]
+        if m.get("retrain"):
+            rows["full retrain"] = m["retrain"]["auc"]
+        print(f"test AUC (n={m['n_test']}), shards {m['shards']} ({m['partition']}):")
+        for name, v in rows.items():
+            print(f"  {name:<28} {v:.4f}")
+        return 0
+    from privrec.unlearning import forget
+
+    if args.verify:
+        report = forget.run_verify(args.run)
+        for a in report["adapters"]:
+            print(f"adapter shard {a['shard']}: {'ok' if a['ok'] else 'FAILED: ' + '; '.join(a['problems'])}")
+        for c in report["certificates"]:
+            print(f"certificate {c['request']}: {'ok' if c['ok'] else 'FAILED: ' + '; '.join(c['problems'])}")
+        print("verified: all checks passed" if report["ok"] else "verification FAILED")
+        return 0 if report["ok"] else 1
+    if args.resume:
+        cert = forget.run_resume(args.run, progress)
+        if cert is None:
+            print("nothing to resume: every request is done")
+            return 0
+    else:
+        users = forget.parse_users(args.users) if args.users is not None else None
+        cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress)
+        if cert.get("noop"):
+            print(cert["message"])
+            return 0
+    print(json.dumps(cert, indent=1))
+    body, rec = cert["body"], cert["record"]
+    print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, retrained "
+          f"shards {body['affected_shards']} in {rec['retrain_seconds']:.1f}s (request to certificate "
+          f"{rec['wall_seconds']:.1f}s); certificate {args.run}/certificates/{body['request']['id']}.json",
+          file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

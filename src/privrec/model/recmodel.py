@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,18 @@ class FrozenCache:
             torch.save(value, tmp)
             tmp.replace(p)
 
+    def discard(self, key: str) -> bool:
+        """Drop one prompt's entry from memory and disk (e.g. the prompt of a deleted sample).
+
+        Returns whether anything was removed."""
+        found = self.mem.pop(key, None) is not None
+        if self.dir is not None:
+            p = self._path(key)
+            if p.is_file():
+                p.unlink()
+                found = True
+        return found
+
 
 @contextlib.contextmanager
 def _layer_window(inner: nn.Module, start: int, end: int):
@@ -135,6 +148,9 @@ class RecLM:
         self._fingerprint: str | None = None
         self._encoded: dict[str, tuple[int, ...]] = {}
         self.lora_config = None
+        # Called with every batch right before its forward: per-batch state that the layers read, such as
+        # per-sample adapter mixture weights (privrec.model.mixture). Empty by default.
+        self.batch_hooks: list[Callable[[Batch], None]] = []
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -279,16 +295,53 @@ class RecLM:
         z = h @ w.T  # (B, 2)
         return z[:, 0] - z[:, 1]
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """The one forward: (B,) fp32 z_yes - z_no for a batch (grad flows into trainable LoRA weights)."""
+    def _last_state(self, batch: Batch) -> torch.Tensor:
+        """(B, H) last decoder layer's output at each prompt's last real token (before the final norm)."""
+        for hook in self.batch_hooks:
+            hook(batch)
         if batch.hidden is not None:
             h = self._run_layers(self.cut, self.n_layers, hidden=batch.hidden,
                                  attention_mask=batch.attention_mask)
         else:
             h = self._run_layers(0, self.n_layers, input_ids=batch.input_ids,
                                  attention_mask=batch.attention_mask)
-        h_last = h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
-        return self._head(h_last)
+        return h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The one forward: (B,) fp32 z_yes - z_no for a batch (grad flows into trainable LoRA weights)."""
+        return self._head(self._last_state(batch))
+
+    @torch.no_grad()
+    def last_hidden(self, items: list[Encoded], at: str = "final", batch_size: int = 16,
+                    progress: bool = True) -> np.ndarray:
+        """(N, H) fp32 hidden state at each prompt's last real token, in input order.
+
+        ``at="final"``: the last decoder layer's output after the final norm (what HF returns as the last
+        hidden state), computed with the model as it is: wrap the call in :meth:`adapter_disabled` for the
+        untuned model. ``at="cut"``: the frozen bottom layers' output read from the frozen-layer cache (no
+        LoRA there, so it is the untuned model's by construction; needs a cache).
+        """
+        if at not in ("final", "cut"):
+            raise ValueError(f"at must be 'final' or 'cut', got {at!r}")
+        if not items:
+            return np.zeros((0, self._inner().norm.weight.shape[0]), dtype=np.float32)
+        self.prepare(items, batch_size, progress)
+        if at == "cut":
+            if self.cut == 0:
+                raise ValueError("at='cut' needs the frozen-layer cache (lora.top_layers with cache_frozen)")
+            assert self.cache is not None
+            return np.stack([self.cache.get(e.key)[-1].float().numpy() for e in items]).astype(np.float32)
+        was_training = self.model.training
+        self.model.eval()
+        out = np.zeros((len(items), self._inner().norm.weight.shape[0]), dtype=np.float32)
+        try:
+            batches = self.length_batches(items, batch_size)
+            for idx in _progress(batches, len(batches), "hidden states", progress):
+                h = self._inner().norm(self._last_state(self.collate([items[i] for i in idx])).float())
+                out[idx] = h.cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
 
     @torch.no_grad()
     def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> None:

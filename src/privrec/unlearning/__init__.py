@@ -1,0 +1,1 @@
+"""Machine unlearning: sharded exact unlearning (APA, SISA, RecEraser-style) and approximate unlearning."""

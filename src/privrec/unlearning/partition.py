@@ -1,0 +1,191 @@
+"""Partitioners: split training samples into K disjoint shards, one adapter per shard (METHODS §4, §6).
+
+Pure functions over arrays; every one returns a label per sample (``labels[i]`` = shard of sample i) and is
+deterministic for a given ``seed``. :func:`partition` turns labels into shards of sample ids.
+
+- ``semantic`` (APA, METHODS §4): k-means on the untuned model's hidden states into K centres; then every
+  (sample, centre) pair is sorted by cosine distance, ascending, and walked once: a sample goes to a centre
+  when it is still unassigned and the centre's shard holds fewer than ``t = ceil(n / K)`` samples.
+- ``kmeans-balanced`` (GraphEraser-style BEKM): the same capacity-bounded walk, with Euclidean distance,
+  repeated inside the k-means loop (centres = means of the balanced shards) until the shards stop changing.
+- ``random`` (SISA, METHODS §6): a seeded permutation dealt round-robin.
+- ``user`` (RecEraser-style, METHODS §6): whole users per shard. Users are embedded by the mean hidden
+  state of their samples, K random users are the anchors, and users (weighted by their sample counts) are
+  assigned by the capacity-bounded walk around the anchors, anchors updated as shard means, a few rounds;
+  without features, users are dealt largest-first to the least-loaded shard. A user never spans two
+  shards, so deleting a user retrains exactly one adapter; the price is that shards can exceed
+  ``ceil(n / K)`` by less than one user's sample count.
+
+The first three are balanced: every shard holds at most ``ceil(n / K)`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["semantic", "random", "user", "kmeans-balanced"]
+KINDS: tuple[str, ...] = ("semantic", "random", "user", "kmeans-balanced")
+
+
+def capacity(n: int, k: int) -> int:
+    """t = ceil(n / K), the most samples a balanced shard may hold."""
+    return math.ceil(n / k)
+
+
+def balanced_assign(dist: np.ndarray, cap: int, sizes: np.ndarray | None = None) -> np.ndarray:
+    """Capacity-bounded greedy walk over (row, centre) pairs sorted by distance, ascending.
+
+    Row i goes to centre c at the first pair (i, c) where i is unassigned and ``load[c] + sizes[i] <= cap``.
+    Rows that fit nowhere (only possible with unequal sizes) go, largest first, to the least-loaded centre.
+
+    Args:
+        dist: (n, K) distances. cap: capacity per centre, in units of ``sizes`` (default 1 per row).
+    Returns:
+        (n,) int labels.
+    """
+    n, k = dist.shape
+    sizes = np.ones(n, dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(dist.ravel(), kind="stable")  # pairs (i, c) flattened as i * K + c
+    labels = np.full(n, -1, dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    left = n
+    for flat in order:
+        i, c = divmod(int(flat), k)
+        if labels[i] >= 0 or load[c] + sizes[i] > cap:
+            continue
+        labels[i] = c
+        load[c] += sizes[i]
+        left -= 1
+        if left == 0:
+            break
+    for i in sorted(np.flatnonzero(labels < 0), key=lambda i: (-sizes[i], i)):
+        c = int(np.argmin(load))
+        labels[i] = c
+        load[c] += sizes[i]
+    return labels
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def cosine_distance(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(n, K) 1 - cos(x_i, c_k)."""
+    return 1.0 - _unit(x) @ _unit(centres).T
+
+
+def euclidean_distance(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(n, K) ||x_i - c_k||_2."""
+    d2 = (x * x).sum(1)[:, None] - 2 * x @ centres.T + (centres * centres).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def random_labels(n: int, k: int, seed: int) -> np.ndarray:
+    """SISA: a seeded permutation dealt round-robin (shard sizes differ by at most one)."""
+    labels = np.empty(n, dtype=np.int64)
+    labels[np.random.default_rng([seed, 11]).permutation(n)] = np.arange(n) % k
+    return labels
+
+
+def semantic_labels(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """APA's balanced semantic-aware partition: k-means centres, then one cosine-sorted capacity walk."""
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float64)
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
+    return balanced_assign(cosine_distance(x, km.cluster_centers_), capacity(len(x), k))
+
+
+def kmeans_balanced_labels(features: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    """GraphEraser-style balanced k-means: the capacity walk inside every k-means round (Euclidean)."""
+    x = np.asarray(features, dtype=np.float64)
+    rng = np.random.default_rng([seed, 13])
+    centres = x[rng.choice(len(x), size=k, replace=False)]
+    cap = capacity(len(x), k)
+    labels = balanced_assign(euclidean_distance(x, centres), cap)
+    for _ in range(iters):
+        centres = np.stack([x[labels == c].mean(0) for c in range(k)])
+        new = balanced_assign(euclidean_distance(x, centres), cap)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def user_labels(
+    users: Sequence[int], k: int, seed: int, features: np.ndarray | None = None, iters: int = 10
+) -> np.ndarray:
+    """RecEraser-style: whole users per shard, balanced in samples as far as whole users allow."""
+    users = np.asarray(users)
+    uniq, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+    if len(uniq) < k:
+        raise ValueError(f"user partition needs at least K={k} users, got {len(uniq)}")
+    cap = capacity(len(users), k)
+    if features is None:
+        order = np.random.default_rng([seed, 17]).permutation(len(uniq))
+        order = sorted(order, key=lambda u: -counts[u])  # largest first (stable: ties keep the shuffle)
+        load = np.zeros(k, dtype=np.int64)
+        ulab = np.zeros(len(uniq), dtype=np.int64)
+        for u in order:
+            c = int(np.argmin(load))
+            ulab[u], load[c] = c, load[c] + counts[u]
+        return ulab[inverse]
+    x = np.asarray(features, dtype=np.float64)
+    emb = np.zeros((len(uniq), x.shape[1]))
+    np.add.at(emb, inverse, x)
+    emb /= counts[:, None]
+    anchors = emb[np.random.default_rng([seed, 19]).choice(len(uniq), size=k, replace=False)]
+    ulab = balanced_assign(euclidean_distance(emb, anchors), cap, counts)
+    for _ in range(iters):
+        anchors = np.stack([np.average(emb[ulab == c], axis=0, weights=counts[ulab == c]) for c in range(k)])
+        new = balanced_assign(euclidean_distance(emb, anchors), cap, counts)
+        if np.array_equal(new, ulab):
+            break
+        ulab = new
+    return ulab[inverse]
+
+
+def partition(
+    kind: Kind,
+    sample_ids: Sequence[str],
+    k: int,
+    seed: int,
+    features: np.ndarray | None = None,
+    users: Sequence[int] | None = None,
+    iters: int = 25,
+) -> list[list[str]]:
+    """K disjoint shards of ``sample_ids`` covering all of them (ids sorted within a shard).
+
+    Raises:
+        ValueError: K < 1, more shards than samples, duplicate ids, a missing input the kind needs, or an
+            empty shard.
+    """
+    ids = list(sample_ids)
+    n = len(ids)
+    if k < 1 or k > n:
+        raise ValueError(f"cannot cut {n} samples into K={k} shards")
+    if len(set(ids)) != n:
+        raise ValueError("sample ids must be unique to be partitioned")
+    if kind in ("semantic", "kmeans-balanced") and (features is None or len(features) != n):
+        raise ValueError(f"partition {kind!r} needs one feature row per sample")
+    if kind == "user" and (users is None or len(users) != n):
+        raise ValueError("partition 'user' needs the user id of every sample")
+    if kind == "random":
+        labels = random_labels(n, k, seed)
+    elif kind == "semantic":
+        labels = semantic_labels(features, k, seed)
+    elif kind == "kmeans-balanced":
+        labels = kmeans_balanced_labels(features, k, seed, iters)
+    elif kind == "user":
+        labels = user_labels(users, k, seed, features, iters)
+    else:
+        raise ValueError(f"unknown partition {kind!r}; choose one of {', '.join(KINDS)}")
+    shards = [sorted(ids[i] for i in np.flatnonzero(labels == c)) for c in range(k)]
+    empty = [c for c, s in enumerate(shards) if not s]
+    if empty:
+        raise ValueError(f"partition {kind!r} left shard {empty[0]} empty")
+    return shards
