@@ -115,7 +115,7 @@ def test_forget_user_clears_every_lineage_and_touches_only_affected_shards(
     assert held, "the victim must be in some shard"
     tomb = Ledger(forgotten / "ledger.sqlite", create=False).tombstones()
     assert tomb == {(victim, int(i)) for i in ml100k.inter[ml100k.inter.user_id == victim].item_id}
-    for k, m in after.items():
+    for m in after.values():
         assert not any(universe[i].user_id == victim for i in m["sample_ids"])
         assert not any(shows_tombstoned(universe[i], tomb) for i in m["sample_ids"])
     old_bytes, new_bytes = tensor_bytes(trained), tensor_bytes(forgotten)
