@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=int, default=None,
                    help="score only the N most popular unseen items (default: all)")
 
+    p = sub.add_parser("federate", help="federated LoRA tuning: PPLR, FedAvg, FedProx, local, centralised; "
+                       "FedABC loss; executed layer split")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--runner", choices=["in-process", "flower"], default="in-process",
+                   help="in-process (default) or a Flower simulation (needs the `federated` extra)")
+
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--markdown", action="store_true")
@@ -90,6 +97,29 @@ def _dispatch(args) -> int:
         from privrec.report import render
 
         print(render([args.out]))
+        return 0
+    if args.command == "federate":
+        from privrec.config import load_config
+        from privrec.federated.config import FederatedConfig
+
+        cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
+        if args.runner == "flower":
+            from privrec.federated.flower_app import check_flower_config
+
+            check_flower_config(cfg)
+            try:
+                from privrec.federated.flower_app import run_flower_simulation
+            except ImportError as e:
+                raise UserError(f"--runner flower needs the federated extra (pip install -e '.[federated]'): "
+                                f"{e}") from None
+            m = run_flower_simulation(cfg, args.out, progress)
+        else:
+            from privrec.federated.runner import run_federate
+
+            m = run_federate(cfg, args.out, progress=progress)
+        from privrec.federated.runner import render_summary
+
+        print(render_summary(m))
         return 0
     from privrec import run
 

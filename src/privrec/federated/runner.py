@@ -26,7 +26,6 @@ import numpy as np
 
 from privrec import baselines
 from privrec.data import Sample, Splits
-from privrec.errors import UserError
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
 from privrec.federated.partition import client_samples, partition_users
@@ -304,6 +303,9 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     activation_bytes = sum(r["bytes"]["activations"] for r in rounds)
     sp = fed.splits
     metrics.update({
+        "auc": metrics["overall"]["auc"], "logloss": metrics["overall"]["logloss"],
+        "accuracy": metrics["overall"]["accuracy"], "n_test": len(fed.splits.test),
+        "method": f"federated {f.strategy}" + (" + fedabc" if f.loss == "fedabc" else ""),
         "strategy": f.strategy, "loss": f.loss, "partition": f.partition, "n_clients": f.clients,
         "runner": runner, "rounds": rounds, "failures": failures,
         "bytes_per_round": [r["bytes"] for r in rounds],
@@ -312,7 +314,7 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
         "total_parameters": counts["total"], "client_parameter_share": counts["client"] / counts["total"],
         "train_seconds": train_seconds, "seconds_per_round": train_seconds / max(1, len(rounds)),
         "samples_seen": seen, "peak_rss_mb": peak_rss_mb(),
-        "n_train": len(sp.train), "n_valid": len(sp.valid), "n_test": len(sp.test),
+        "n_train": len(sp.train), "n_valid": len(sp.valid),
         "references": baselines.references(sp.dataset, sp.train, sp.test, cfg.data.like_threshold, cfg.seed),
         "model": cfg.model.name, "protocol": cfg.data.protocol, "machine": machine(),
     })
@@ -323,10 +325,19 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     return metrics
 
 
-def check_runner_config(cfg: FederatedConfig) -> None:
-    """Raises: UserError for settings the Flower app does not run."""
-    if cfg.federated.strategy == "centralised":
-        raise UserError("the centralised reference pools every client's data: run it in-process")
-    if cfg.federated.split is not None:
-        raise UserError("federated.split runs in-process only (the server's layers need a synchronous channel "
-                        "inside each training step, which Flower's round messages do not give)")
+def render_summary(m: dict) -> str:
+    """A few lines for the terminal: overall, balance, per-client AUC, costs."""
+    o, b = m["overall"], m["balance"]
+    lines = [f"{m['strategy']}{' + fedabc' if m['loss'] == 'fedabc' else ''} ({m['runner']}): test AUC "
+             f"{o['auc']:.4f}, logloss {o['logloss']:.4f}, accuracy {o['accuracy']:.4f} (n={o['n']})",
+             f"per-client AUC: std {b['std']:.4f}, min {b['min']:.4f}, gap {b['gap']:.4f}"]
+    lines += [f"  client {c['client']}: n_train {c['n_train']}, n_test {c['n_test']}, AUC "
+              + ("-" if c["auc"] is None or c["auc"] != c["auc"] else f"{c['auc']:.4f}") for c in m["clients"]]
+    lines.append(f"client parameters {m['client_parameters']:,} of {m['total_parameters']:,} "
+                 f"({100 * m['client_parameter_share']:.1f}%); {m['seconds_per_round']:.1f}s per round"
+                 + (f"; {m['bytes_per_training_sample']:,.0f} split bytes per training sample"
+                    if m.get("bytes_per_training_sample") else ""))
+    if m["failures"]:
+        lines.append(f"{len(m['failures'])} client failure(s): " + "; ".join(
+            f"round {x['round']} client {x['client']}" for x in m["failures"]))
+    return "\n".join(lines)

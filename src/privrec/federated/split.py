@@ -41,7 +41,10 @@ def layer_index(name: str) -> int | None:
 def encode_message(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or {})
+    meta = dict(meta or {})
+    if not tensors:
+        meta["empty"] = "1"  # safetensors writes a malformed header for no tensors and no metadata
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or None)
 
 
 def decode_message(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
