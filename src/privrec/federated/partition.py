@@ -86,7 +86,10 @@ def kmeans_partition(embeddings: dict[int, np.ndarray], n_clients: int, seed: in
     users = sorted(embeddings)
     X = np.stack([embeddings[u] for u in users])  # (U, d)
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    labels = KMeans(n_clusters=n_clients, n_init=10, random_state=seed).fit_predict(X)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # the same assignment whatever the machine's thread count
+        labels = KMeans(n_clusters=n_clients, n_init=10, random_state=seed).fit_predict(X)
     # Number clients by size (largest = client 0), so client ids do not depend on k-means' label order.
     sizes = Counter(labels.tolist())
     rank = {lab: r for r, (lab, _) in enumerate(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])))}
