@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_model, tiny_config
+from fed_helpers import restore_threads  # noqa: F401 (autouse fixture)
 from privrec.federated.fedabc import fedabc_plan, select_balanced, stratified_batches
 from privrec.model.recmodel import Encoded
 
@@ -82,7 +83,7 @@ def test_one_label_client_trains_on_everything():
 def test_fedabc_plan_drives_the_shared_training_loop(ml100k, tiny_splits):
     from privrec.train import train
 
-    cfg = tiny_config(train={"epochs": 2, "batch_size": 4})
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 4}, model={"threads": 1})
     m = make_model(cfg, ml100k)
     items = m.encode(tiny_splits.train[:40])
     labels = [e.label for e in items]

@@ -12,8 +12,9 @@ reply; it is left out of that round's aggregation and the run goes on, as in-pro
 
 - Simulation: :func:`run_flower_simulation` (``flwr.simulation.run_simulation``); ``privrec federate CONFIG
   --out DIR --runner flower``.
-- Across machines: ``server_app`` / ``client_app`` below are the objects a ``pyproject.toml`` names for
-  ``flwr run``; see docs/federated.md (SuperLink, SuperNodes, what crosses the network).
+- Across machines: ``privrec.federated.flower_deploy:server_app`` / ``:client_app`` are what
+  ``flower/pyproject.toml`` names for ``flwr run``; see docs/federated.md (SuperLink, SuperNodes, what
+  crosses the network).
 
 The executed layer split and the centralised reference run in-process only (see ``check_flower_config``).
 """
@@ -267,10 +268,10 @@ def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool 
     return result
 
 
-# Module-level apps for `flwr run` across machines (docs/federated.md), built on first access so that
-# importing this module does not import flwr. The ServerApp reads the config path, `;`-separated overrides,
-# output folder and timeout from the run config ([tool.flwr.app.config] in the Flower app's pyproject).
-def _server_from_run_config():
+# The apps `flwr run` loads (docs/federated.md) are instantiated in privrec.federated.flower_deploy, so
+# importing this module does not need flwr. The ServerApp reads the config path, `;`-separated overrides,
+# output folder and reply timeout from the run config ([tool.flwr.app.config] in flower/pyproject.toml).
+def server_app_from_run_config():
     from flwr.serverapp import ServerApp
 
     from privrec.config import load_config
@@ -289,14 +290,3 @@ def _server_from_run_config():
                          grid, fed, float(rc.get("timeout", 3600))))
 
     return app
-
-
-_APPS: dict[str, object] = {}
-
-
-def __getattr__(name: str):
-    if name in ("server_app", "client_app"):
-        if name not in _APPS:
-            _APPS[name] = _server_from_run_config() if name == "server_app" else make_client_app()
-        return _APPS[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
