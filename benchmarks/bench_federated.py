@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import multiprocessing as mp
 import re
 import sys
@@ -75,16 +76,16 @@ def run_once(name: str, overrides: list[str], runs: Path, progress: bool) -> dic
     """One federate run directory per row; reused when it already holds metrics for the same config."""
     cfg = config(overrides)
     out = runs / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file():
-        if load_config(out / CONFIG_FILE, cls=FederatedConfig).digest() == cfg.digest():
-            print(f"{name}: reusing {out}", file=sys.stderr)
-            return json.loads((out / METRICS_FILE).read_text())
+    done = (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file()
+    if done and load_config(out / CONFIG_FILE, cls=FederatedConfig).digest() == cfg.digest():
+        print(f"{name}: reusing {out}", file=sys.stderr)
+        return json.loads((out / METRICS_FILE).read_text())
     print(f"{name}: running -> {out}", file=sys.stderr)
     return run_federate(cfg, out, progress=progress)
 
 
 def fmt(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{v:.3f}"
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
 # --- the results table ----------------------------------------------------------------------------------
@@ -159,9 +160,9 @@ def results_table(runs: Path, progress: bool) -> str:
              "for the same rounds x epochs.")
     body = "\n".join([
         "### Federated LLMRec: quality and balance across clients (METHODS §2, §3)", "",
-        f"Config `{Path(ARGS.config).name}`{' with ' + ' '.join(ARGS.set) if ARGS.set else ''}; command "
+        (f"Config `{Path(ARGS.config).name}`{' with ' + ' '.join(ARGS.set) if ARGS.set else ''}; command "
         f"`python benchmarks/bench_federated.py table`; machine: "
-        f"{machine()}; wall time {time.perf_counter() - t0:.0f}s.", "", sizes, "",
+        f"{machine()}; wall time {time.perf_counter() - t0:.0f}s."), "", sizes, "",
         *lines, "",
         "![per-client AUC by method](img/federated_client_auc.png)",
     ])
@@ -186,11 +187,10 @@ def _reset_peak() -> bool:
         return False
 
 
-def _train_steps(model, cfg, n: int, seed: int = 0) -> None:
-    from privrec.run import setup_data
+def _train_steps(model, cfg, items, seed: int = 0) -> None:
+    """One epoch over ``items`` (tokenised beforehand), filling the frozen cache first."""
     from privrec.train import train
 
-    items = model.encode(setup_data(cfg).train[:n])
     model.prepare(items, cfg.train.eval_batch_size, progress=False)
     train(model, items, cfg.train.model_copy(update={"epochs": 1, "checkpoint": False}), seed, progress=False)
 
@@ -203,11 +203,14 @@ def _whole_worker(cfg_yaml: str, q) -> None:
     from privrec.run import setup_data
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
-    model = build_model(cfg, setup_data(cfg))
+    splits = setup_data(cfg)
+    model = build_model(cfg, splits)
+    items = model.encode(splits.train[:MEMORY_SAMPLES])
+    del splits
     gc.collect()
     ok = _reset_peak()
     rss0 = _status_kb("VmRSS")
-    _train_steps(model, cfg, MEMORY_SAMPLES)
+    _train_steps(model, cfg, items)
     q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok})
 
 
@@ -236,7 +239,10 @@ def _client_worker(cfg_yaml: str, conn, q) -> None:
     from privrec.run import setup_data
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
-    model = build_model(cfg, setup_data(cfg))
+    splits = setup_data(cfg)
+    model = build_model(cfg, splits)
+    items = model.encode(splits.train[:MEMORY_SAMPLES])
+    del splits
     inner = model._inner()
     for i in range(model.split_first, model.n_layers - model.split_last):
         inner.layers[i] = torch.nn.Identity()  # the middle layers live on the server only
@@ -252,7 +258,7 @@ def _client_worker(cfg_yaml: str, conn, q) -> None:
     ok = _reset_peak()
     rss0 = _status_kb("VmRSS")
     held = sum(p.numel() for p in model.model.parameters())
-    _train_steps(model, cfg, MEMORY_SAMPLES)
+    _train_steps(model, cfg, items)
     conn.send(None)
     q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok,
            "parameters_held": held, "bytes": model.channel.total_bytes})
@@ -286,27 +292,27 @@ def split_table(runs: Path, progress: bool) -> str:
         ("split-cost-unsplit-cached", f"unsplit, frozen bottom layers cached (top {L} tuned; the fast path)", []),
         ("split-cost-unsplit-nocache", "unsplit, no cache (the split's compute, without the channel)",
          ["lora.cache_frozen=false"]),
-        ("split-cost-split", "split k=2 / m=1 (the client caches its 2 bottom layers; the server runs the "
-         "middle layers every step)", SPLIT),
+        ("split-cost-split", ("split k=2 / m=1 (the client caches its 2 bottom layers; the server runs the "
+         "middle layers every step)"), SPLIT),
     ]
     runs_m = [(row, run_once(d, SPLIT_SIZES + ov, runs, progress)) for d, row, ov in variants]
     whole_mem, client_mem = measure_memory(SPLIT)
     s = runs_m[2][1]
     lines = [
         "| | client (split) | whole model | client / whole |", "|---|---|---|---|",
-        f"| parameters (base + LoRA) | {s['client_parameters']:,} | {s['total_parameters']:,} | "
-        f"{100 * s['client_parameter_share']:.1f}% |",
-        f"| resident memory before training steps (MB) | {client_mem['rss_before_mb']:.0f} | "
-        f"{whole_mem['rss_before_mb']:.0f} | {100 * client_mem['rss_before_mb'] / whole_mem['rss_before_mb']:.0f}% |",
-        f"| peak resident memory during {MEMORY_SAMPLES} training samples (MB) | {client_mem['peak_mb']:.0f} | "
-        f"{whole_mem['peak_mb']:.0f} | {100 * client_mem['peak_mb'] / whole_mem['peak_mb']:.0f}% |",
-        f"| bytes crossing the split per training sample (hidden states + gradients, fp32) | "
-        f"{s['bytes_per_training_sample']:,.0f} | - | - |",
+        (f"| parameters (base + LoRA) | {s['client_parameters']:,} | {s['total_parameters']:,} | "
+        f"{100 * s['client_parameter_share']:.1f}% |"),
+        (f"| resident memory before training steps (MB) | {client_mem['rss_before_mb']:.0f} | "
+        f"{whole_mem['rss_before_mb']:.0f} | {100 * client_mem['rss_before_mb'] / whole_mem['rss_before_mb']:.0f}% |"),
+        (f"| peak resident memory during {MEMORY_SAMPLES} training samples (MB) | {client_mem['peak_mb']:.0f} | "
+        f"{whole_mem['peak_mb']:.0f} | {100 * client_mem['peak_mb'] / whole_mem['peak_mb']:.0f}% |"),
+        (f"| bytes crossing the split per training sample (hidden states + gradients, fp32) | "
+        f"{s['bytes_per_training_sample']:,.0f} | - | - |"),
         "", "| run (in-process, same samples, 1 round) | seconds per round | test AUC | adapter bytes / round |",
         "|---|---|---|---|",
     ]
     for name, m in runs_m:
-        lines.append(f"| {name} | {m['seconds_per_round']:.0f} | {fmt(m['overall']['auc'])} | "
+        lines.append(f"| {name} | {m['seconds_per_round']:.1f} | {fmt(m['overall']['auc'])} | "
                      f"{m['bytes_per_round'][0]['adapters']:,} |")
     sizes = (f"Sizes: {cfg.data.n_train} training samples over {cfg.federated.clients} k-means clients, 1 round x "
              f"{cfg.train.epochs} local epoch, batch {cfg.train.batch_size}, LoRA r={cfg.lora.r} on the top "
@@ -317,8 +323,8 @@ def split_table(runs: Path, progress: bool) -> str:
              f"and exchanged {client_mem['bytes']:,} bytes with the server.")
     return "\n".join([
         "### Federated split: what the client holds, sends and waits for (METHODS §2 flexible storage)", "",
-        f"Command `python benchmarks/bench_federated.py split`; machine: {machine()}; wall time "
-        f"{time.perf_counter() - t0:.0f}s.", "", sizes, "", *lines])
+        (f"Command `python benchmarks/bench_federated.py split`; machine: {machine()}; wall time "
+        f"{time.perf_counter() - t0:.0f}s."), "", sizes, "", *lines])
 
 
 def main() -> None:

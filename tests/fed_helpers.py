@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def restore_threads():
     """The federated configs set torch to one thread; give the next test module its setting back."""

@@ -6,9 +6,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import make_model, tiny_config
 from fed_helpers import restore_threads  # noqa: F401 (autouse fixture)
+
 from privrec.federated.fedabc import fedabc_plan, select_balanced, stratified_batches
 from privrec.model.recmodel import Encoded
 

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from fed_helpers import fed_config, restore_threads  # noqa: F401 (autouse fixture)
+
 from privrec.errors import UserError
 
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fed_helpers import deep_config, fed_config, restore_threads  # noqa: F401 (autouse fixture)
+
 from privrec.cli import main
 from privrec.federated import client as client_mod
 from privrec.federated.client import FederatedClient
-from privrec.federated.runner import (Federation, InProcessDispatcher, build_model, run_federate, run_rounds,
-                                      state_bytes)
+from privrec.federated.runner import (
+    Federation,
+    InProcessDispatcher,
+    build_model,
+    run_federate,
+    run_rounds,
+    state_bytes,
+)
 from privrec.federated.split import layer_index
 from privrec.federated.strategies import Instructions, make_strategy
 from privrec.model.adapters import adapter_state, read_adapter
@@ -60,7 +66,7 @@ def test_federate_writes_the_metrics_the_issue_names(cli_run):
 
 
 def test_one_personalised_adapter_per_client(cli_run):
-    out, m = cli_run
+    out, _m = cli_run
     states, metas = [], []
     for c in range(3):
         state, meta = read_adapter(out / "adapters" / f"client-{c}")

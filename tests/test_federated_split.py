@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from fed_helpers import deep_config, restore_threads  # noqa: F401 (autouse fixture)
+
 from privrec.errors import UserError
 from privrec.federated.runner import build_model
 from privrec.federated.split import SplitRecLM, decode_message, layer_index, parameter_counts
@@ -128,7 +128,7 @@ def test_parameter_counts_follow_the_cut(deep_splits):
     _, split = pair(deep_splits)
     counts = parameter_counts(split.model, split.is_client_layer)
     inner = split._inner()
-    layer = lambda i: sum(p.numel() for p in inner.layers[i].parameters())  # noqa: E731 (base + LoRA)
+    layer = lambda i: sum(p.numel() for p in inner.layers[i].parameters())
     assert counts["server"] == layer(1) + layer(2)
     assert counts["client"] == counts["total"] - counts["server"]
     assert counts["total"] == sum(p.numel() for p in split.model.parameters())

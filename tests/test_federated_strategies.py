@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,9 +10,20 @@ import pytest
 import torch
 
 from privrec.federated.config import FederatedSection
-from privrec.federated.strategies import (PPLR, FedAvg, FedProx, Local, Update, aggregate_parts,
-                                          cosine_similarity_matrix, heating_weights, mix, normalised_losses,
-                                          pplr_mixing, weighted_average)
+from privrec.federated.strategies import (
+    PPLR,
+    FedAvg,
+    FedProx,
+    Local,
+    Update,
+    aggregate_parts,
+    cosine_similarity_matrix,
+    heating_weights,
+    mix,
+    normalised_losses,
+    pplr_mixing,
+    weighted_average,
+)
 
 
 def rand_state(seed: int, layers=(0, 1, 2)) -> dict[str, torch.Tensor]:
@@ -76,7 +88,7 @@ def test_pplr_high_loss_client_keeps_more_of_its_own_weights_early_than_later():
     states = [rand_state(i) for i in range(3)]
     losses = [0.65, 0.60, 0.60]  # client 0 is the struggling one: l~ = (0.58, 0.21, 0.21)
     own = [pplr_mixing(states, losses, t, alpha=0.7, beta=1.0, temperature=0.05)[0, 0] for t in range(5)]
-    assert all(x > y for x, y in zip(own, own[1:])), own  # mixes more and more as rounds pass
+    assert all(x > y for x, y in itertools.pairwise(own)), own  # mixes more and more as rounds pass
     assert own[0] > own[-1] + 0.03, own
     M0 = pplr_mixing(states, losses, 0, 0.7, 1.0, 0.05)
     assert M0[0, 0] > M0[1, 1] + 0.03 and M0[0, 0] > M0[2, 2] + 0.03  # more self-weight than the others
@@ -152,13 +164,13 @@ def test_instructions_fedprox_mu_and_pplr_learning_rate_scale():
 
 def test_split_parts_are_aggregated_separately_with_the_same_strategy():
     strat = PPLR(FederatedSection())
-    client_side = lambda name: ".layers.1." not in name  # noqa: E731  layer 1 is the server's
+    client_side = lambda name: ".layers.1." not in name
     states = {c: rand_state(c) for c in range(3)}
     updates = {c: Update(states[c], [0.8, 0.5, 0.6][c], 4) for c in range(3)}
     out = aggregate_parts(strat, 0, states, updates, client_side)
     assert all(set(out[c]) == set(states[c]) for c in range(3))
     for side in (True, False):
-        part = lambda s, side=side: {k: v for k, v in s.items() if client_side(k) == side}  # noqa: E731
+        part = lambda s, side=side: {k: v for k, v in s.items() if client_side(k) == side}
         expected = strat.aggregate(0, {c: part(s) for c, s in states.items()},
                                    {c: Update(part(u.state), u.loss, u.n_train) for c, u in updates.items()})
         for c in range(3):

@@ -94,4 +94,5 @@ class FederatedClient:
         if not items:
             return Predictions(np.zeros(0), labels, users)
         load_adapter_state(self.model.model, state)
-        return Predictions(self.model.score(items, self.cfg.train.eval_batch_size, progress=False), labels, users)
+        probs = self.model.score(items, self.cfg.train.eval_batch_size, progress=self.progress)
+        return Predictions(probs, labels, users)

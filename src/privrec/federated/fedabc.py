@@ -34,8 +34,8 @@ def select_balanced(labels: np.ndarray, losses: np.ndarray | None, ratio: float,
     if len(pos) == 0 or len(neg) == 0:
         return [], list(range(len(labels)))  # one label only: nothing to balance
     minority, majority = (pos, neg) if len(pos) <= len(neg) else (neg, pos)
-    n_keep = min(len(majority), int(round(ratio * len(minority))))
-    n_hard = int(round(hard * n_keep)) if losses is not None else 0
+    n_keep = min(len(majority), round(ratio * len(minority)))
+    n_hard = round(hard * n_keep) if losses is not None else 0
     if n_hard:
         order = np.argsort(-np.asarray(losses)[majority], kind="stable")
         hardest = majority[order[:n_hard]]
@@ -62,7 +62,7 @@ def stratified_batches(minority: list[int], majority: list[int], batch_size: int
         if k == n_batches - 1:
             take_min, take_maj = len(mi) - a, len(ma) - b
         else:
-            take_min = int(round(per_min * (k + 1))) - int(round(per_min * k))
+            take_min = round(per_min * (k + 1)) - round(per_min * k)
             take_maj = batch_size - take_min
         batch = mi[a: a + take_min] + ma[b: b + take_maj]
         a, b = a + take_min, b + take_maj

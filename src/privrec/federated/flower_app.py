@@ -75,7 +75,7 @@ def _client_for(msg) -> FederatedClient:
     key, (cfg, splits, model) = _runtime(str(conf["yaml"]))
     cid = int(conf["client"])
     if (key, cid) not in _CLIENTS:
-        users = set(int(u) for u in conf["users"])
+        users = {int(u) for u in conf["users"]}
         parts = [[s for s in part if s.user_id in users] for part in (splits.train, splits.valid, splits.test)]
         _CLIENTS[(key, cid)] = FederatedClient(cid, model, *parts, cfg, progress=False)
     return _CLIENTS[(key, cid)]

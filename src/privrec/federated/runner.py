@@ -29,13 +29,13 @@ from privrec.data import Sample, Splits
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
 from privrec.federated.partition import client_samples, partition_users
-from privrec.federated.split import SplitRecLM, encode_message, layer_index, parameter_counts
+from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
 from privrec.metrics import auc, binary_metrics
 from privrec.model.adapters import adapter_state, lineage_digest, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
-from privrec.rundir import RunDir
 from privrec.run import machine, setup_data
+from privrec.rundir import RunDir
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data
 ADAPTERS_DIR = "adapters"
@@ -118,7 +118,7 @@ class InProcessDispatcher:
         for cid in sorted(tasks):
             try:
                 out[cid] = self.clients[cid].fit(*tasks[cid])
-            except Exception as e:  # a failed client is left out of the round; the run goes on
+            except Exception as e:  # noqa: BLE001 - a failed client is left out of the round; the run goes on
                 out[cid] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
                 server = getattr(self.clients[cid].model, "server", None)
                 if server is not None:
@@ -219,12 +219,12 @@ def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
         else:
             row.update({"auc": float("nan")})
         clients.append(row)
-    aucs = np.array([r["auc"] for r in clients if r["auc"] == r["auc"]])  # clients with both labels
+    aucs = np.array([r["auc"] for r in clients if not np.isnan(r["auc"])])  # clients with both labels
     balance = {"std": float(aucs.std()) if len(aucs) else float("nan"),
                "min": float(aucs.min()) if len(aucs) else float("nan"),
                "max": float(aucs.max()) if len(aucs) else float("nan"),
                "gap": float(aucs.max() - aucs.min()) if len(aucs) else float("nan"),
-               "clients_with_auc": int(len(aucs))}
+               "clients_with_auc": len(aucs)}
     return {"overall": overall, "clients": clients, "balance": balance}
 
 
@@ -328,8 +328,8 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
 def render_summary(m: dict) -> str:
     """A few lines for the terminal: overall, balance, per-client AUC, costs."""
     o, b = m["overall"], m["balance"]
-    lines = [f"{m['strategy']}{' + fedabc' if m['loss'] == 'fedabc' else ''} ({m['runner']}): test AUC "
-             f"{o['auc']:.4f}, logloss {o['logloss']:.4f}, accuracy {o['accuracy']:.4f} (n={o['n']})",
+    lines = [(f"{m['strategy']}{' + fedabc' if m['loss'] == 'fedabc' else ''} ({m['runner']}): test AUC "
+             f"{o['auc']:.4f}, logloss {o['logloss']:.4f}, accuracy {o['accuracy']:.4f} (n={o['n']})"),
              f"per-client AUC: std {b['std']:.4f}, min {b['min']:.4f}, gap {b['gap']:.4f}"]
     lines += [f"  client {c['client']}: n_train {c['n_train']}, n_test {c['n_test']}, AUC "
               + ("-" if c["auc"] is None or c["auc"] != c["auc"] else f"{c['auc']:.4f}") for c in m["clients"]]

@@ -219,13 +219,6 @@ def make_strategy(fcfg) -> Strategy:
     return STRATEGIES[fcfg.strategy](fcfg)
 
 
-def split_state(state: State, is_client_tensor) -> tuple[State, State]:
-    """(client part, server part) of a state by a predicate on the tensor name."""
-    client = {k: v for k, v in state.items() if is_client_tensor(k)}
-    server = {k: v for k, v in state.items() if not is_client_tensor(k)}
-    return client, server
-
-
 def aggregate_parts(strategy: Strategy, rnd: int, states: Mapping[int, State], updates: Mapping[int, Update],
                     is_client_tensor=None) -> dict[int, State]:
     """Aggregate with ``strategy``; with a split, the client-side and the server-side tensors separately.
