@@ -12,10 +12,24 @@ from privrec.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Method configs carry one extra top-level section and load with their method's config class.
+METHOD_SECTIONS = {"federated": "privrec.federated.config:FederatedConfig"}
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
-    cfg = load_config(ROOT / "configs" / name)
-    assert isinstance(cfg, ExperimentConfig)
+    import importlib
+
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / name).read_text()) or {}
+    cls = ExperimentConfig
+    for section, ref in METHOD_SECTIONS.items():
+        if section in raw:
+            module, attr = ref.split(":")
+            cls = getattr(importlib.import_module(module), attr)
+    cfg = load_config(ROOT / "configs" / name, cls=cls)
+    assert isinstance(cfg, cls) and isinstance(cfg, ExperimentConfig)
 
 
 def test_real_model_is_the_default():
