@@ -75,6 +75,4 @@ class FederatedConfig(ExperimentConfig):
             raise ValueError(f"federated.attribute=gender gives 2 groups; federated.clients={f.clients}")
         if f.lr_scale and f.strategy != "pplr":
             raise ValueError("federated.lr_scale is PPLR's learning-speed option: set federated.strategy=pplr")
-        if f.split is not None and self.lora.top_layers is not None:
-            pass  # checked against the model's depth when it is loaded (split.check_split)
         return self
