@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow bench fetch lint clean
+.PHONY: setup demo test test-slow bench bench-federated fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, in its own pip call (a CPU build; resolving it with the rest would pull a CUDA build)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,federated]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -33,6 +33,9 @@ test-slow: fetch
 
 bench: fetch
 	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
+
+bench-federated: fetch
+	$(BIN)/python benchmarks/bench_federated.py all --runs $(RUNS)/federated
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="finish an interrupted request")
     g.add_argument("--verify", action="store_true", help="re-check every certificate against the adapters")
 
+    p = sub.add_parser("federate", help="federated LoRA tuning: PPLR, FedAvg, FedProx, local, centralised; "
+                       "FedABC loss; executed layer split")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--runner", choices=["in-process", "flower"], default="in-process",
+                   help="in-process (default) or a Flower simulation (needs the `federated` extra)")
+
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--markdown", action="store_true")
@@ -104,6 +111,29 @@ def _dispatch(args) -> int:
         from privrec.report import render
 
         print(render([args.out]))
+        return 0
+    if args.command == "federate":
+        from privrec.config import load_config
+        from privrec.federated.config import FederatedConfig
+
+        cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
+        if args.runner == "flower":
+            from privrec.federated.flower_app import check_flower_config
+
+            check_flower_config(cfg)
+            try:
+                from privrec.federated.flower_app import run_flower_simulation
+            except ImportError as e:
+                raise UserError(f"--runner flower needs the federated extra (pip install -e '.[federated]'): "
+                                f"{e}") from None
+            m = run_flower_simulation(cfg, args.out, progress)
+        else:
+            from privrec.federated.runner import run_federate
+
+            m = run_federate(cfg, args.out, progress=progress)
+        from privrec.federated.runner import render_summary
+
+        print(render_summary(m))
         return 0
     if args.command in ("shard-train", "forget"):
         return _dispatch_unlearning(args, progress)

@@ -1,0 +1,352 @@
+"""Federated LLMRec on ML-100K with SmolLM2 (METHODS §2, §3): the results table and the split's costs.
+
+    python benchmarks/bench_federated.py table [--runs runs/federated]   # -> docs/results.md, docs/img/
+    python benchmarks/bench_federated.py split [--runs runs/federated]   # -> docs/benchmarks.md
+    python benchmarks/bench_federated.py all                             # both
+
+``table``: centralised, local, FedAvg, FedProx, PPLR and PPLR + FedABC on exactly the same samples and the
+same C = 5 k-means clients (configs/pplr-ml100k.yaml): overall AUC, per-client AUC, std / min / gap, the
+history like-rate reference per client on the same test samples, and a plot of per-client AUC by method.
+Each method is one ``privrec federate`` run directory under ``--runs``; a method whose run directory already
+holds metrics.json for the same config is not run again (an interrupted benchmark continues).
+
+``split``: the executed layer split (client: embeddings, first k layers, last m layers, head):
+client parameters vs the whole model; client peak memory during training steps, measured in a process that
+holds only the client's layers and reaches a server process over a pipe, vs a process training the whole
+model; bytes crossing per training sample; seconds per round split vs unsplit (in-process runner, same
+samples). Sizes are printed next to every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import multiprocessing as mp
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from privrec.config import load_config
+from privrec.federated.config import FederatedConfig
+from privrec.federated.runner import plan_federation, run_federate
+from privrec.metrics import auc
+from privrec.run import machine
+from privrec.rundir import CONFIG_FILE, METRICS_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = argparse.Namespace(config=ROOT / "configs" / "pplr-ml100k.yaml", set=[])  # set by main()
+METHODS = [  # (row name, --set overrides on top of the config)
+    ("centralised", ["federated.strategy=centralised"]),
+    ("local", ["federated.strategy=local"]),
+    ("FedAvg", ["federated.strategy=fedavg"]),
+    ("FedProx", ["federated.strategy=fedprox"]),
+    ("PPLR", ["federated.strategy=pplr"]),
+    ("PPLR + FedABC", ["federated.strategy=pplr", "federated.loss=fedabc"]),
+]
+# The split table: a smaller sample, one round, k = 2 client layers at the bottom, m = 1 at the top.
+SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federated.rounds=1",
+               "federated.valid_every_round=false", "federated.strategy=pplr"]
+SPLIT = ["federated.split.client_first=2", "federated.split.client_last=1"]
+MEMORY_SAMPLES = 32
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path} ({name})", file=sys.stderr)
+
+
+def config(overrides: list[str]) -> FederatedConfig:
+    return load_config(ARGS.config, ARGS.set + overrides, cls=FederatedConfig)
+
+
+def run_once(name: str, overrides: list[str], runs: Path, progress: bool) -> dict:
+    """One federate run directory per row; reused when it already holds metrics for the same config."""
+    cfg = config(overrides)
+    out = runs / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    done = (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file()
+    if done and load_config(out / CONFIG_FILE, cls=FederatedConfig).digest() == cfg.digest():
+        print(f"{name}: reusing {out}", file=sys.stderr)
+        return json.loads((out / METRICS_FILE).read_text())
+    print(f"{name}: running -> {out}", file=sys.stderr)
+    return run_federate(cfg, out, progress=progress)
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+# --- the results table ----------------------------------------------------------------------------------
+def like_rate_reference(cfg) -> tuple[float, list[float]]:
+    """The history like-rate (METHODS §0 reference a) on the same test samples: overall and per client."""
+    fed = plan_federation(cfg)
+    thr = cfg.data.like_threshold
+    overall = auc([s.label for s in fed.splits.test], [s.history_like_rate(thr) for s in fed.splits.test])
+    per = []
+    for c in fed.clients:
+        te = fed.samples(c)[2]
+        per.append(auc([s.label for s in te], [s.history_like_rate(thr) for s in te]))
+    return overall, per
+
+
+def plot(rows: list[tuple[str, dict]], ref: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows[0][1]["clients"])
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(rows)
+    for i, (name, m) in enumerate(rows):
+        vals = [c["auc"] if c["auc"] is not None else np.nan for c in m["clients"]]
+        ax.bar(x - 0.4 + width * (i + 0.5), vals, width, label=name)
+    ax.plot(x, ref, "k_", markersize=28, markeredgewidth=2, label="history like-rate (reference)")
+    ax.set_xticks(x, [f"client {c}" for c in range(n)])
+    ax.set_ylabel("test AUC")
+    ax.set_ylim(0.3, 1.0)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title("Per-client test AUC by method (ML-100K, SmolLM2-135M, 5 k-means clients)")
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def results_table(runs: Path, progress: bool) -> str:
+    t0 = time.perf_counter()
+    rows = [(name, run_once(name, ov, runs, progress)) for name, ov in METHODS]
+    cfg = config([])
+    ref_overall, ref_clients = like_rate_reference(cfg)
+    n = len(rows[0][1]["clients"])
+    head = ["method", "overall AUC", "LogLoss"] + [f"client {c}" for c in range(n)] + ["std", "min", "gap",
+                                                                                      "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        b = m["balance"]
+        lines.append("| " + " | ".join([name, fmt(m["overall"]["auc"]), fmt(m["overall"]["logloss"])]
+                                       + [fmt(c["auc"]) for c in m["clients"]]
+                                       + [fmt(b["std"]), fmt(b["min"]), fmt(b["gap"]),
+                                          f"{m['train_seconds']:.0f}"]) + " |")
+    ra = np.array(ref_clients, dtype=float)
+    lines.append("| " + " | ".join(["reference: history like-rate", fmt(ref_overall), "-"]
+                                   + [fmt(v) for v in ref_clients]
+                                   + [fmt(np.nanstd(ra)), fmt(np.nanmin(ra)), fmt(np.nanmax(ra) - np.nanmin(ra)),
+                                      "-"]) + " |")
+    clients = rows[0][1]["clients"]
+    f = cfg.federated
+    sizes = (f"Sizes: all-users protocol, {cfg.data.n_train} training / {cfg.data.n_valid} validation / "
+             f"{cfg.data.n_test} test samples (the same for every row), {f.clients} k-means clients "
+             f"(MF dim {f.mf_dim}) with " + ", ".join(f"{c['n_train']}/{c['n_test']}" for c in clients)
+             + f" train/test samples; {f.rounds} rounds x {cfg.train.epochs} local epoch(s), batch "
+             f"{cfg.train.batch_size}, lr {cfg.train.lr:g}, LoRA r={cfg.lora.r} on the top {cfg.lora.top_layers} "
+             f"layers (bottom layers cached); PPLR alpha {f.alpha}, beta {f.beta}, T {f.temperature}; FedProx mu "
+             f"{f.mu}; FedABC r {f.fedabc_ratio}, h {f.fedabc_hard}. Centralised trains one adapter on the union "
+             "for the same rounds x epochs.")
+    body = "\n".join([
+        "### Federated LLMRec: quality and balance across clients (METHODS §2, §3)", "",
+        (f"Config `{Path(ARGS.config).name}`{' with ' + ' '.join(ARGS.set) if ARGS.set else ''}; command "
+        f"`python benchmarks/bench_federated.py table`; machine: "
+        f"{machine()}; wall time {time.perf_counter() - t0:.0f}s."), "", sizes, "",
+        *lines, "",
+        "![per-client AUC by method](img/federated_client_auc.png)",
+    ])
+    plot(rows, ref_clients, Path(ARGS.docs) / "img" / "federated_client_auc.png")
+    return body
+
+
+# --- the split's costs ----------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _train_steps(model, cfg, items, seed: int = 0) -> None:
+    """One epoch over ``items`` (tokenised beforehand), filling the frozen cache first."""
+    from privrec.train import train
+
+    model.prepare(items, cfg.train.eval_batch_size, progress=False)
+    train(model, items, cfg.train.model_copy(update={"epochs": 1, "checkpoint": False}), seed, progress=False)
+
+
+def _whole_worker(cfg_yaml: str, q) -> None:
+    import yaml
+
+    from privrec.config import parse_config
+    from privrec.federated.runner import build_model
+    from privrec.run import setup_data
+
+    cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
+    splits = setup_data(cfg)
+    model = build_model(cfg, splits)
+    items = model.encode(splits.train[:MEMORY_SAMPLES])
+    del splits
+    gc.collect()
+    ok = _reset_peak()
+    rss0 = _status_kb("VmRSS")
+    _train_steps(model, cfg, items)
+    q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok})
+
+
+def _server_worker(cfg_yaml: str, conn) -> None:
+    import yaml
+
+    from privrec.config import parse_config
+    from privrec.federated.runner import build_model
+    from privrec.run import setup_data
+
+    cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
+    server = build_model(cfg, setup_data(cfg)).server  # the same seeded LoRA init as the client's
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        kind, payload = msg
+        conn.send(server(kind, payload))
+
+
+def _client_worker(cfg_yaml: str, conn, q) -> None:
+    """The client alone: the server's layers are dropped here and reached over the pipe."""
+    import torch
+    import yaml
+
+    from privrec.config import parse_config
+    from privrec.federated.runner import build_model
+    from privrec.run import setup_data
+
+    cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
+    splits = setup_data(cfg)
+    model = build_model(cfg, splits)
+    items = model.encode(splits.train[:MEMORY_SAMPLES])
+    del splits
+    inner = model._inner()
+    for i in range(model.split_first, model.n_layers - model.split_last):
+        inner.layers[i] = torch.nn.Identity()  # the middle layers live on the server only
+    model.server = None
+
+    def over_pipe(kind: str, payload: bytes) -> bytes:
+        conn.send((kind, payload))
+        return conn.recv()
+
+    model.channel.handler = over_pipe
+    assert conn.recv() == "ready"
+    gc.collect()
+    ok = _reset_peak()
+    rss0 = _status_kb("VmRSS")
+    held = sum(p.numel() for p in model.model.parameters())
+    _train_steps(model, cfg, items)
+    conn.send(None)
+    q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok,
+           "parameters_held": held, "bytes": model.channel.total_bytes})
+
+
+def measure_memory(split_overrides: list[str]) -> tuple[dict, dict]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    cfg_yaml = config(SPLIT_SIZES).to_yaml()
+    p = ctx.Process(target=_whole_worker, args=(cfg_yaml, q))
+    p.start()
+    whole = q.get()
+    p.join()
+    split_yaml = config(SPLIT_SIZES + split_overrides).to_yaml()
+    a, b = ctx.Pipe()
+    server = ctx.Process(target=_server_worker, args=(split_yaml, b))
+    client = ctx.Process(target=_client_worker, args=(split_yaml, a, q))
+    server.start()
+    client.start()
+    split = q.get()
+    client.join()
+    server.join()
+    return whole, split
+
+
+def split_table(runs: Path, progress: bool) -> str:
+    t0 = time.perf_counter()
+    cfg = config(SPLIT_SIZES + SPLIT)
+    L = cfg.lora.top_layers
+    variants = [  # (run directory, row, overrides)
+        ("split-cost-unsplit-cached", f"unsplit, frozen bottom layers cached (top {L} tuned; the fast path)", []),
+        ("split-cost-unsplit-nocache", "unsplit, no cache (the split's compute, without the channel)",
+         ["lora.cache_frozen=false"]),
+        ("split-cost-split", ("split k=2 / m=1 (the client caches its 2 bottom layers; the server runs the "
+         "middle layers every step)"), SPLIT),
+    ]
+    runs_m = [(row, run_once(d, SPLIT_SIZES + ov, runs, progress)) for d, row, ov in variants]
+    whole_mem, client_mem = measure_memory(SPLIT)
+    s = runs_m[2][1]
+    lines = [
+        "| | client (split) | whole model | client / whole |", "|---|---|---|---|",
+        (f"| parameters (base + LoRA) | {s['client_parameters']:,} | {s['total_parameters']:,} | "
+        f"{100 * s['client_parameter_share']:.1f}% |"),
+        (f"| resident memory before training steps (MB) | {client_mem['rss_before_mb']:.0f} | "
+        f"{whole_mem['rss_before_mb']:.0f} | {100 * client_mem['rss_before_mb'] / whole_mem['rss_before_mb']:.0f}% |"),
+        (f"| peak resident memory during {MEMORY_SAMPLES} training samples (MB) | {client_mem['peak_mb']:.0f} | "
+        f"{whole_mem['peak_mb']:.0f} | {100 * client_mem['peak_mb'] / whole_mem['peak_mb']:.0f}% |"),
+        (f"| bytes crossing the split per training sample (hidden states + gradients, fp32) | "
+        f"{s['bytes_per_training_sample']:,.0f} | - | - |"),
+        "", "| run (in-process, same samples, 1 round) | seconds per round | test AUC | adapter bytes / round |",
+        "|---|---|---|---|",
+    ]
+    for name, m in runs_m:
+        lines.append(f"| {name} | {m['seconds_per_round']:.1f} | {fmt(m['overall']['auc'])} | "
+                     f"{m['bytes_per_round'][0]['adapters']:,} |")
+    sizes = (f"Sizes: {cfg.data.n_train} training samples over {cfg.federated.clients} k-means clients, 1 round x "
+             f"{cfg.train.epochs} local epoch, batch {cfg.train.batch_size}, LoRA r={cfg.lora.r} on the top "
+             f"{cfg.lora.top_layers} layers, {cfg.data.n_test} test samples. Memory: separate processes; the "
+             f"client process drops the server's layers and talks to a server process over a pipe; peak = "
+             f"VmHWM reset after loading (reset {'ok' if client_mem['reset'] else 'unavailable: peak includes loading'})"
+             f", {MEMORY_SAMPLES} samples; the client process held {client_mem['parameters_held']:,} parameters "
+             f"and exchanged {client_mem['bytes']:,} bytes with the server.")
+    return "\n".join([
+        "### Federated split: what the client holds, sends and waits for (METHODS §2 flexible storage)", "",
+        (f"Command `python benchmarks/bench_federated.py split`; machine: {machine()}; wall time "
+        f"{time.perf_counter() - t0:.0f}s."), "", sizes, "", *lines])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["table", "split", "all"])
+    ap.add_argument("--runs", default="runs/federated", help="run directories (reused when complete)")
+    ap.add_argument("--config", default=str(ARGS.config), help="base config (default configs/pplr-ml100k.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    ap.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md / benchmarks.md / img/ are")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+    ARGS.config, ARGS.set, ARGS.docs = args.config, args.set, args.docs
+    runs = Path(args.runs)
+    if args.what in ("table", "all"):
+        body = results_table(runs, args.progress)
+        print(body)
+        replace_section(Path(args.docs) / "results.md", "bench_federated_table", body)
+    if args.what in ("split", "all"):
+        body = split_table(runs, args.progress)
+        print(body)
+        replace_section(Path(args.docs) / "benchmarks.md", "bench_federated_split", body)
+
+
+if __name__ == "__main__":
+    main()

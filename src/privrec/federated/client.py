@@ -1,0 +1,98 @@
+"""One client's update: its own samples through the shared training loop (DESIGN.md: one trainer).
+
+A client holds only its users' samples (METHODS §2). A round loads the state the strategy gave it into
+the model's one LoRA adapter, runs ``train.epochs`` local epochs of :func:`privrec.train.train` (with
+FedProx's proximal term as the loop's ``regularizer`` and FedABC's balanced batches as its ``batch_plan``),
+and reports the new state, the last epoch's mean training loss and its sample count. Scoring uses the one
+scorer. Both the in-process runner and the Flower ClientApp call exactly these methods.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from privrec.data import Sample
+from privrec.federated.fedabc import fedabc_plan
+from privrec.federated.strategies import Instructions, State, Update
+from privrec.model.adapters import adapter_state, load_adapter_state
+from privrec.model.recmodel import RecLM
+from privrec.train import bce_loss, train
+
+
+@dataclass
+class FitResult:
+    update: Update
+    seconds: float
+    samples_seen: int
+    split_bytes: int  # bytes that crossed the split channel during training (0 without a split)
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray  # (n,) P(Yes)
+    labels: np.ndarray  # (n,) 0/1
+    users: np.ndarray  # (n,) user ids
+
+
+def proximal_term(model: RecLM, mu: float):
+    """FedProx: mu/2 * ||theta - theta_global||^2 over the trainable (LoRA) weights, theta_global = now."""
+    params = model.trainable_parameters()
+    anchors = [p.detach().clone() for p in params]
+
+    def regularizer() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+
+    return regularizer
+
+
+def _channel_bytes(model: RecLM) -> int:
+    ch = getattr(model, "channel", None)
+    return ch.total_bytes if ch is not None else 0
+
+
+class FederatedClient:
+    """A client: an id, its samples (tokenised once) and the shared model it borrows for its turn."""
+
+    def __init__(self, cid: int, model: RecLM, train_samples: list[Sample], valid: list[Sample],
+                 test: list[Sample], cfg, progress: bool = False):
+        self.cid, self.model, self.cfg, self.progress = cid, model, cfg, progress
+        self.samples = {"train": train_samples, "valid": valid, "test": test}
+        self.items = {k: model.encode(v) for k, v in self.samples.items()}
+
+    @property
+    def n_train(self) -> int:
+        return len(self.items["train"])
+
+    def fit(self, state: State, ins: Instructions) -> FitResult:
+        """Local epochs from ``state``; returns the new state and the last epoch's mean loss."""
+        m, f = self.model, self.cfg.federated
+        load_adapter_state(m.model, state)
+        regularizer = proximal_term(m, ins.mu) if ins.mu > 0 else None
+        plan = None
+        if f.loss == "fedabc":
+            plan = fedabc_plan(lambda items: m.score_logits(items, self.cfg.train.eval_batch_size, progress=False),
+                               self.cfg.train.batch_size, f.fedabc_ratio, f.fedabc_hard)
+        tcfg = self.cfg.train.model_copy(update={"checkpoint": False})
+        before = _channel_bytes(m)
+        t0 = time.perf_counter()
+        res = train(m, self.items["train"], tcfg, ins.seed, valid=None, loss_fn=bce_loss, regularizer=regularizer,
+                    batch_plan=plan, lr_scale=ins.lr_scale, progress=self.progress)
+        seconds = time.perf_counter() - t0
+        loss = res.history[-1]["train_loss"] if res.history else float("nan")
+        return FitResult(Update(adapter_state(m.model), float(loss), self.n_train), seconds, res.samples_seen,
+                         _channel_bytes(m) - before)
+
+    def predict(self, state: State, split: str) -> Predictions:
+        """P(Yes) of this client's ``split`` samples under ``state`` (empty when it has none)."""
+        items = self.items[split]
+        labels = np.array([e.label for e in items], dtype=np.float64)
+        users = np.array([s.user_id for s in self.samples[split]], dtype=np.int64)
+        if not items:
+            return Predictions(np.zeros(0), labels, users)
+        load_adapter_state(self.model.model, state)
+        probs = self.model.score(items, self.cfg.train.eval_batch_size, progress=self.progress)
+        return Predictions(probs, labels, users)

@@ -1,0 +1,78 @@
+"""The ``federated`` config section (METHODS §2 PPLR, §3 FedABC), added to the core experiment config.
+
+``train.epochs`` is the number of local epochs a client runs per round (the paper: 5); every client round
+starts a fresh AdamW with ``train.lr`` and the ``train.schedule`` over that round's steps (the usual
+federated choice: optimizer state is not carried across aggregations).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from privrec.config import ExperimentConfig, _Section
+
+
+class SplitSection(_Section):
+    client_first: int = Field(
+        ..., ge=1, description="Decoder layers the client runs after the token embeddings (k). At least one, "
+        "so what leaves the client is never the embedding of the raw tokens.")
+    client_last: int = Field(
+        1, ge=1, description="Decoder layers the client runs before the final norm and the Yes/No head.")
+
+
+class FederatedSection(_Section):
+    clients: int = Field(5, ge=1, description="Number of clients C (METHODS §2: 5).")
+    partition: Literal["kmeans", "random", "by-attribute"] = Field(
+        "kmeans", description="kmeans: k-means over matrix-factorisation user embeddings (the paper); random: "
+        "users dealt evenly at random; by-attribute: one group per value of `attribute`.")
+    attribute: Literal["occupation", "age", "gender"] = Field(
+        "occupation", description="by-attribute: the user field that groups users (age is banded).")
+    mf_dim: int = Field(16, ge=2, description="kmeans: user/item embedding size of the matrix factorisation.")
+    mf_epochs: int = Field(60, ge=1, description="kmeans: full-batch Adam epochs of the matrix factorisation.")
+    strategy: Literal["local", "fedavg", "fedprox", "pplr", "centralised"] = Field(
+        "pplr", description="local: no aggregation; fedavg: sample-weighted mean; fedprox: fedavg + proximal "
+        "term `mu`; pplr: similarity x curriculum-heating aggregation, one adapter per client (METHODS §2); "
+        "centralised: one adapter trained on the union of the clients' data (the reference).")
+    rounds: int = Field(3, ge=1, description="Communication rounds; each runs train.epochs local epochs.")
+    mu: float = Field(0.01, ge=0, description="fedprox: weight of mu/2 * ||theta - theta_global||^2.")
+    alpha: float = Field(0.7, gt=0, description="pplr: curriculum heating w_i = tanh(alpha / l~_i^(t + 1/beta)).")
+    beta: float = Field(1.0, gt=0, description="pplr: heating speed (paper: 1..5); 1/beta is added to the "
+                        "round index in the exponent. Always applied, also at beta = 1.")
+    temperature: float = Field(0.05, gt=0, description="pplr: normalised loss l~ = softmax(loss / temperature).")
+    lr_scale: bool = Field(
+        False, description="pplr: scale each client's learning rate by 1 + l~_i - 1/C from the previous "
+        "round's normalised losses (high-loss clients learn faster; mean scale 1). Off by default: the "
+        "released code adapts learning speed only through the heating weight.")
+    loss: Literal["bce", "fedabc"] = Field(
+        "bce", description="Client loss: bce (the core's 2-way cross-entropy) or fedabc (METHODS §3: minority "
+        "label kept, majority under-sampled to `fedabc_ratio`, hardest majority samples preferred).")
+    fedabc_ratio: float = Field(1.0, gt=0, description="fedabc: kept majority : minority samples (r), per epoch "
+                                "and per batch.")
+    fedabc_hard: float = Field(0.5, ge=0, le=1, description="fedabc: fraction h of the kept majority taken as "
+                               "the highest-loss majority samples; the rest drawn at random.")
+    split: SplitSection | None = Field(
+        None, description="Flexible storage, executed: the client keeps the embeddings, the first "
+        "`client_first` and last `client_last` decoder layers and the head; a server object runs the middle "
+        "layers. None: the client holds the whole model.")
+    valid_every_round: bool = Field(True, description="Score every client's validation samples after each "
+                                    "round (the `rounds` record's overall valid AUC).")
+
+
+class FederatedConfig(ExperimentConfig):
+    federated: FederatedSection = FederatedSection()
+
+    @model_validator(mode="after")
+    def _check_federated(self) -> FederatedConfig:
+        f = self.federated
+        if self.train.early_stopping is not None:
+            raise ValueError("train.early_stopping is not used by federate (clients train train.epochs local "
+                             "epochs per round); remove it")
+        if f.strategy == "centralised" and f.split is not None:
+            raise ValueError("federated.split needs clients; the centralised reference has none")
+        if f.partition == "by-attribute" and f.attribute == "gender" and f.clients > 2:
+            raise ValueError(f"federated.attribute=gender gives 2 groups; federated.clients={f.clients}")
+        if f.lr_scale and f.strategy != "pplr":
+            raise ValueError("federated.lr_scale is PPLR's learning-speed option: set federated.strategy=pplr")
+        return self

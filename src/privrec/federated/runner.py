@@ -1,0 +1,343 @@
+"""The ``federate`` procedure and its in-process runner (METHODS §2, §3).
+
+One procedure, readable top to bottom (:func:`run_federate`): cut the protocol's samples, partition the
+users into clients, build the model (split or whole), then for every round ask each client for its update,
+aggregate with the strategy, score the validation samples; finally score every client's test samples with
+the adapter that client ends with, write ``metrics.json`` and one adapter per client.
+
+Who runs a client's work is behind one small interface, a *dispatcher* (``fit`` and ``predict`` for a set
+of clients): :class:`InProcessDispatcher` calls :class:`~privrec.federated.client.FederatedClient`
+directly (the embedded default); the Flower ServerApp (:mod:`privrec.federated.flower_app`) sends the same
+requests as Flower messages to ClientApps that call the same class. Everything else — partition, rounds,
+aggregation, metrics, saving — is this module's, shared by both.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from privrec import baselines
+from privrec.data import Sample, Splits
+from privrec.federated.client import FederatedClient, FitResult, Predictions
+from privrec.federated.config import FederatedConfig
+from privrec.federated.partition import client_samples, partition_users
+from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
+from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
+from privrec.metrics import auc, binary_metrics
+from privrec.model.adapters import adapter_state, lineage_digest, load_adapter_state, save_adapter
+from privrec.model.recmodel import RecLM
+from privrec.run import machine, setup_data
+from privrec.rundir import RunDir
+
+POOLED = -1  # the centralised reference's one "client": the union of every client's data
+ADAPTERS_DIR = "adapters"
+
+
+# --- the plan: samples and clients ----------------------------------------------------------------------
+@dataclass
+class Federation:
+    """The protocol's samples and the users -> clients assignment."""
+
+    cfg: FederatedConfig
+    splits: Splits
+    assignment: dict[int, int]
+
+    @property
+    def clients(self) -> list[int]:
+        return list(range(self.cfg.federated.clients))
+
+    def samples(self, cid: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+        """(train, valid, test) of client ``cid`` (POOLED: everyone's)."""
+        sp = self.splits
+        if cid == POOLED:
+            return sp.train, sp.valid, sp.test
+        return tuple(client_samples(part, self.assignment, cid) for part in (sp.train, sp.valid, sp.test))
+
+    def train_clients(self, strategy: Strategy) -> list[int]:
+        return [POOLED] if strategy.pooled else self.clients
+
+
+def plan_federation(cfg: FederatedConfig, splits: Splits | None = None) -> Federation:
+    """Cut the protocol's samples and assign users to clients.
+
+    Raises:
+        UserError: bad data, or a partition that leaves a client without training samples.
+    """
+    splits = splits or setup_data(cfg)
+    assignment = partition_users(splits.dataset, splits.train, splits.valid + splits.test, cfg.federated,
+                                 cfg.seed)
+    return Federation(cfg, splits, assignment)
+
+
+def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> RecLM:
+    """The model every client borrows in turn: a :class:`SplitRecLM` under ``federated.split``."""
+    split = cfg.federated.split
+    if split is None:
+        model = RecLM.from_config(cfg, splits.dataset)
+    else:
+        model = SplitRecLM.from_config(cfg, splits.dataset)
+        model.configure_split(split.client_first, split.client_last, record=record)
+    model.attach_lora(cfg.lora, cfg.seed)
+    return model
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """Every client of round t trains with the same seed (identical clients stay identical)."""
+    return seed * 1000 + rnd
+
+
+def client_tensor_predicate(model: RecLM) -> Callable[[str], bool] | None:
+    return model.is_client_tensor if isinstance(model, SplitRecLM) else None
+
+
+# --- dispatchers ----------------------------------------------------------------------------------------
+class Dispatcher(Protocol):
+    def fit(self, rnd: int, tasks: dict[int, tuple[State, Instructions]]) -> dict[int, FitResult | str]:
+        """Each client's FitResult, or a one-line error for a client that failed."""
+
+    def predict(self, split: str, states: dict[int, State]) -> dict[int, Predictions]: ...
+
+
+class InProcessDispatcher:
+    """Runs every client in this process, one after another, on one shared model."""
+
+    def __init__(self, clients: dict[int, FederatedClient], progress: bool = False):
+        self.clients = clients
+        self.progress = progress
+
+    def fit(self, rnd, tasks):
+        out: dict[int, FitResult | str] = {}
+        for cid in sorted(tasks):
+            try:
+                out[cid] = self.clients[cid].fit(*tasks[cid])
+            except Exception as e:  # noqa: BLE001 - a failed client is left out of the round; the run goes on
+                out[cid] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+                server = getattr(self.clients[cid].model, "server", None)
+                if server is not None:
+                    server.reset()
+        return out
+
+    def predict(self, split, states):
+        return {cid: self.clients[cid].predict(states[cid], split) for cid in sorted(states)}
+
+
+# --- rounds ---------------------------------------------------------------------------------------------
+def state_bytes(state: State) -> int:
+    """Size of a state on the wire (the safetensors encoding the split channel also uses)."""
+    return len(encode_message(state)) if state else 0
+
+
+def pooled_auc(preds: dict[int, Predictions]) -> float:
+    labels = np.concatenate([p.labels for p in preds.values()]) if preds else np.zeros(0)
+    probs = np.concatenate([p.probs for p in preds.values()]) if preds else np.zeros(0)
+    return auc(labels, probs) if len(labels) else float("nan")
+
+
+def eval_states(fed: Federation, strategy: Strategy, states: dict[int, State]) -> dict[int, State]:
+    """The adapter each client scores with: its own, or the pooled one for the centralised reference."""
+    return {c: states[POOLED] for c in fed.clients} if strategy.pooled else dict(states)
+
+
+def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init: State,
+               is_client_tensor: Callable[[str], bool] | None = None,
+               log: Callable[[str], None] = lambda m: None) -> tuple[dict[int, State], list[dict], list[dict]]:
+    """All rounds: instructions -> client updates -> aggregation -> validation. Returns (the states the
+    clients end with, one record per round, one record per failure)."""
+    f = fed.cfg.federated
+    cids = fed.train_clients(strategy)
+    states: dict[int, State] = {c: init for c in cids}
+    last_losses: dict[int, float] = {}
+    rounds, failures = [], []
+    exchanges = strategy.name not in ("local", "centralised")
+
+    def wire(state: State) -> State:  # what travels for aggregation (the client part under a split)
+        return {k: v for k, v in state.items() if is_client_tensor is None or is_client_tensor(k)}
+
+    for rnd in range(f.rounds):
+        tasks = {c: (states[c], strategy.instructions(rnd, c, round_seed(fed.cfg.seed, rnd), last_losses))
+                 for c in cids}
+        t0 = time.perf_counter()
+        results = dispatcher.fit(rnd, tasks)
+        seconds = time.perf_counter() - t0
+        ok = {c: r for c, r in results.items() if isinstance(r, FitResult)}
+        for c, r in sorted(results.items()):
+            if not isinstance(r, FitResult):
+                failures.append({"round": rnd + 1, "client": c, "error": r})
+                log(f"round {rnd + 1}: client {c} failed and is left out of the aggregation: {r}")
+        updates: dict[int, Update] = {c: r.update for c, r in ok.items()}
+        states = aggregate_parts(strategy, rnd, states, updates, is_client_tensor)
+        last_losses.update({c: u.loss for c, u in updates.items()})
+
+        n = sum(u.n_train for u in updates.values())
+        mean_loss = sum(u.loss * u.n_train for u in updates.values()) / n if n else float("nan")
+        adapters = 0
+        if exchanges:
+            adapters = sum(state_bytes(wire(tasks[c][0])) for c in cids) + \
+                sum(state_bytes(wire(u.state)) for u in updates.values())
+        activations = sum(r.split_bytes for r in ok.values())
+        seen = sum(r.samples_seen for r in ok.values())
+        record = {"round": rnd + 1, "mean_train_loss": mean_loss,
+                  "client_loss": {str(c): u.loss for c, u in sorted(updates.items())},
+                  "failed": sorted(c for c in results if c not in ok), "seconds": seconds,
+                  "client_seconds": {str(c): r.seconds for c, r in sorted(ok.items())},
+                  "samples_seen": seen,
+                  "bytes": {"adapters": adapters, "activations": activations, "total": adapters + activations}}
+        if f.valid_every_round:
+            record["valid_auc"] = pooled_auc(dispatcher.predict("valid", eval_states(fed, strategy, states)))
+        rounds.append(record)
+        log(f"round {rnd + 1}/{f.rounds}: mean train loss {mean_loss:.4f}"
+            + (f", valid AUC {record['valid_auc']:.4f}" if "valid_auc" in record else "")
+            + f", {seconds:.1f}s" + (f", failed {record['failed']}" if record["failed"] else ""))
+    return states, rounds, failures
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
+    """``overall`` (pooled over every client's test samples), ``clients`` and ``balance`` (METHODS §2)."""
+    cids = sorted(preds)
+    labels = np.concatenate([preds[c].labels for c in cids])
+    probs = np.concatenate([preds[c].probs for c in cids])
+    users = np.concatenate([preds[c].users for c in cids])
+    overall = binary_metrics(labels, probs, users)
+    clients = []
+    for c in cids:
+        tr, va, te = fed.samples(c)
+        p = preds[c]
+        row = {"client": c, "n_users": len({s.user_id for s in tr + va + te}), "n_train": len(tr),
+               "n_valid": len(va), "n_test": len(te),
+               "train_positive_rate": float(np.mean([s.label for s in tr])) if tr else None}
+        if len(p.labels):
+            row.update({k: v for k, v in binary_metrics(p.labels, p.probs).items() if k != "n"})
+        else:
+            row.update({"auc": float("nan")})
+        clients.append(row)
+    aucs = np.array([r["auc"] for r in clients if not np.isnan(r["auc"])])  # clients with both labels
+    balance = {"std": float(aucs.std()) if len(aucs) else float("nan"),
+               "min": float(aucs.min()) if len(aucs) else float("nan"),
+               "max": float(aucs.max()) if len(aucs) else float("nan"),
+               "gap": float(aucs.max() - aucs.min()) if len(aucs) else float("nan"),
+               "clients_with_auc": len(aucs)}
+    return {"overall": overall, "clients": clients, "balance": balance}
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy, states: dict[int, State],
+                  contributors: set[int]) -> None:
+    """One peft adapter folder per client under ``adapters/client-{c}`` with its lineage."""
+    cfg = fed.cfg
+    for c, state in sorted(eval_states(fed, strategy, states).items()):
+        load_adapter_state(model.model, state)
+        trained_on = sorted(contributors) if strategy.name != "local" else [c]
+        ids = sorted(s.sample_id for cc in trained_on for s in fed.samples(cc)[0])
+        save_adapter(model.model, run / ADAPTERS_DIR / f"client-{c}", {
+            "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
+            "client": c, "strategy": strategy.name, "rounds": cfg.federated.rounds,
+            "trained_on_clients": trained_on, "sample_ids": ids, "lineage_sha256": lineage_digest(ids),
+        })
+
+
+# --- the procedure --------------------------------------------------------------------------------------
+def make_in_process(fed: Federation, model: RecLM, strategy: Strategy, progress: bool) -> InProcessDispatcher:
+    clients = {c: FederatedClient(c, model, *fed.samples(c), fed.cfg, progress=progress)
+               for c in sorted(set(fed.clients) | set(fed.train_clients(strategy)))}
+    return InProcessDispatcher(clients, progress)
+
+
+def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
+                 make_dispatcher: Callable[[Federation, RecLM, Strategy], Dispatcher] | None = None,
+                 runner: str = "in-process") -> dict:
+    """Federated LoRA tuning (METHODS §2, §3); returns metrics.json's content.
+
+    Raises:
+        UserError: bad data, model or config; a partition that leaves a client without training samples.
+    """
+    # 1. samples and clients, then the model: all before the run directory is touched
+    fed = plan_federation(cfg)
+    strategy = make_strategy(cfg.federated)
+    model = build_model(cfg, fed.splits)
+    is_client_tensor = client_tensor_predicate(model)
+    counts = parameter_counts(model.model, model.is_client_layer if is_client_tensor else lambda _: True)
+
+    run = RunDir(out)
+    run.write_config(cfg)
+    f = cfg.federated
+    run.log(f"privrec federate -> {run.path} ({runner}; strategy {f.strategy}, {f.clients} {f.partition} "
+            f"clients, {f.rounds} rounds x {cfg.train.epochs} local epochs, loss {f.loss}, model {cfg.model.name}"
+            + (f", split {f.split.client_first}+{f.split.client_last}" if f.split else "") + ")")
+    for c in fed.clients:
+        tr, va, te = fed.samples(c)
+        run.log(f"client {c}: {len({s.user_id for s in tr + va + te})} users, {len(tr)} train / {len(va)} valid "
+                f"/ {len(te)} test samples, train like-rate {np.mean([s.label for s in tr]):.3f}")
+
+    # 2. the clients' runtime (tokenises every client's samples once in-process)
+    dispatcher = (make_dispatcher or (lambda fe, m, s: make_in_process(fe, m, s, progress)))(fed, model, strategy)
+
+    # 3. rounds: every client starts from the same initial adapter
+    t0 = time.perf_counter()
+    states, rounds, failures = run_rounds(fed, strategy, dispatcher, adapter_state(model.model), is_client_tensor,
+                                          run.log)
+    train_seconds = time.perf_counter() - t0
+
+    # 4. every client's test samples scored with the adapter it ends with
+    final = eval_states(fed, strategy, states)
+    preds = dispatcher.predict("test", final)
+    metrics = summarise(fed, preds)
+    contributors = {c for c in fed.train_clients(strategy)
+                    if any(c not in r["failed"] for r in rounds)}
+    save_adapters(model, run, fed, strategy, states, contributors)
+
+    # 5. costs and references
+    seen = sum(r["samples_seen"] for r in rounds)
+    activation_bytes = sum(r["bytes"]["activations"] for r in rounds)
+    sp = fed.splits
+    metrics.update({
+        "auc": metrics["overall"]["auc"], "logloss": metrics["overall"]["logloss"],
+        "accuracy": metrics["overall"]["accuracy"], "n_test": len(fed.splits.test),
+        "method": f"federated {f.strategy}" + (" + fedabc" if f.loss == "fedabc" else ""),
+        "strategy": f.strategy, "loss": f.loss, "partition": f.partition, "n_clients": f.clients,
+        "runner": runner, "rounds": rounds, "failures": failures,
+        "bytes_per_round": [r["bytes"] for r in rounds],
+        "bytes_per_training_sample": activation_bytes / seen if (f.split and seen) else None,
+        "client_parameters": counts["client"], "server_parameters": counts["server"],
+        "total_parameters": counts["total"], "client_parameter_share": counts["client"] / counts["total"],
+        "train_seconds": train_seconds, "seconds_per_round": train_seconds / max(1, len(rounds)),
+        "samples_seen": seen, "peak_rss_mb": peak_rss_mb(),
+        "n_train": len(sp.train), "n_valid": len(sp.valid),
+        "references": baselines.references(sp.dataset, sp.train, sp.test, cfg.data.like_threshold, cfg.seed),
+        "model": cfg.model.name, "protocol": cfg.data.protocol, "machine": machine(),
+    })
+    run.write_metrics(metrics)
+    o, b = metrics["overall"], metrics["balance"]
+    run.log(f"test AUC {o['auc']:.4f} over {o['n']} samples; per-client AUC std {b['std']:.4f}, min {b['min']:.4f}, "
+            f"gap {b['gap']:.4f}; {len(failures)} client failure(s)")
+    return metrics
+
+
+def render_summary(m: dict) -> str:
+    """A few lines for the terminal: overall, balance, per-client AUC, costs."""
+    o, b = m["overall"], m["balance"]
+    lines = [(f"{m['strategy']}{' + fedabc' if m['loss'] == 'fedabc' else ''} ({m['runner']}): test AUC "
+             f"{o['auc']:.4f}, logloss {o['logloss']:.4f}, accuracy {o['accuracy']:.4f} (n={o['n']})"),
+             f"per-client AUC: std {b['std']:.4f}, min {b['min']:.4f}, gap {b['gap']:.4f}"]
+    lines += [f"  client {c['client']}: n_train {c['n_train']}, n_test {c['n_test']}, AUC "
+              + ("-" if c["auc"] is None or c["auc"] != c["auc"] else f"{c['auc']:.4f}") for c in m["clients"]]
+    lines.append(f"client parameters {m['client_parameters']:,} of {m['total_parameters']:,} "
+                 f"({100 * m['client_parameter_share']:.1f}%); {m['seconds_per_round']:.1f}s per round"
+                 + (f"; {m['bytes_per_training_sample']:,.0f} split bytes per training sample"
+                    if m.get("bytes_per_training_sample") else ""))
+    if m["failures"]:
+        lines.append(f"{len(m['failures'])} client failure(s): " + "; ".join(
+            f"round {x['round']} client {x['client']}" for x in m["failures"]))
+    return "\n".join(lines)
