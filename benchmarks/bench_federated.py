@@ -318,7 +318,8 @@ def split_table(runs: Path, progress: bool) -> str:
              f"{cfg.train.epochs} local epoch, batch {cfg.train.batch_size}, LoRA r={cfg.lora.r} on the top "
              f"{cfg.lora.top_layers} layers, {cfg.data.n_test} test samples. Memory: separate processes; the "
              f"client process drops the server's layers and talks to a server process over a pipe; peak = "
-             f"VmHWM reset after loading (reset {'ok' if client_mem['reset'] else 'unavailable: peak includes loading'})"
+             "VmHWM reset after loading (reset "
+             f"{'ok' if client_mem['reset'] else 'unavailable: peak includes loading'})"
              f", {MEMORY_SAMPLES} samples; the client process held {client_mem['parameters_held']:,} parameters "
              f"and exchanged {client_mem['bytes']:,} bytes with the server.")
     return "\n".join([
