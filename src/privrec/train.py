@@ -111,7 +111,8 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists.
         loss_fn: ``(z, batch) -> loss``; default 2-way cross-entropy.
         regularizer: extra term added to every batch's loss (e.g. FedProx's proximal term).
-        batch_plan: ``(epoch, rng, data) -> list of index batches``; default shuffled length-bucketed.
+        batch_plan: ``(epoch, rng, data) -> list of index batches``; default shuffled length-bucketed. It
+            must be a pure function of its arguments (the schedule length is computed from it up front).
         lr_scale: multiplies ``cfg.lr`` (per-client learning-speed scaling).
 
     Raises:
@@ -128,9 +129,13 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     model.prepare(data + (valid or []), cfg.eval_batch_size, progress)
 
     plan = batch_plan or (lambda e, rng, d: shuffled_length_batches(len(d), cfg.batch_size, rng, d))
-    steps_per_epoch = math.ceil(len(plan(0, np.random.default_rng([seed, 0]), data)) / cfg.grad_accum)
+    # the schedule spans the optimizer steps of every epoch's plan (a batch_plan may change the number of
+    # batches from epoch to epoch, e.g. E2URec's forget-only first epoch); plans are drawn with the same
+    # per-epoch generators the loop uses below
+    total_steps = sum(math.ceil(len(plan(e, np.random.default_rng([seed, e]), data)) / cfg.grad_accum)
+                      for e in range(cfg.epochs))
     opt = torch.optim.AdamW(params, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
-    sched = _scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
+    sched = _scheduler(opt, cfg, total_steps)
 
     start_epoch, best_state, bad_epochs = 0, None, 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None

@@ -1,0 +1,1 @@
+"""Machine unlearning: exact (APA, retraining) and approximate (E2URec, NegGrad, Bad-Teacher) methods."""
