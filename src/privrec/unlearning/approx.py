@@ -71,10 +71,12 @@ class E2URecSection(_Section):
         1.0, ge=0, description="Weight of the ordinary label loss inside L_remember (next to the soft "
         "cross-entropy against the remembering teacher).")
     forget_only_epochs: int = Field(1, ge=0, description="The first N student epochs train L_forget only.")
-    logit_space: Literal["pair", "difference"] = Field(
-        "pair", description="pair: apply the teacher formula to each of the two answer logits [z_yes, z_no] "
-        "(E2URec's released code applies it per vocabulary logit); difference: to z_yes - z_no (then a "
-        "forget sample the augmented model pushed towards No is left as the original has it).")
+    logit_space: Literal["logprob", "pair", "difference"] = Field(
+        "logprob", description="What the teacher formula acts on, per answer class. logprob: the two-way "
+        "log-softmax [ln P(Yes), ln P(No)] (the raw pair normalised, so a shift shared by both logits, which "
+        "leaves P(Yes) unchanged, cannot hide or fake a push); pair: the raw LM-head logits [z_yes, z_no] (the "
+        "released code applies the formula to raw vocabulary logits); difference: z_yes - z_no (then a forget "
+        "sample the augmented model pushed towards No is left as the original has it).")
     augment: AugmentTrain = Field(
         AugmentTrain(), description="Training of the augmented model: the original adapter tuned further on the forget set.")
     lora: StudentLoraConfig = Field(StudentLoraConfig(), description="The student's fresh LoRA.")

@@ -3,8 +3,13 @@
 1. Remembering teacher: the original model (base + the trained run's adapter), frozen.
 2. Augmented model: the original adapter tuned further on the forget set alone (more confident on it).
 3. Forgetting teacher: z_fgt = z_orig - alpha * ReLU(z_aug - z_orig), alpha = 2: whatever training on the
-   forget data pushed up is pushed down. By default the formula acts on each of the two answer logits
-   [z_yes, z_no] (the released code applies it per vocabulary logit; privrec's head has only these two).
+   forget data pushed up is pushed down. The formula acts per answer class (the released code applies it per
+   vocabulary logit; privrec's head has only "Yes" and "No"). By default the two logits are first
+   normalised to log-probabilities [ln P(Yes), ln P(No)]: raw logits are defined only up to a shared
+   constant (P(Yes) ignores it), and when tuning moves both raw logits down, ReLU keeps nothing and the
+   teacher silently equals the original. On log-probabilities the label's class always goes up on a forget
+   sample the augmented model fits better, so the teacher lowers exactly that class, for Yes and No labels
+   alike. ``unlearn.e2urec.logit_space`` selects raw logits or their difference instead.
 4. Student: the frozen original plus a fresh LoRA (r=16, alpha=32, dropout 0.05 on q, v); only that LoRA
    trains, through THE training loop, on beta * L_forget + (1 - beta) * L_remember (beta = 0.4):
    L_forget = soft cross-entropy against the forgetting teacher on forget samples; L_remember = soft
@@ -43,6 +48,19 @@ def forgetting_teacher(z_orig, z_aug, alpha: float):
         return z_orig - alpha * torch.relu(z_aug - z_orig)
     z_orig, z_aug = np.asarray(z_orig, dtype=np.float64), np.asarray(z_aug, dtype=np.float64)
     return z_orig - alpha * np.maximum(z_aug - z_orig, 0.0)
+
+
+def teacher_space(z_pair: np.ndarray, space: str) -> np.ndarray:
+    """(N, 2) raw logits [z_yes, z_no] -> what the teacher formula acts on: the two-way log-softmax
+    (``logprob``), the raw pair (``pair``) or the (N,) difference z_yes - z_no (``difference``)."""
+    z = np.asarray(z_pair, dtype=np.float64)
+    if space == "logprob":
+        return z - np.logaddexp(z[:, :1], z[:, 1:])
+    if space == "pair":
+        return z
+    if space == "difference":
+        return z[:, 0] - z[:, 1]
+    raise ValueError(f"unknown logit space {space!r}")
 
 
 def p_yes(z) -> np.ndarray:
@@ -180,16 +198,15 @@ def build_student(task: UnlearnTask) -> RecLM:
 def e2urec(task: UnlearnTask) -> Unlearned:
     """Unlearn ``task.forget`` with E2URec; ``task.model`` is left holding the original adapter."""
     cfg, e = task.cfg, task.cfg.unlearn.e2urec
-    pair = e.logit_space == "pair"
     bs = cfg.train.eval_batch_size
     forget, pool = task.forget, task.forget + task.retain_pool
     nf = len(forget)
 
     # 1. the remembering teacher (the original) on every sample the student will see
-    z_orig = task.model.score_logits(pool, bs, task.progress, pair=pair)
+    z_orig = teacher_space(task.model.score_logits(pool, bs, task.progress, pair=True), e.logit_space)
     # 2. the augmented model: the original adapter tuned further on the forget set, then put back
     aug = train(task.model, forget, e.augment, task.seed, progress=task.progress)
-    z_aug = task.model.score_logits(forget, bs, task.progress, pair=pair)
+    z_aug = teacher_space(task.model.score_logits(forget, bs, task.progress, pair=True), e.logit_space)
     load_adapter_state(task.model.model, task.original_state)
     # 3. the forgetting teacher, and both teachers' targets by sample id
     z_fgt = forgetting_teacher(z_orig[:nf], z_aug, e.alpha)
@@ -219,5 +236,5 @@ def e2urec(task: UnlearnTask) -> Unlearned:
         "augment_history": aug.history, "student_history": res.history, "student_steps": res.steps,
         "teacher_mean_p_yes_forget": {"original": float(p_orig[:nf].mean()), "augmented": float(p_aug.mean()),
                                       "forgetting": float(p_fgt.mean())},
-        "student_lora": s_lora.model_dump(), "n_retain_pool": len(task.retain_pool),
+        "student_lora": s_lora.model_dump(), "n_retain_pool": len(task.retain_pool), "logit_space": e.logit_space,
     })
