@@ -10,18 +10,31 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model, tiny_config
+
 from privrec.config import parse_config
 from privrec.data import build_splits
 from privrec.model.adapters import adapter_state, save_adapter
-from privrec.model.recmodel import Batch, Encoded
+from privrec.model.recmodel import Batch
 from privrec.train import train
 from privrec.unlearning import baselines
 from privrec.unlearning.approx import UnlearnConfig, UnlearnTask, paired_plan, student_lora
-from privrec.unlearning.e2urec import (build_student, combined_lora_config, concat_lora, e2urec, e2urec_loss,
-                                       forgetting_teacher, p_yes)
-from privrec.unlearning.measures import MiaSets, Outputs, jensen_shannon, loss_threshold_attack, logistic_attack
+from privrec.unlearning.e2urec import (
+    build_student,
+    combined_lora_config,
+    concat_lora,
+    e2urec,
+    e2urec_loss,
+    forgetting_teacher,
+    p_yes,
+)
+from privrec.unlearning.measures import (
+    MiaSets,
+    Outputs,
+    jensen_shannon,
+    logistic_attack,
+    loss_threshold_attack,
+)
 
 FAST = {"threads": 1, "precision": "fp32"}  # the tiny model is ~50x faster in fp32 on one thread here
 
@@ -169,7 +182,7 @@ def planted(ml100k):
 
 
 def make_task(ml100k, planted, **unlearn) -> UnlearnTask:
-    cfg, sp, model, state, f_items, r_items = planted
+    cfg, _, model, state, f_items, r_items = planted
     from privrec.model.adapters import load_adapter_state
 
     load_adapter_state(model.model, state)  # a method may have tuned it in place

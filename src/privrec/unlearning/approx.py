@@ -187,7 +187,7 @@ def read_user_file(path: str | Path) -> list[int]:
 def choose_forget_users(samples: list[Sample], fraction: float, seed: int) -> list[int]:
     """round(fraction x #users) of the users that own training samples, drawn without replacement (seeded)."""
     users = sorted({s.user_id for s in samples})
-    k = max(1, int(round(fraction * len(users))))
+    k = max(1, round(fraction * len(users)))
     if k >= len(users):
         raise UserError(f"forgetting {fraction:g} of {len(users)} training users leaves none to retain")
     rng = np.random.default_rng([seed, 11])

@@ -19,8 +19,15 @@ import torch
 from privrec.model.adapters import adapter_state
 from privrec.model.recmodel import RecLM
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (Unlearned, UnlearnTask, forget_mask, lookup, masked_mean, paired_plan,
-                                       soft_bce)
+from privrec.unlearning.approx import (
+    Unlearned,
+    UnlearnTask,
+    forget_mask,
+    lookup,
+    masked_mean,
+    paired_plan,
+    soft_bce,
+)
 
 
 def original(task: UnlearnTask) -> Unlearned:

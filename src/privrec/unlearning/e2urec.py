@@ -35,8 +35,16 @@ from privrec.config import LoraConfig
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (Unlearned, UnlearnTask, forget_mask, lookup, masked_mean, paired_plan,
-                                       soft_bce, student_lora)
+from privrec.unlearning.approx import (
+    Unlearned,
+    UnlearnTask,
+    forget_mask,
+    lookup,
+    masked_mean,
+    paired_plan,
+    soft_bce,
+    student_lora,
+)
 
 ORIGINAL = "original"  # peft name of the frozen original adapter inside the student model
 

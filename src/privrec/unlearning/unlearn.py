@@ -22,14 +22,23 @@ import numpy as np
 import yaml
 
 from privrec.config import apply_overrides, parse_config
-from privrec.data import Sample, Splits, augment, build_splits
+from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
 from privrec.model.adapters import lineage_digest, load_adapter_state, read_adapter, save_adapter
-from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
 from privrec.run import machine, setup_data, setup_model, write_predictions
+from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
 from privrec.unlearning import baselines
-from privrec.unlearning.approx import (METHOD_NAMES, UnlearnConfig, Unlearned, Unlearner, UnlearnTask,
-                                       choose_forget_users, draw, read_user_file, split_by_users)
+from privrec.unlearning.approx import (
+    METHOD_NAMES,
+    UnlearnConfig,
+    Unlearned,
+    Unlearner,
+    UnlearnTask,
+    choose_forget_users,
+    draw,
+    read_user_file,
+    split_by_users,
+)
 from privrec.unlearning.e2urec import e2urec
 from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
 
@@ -158,8 +167,7 @@ def mia_samples(cfg: UnlearnConfig, splits: Splits, trained: list[Sample], forge
     pool: list[Sample] = []
     if mia.unseen in ("auto", "unused-train"):
         used = {s.source_id for s in trained}
-        full = build_splits(splits.dataset, cfg.data.model_copy(update={"n_train": None}), cfg.seed).train
-        pool = [s for s in full if s.sample_id not in used]
+        pool = [s for s in splits.pool if s.sample_id not in used]
         if not pool and mia.unseen == "unused-train":
             raise UserError("unlearn.mia.unseen=unused-train: the run trained on every training-period sample "
                             "(data.n_train is unset); use valid-test")
@@ -193,10 +201,10 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     """
     run_path = Path(run_path)
     method = cfg.unlearn.method
-    # 1. the original run's samples and model (before OUT is touched: bad input leaves nothing behind)
+    # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
+    #    fails with its one-line error and leaves nothing behind)
     splits = setup_data(cfg)
     trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
-    model, original_state, original_meta = load_original(cfg, splits, run_path, trained)
 
     # 2. the forget set: every training sample (augmented copies too) of the forget users
     users = cfg.unlearn.forget_users or choose_forget_users(splits.train, cfg.unlearn.forget_fraction,
@@ -216,6 +224,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     ref_probs, ref_seconds, ref_path = None, None, None
     if retrained is not None:
         ref_probs, ref_seconds, ref_path = read_reference(retrained, forget_ids)
+    # 4. the original model, checked against the adapter's lineage; the attack's samples
+    model, original_state, original_meta = load_original(cfg, splits, run_path, trained)
     mia_s, mia_info = mia_samples(cfg, splits, trained, users, retained)
 
     out_run = RunDir(out)
@@ -227,12 +237,12 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
                 f"{len(forget_eval)} of {len(splits.train)} training samples ({len(forget_s)} items with "
                 f"augmented copies); {len(retain_s)} retained items")
 
-    # 4. tokenise once; fill the frozen-layer cache apart from the timed unlearning
+    # 5. tokenise once; fill the frozen-layer cache apart from the timed unlearning
     bs = cfg.train.eval_batch_size
     enc = {name: model.encode(s) for name, s in [("forget", forget_s), ("retain", retain_s),
                                                   ("valid", splits.valid), ("test", splits.test),
                                                   ("forget_eval", forget_eval)] + list(mia_s.items())}
-    retain_pool = draw(enc["retain"], int(round(cfg.unlearn.retain_per_forget * len(enc["forget"]))),
+    retain_pool = draw(enc["retain"], round(cfg.unlearn.retain_per_forget * len(enc["forget"])),
                        [cfg.forget_seed, 17])
     needed = enc["forget"] + retain_pool + enc["test"] + enc["forget_eval"]
     needed += [e for k in mia_s for e in enc[k]]
@@ -242,7 +252,7 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     model.prepare(needed, bs, progress)
     cache_seconds = time.perf_counter() - t0
 
-    # 5. unlearn (timed)
+    # 6. unlearn (timed)
     task = UnlearnTask(cfg, splits.dataset, model, original_state, enc["forget"], enc["retain"], retain_pool,
                        enc["valid"], cfg.seed, progress, log=out_run.log)
     t0 = time.perf_counter()
@@ -250,7 +260,7 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     unlearn_seconds = 0.0 if method == "original" else time.perf_counter() - t0
     out_run.log(f"{method}: unlearned in {unlearn_seconds:.1f}s")
 
-    # 6. the unlearned adapter, with what it may claim about its lineage
+    # 7. the unlearned adapter, with what it may claim about its lineage
     exact = result.trained_on_retained_only
     save_adapter(result.model.model, out_run / ADAPTER_DIR, {
         "base_model": cfg.model.name, "base_fingerprint": result.model.fingerprint,
@@ -263,7 +273,7 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
         "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
     })
 
-    # 7. measure
+    # 8. measure
     um = result.model
     t0 = time.perf_counter()
     probs = {k: um.score(enc[k], bs, progress) for k in ("test", "forget_eval", *mia_s)}
