@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow bench fetch lint clean
+.PHONY: setup demo test test-slow bench bench-unlearn fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-slow: fetch
 
 bench: fetch
 	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
+
+# the unlearning table (original, retrain, E2URec, NegGrad, Bad-Teacher on SmolLM2; ~40 min on 2 cores)
+bench-unlearn: fetch
+	$(BIN)/python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

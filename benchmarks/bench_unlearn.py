@@ -4,7 +4,7 @@ speed of each method against retraining measured in the same run.
 
 1. trains the original run (``configs/unlearn-ml100k-original.yaml``) unless RUNS/trained has metrics;
 2. runs ``retrain`` first (the reference), then the other methods with ``--retrained RUNS/retrain``, all with
-   ``configs/unlearn-ml100k.yaml`` and the same forget users; a method whose RUNS/<method>/metrics.json
+   ``configs/unlearn/ml100k.yaml`` and the same forget users; a method whose RUNS/<method>/metrics.json
    exists is reused (delete it to re-run);
 3. prints the table and the goal checks, and with ``--results`` / ``--benchmarks`` rewrites the marked
    sections of those files.
@@ -71,7 +71,7 @@ def goals(m: dict[str, dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--original-config", default=str(ROOT / "configs" / "unlearn-ml100k-original.yaml"))
-    ap.add_argument("--unlearn-config", default=str(ROOT / "configs" / "unlearn-ml100k.yaml"))
+    ap.add_argument("--unlearn-config", default=str(ROOT / "configs" / "unlearn" / "ml100k.yaml"))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "unlearn-ml100k"))
     ap.add_argument("--forget-fraction", type=float, default=0.2)
     ap.add_argument("--methods", nargs="+", default=ORDER, choices=ORDER)

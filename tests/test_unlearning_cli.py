@@ -20,7 +20,7 @@ from privrec.unlearning.measures import jensen_shannon, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-UNLEARN_TINY = str(ROOT / "configs" / "unlearn-tiny.yaml")
+UNLEARN_TINY = str(ROOT / "configs" / "unlearn" / "tiny.yaml")
 FAST = ["--set", "model.threads=1", "--set", "model.precision=fp32"]
 
 
@@ -236,3 +236,25 @@ def test_forget_fraction_draw_is_seeded_and_never_takes_everyone(ml100k, tiny_sp
     with pytest.raises(UserError, match="none to retain"):
         choose_forget_users(tiny_splits.train, 0.999, seed=0)
     assert np.all(np.diff(a) > 0)  # sorted, no repeats
+    # never-seen samples of the training period come from the protocol's undrawn training part
+    assert len(tiny_splits.pool) == 8000 and {s.sample_id for s in tiny_splits.train} <= {
+        s.sample_id for s in tiny_splits.pool}
+
+
+@pytest.mark.parametrize("name", ["tiny", "ml100k"])
+def test_shipped_unlearn_configs_resolve(name, tmp_path):
+    """configs/unlearn/*.yaml (only the `unlearn:` section) on top of the run configs they are meant for."""
+    import shutil
+
+    from privrec.unlearning.unlearn import load_unlearn_config
+
+    original = {"tiny": "tiny.yaml", "ml100k": "unlearn-ml100k-original.yaml"}[name]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ROOT / "configs" / original, run / "config.yaml")
+    cfg = load_unlearn_config(run, ROOT / "configs" / "unlearn" / f"{name}.yaml", method="retrain")
+    assert cfg.unlearn.method == "retrain" and cfg.unlearn.forget_fraction == 0.2
+    assert student_lora(cfg).top_layers == cfg.lora.top_layers and student_lora(cfg).r == 16
+    if name == "ml100k":
+        assert cfg.model.name == "smollm2-135m" and cfg.lora.top_layers == 8 and cfg.data.n_train == 1024
+        assert cfg.unlearn.e2urec.alpha == 2.0 and cfg.unlearn.e2urec.beta == 0.4

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--forget-fraction", type=float, metavar="F",
                    help="forget this fraction of the training users, drawn with the seed (default 0.2)")
     p.add_argument("--out", required=True, help="output run directory")
-    p.add_argument("--config", default=None, help="YAML with an `unlearn:` section (configs/unlearn-*.yaml)")
+    p.add_argument("--config", default=None, help="YAML with an `unlearn:` section (configs/unlearn/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an unlearn.* value, e.g. --set unlearn.e2urec.alpha=1 (repeatable)")
     p.add_argument("--retrained", metavar="DIR", default=None,
