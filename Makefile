@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow bench bench-federated fetch lint clean
+.PHONY: setup demo test test-slow bench bench-federated bench-unlearn fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: fetch
 
 bench-federated: fetch
 	$(BIN)/python benchmarks/bench_federated.py all --runs $(RUNS)/federated
+
+# the unlearning table (original, retrain, E2URec, NegGrad, Bad-Teacher on SmolLM2; ~40 min on 2 cores)
+bench-unlearn: fetch
+	$(BIN)/python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -110,3 +110,16 @@ def test_seed_determines_result(ml100k, tiny_splits):
     a, b, c = once(0), once(0), once(1)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_lr_schedule_hand_computed():
+    from privrec.train import lr_factor
+
+    cfg = tiny_config(train={"warmup_ratio": 0.2, "schedule": "linear"}).train
+    # 10 steps: warm-up over 2 steps (1/2, 2/2), then linear decay over the 8 remaining
+    assert [lr_factor(cfg, s, 10) for s in range(4)] == pytest.approx([0.5, 1.0, 1.0, 7 / 8])
+    assert lr_factor(cfg, 9, 10) == pytest.approx(1 / 8)
+    cos = cfg.model_copy(update={"schedule": "cosine", "warmup_ratio": 0.0})
+    assert lr_factor(cos, 5, 10) == pytest.approx(0.5)
+    const = cfg.model_copy(update={"schedule": "constant"})
+    assert lr_factor(const, 9, 10) == 1.0

@@ -74,6 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=["in-process", "flower"], default="in-process",
                    help="in-process (default) or a Flower simulation (needs the `federated` extra)")
 
+    p = sub.add_parser("unlearn", help="forget users from a trained run (E2URec or a baseline) and measure it")
+    p.add_argument("run", help="a run directory made by `privrec train`")
+    p.add_argument("--method", choices=["e2urec", "neggrad", "bad-teacher", "retrain", "original"],
+                   help="unlearning method (default: the config's unlearn.method, e2urec); original = measure "
+                   "the trained run as it is")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--forget-users", metavar="FILE", help="user ids to forget, one per line")
+    g.add_argument("--forget-fraction", type=float, metavar="F",
+                   help="forget this fraction of the training users, drawn with the seed (default 0.2)")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--config", default=None, help="YAML with an `unlearn:` section (configs/unlearn/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an unlearn.* value, e.g. --set unlearn.e2urec.alpha=1 (repeatable)")
+    p.add_argument("--retrained", metavar="DIR", default=None,
+                   help="an `unlearn --method retrain` run on the same forget set: divergence from it and the "
+                   "speed-up over it are measured")
+
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--markdown", action="store_true")
@@ -110,6 +127,15 @@ def _dispatch(args) -> int:
             run.run_baseline(cfg, args.out)
         from privrec.report import render
 
+        print(render([args.out]))
+        return 0
+    if args.command == "unlearn":
+        from privrec.report import render
+        from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
+
+        cfg = load_unlearn_config(args.run, args.config, args.overrides, args.method, args.forget_users,
+                                  args.forget_fraction)
+        run_unlearn(cfg, args.run, args.out, retrained=args.retrained, progress=progress)
         print(render([args.out]))
         return 0
     if args.command == "federate":

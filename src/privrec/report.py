@@ -45,7 +45,20 @@ HEADER = ["run", "AUC", "UAUC", "LogLoss", "ACC", "n_test", "train s"]
 
 
 def render(paths: list[str | Path], markdown: bool = False) -> str:
-    rows = like_rows(collect(paths))
+    """One table of trained runs and, when there are any, the comparison table of unlearning runs."""
+    runs = collect(paths)
+    unlearning = [(n, m) for n, m in runs if m.get("kind") == "unlearning"]
+    others = [(n, m) for n, m in runs if m.get("kind") != "unlearning"]
+    parts = [_render_like(others, markdown)] if others else []
+    if unlearning:
+        from privrec.unlearning.measures import render_table
+
+        parts.append(render_table(unlearning, markdown))
+    return "\n\n".join(parts)
+
+
+def _render_like(runs: list[tuple[str, dict]], markdown: bool) -> str:
+    rows = like_rows(runs)
     if markdown:
         lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -31,7 +31,6 @@ from privrec.model.recmodel import Batch, Encoded, RecLM
 CKPT_EPOCH = "epoch"
 CKPT_ADAPTER = "adapter"
 CKPT_OPTIMIZER = "optimizer"
-CKPT_SCHEDULER = "scheduler"
 CKPT_BEST = "best_adapter"
 CKPT_STATE = "loop_state"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -75,20 +74,18 @@ class TrainResult:
         return self.samples_seen / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _scheduler(opt, cfg, total_steps: int):
+def lr_factor(cfg, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based) out of ``total_steps``: linear warm-up
+    over ``cfg.warmup_ratio`` of the steps, then constant, linear decay to 0, or cosine decay to 0."""
     warm = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warm) / max(1, total_steps - warm)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total_steps - warm)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -111,7 +108,8 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists.
         loss_fn: ``(z, batch) -> loss``; default 2-way cross-entropy.
         regularizer: extra term added to every batch's loss (e.g. FedProx's proximal term).
-        batch_plan: ``(epoch, rng, data) -> list of index batches``; default shuffled length-bucketed.
+        batch_plan: ``(epoch, rng, data) -> list of index batches``; default shuffled length-bucketed. It
+            is called once per epoch, at the start of the epoch.
         lr_scale: multiplies ``cfg.lr`` (per-client learning-speed scaling).
 
     Raises:
@@ -128,9 +126,8 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     model.prepare(data + (valid or []), cfg.eval_batch_size, progress)
 
     plan = batch_plan or (lambda e, rng, d: shuffled_length_batches(len(d), cfg.batch_size, rng, d))
-    steps_per_epoch = math.ceil(len(plan(0, np.random.default_rng([seed, 0]), data)) / cfg.grad_accum)
-    opt = torch.optim.AdamW(params, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
-    sched = _scheduler(opt, cfg, steps_per_epoch * cfg.epochs)
+    base_lr = cfg.lr * lr_scale
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
 
     start_epoch, best_state, bad_epochs = 0, None, 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
@@ -138,7 +135,6 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         ck = torch.load(ckpt_path, weights_only=False)
         load_adapter_state(model.model, ck[CKPT_ADAPTER])
         opt.load_state_dict(ck[CKPT_OPTIMIZER])
-        sched.load_state_dict(ck[CKPT_SCHEDULER])
         best_state = ck[CKPT_BEST]
         st = ck[CKPT_STATE]
         start_epoch, bad_epochs = ck[CKPT_EPOCH] + 1, st["bad_epochs"]
@@ -152,6 +148,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         rng = np.random.default_rng([seed, epoch])
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout
         batches = plan(epoch, rng, data)
+        # The schedule is placed by this epoch's step count: with equal epochs it is exactly a schedule over
+        # epochs x steps; a plan whose epochs differ in length (E2URec's forget-only first epoch) gets each
+        # epoch's share of it. Derived from (epoch, step), so resuming needs no scheduler state.
+        epoch_steps = math.ceil(len(batches) / cfg.grad_accum)
+        step_in_epoch = 0
         model.model.train()
         losses = []
         iterator = batches
@@ -171,8 +172,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             losses.append(float(loss.detach()))
             result.samples_seen += len(idx)
             if (b_i + 1) % cfg.grad_accum == 0 or b_i + 1 == len(batches):
+                lr = base_lr * lr_factor(cfg, epoch * epoch_steps + step_in_epoch, epoch_steps * cfg.epochs)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 opt.step()
-                sched.step()
+                step_in_epoch += 1
                 opt.zero_grad(set_to_none=True)
                 result.steps += 1
             if progress and hasattr(iterator, "set_postfix"):
@@ -198,7 +202,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_save({
                 CKPT_EPOCH: epoch, CKPT_ADAPTER: adapter_state(model.model), CKPT_OPTIMIZER: opt.state_dict(),
-                CKPT_SCHEDULER: sched.state_dict(), CKPT_BEST: best_state,
+                CKPT_BEST: best_state,
                 CKPT_STATE: {"bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
                              "best": result.best_valid_auc, "samples_seen": result.samples_seen,
                              "steps": result.steps, "seconds": result.seconds, "stopped": stop},

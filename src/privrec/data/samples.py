@@ -57,6 +57,9 @@ class Splits:
     train: list[Sample]
     valid: list[Sample]
     test: list[Sample]
+    # the protocol's whole training part, before ``n_train`` was drawn from it (samples never drawn are
+    # never-seen data of the training period, e.g. for membership-inference measures)
+    pool: list[Sample] = field(default_factory=list)
 
     def get(self, name: str) -> list[Sample]:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -136,6 +139,7 @@ def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str]
         _subsample(tr, cfg.n_train, [seed, 1]),
         _subsample(va, cfg.n_valid, [cfg.sample_seed, 2]),
         _subsample(te, cfg.n_test, [cfg.sample_seed, 3]),
+        pool=tr,
     )
 
 

@@ -78,8 +78,8 @@ def fedabc_plan(score_logits: Callable[[list[Encoded]], np.ndarray], batch_size:
     memo: dict[int, list[list[int]]] = {}
 
     def plan(epoch: int, rng: np.random.Generator, data: list[Encoded]) -> list[list[int]]:
-        # The loop calls the plan for epoch 0 twice (once to count steps) with the same rng seed and the
-        # same weights: the second call returns the first one's batches.
+        # A second call for the same epoch (same rng seed, same weights) returns the first one's batches
+        # instead of scoring again.
         if epoch in memo:
             return memo[epoch]
         labels = np.array([e.label for e in data], dtype=np.float64)

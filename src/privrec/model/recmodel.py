@@ -286,14 +286,15 @@ class RecLM:
                         use_cache=False)
         return out.last_hidden_state  # (B, T, H), before the final norm
 
-    def _head(self, h_last: torch.Tensor) -> torch.Tensor:
-        """(B, H) last-token states -> (B,) fp32 logit difference z_yes - z_no."""
+    def _head(self, h_last: torch.Tensor, pair: bool = False) -> torch.Tensor:
+        """(B, H) last-token states -> (B,) fp32 logit difference z_yes - z_no, or with ``pair`` the (B, 2)
+        raw LM-head logits [z_yes, z_no] (what a per-class logit formula such as E2URec's teacher needs)."""
         inner = self._inner()
         h = inner.norm(h_last.float())  # (B, H) final norm in fp32
         out_emb = (self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
         w = out_emb.get_output_embeddings().weight[[self.yes_id, self.no_id]].float()  # (2, H)
         z = h @ w.T  # (B, 2)
-        return z[:, 0] - z[:, 1]
+        return z if pair else z[:, 0] - z[:, 1]
 
     def _last_state(self, batch: Batch) -> torch.Tensor:
         """(B, H) last decoder layer's output at each prompt's last real token (before the final norm)."""
@@ -307,9 +308,10 @@ class RecLM:
                                  attention_mask=batch.attention_mask)
         return h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """The one forward: (B,) fp32 z_yes - z_no for a batch (grad flows into trainable LoRA weights)."""
-        return self._head(self._last_state(batch))
+    def logits(self, batch: Batch, pair: bool = False) -> torch.Tensor:
+        """The one forward: (B,) fp32 z_yes - z_no for a batch (grad flows into trainable LoRA weights);
+        ``pair=True`` returns the (B, 2) logits [z_yes, z_no] instead."""
+        return self._head(self._last_state(batch), pair)
 
     @torch.no_grad()
     def last_hidden(self, items: list[Encoded], at: str = "final", batch_size: int = 16,
@@ -372,18 +374,21 @@ class RecLM:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def score_logits(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> np.ndarray:
-        """z_yes - z_no for every item, in input order (the one scorer; eval mode, no dropout)."""
+    def score_logits(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
+                     pair: bool = False) -> np.ndarray:
+        """z_yes - z_no for every item, in input order (the one scorer; eval mode, no dropout).
+
+        ``pair=True``: the (N, 2) raw logits [z_yes, z_no] instead of their difference."""
         if not items:
-            return np.zeros(0)
+            return np.zeros((0, 2) if pair else 0)
         self.prepare(items, batch_size, progress)
         was_training = self.model.training
         self.model.eval()
-        out = np.zeros(len(items), dtype=np.float64)
+        out = np.zeros((len(items), 2) if pair else len(items), dtype=np.float64)
         try:
             batches = self.length_batches(items, batch_size)
             for idx in _progress(batches, len(batches), "scoring", progress):
-                z = self.logits(self.collate([items[i] for i in idx]))
+                z = self.logits(self.collate([items[i] for i in idx]), pair)
                 out[idx] = z.double().cpu().numpy()
         finally:
             self.model.train(was_training)

@@ -1,1 +1,2 @@
-"""Machine unlearning: sharded exact unlearning (APA, SISA, RecEraser-style) and approximate unlearning."""
+"""Machine unlearning: exact (APA, SISA, RecEraser-style shards; retraining) and approximate (E2URec, NegGrad,
+Bad-Teacher) methods, and the measures of forgetting they share."""

@@ -1,0 +1,287 @@
+"""What every method of ``privrec unlearn`` shares (METHODS §5): its config section, the choice of the users to
+forget, the task a method receives and the result it returns, the paired forget/retain batch plan and the
+soft-target losses that all run through THE training loop (``privrec.train.train``).
+
+A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.e2urec``
+and ``privrec.unlearning.baselines``); ``privrec.unlearning.unlearn.run_unlearn`` is the procedure around it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from privrec.config import ExperimentConfig, LoraConfig, TrainConfig, _Section
+from privrec.data import Dataset, Sample
+from privrec.errors import DataError, UserError
+from privrec.model.recmodel import Batch, Encoded, RecLM
+
+METHOD_NAMES = ("e2urec", "neggrad", "bad-teacher", "retrain", "original")
+
+
+# --- config ------------------------------------------------------------------------------------------------
+# Each training section is its own TrainConfig subclass so that a partial override (``--set
+# unlearn.e2urec.train.epochs=3``) keeps the method's other defaults instead of TrainConfig's.
+class _UnlearnTrain(TrainConfig):
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant")
+    checkpoint: bool = Field(False, description="Unlearning runs are short and are not resumed.")
+
+
+class AugmentTrain(_UnlearnTrain):
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-3, gt=0)
+
+
+class StudentTrain(_UnlearnTrain):
+    epochs: int = Field(2, ge=0, description="Student epochs, the first forget_only_epochs of them forget-only.")
+    batch_size: int = Field(16, ge=1, description="Per side: a mixed batch holds this many forget and this many "
+                            "retained samples.")
+    lr: float = Field(1e-3, gt=0)
+
+
+class BaselineTrain(_UnlearnTrain):
+    epochs: int = Field(2, ge=0)
+    batch_size: int = Field(8, ge=1, description="Per side: a batch holds this many forget and this many "
+                            "retained samples.")
+    lr: float = Field(3e-4, gt=0)
+
+
+class StudentLoraConfig(LoraConfig):
+    """E2URec's student LoRA (METHODS §5: r=16, alpha=32, dropout 0.05 on q and v)."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    top_layers: int | None = Field(
+        None, ge=1, description="Put the student's LoRA on the top L layers; None = the original run's "
+        "lora.top_layers (the frozen-layer cache then serves the student too).")
+
+
+class E2URecSection(_Section):
+    alpha: float = Field(2.0, ge=0, description="Forgetting teacher z_fgt = z_orig - alpha * ReLU(z_aug - z_orig).")
+    beta: float = Field(0.4, ge=0, le=1, description="Loss = beta * L_forget + (1 - beta) * L_remember.")
+    label_weight: float = Field(
+        1.0, ge=0, description="Weight of the ordinary label loss inside L_remember (next to the soft "
+        "cross-entropy against the remembering teacher).")
+    forget_only_epochs: int = Field(1, ge=0, description="The first N student epochs train L_forget only.")
+    logit_space: Literal["logprob", "pair", "difference"] = Field(
+        "logprob", description="What the teacher formula acts on, per answer class. logprob: the two-way "
+        "log-softmax [ln P(Yes), ln P(No)] (the raw pair normalised, so a shift shared by both logits, which "
+        "leaves P(Yes) unchanged, cannot hide or fake a push); pair: the raw LM-head logits [z_yes, z_no] (the "
+        "released code applies the formula to raw vocabulary logits); difference: z_yes - z_no (then a forget "
+        "sample the augmented model pushed towards No is left as the original has it).")
+    augment: AugmentTrain = Field(
+        AugmentTrain(),
+        description="Training of the augmented model: the original adapter tuned further on the forget set.")
+    lora: StudentLoraConfig = Field(StudentLoraConfig(), description="The student's fresh LoRA.")
+    train: StudentTrain = Field(StudentTrain(), description="Student training (METHODS §5: AdamW lr 1e-3, "
+                                "batch 16).")
+
+
+class NegGradSection(_Section):
+    lam: float = Field(0.2, ge=0, description="Loss = CE_retain - lam * CE_forget (METHODS §5: 0.2).")
+    train: BaselineTrain = Field(BaselineTrain(), description="Tuning of the original adapter.")
+
+
+class BadTeacherSection(_Section):
+    teacher: Literal["uniform", "base"] = Field(
+        "uniform", description="The incompetent teacher on the forget set: uniform = P(Yes) drawn uniformly "
+        "at random per sample (a randomly initialised classifier's output, seeded); base = the untuned "
+        "backbone's P(Yes).")
+    train: BaselineTrain = Field(BaselineTrain(), description="Distillation into the original adapter.")
+
+
+class MiaSection(_Section):
+    max_samples: int = Field(
+        256, ge=8, description="Cap on each attack set (retained members to fit on, never-seen samples to fit "
+        "on, never-seen samples to compare the forget set with), drawn with the unlearning seed.")
+    unseen: Literal["auto", "unused-train", "valid-test"] = Field(
+        "auto", description="Where never-seen samples come from: unused-train = training-period samples the "
+        "original run never drew (same period and distribution as the forget set); valid-test = the run's "
+        "validation and test samples (later in time: the attack may then tell time apart, not membership); "
+        "auto = unused-train when there are any.")
+
+
+class UnlearnSection(_Section):
+    method: Literal["e2urec", "neggrad", "bad-teacher", "retrain", "original"] = Field(
+        "e2urec", description="e2urec / neggrad / bad-teacher: approximate unlearning; retrain: from scratch on "
+        "the retained samples with the original run's lora and train settings; original: no unlearning (the "
+        "reference row 'doing nothing').")
+    forget_fraction: float | None = Field(
+        0.2, gt=0, lt=1, description="Forget this fraction of the training users (all their samples), drawn "
+        "with forget_seed. Mutually exclusive with forget_users.")
+    forget_users: list[int] | None = Field(None, description="Forget exactly these user ids.")
+    forget_seed: int | None = Field(None, description="Seed for drawing the forget users; None = the run's seed.")
+    retain_per_forget: float = Field(
+        1.0, gt=0, description="Approximate methods see this many retained samples per forget sample "
+        "(drawn once, capped at all retained samples).")
+    e2urec: E2URecSection = E2URecSection()
+    neggrad: NegGradSection = NegGradSection()
+    bad_teacher: BadTeacherSection = BadTeacherSection()
+    mia: MiaSection = MiaSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> UnlearnSection:
+        if (self.forget_fraction is None) == (self.forget_users is None):
+            raise ValueError("give exactly one of unlearn.forget_fraction and unlearn.forget_users")
+        if self.forget_users is not None and not self.forget_users:
+            raise ValueError("unlearn.forget_users is empty: nothing to forget")
+        for name, tc in (("e2urec.augment", self.e2urec.augment), ("e2urec.train", self.e2urec.train),
+                         ("neggrad.train", self.neggrad.train), ("bad_teacher.train", self.bad_teacher.train)):
+            if tc.early_stopping is not None:
+                raise ValueError(f"unlearn.{name}.early_stopping: unlearning trains without validation")
+        if self.e2urec.forget_only_epochs > self.e2urec.train.epochs:
+            raise ValueError(f"unlearn.e2urec.forget_only_epochs={self.e2urec.forget_only_epochs} exceeds "
+                             f"unlearn.e2urec.train.epochs={self.e2urec.train.epochs}")
+        return self
+
+
+class UnlearnConfig(ExperimentConfig):
+    """The original run's config plus the ``unlearn`` section (``privrec unlearn`` writes it resolved)."""
+
+    unlearn: UnlearnSection = UnlearnSection()
+
+    @property
+    def forget_seed(self) -> int:
+        return self.seed if self.unlearn.forget_seed is None else self.unlearn.forget_seed
+
+
+def student_lora(cfg: UnlearnConfig) -> LoraConfig:
+    """The student's LoRA as a plain :class:`LoraConfig`, top layers resolved against the original's."""
+    s = cfg.unlearn.e2urec.lora
+    top = s.top_layers if s.top_layers is not None else cfg.lora.top_layers
+    return LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=list(s.target_modules),
+                      top_layers=top, cache_frozen=cfg.lora.cache_frozen)
+
+
+# --- the forget set ----------------------------------------------------------------------------------------
+def read_user_file(path: str | Path) -> list[int]:
+    """User ids, one per line; blank lines and ``#`` comments ignored.
+
+    Raises:
+        DataError: missing file, a line that is not an integer, or no ids at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"forget-users file not found: {p}")
+    users = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            users.append(int(text))
+        except ValueError:
+            raise DataError(f"{p}:{n}: expected a user id, got {text!r}") from None
+    if not users:
+        raise DataError(f"{p} lists no user ids")
+    return sorted(set(users))
+
+
+def choose_forget_users(samples: list[Sample], fraction: float, seed: int) -> list[int]:
+    """round(fraction x #users) of the users that own training samples, drawn without replacement (seeded)."""
+    users = sorted({s.user_id for s in samples})
+    k = max(1, round(fraction * len(users)))
+    if k >= len(users):
+        raise UserError(f"forgetting {fraction:g} of {len(users)} training users leaves none to retain")
+    rng = np.random.default_rng([seed, 11])
+    return sorted(int(u) for u in rng.choice(users, size=k, replace=False))
+
+
+def split_by_users(samples: list[Sample], users) -> tuple[list[Sample], list[Sample]]:
+    """(samples of ``users``, the rest), order kept."""
+    users = set(users)
+    return [s for s in samples if s.user_id in users], [s for s in samples if s.user_id not in users]
+
+
+def draw(items: list, n: int | None, seed: list[int] | int) -> list:
+    """Up to n items drawn without replacement, kept in their input order (all when n is None or larger)."""
+    if n is None or n >= len(items):
+        return list(items)
+    idx = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
+    return [items[i] for i in idx]
+
+
+# --- what a method receives and returns --------------------------------------------------------------------
+@dataclass
+class UnlearnTask:
+    """Everything a method needs. ``model`` is the original (base + the trained run's adapter, named "default");
+    a method may tune it in place (NegGrad, Bad-Teacher) or build new models from ``cfg`` and ``dataset``."""
+
+    cfg: UnlearnConfig
+    dataset: Dataset
+    model: RecLM
+    original_state: dict[str, torch.Tensor]
+    forget: list[Encoded]  # every training item of the forget users (augmented copies included)
+    retain: list[Encoded]  # every training item of the retained users
+    retain_pool: list[Encoded]  # the retained items the approximate methods see (retain_per_forget)
+    valid: list[Encoded]
+    seed: int
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Unlearned:
+    """A method's result: a model that scores as the unlearned recommender, and the one peft adapter (tensors
+    + config) that holds it, which ``privrec unlearn`` saves as OUT/adapter."""
+
+    model: RecLM
+    adapter_state: dict[str, torch.Tensor]
+    lora: LoraConfig
+    trained_on_retained_only: bool  # True only when no forgotten sample ever reached these weights
+    details: dict = field(default_factory=dict)
+
+
+class Unlearner(Protocol):
+    def __call__(self, task: UnlearnTask) -> Unlearned: ...
+
+
+# --- batches and losses shared by the approximate methods ---------------------------------------------------
+def paired_plan(n_forget: int, n_retain: int, batch_size: int, forget_only_epochs: int = 0):
+    """A ``batch_plan`` for data laid out as [forget items..., retain pool items...].
+
+    Forget-only epochs: the forget items in shuffled batches of ``batch_size``. Mixed epochs: ceil(n_forget /
+    batch_size) batches, each with the next ``batch_size`` forget items and ``batch_size`` retained items from
+    a fresh permutation of the pool (cycled when the pool is smaller), like zipping two loaders.
+    """
+    if n_forget < 1:
+        raise ValueError("no forget samples")
+
+    def plan(epoch: int, rng: np.random.Generator, data) -> list[list[int]]:
+        assert len(data) == n_forget + n_retain, "data must be forget items followed by the retain pool"
+        f = rng.permutation(n_forget).tolist()
+        f_batches = [f[i: i + batch_size] for i in range(0, n_forget, batch_size)]
+        if epoch < forget_only_epochs or n_retain == 0:
+            return f_batches
+        need = len(f_batches) * batch_size
+        r = np.concatenate([rng.permutation(n_retain) for _ in range(math.ceil(need / n_retain))])
+        return [fb + (n_forget + r[k * batch_size:(k + 1) * batch_size]).tolist() for k, fb in enumerate(f_batches)]
+
+    return plan
+
+
+def soft_bce(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per item 2-way cross-entropy of the student's softmax([z_yes, z_no]) against a target P(Yes)."""
+    return F.binary_cross_entropy_with_logits(z, target, reduction="none")
+
+
+def lookup(batch: Batch, table: dict[str, float], device) -> torch.Tensor:
+    """Per-item values of a sample_id -> float table (teacher targets computed once up front)."""
+    return torch.tensor([table[e.sample_id] for e in batch.items], dtype=torch.float32, device=device)
+
+
+def forget_mask(batch: Batch, forget_ids: set[str], device) -> torch.Tensor:
+    return torch.tensor([e.sample_id in forget_ids for e in batch.items], dtype=torch.bool, device=device)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask; 0 (with grad) when the mask is empty."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,310 @@
+"""The ``unlearn`` procedure: take a trained run, forget users with one method, measure, write OUT/.
+
+Its life, top to bottom (torchtune style): resolve the config (the trained run's own + the ``unlearn``
+section), rebuild the run's data and model and check they are the ones that trained its adapter, choose the
+forget users, read the retrained reference if one is given, draw the membership-inference sets, tokenise and
+fill the frozen-layer cache (timed apart), run the method (timed: ``unlearn_seconds``), save its adapter,
+score it and write every measure of ``privrec.unlearning.measures`` to OUT/metrics.json (METHODS §5, §7).
+
+OUT holds ``config.yaml`` (resolved UnlearnConfig), ``forget.json`` (users and sample ids forgotten),
+``adapter/`` (one peft adapter; ``privrec.json`` says whether it is exact), ``metrics.json``,
+``predictions_forget.csv``, ``predictions_test.csv`` and ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from privrec.config import apply_overrides, parse_config
+from privrec.data import Sample, Splits, augment
+from privrec.errors import ConfigError, RunError, UserError
+from privrec.model.adapters import lineage_digest, load_adapter_state, read_adapter, save_adapter
+from privrec.run import machine, setup_data, setup_model, write_predictions
+from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
+from privrec.unlearning import baselines
+from privrec.unlearning.approx import (
+    METHOD_NAMES,
+    UnlearnConfig,
+    Unlearned,
+    Unlearner,
+    UnlearnTask,
+    choose_forget_users,
+    draw,
+    read_user_file,
+    split_by_users,
+)
+from privrec.unlearning.e2urec import e2urec
+from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
+
+METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
+                                 "bad-teacher": baselines.bad_teacher, "retrain": baselines.retrain,
+                                 "original": baselines.original}
+assert set(METHODS) == set(METHOD_NAMES)
+
+FORGET_FILE = "forget.json"
+PREDICTIONS_FORGET = "predictions_forget.csv"
+# what an unlearning run may set besides its own section; everything else is the trained run's and fixed
+CHANGEABLE = ("unlearn.", "model.threads", "model.precision", "train.eval_batch_size")
+MIN_UNSEEN = 8  # fewer never-seen samples of the forget users than this: compare with all users' instead
+
+
+# --- 1. config ---------------------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_unlearn_config(run_path: str | Path, config_file: str | Path | None = None,
+                        overrides: list[str] | None = None, method: str | None = None,
+                        forget_users_file: str | Path | None = None,
+                        forget_fraction: float | None = None) -> UnlearnConfig:
+    """The trained run's config.yaml + an ``unlearn:`` YAML + ``--set`` + the command-line choices.
+
+    Raises:
+        RunError: RUN is not a trained run directory.
+        ConfigError: the unlearn YAML holds other sections, an override changes the trained run's settings,
+            or a value is invalid.
+        DataError: the forget-users file is missing or malformed.
+    """
+    run = RunDir(run_path, create=False)
+    path = run / CONFIG_FILE
+    if not path.is_file():
+        raise RunError(f"{run.path} has no {CONFIG_FILE}: not a privrec run directory")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "unlearn" in raw:
+        raise RunError(f"{run.path} is an unlearning run; give the trained run (privrec train --out DIR)")
+    trained = _flatten(copy.deepcopy(raw))
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            extra = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{p}: invalid YAML") from None
+        if not isinstance(extra, dict) or set(extra) - {"unlearn"}:
+            raise ConfigError(f"{p}: an unlearning config holds only the `unlearn:` section (the rest is the "
+                              "trained run's)")
+        raw["unlearn"] = extra.get("unlearn") or {}
+    apply_overrides(raw, overrides or [])
+    section = raw.setdefault("unlearn", {})
+    if not isinstance(section, dict):
+        raise ConfigError("unlearn: must be a section")
+    if method is not None:
+        section["method"] = method
+    if forget_users_file is not None:
+        section["forget_users"], section["forget_fraction"] = read_user_file(forget_users_file), None
+    elif forget_fraction is not None:
+        section["forget_fraction"], section["forget_users"] = forget_fraction, None
+    for key, value in _flatten({k: v for k, v in raw.items() if k != "unlearn"}).items():
+        if trained.get(key, object()) != value and not key.startswith(CHANGEABLE):
+            raise ConfigError(f"{key}: an unlearning run cannot change the trained run's settings (only "
+                              "unlearn.*, model.threads, model.precision, train.eval_batch_size)")
+    return parse_config(raw, UnlearnConfig)
+
+
+# --- 2. the original run -----------------------------------------------------------------------------------
+def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: list[Sample]):
+    """(model with the run's adapter as "default", its tensors, its metadata).
+
+    Raises:
+        RunError: no adapter, different base weights, or the rebuilt training set differs from the one that
+            trained the adapter (so the forget set could not be trusted).
+    """
+    folder = run_path / ADAPTER_DIR
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise RunError(f"{run_path} has no trained adapter ({ADAPTER_DIR}/); did training finish?")
+    state, meta = read_adapter(folder)
+    recorded = meta.get("sample_ids")
+    if recorded is not None and sorted(recorded) != sorted({s.source_id for s in trained}):
+        raise RunError(f"{folder}: the samples recorded as its lineage are not the ones its config yields; "
+                       "was the data changed?")
+    model = setup_model(cfg, splits)
+    if meta.get("base_fingerprint") not in (None, model.fingerprint):
+        raise RunError(f"{folder} was trained on different base weights than {cfg.model.name}")
+    try:
+        load_adapter_state(model.model, state)
+    except ValueError as e:
+        raise RunError(f"{folder}: {e}") from None
+    return model, state, meta
+
+
+def read_reference(path: str | Path, forget_ids: list[str]) -> tuple[np.ndarray, float, str]:
+    """The retrained run's P(Yes) on our forget samples (in our order), its unlearn_seconds, its path.
+
+    Raises:
+        RunError: not a retrain run, or a different forget set.
+    """
+    ref = RunDir(path, create=False)
+    m = read_json(ref / METRICS_FILE)
+    if m.get("kind") != "unlearning" or m.get("method") != "retrain":
+        raise RunError(f"--retrained {ref.path}: expected the output of `privrec unlearn --method retrain`")
+    theirs = read_json(ref / FORGET_FILE)
+    if sorted(theirs.get("sample_ids", [])) != sorted(forget_ids):
+        raise RunError(f"--retrained {ref.path} forgot a different set of samples; use the same forget users "
+                       "(or the same --forget-fraction and seed)")
+    with open(ref / PREDICTIONS_FORGET, newline="") as f:
+        probs = {row["sample_id"]: float(row["p_yes"]) for row in csv.DictReader(f)}
+    return np.array([probs[i] for i in forget_ids]), float(m["unlearn_seconds"]), str(ref.path)
+
+
+def mia_samples(cfg: UnlearnConfig, splits: Splits, trained: list[Sample], forget_users: list[int],
+                retained: list[Sample]) -> tuple[dict[str, list[Sample]], dict[str, str]]:
+    """The attack's samples: retained members to fit on, never-seen samples of other users to fit on, and
+    never-seen samples of the forget users to compare the forget set with (METHODS §7)."""
+    mia, seed = cfg.unlearn.mia, cfg.forget_seed
+    pool: list[Sample] = []
+    if mia.unseen in ("auto", "unused-train"):
+        used = {s.source_id for s in trained}
+        pool = [s for s in splits.pool if s.sample_id not in used]
+        if not pool and mia.unseen == "unused-train":
+            raise UserError("unlearn.mia.unseen=unused-train: the run trained on every training-period sample "
+                            "(data.n_train is unset); use valid-test")
+    source = "unused-train" if pool else "valid-test"
+    pool = pool or (splits.valid + splits.test)
+    fu = set(forget_users)
+    same_users = [s for s in pool if s.user_id in fu]
+    other_users = [s for s in pool if s.user_id not in fu]
+    if len(same_users) >= MIN_UNSEEN and len(other_users) >= MIN_UNSEEN:
+        unseen_eval, unseen_fit, eval_users = same_users, other_users, "forget-users"
+    else:  # too few never-seen samples of the forget users: halve the whole pool
+        order = np.random.default_rng([seed, 20]).permutation(len(pool))
+        half = len(pool) // 2
+        unseen_eval = [pool[i] for i in sorted(order[:half])]
+        unseen_fit = [pool[i] for i in sorted(order[half:])]
+        eval_users = "all-users"
+    n = mia.max_samples
+    sets = {"members_fit": draw(retained, n, [seed, 23]), "unseen_fit": draw(unseen_fit, n, [seed, 22]),
+            "unseen_eval": draw(unseen_eval, n, [seed, 21])}
+    return sets, {"mia_unseen_source": source, "mia_unseen_eval_users": eval_users}
+
+
+# --- the procedure -----------------------------------------------------------------------------------------
+def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retrained: str | Path | None = None,
+                progress: bool = True) -> dict:
+    """Forget users from a trained run with ``cfg.unlearn.method``; returns metrics.json's content.
+
+    Raises:
+        UserError: bad run directory, forget users not in the training set, nothing left to retain, a
+            reference run with a different forget set.
+    """
+    run_path = Path(run_path)
+    method = cfg.unlearn.method
+    # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
+    #    fails with its one-line error and leaves nothing behind)
+    splits = setup_data(cfg)
+    trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+
+    # 2. the forget set: every training sample (augmented copies too) of the forget users
+    users = cfg.unlearn.forget_users or choose_forget_users(splits.train, cfg.unlearn.forget_fraction,
+                                                            cfg.forget_seed)
+    unknown = sorted(set(users) - {s.user_id for s in splits.train})
+    if unknown:
+        raise UserError(f"{len(unknown)} of the forget users have no training samples in {run_path} "
+                        f"(e.g. {unknown[:5]}); nothing of theirs to unlearn")
+    forget_s, retain_s = split_by_users(trained, users)
+    if not retain_s:
+        raise UserError("the forget users own every training sample: nothing is left to retain")
+    forget_eval = [s for s in forget_s if s.sample_id == s.source_id]
+    retained = [s for s in retain_s if s.sample_id == s.source_id]
+    forget_ids = [s.sample_id for s in forget_eval]
+
+    # 3. the retrained reference (divergence and speed-up are measured against it)
+    ref_probs, ref_seconds, ref_path = None, None, None
+    if retrained is not None:
+        ref_probs, ref_seconds, ref_path = read_reference(retrained, forget_ids)
+    # 4. the original model, checked against the adapter's lineage; the attack's samples
+    model, original_state, original_meta = load_original(cfg, splits, run_path, trained)
+    mia_s, mia_info = mia_samples(cfg, splits, trained, users, retained)
+
+    out_run = RunDir(out)
+    out_run.write_config(cfg)
+    atomic_write_json(out_run / FORGET_FILE, {"users": users, "sample_ids": sorted(forget_ids),
+                                              "n_trained_items": len(forget_s)})
+    out_run.log(f"privrec unlearn {run_path} --method {method} -> {out_run.path}")
+    out_run.log(f"forgetting {len(users)} of {len({s.user_id for s in splits.train})} training users: "
+                f"{len(forget_eval)} of {len(splits.train)} training samples ({len(forget_s)} items with "
+                f"augmented copies); {len(retain_s)} retained items")
+
+    # 5. tokenise once; fill the frozen-layer cache apart from the timed unlearning
+    bs = cfg.train.eval_batch_size
+    enc = {name: model.encode(s) for name, s in [("forget", forget_s), ("retain", retain_s),
+                                                  ("valid", splits.valid), ("test", splits.test),
+                                                  ("forget_eval", forget_eval)] + list(mia_s.items())}
+    retain_pool = draw(enc["retain"], round(cfg.unlearn.retain_per_forget * len(enc["forget"])),
+                       [cfg.forget_seed, 17])
+    needed = enc["forget"] + retain_pool + enc["test"] + enc["forget_eval"]
+    needed += [e for k in mia_s for e in enc[k]]
+    if method == "retrain":
+        needed += enc["retain"] + enc["valid"]
+    t0 = time.perf_counter()
+    model.prepare(needed, bs, progress)
+    cache_seconds = time.perf_counter() - t0
+
+    # 6. unlearn (timed)
+    task = UnlearnTask(cfg, splits.dataset, model, original_state, enc["forget"], enc["retain"], retain_pool,
+                       enc["valid"], cfg.seed, progress, log=out_run.log)
+    t0 = time.perf_counter()
+    result: Unlearned = METHODS[method](task)
+    unlearn_seconds = 0.0 if method == "original" else time.perf_counter() - t0
+    out_run.log(f"{method}: unlearned in {unlearn_seconds:.1f}s")
+
+    # 7. the unlearned adapter, with what it may claim about its lineage
+    exact = result.trained_on_retained_only
+    save_adapter(result.model.model, out_run / ADAPTER_DIR, {
+        "base_model": cfg.model.name, "base_fingerprint": result.model.fingerprint,
+        "config_digest": cfg.digest(), "method": method, "exact": exact, "original_run": str(run_path),
+        "lora": result.lora.model_dump(),
+        # every sample whose gradient reached these weights: approximate methods start from the original
+        "sample_ids": sorted({s.source_id for s in retain_s}) if exact else original_meta.get("sample_ids"),
+        "lineage_sha256": lineage_digest([s.sample_id for s in retain_s]) if exact
+        else original_meta.get("lineage_sha256"),
+        "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
+    })
+
+    # 8. measure
+    um = result.model
+    t0 = time.perf_counter()
+    probs = {k: um.score(enc[k], bs, progress) for k in ("test", "forget_eval", *mia_s)}
+    score_seconds = time.perf_counter() - t0
+
+    def outputs(key: str) -> Outputs:
+        return Outputs([e.label for e in enc[key]], probs[key])
+
+    if method == "retrain" and ref_probs is None:  # the retrained model is its own reference
+        ref_probs, ref_seconds = probs["forget_eval"], unlearn_seconds
+    metrics = forgetting_measures(
+        outputs("test"), outputs("forget_eval"), test_users=[s.user_id for s in splits.test],
+        retain=outputs("members_fit"),
+        mia=MiaSets(outputs("members_fit"), outputs("unseen_fit"), outputs("forget_eval"), outputs("unseen_eval")),
+        reference_forget_probs=ref_probs, seconds=unlearn_seconds, reference_seconds=ref_seconds, seed=cfg.seed)
+    metrics.update(mia_info)
+    metrics.update({
+        "kind": "unlearning", "method": method, "exact": exact, "original_run": str(run_path),
+        "retrained_reference": ref_path, "retrain_seconds": ref_seconds,
+        "n_train": len(splits.train), "n_users_train": len({s.user_id for s in splits.train}),
+        "n_forget_users": len(users), "n_forget_items": len(forget_s), "n_retain_items": len(retain_s),
+        "n_retain_pool": len(retain_pool), "forget_sample_fraction": len(forget_eval) / len(splits.train),
+        "cache_seconds": cache_seconds, "score_seconds": score_seconds, "details": result.details,
+        "model": cfg.model.name, "protocol": cfg.data.protocol, "seed": cfg.seed, "machine": machine(),
+    })
+    write_predictions(out_run / PREDICTIONS_FORGET, forget_eval, probs["forget_eval"])
+    write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])
+    out_run.write_metrics(metrics)
+    out_run.log(f"{method}: test AUC {metrics['test_auc']:.4f}, forget AUC {metrics['forget_auc']:.4f}, "
+                f"MIA loss-threshold accuracy {metrics['mia_loss_accuracy']:.3f}"
+                + (f", JSD vs retrain {metrics['jsd_vs_retrain']:.5f}" if metrics["jsd_vs_retrain"] is not None
+                   else ""))
+    return metrics
+
