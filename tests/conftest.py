@@ -26,7 +26,9 @@ def ml100k():
 def tiny_config(**sections):
     from privrec.config import parse_config
 
-    raw = {"model": {"name": "tiny-random"}, "data": {"n_train": 64, "n_valid": 32, "n_test": 64},
+    # one thread: the tiny model's matrices are too small for a second thread to help, and spinning
+    # OpenMP threads slow everything down when the machine is shared
+    raw = {"model": {"name": "tiny-random", "threads": 1}, "data": {"n_train": 64, "n_valid": 32, "n_test": 64},
            "lora": {"r": 4, "alpha": 8}, "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3}}
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
