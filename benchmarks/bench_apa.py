@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import mdsection
 import numpy as np
 
 from privrec.config import load_config
@@ -78,17 +78,9 @@ def write_section(path: str | None, name: str, text: str) -> None:
     print(text)
     if not path:
         return
-    begin, end = f"<!-- bench_apa:{name}:begin -->", f"<!-- bench_apa:{name}:end -->"
-    p = Path(path)
-    old = p.read_text() if p.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old:
-        new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, old, flags=re.DOTALL)
-    else:
-        new = old + ("\n" if old else "") + block + "\n"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(new)
-    log(f"wrote section {name} of {p}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    mdsection.write_section(path, f"bench_apa:{name}", text)
+    log(f"wrote section {name} of {path}")
 
 
 # --- runs ------------------------------------------------------------------------------------------------

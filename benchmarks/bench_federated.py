@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mdsection import write_section
 
 from privrec.config import load_config
 from privrec.federated.config import FederatedConfig
@@ -56,15 +57,8 @@ MEMORY_SAMPLES = 32
 
 
 def replace_section(path: Path, name: str, body: str) -> None:
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
-    else:
-        text = text + ("\n" if text else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(path, name, body)
     print(f"wrote {path} ({name})", file=sys.stderr)
 
 

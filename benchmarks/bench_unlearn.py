@@ -17,10 +17,11 @@ Estimated ~40 minutes on the 2-core CPU at the default sizes (docs/unlearning.md
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
+
+import mdsection
 
 from privrec.config import load_config
 from privrec.rundir import METRICS_FILE, read_json
@@ -28,19 +29,12 @@ from privrec.unlearning.measures import render_table
 from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench_unlearn:begin -->", "<!-- bench_unlearn:end -->"
 ORDER = ["original", "retrain", "e2urec", "neggrad", "bad-teacher"]
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
-    else:
-        text = text + ("\n" if text else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    mdsection.write_section(path, "bench_unlearn", body)
     print(f"wrote {path}", file=sys.stderr)
 
 
