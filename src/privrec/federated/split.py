@@ -199,7 +199,8 @@ class SplitRecLM(RecLM):
     def is_client_tensor(self, name: str) -> bool:
         return self.is_client_layer(layer_index(name))
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch, pair: bool = False) -> torch.Tensor:
+        """RecLM's one forward, with the middle layers run by the server across the channel."""
         assert self.split_first is not None, "configure_split() first"
         k, far = self.split_first, self.n_layers - self.split_last
         mask = batch.attention_mask
@@ -214,7 +215,7 @@ class SplitRecLM(RecLM):
         h = _Cross.apply(h, self._anchor, self)  # (B, T, H) from the server
         h = self._run_layers(far, self.n_layers, hidden=h, attention_mask=mask)
         h_last = h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
-        return self._head(h_last)
+        return self._head(h_last, pair)
 
 
 def parameter_counts(model: torch.nn.Module, is_client_layer) -> dict[str, int]:
