@@ -54,3 +54,23 @@ def make_model(cfg, dataset, lora: bool = True):
     if lora:
         m.attach_lora(cfg.lora, cfg.seed)
     return m
+
+
+def randomise_lora(model, seed: int = 0, scale: float = 0.5) -> None:
+    """Fill every LoRA tensor with seeded noise (a fresh adapter's B is zero, which would hide bugs)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def run_cli(capsys, *argv):
+    """Run the privrec command in-process without progress bars: (exit code, stdout, stderr)."""
+    from privrec.cli import main
+
+    code = main(["--no-progress", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,17 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from privrec.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
-
-def run_cli(capsys, *argv):
-    code = main(["--no-progress", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_lora
 from fed_helpers import deep_config, restore_threads  # noqa: F401 (autouse fixture)
 
 from privrec.errors import UserError
@@ -27,13 +28,6 @@ def deep_splits(ml100k):
     return build_splits(ml100k, deep_config().data, 0)
 
 
-def _randomise(model, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
 
 def pair(splits, top_layers=None, record=False):
     """(unsplit, split) models holding the same random LoRA weights."""
@@ -42,7 +36,7 @@ def pair(splits, top_layers=None, record=False):
     full.attach_lora(cfg.lora, cfg.seed)
     split = build_model(cfg, splits)
     split.channel.record = record
-    _randomise(full)
+    randomise_lora(full, scale=0.3)
     load_adapter_state(split.model, adapter_state(full.model))
     return full, split
 

@@ -5,17 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, tiny_config
+from conftest import make_model, randomise_lora, tiny_config
 
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
-
-
-def _randomise_lora(model, seed=0, scale=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _reference_p_yes(m, items):
@@ -34,7 +26,7 @@ def _reference_p_yes(m, items):
 def test_batched_scoring_equals_one_at_a_time_full_logits(ml100k, tiny_splits, top_layers):
     cfg = tiny_config(lora={"top_layers": top_layers})
     m = make_model(cfg, ml100k)
-    _randomise_lora(m)
+    randomise_lora(m)
     items = m.encode(tiny_splits.test[:24])
     assert len({len(e) for e in items}) > 3  # really different lengths, so padding is exercised
     fast = m.score(items, batch_size=8, progress=False)
@@ -49,7 +41,7 @@ def test_top_layer_cache_gives_same_loss_and_grads(ml100k, tiny_splits):
     cached = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": True}), ml100k)
     full = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": False}), ml100k)
     assert cached.cut == 1 and full.cut == 0
-    _randomise_lora(cached, 1)
+    randomise_lora(cached, 1)
     load_adapter_state(full.model, adapter_state(cached.model))
     items = cached.encode(tiny_splits.train[:16])
     cached.prepare(items, progress=False)
@@ -94,7 +86,7 @@ def test_adapter_roundtrip_privrec_and_plain_peft(ml100k, tiny_splits, tmp_path)
 
     cfg = tiny_config(lora={"top_layers": None})
     m = make_model(cfg, ml100k)
-    _randomise_lora(m, 2)
+    randomise_lora(m, 2)
     items = m.encode(tiny_splits.test[:16])
     before = m.score(items, progress=False)
     save_adapter(m.model, tmp_path / "adapter", {"sample_ids": ["u1-i1"]})
@@ -120,7 +112,7 @@ def test_zero_shot_context_runs_base_model(ml100k, tiny_splits):
     items = m.encode(tiny_splits.test[:8])
     base = m.score(items, progress=False)
     m.attach_lora(tiny_config().lora, 0)
-    _randomise_lora(m, 3)
+    randomise_lora(m, 3)
     tuned = m.score(items, progress=False)
     with m.adapter_disabled():
         again = m.score(items, progress=False)

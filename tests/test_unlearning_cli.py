@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from privrec.cli import main
 from privrec.config import parse_config
@@ -45,11 +46,6 @@ def _splits_once():
     yield setup_data
     mp.undo()
 
-
-def run_cli(capsys, *argv):
-    code = main(["--no-progress", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

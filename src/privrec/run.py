@@ -18,7 +18,7 @@ from privrec.config import ExperimentConfig
 from privrec.data import Sample, Splits, augment, build_splits, load_dataset
 from privrec.errors import RunError, UserError
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import lineage_digest, load_adapter_state, read_adapter, save_adapter
+from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
 from privrec.model.recmodel import Encoded, RecLM
 from privrec.rundir import ADAPTER_DIR, RunDir, atomic_write_text
 from privrec.train import train
@@ -162,12 +162,7 @@ def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tu
     splits = setup_data(cfg)
     model = setup_model(cfg, splits)
     state, meta = read_adapter(adapter)
-    if meta.get("base_fingerprint") not in (None, model.fingerprint):
-        raise RunError(f"{adapter} was trained on different base weights than {cfg.model.name}")
-    try:
-        load_adapter_state(model.model, state)
-    except ValueError as e:
-        raise RunError(f"{adapter}: {e}") from None
+    install_adapter(model, adapter, state, meta, cfg.model.name)
     return cfg, splits, model
 
 

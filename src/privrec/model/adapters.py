@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from privrec.errors import RunError
+
 ADAPTER_META = "privrec.json"
 
 
@@ -86,3 +88,18 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta_path = folder / ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return state, meta
+
+
+def install_adapter(model, folder: Path, state: dict[str, torch.Tensor], meta: dict, base_name: str) -> None:
+    """Load a saved adapter (``read_adapter(folder)``) into a RecLM that has LoRA attached, after checking
+    that it was trained on the same base weights.
+
+    Raises:
+        RunError: the adapter's base fingerprint differs, or its tensors do not fit the model.
+    """
+    if meta.get("base_fingerprint") not in (None, model.fingerprint):
+        raise RunError(f"{folder} was trained on different base weights than {base_name}")
+    try:
+        load_adapter_state(model.model, state)
+    except ValueError as e:
+        raise RunError(f"{folder}: {e}") from None

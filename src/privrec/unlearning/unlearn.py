@@ -24,7 +24,7 @@ import yaml
 from privrec.config import apply_overrides, parse_config
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
-from privrec.model.adapters import lineage_digest, load_adapter_state, read_adapter, save_adapter
+from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
 from privrec.run import machine, setup_data, setup_model, write_predictions
 from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
 from privrec.unlearning import baselines
@@ -131,12 +131,7 @@ def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: l
         raise RunError(f"{folder}: the samples recorded as its lineage are not the ones its config yields; "
                        "was the data changed?")
     model = setup_model(cfg, splits)
-    if meta.get("base_fingerprint") not in (None, model.fingerprint):
-        raise RunError(f"{folder} was trained on different base weights than {cfg.model.name}")
-    try:
-        load_adapter_state(model.model, state)
-    except ValueError as e:
-        raise RunError(f"{folder}: {e}") from None
+    install_adapter(model, folder, state, meta, cfg.model.name)
     return model, state, meta
 
 
