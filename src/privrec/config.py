@@ -190,6 +190,23 @@ def parse_config(raw: dict[str, Any], cls: type[BaseModel] = ExperimentConfig) -
         raise ConfigError(_format_validation_error(e)) from None
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The parsed content of a YAML file ({} when empty).
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML (with the line of the problem).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 cls: type[BaseModel] = ExperimentConfig) -> Any:
     """Load a YAML config (or defaults when path is None), apply overrides, validate.
@@ -199,16 +216,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}: invalid YAML{where}") from None
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
     apply_overrides(raw, overrides or [])
     return parse_config(raw, cls)

@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 
 from privrec.config import ExperimentConfig, LoraConfig, TrainConfig, _Section
 from privrec.data import Dataset, Sample
-from privrec.errors import DataError, UserError
+from privrec.data.idfiles import read_id_file
+from privrec.errors import UserError
 from privrec.model.recmodel import Batch, Encoded, RecLM
 
 METHOD_NAMES = ("e2urec", "neggrad", "bad-teacher", "retrain", "original")
@@ -168,21 +169,7 @@ def read_user_file(path: str | Path) -> list[int]:
     Raises:
         DataError: missing file, a line that is not an integer, or no ids at all.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"forget-users file not found: {p}")
-    users = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        try:
-            users.append(int(text))
-        except ValueError:
-            raise DataError(f"{p}:{n}: expected a user id, got {text!r}") from None
-    if not users:
-        raise DataError(f"{p} lists no user ids")
-    return sorted(set(users))
+    return read_id_file(path, "forget-users", int, "a user id")
 
 
 def choose_forget_users(samples: list[Sample], fraction: float, seed: int) -> list[int]:

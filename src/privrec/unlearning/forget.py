@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privrec.data import Dataset, Sample, Splits
+from privrec.data.idfiles import read_id_file
 from privrec.errors import RunError, UserError
 from privrec.model.adapters import read_adapter, save_adapter, tensors_digest
 from privrec.rundir import RunDir
@@ -112,21 +113,14 @@ def read_sample_ids(path: str | Path) -> list[str]:
     """Sample ids ``u{user}-i{item}``, one per line (blank lines and ``#`` comments skipped).
 
     Raises:
-        UserError: missing file, malformed id, or no ids."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"samples file not found: {p}")
-    ids = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if not _SAMPLE_ID.match(line):
-            raise UserError(f"{p}:{n}: {line!r} is not a sample id like u12-i345")
-        ids.append(line)
-    if not ids:
-        raise UserError(f"{p} lists no sample ids")
-    return sorted(set(ids))
+        DataError: missing file, malformed id, or no ids."""
+
+    def parse(text: str) -> str:
+        if not _SAMPLE_ID.match(text):
+            raise ValueError(text)
+        return text
+
+    return read_id_file(path, "samples", parse, "a sample id like u12-i345")
 
 
 def resolve_interactions(

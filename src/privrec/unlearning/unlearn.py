@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from privrec.config import apply_overrides, parse_config
+from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
 from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
@@ -87,12 +87,7 @@ def load_unlearn_config(run_path: str | Path, config_file: str | Path | None = N
     trained = _flatten(copy.deepcopy(raw))
     if config_file is not None:
         p = Path(config_file)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            extra = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{p}: invalid YAML") from None
+        extra = read_yaml(p)
         if not isinstance(extra, dict) or set(extra) - {"unlearn"}:
             raise ConfigError(f"{p}: an unlearning config holds only the `unlearn:` section (the rest is the "
                               "trained run's)")
