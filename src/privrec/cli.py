@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_metrics(m: dict) -> None:
-    keys = ["auc", "uauc", "logloss", "accuracy", "n_test", "n", "train_seconds", "train_samples_per_second"]
+    keys = ["auc", "uauc", "logloss", "accuracy", "hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10",
+            "n_test", "n", "train_seconds", "train_samples_per_second"]
     print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None}, indent=1))
 
 
