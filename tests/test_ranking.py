@@ -222,6 +222,9 @@ def test_evaluate_and_report_a_ranking_run(rank_run, capsys):
     for k in ("hr@1", "ndcg@5"):
         assert again["scorers"]["title"][k] == pytest.approx(m["scorers"]["title"][k])
         assert again[k] == pytest.approx(m[k])
+    like = run_evaluate(rank_run, "test", progress=False, overrides=["task=like-prediction", "data.n_test=24"])
+    assert 0 <= like["auc"] <= 1 and like["n"] == 24  # the ranking adapter scores like-prediction samples
+    assert (rank_run / "eval_test_like-prediction.json").is_file()
     code, out, _ = run_cli(capsys, "report", str(rank_run), "--markdown")
     assert code == 0 and "NDCG@5" in out and "reference: popularity" in out and "zero-shot title" in out
 

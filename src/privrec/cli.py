@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run on a split")
     p.add_argument("run", help="run directory")
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. --set task=ranking to rank with a like-prediction "
+                   "adapter (repeatable)")
 
     p = sub.add_parser("baseline", help="like-rate, item-mean and logistic-regression references")
     _add_config(p)
@@ -167,7 +170,7 @@ def _dispatch(args) -> int:
     from privrec import run
 
     if args.command == "evaluate":
-        _print_metrics(run.run_evaluate(args.run, args.split, progress))
+        _print_metrics(run.run_evaluate(args.run, args.split, progress, args.overrides))
         return 0
     if args.command == "recommend":
         recs = run.run_recommend(args.run, args.user, args.top, args.max_candidates, progress)

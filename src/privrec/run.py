@@ -257,22 +257,30 @@ def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tu
     return cfg, splits, model
 
 
-def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True) -> dict:
-    cfg, splits, model = load_trained(run_path)
+def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True,
+                 overrides: list[str] | None = None) -> dict:
+    """Score a trained run's adapter on a split; writes ``eval_{split}.json`` and ``predictions_{split}.csv``.
+
+    ``overrides`` (``--set``) may change the task: the one adapter serves both, so ``task=ranking`` ranks
+    with a like-prediction run's adapter and ``task=like-prediction`` scores a ranking run's adapter on
+    like-prediction samples; the files are then named ``eval_{split}_{task}.json`` and so on.
+    """
+    own_task = RunDir(run_path, create=False).load_config().task
+    cfg, splits, model = load_trained(run_path, overrides)
+    tag = split if cfg.task == own_task else f"{split}_{cfg.task}"
+    run = RunDir(run_path, create=False)
     if cfg.task == "ranking":
         rankings = splits.ranking.get(split)
         by_scorer, scores = ranking.evaluate_rankings(model, rankings, cfg.ranking, cfg.train.eval_batch_size,
                                                       progress)
-        metrics = dict(by_scorer[ranking.scorers_of(cfg.ranking)[0]], scorers=by_scorer)
-        run = RunDir(run_path, create=False)
-        run.write_metrics(metrics, f"eval_{split}.json")
-        atomic_write_text(run / f"predictions_{split}.csv", ranking.predictions_csv(rankings, scores))
+        metrics = dict(by_scorer[ranking.scorers_of(cfg.ranking)[0]], scorers=by_scorer, task="ranking")
+        run.write_metrics(metrics, f"eval_{tag}.json")
+        atomic_write_text(run / f"predictions_{tag}.csv", ranking.predictions_csv(rankings, scores))
         return metrics
     samples = splits.get(split)
     metrics, probs = evaluate_split(model, samples, model.encode(samples), cfg.train.eval_batch_size, progress)
-    run = RunDir(run_path, create=False)
-    run.write_metrics(metrics, f"eval_{split}.json")
-    write_predictions(run / f"predictions_{split}.csv", samples, probs)
+    run.write_metrics(metrics, f"eval_{tag}.json")
+    write_predictions(run / f"predictions_{tag}.csv", samples, probs)
     return metrics
 
 
