@@ -549,8 +549,9 @@ class RecLM:
                 else:
                     states = torch.cat([p_last.index_select(0, owner)[:, None], hs[:, :-1]], dim=1)  # (B, S, H)
                     scores = self._title_logprob(states, sids, smask)
+                vals = scores.double().cpu().numpy()  # one device -> host copy per chunk
                 for b, (_, g, j) in enumerate(chunk):
-                    out[g][j] = float(scores[b])
+                    out[g][j] = vals[b]
         return out
 
     def _score_full(self, groups: list[PrefixGroup], mode: str, batch_size: int, progress: bool,
