@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow bench bench-federated bench-unlearn fetch lint clean
+.PHONY: setup demo test test-slow bench bench-federated bench-unlearn bench-rank results-rank fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench-federated: fetch
 # the unlearning table (original, retrain, E2URec, NegGrad, Bad-Teacher on SmolLM2; ~40 min on 2 cores)
 bench-unlearn: fetch
 	$(BIN)/python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
+
+# ranking throughput, shared-prefix vs full prompts at 10 and 100 candidates (~7 min on 2 cores, estimated)
+bench-rank: fetch
+	$(BIN)/python benchmarks/bench_rank.py --out docs/benchmarks.md
+
+# the next-item ranking table (plain + shuffle/mask runs of configs/rank-ml100k.yaml; ~1 h on 2 cores, estimated)
+results-rank: fetch
+	$(BIN)/python benchmarks/results_rank.py --runs $(RUNS)/results-rank --out docs/results.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -45,6 +45,14 @@ def test_evaluate_reproduces_train_metrics(trained, capsys):
     assert again["logloss"] == pytest.approx(m["logloss"], abs=1e-6)
 
 
+def test_a_like_prediction_adapter_ranks(trained, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", str(trained), "--set", "task=ranking", "--set", "data.n_test=6",
+                           "--set", "prompt.max_length=768")
+    assert code == 0 and "hr@1" in out
+    m = json.loads((trained / "eval_test_ranking.json").read_text())
+    assert set(m["scorers"]) == {"yes", "title"} and m["scorers"]["yes"]["n"] == 6
+
+
 def test_recommend_lists_unseen_items(trained, capsys, ml100k):
     code, out, _ = run_cli(capsys, "recommend", str(trained), "--user", "1", "--top", "5",
                            "--max-candidates", "30")

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run on a split")
     p.add_argument("run", help="run directory")
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's config, e.g. --set task=ranking to rank with a like-prediction "
+                   "adapter (repeatable)")
 
     p = sub.add_parser("baseline", help="like-rate, item-mean and logistic-regression references")
     _add_config(p)
@@ -98,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_metrics(m: dict) -> None:
-    keys = ["auc", "uauc", "logloss", "accuracy", "n_test", "n", "train_seconds", "train_samples_per_second"]
+    keys = ["auc", "uauc", "logloss", "accuracy", "hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10",
+            "n_test", "n", "train_seconds", "train_samples_per_second"]
     print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None}, indent=1))
 
 
@@ -166,7 +170,7 @@ def _dispatch(args) -> int:
     from privrec import run
 
     if args.command == "evaluate":
-        _print_metrics(run.run_evaluate(args.run, args.split, progress))
+        _print_metrics(run.run_evaluate(args.run, args.split, progress, args.overrides))
         return 0
     if args.command == "recommend":
         recs = run.run_recommend(args.run, args.user, args.top, args.max_candidates, progress)

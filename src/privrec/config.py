@@ -120,6 +120,29 @@ class TrainConfig(_Section):
     checkpoint: bool = Field(True, description="Atomic checkpoint after every epoch (needed for --resume).")
 
 
+class RankingConfig(_Section):
+    """Next-item ranking (METHODS §1, docs/ranking.md); read when ``task: ranking``."""
+
+    n_candidates: int = Field(10, ge=2, description="Candidates per ranking: the true next item + n-1 items the "
+                              "user never rated (InstructMK: 10).")
+    negatives: int = Field(
+        3, ge=1, description="P(Yes) training: negatives (label 0) per training user beside the true item (label "
+        "1), taken from the user's training candidates; at most n_candidates - 1.")
+    scorer: Literal["yes", "title", "both"] = Field(
+        "both", description="yes: P(Yes) of each candidate's like-prompt (the like-prediction model); title: "
+        "log-likelihood of the candidate's title after a next-movie prompt listing the candidates (BIGRec-style, "
+        "zero-shot only: not trained); both: report both, with `yes` as the primary (top-level) metrics.")
+    candidate_seed: int = Field(
+        0, description="Seed of the candidate draw (per user): the same seed gives the same candidates in every "
+        "run; kept apart from `seed` so training choices never change what is tested.")
+    shared_prefix: bool = Field(
+        True, description="Score a user's candidates against one run of the user's shared prompt prefix (its KV "
+        "cache); false scores every candidate's full prompt (same scores, slower; for checks and benchmarks).")
+    prefix_batch: int = Field(8, ge=1, description="Shared-prefix scoring: users whose prefixes run in one batch.")
+    max_suffixes: int = Field(64, ge=1, description="Shared-prefix scoring: candidate suffixes per forward (longer "
+                              "candidate lists are chunked).")
+
+
 class EvalConfig(_Section):
     zero_shot: bool = Field(False, description="Also score the untuned model on the test set.")
     splits: list[Literal["valid", "test"]] = Field(["test"])
@@ -127,6 +150,10 @@ class EvalConfig(_Section):
 
 class ExperimentConfig(_Section):
     seed: int = Field(0, description="Drives few-shot sampling, LoRA init, shuffling and dropout.")
+    task: Literal["like-prediction", "ranking"] = Field(
+        "like-prediction", description="like-prediction: P(Yes) of a target item (METHODS §0); ranking: next-item "
+        "ranking of `ranking.n_candidates` candidates per user, HR@K / NDCG@K (METHODS §1). With ranking, "
+        "data.n_train / n_valid / n_test count users and data.protocol / last_n / split are not used.")
     data: DataConfig = DataConfig()
     prompt: PromptConfig = PromptConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -134,11 +161,19 @@ class ExperimentConfig(_Section):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    ranking: RankingConfig = RankingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
         if self.augment.copies > 0 and self.prompt.template != "kv":
             raise ValueError("augment (InstructMK shuffle/mask) works on key-value pairs: set prompt.template=kv")
+        if self.task == "ranking":
+            if self.ranking.negatives > self.ranking.n_candidates - 1:
+                raise ValueError(f"ranking.negatives={self.ranking.negatives} exceeds the "
+                                 f"{self.ranking.n_candidates - 1} negatives among ranking.n_candidates")
+            if self.data.protocol != "tallrec":
+                raise ValueError(f"task ranking has its own protocol (last item test, the one before it train); "
+                                 f"remove data.protocol={self.data.protocol}")
         return self
 
     def to_yaml(self) -> str:

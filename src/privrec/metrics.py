@@ -59,6 +59,37 @@ def binary_metrics(labels, probs, users=None) -> dict[str, float]:
     return out
 
 
+def ranks_from_scores(scores, true_index) -> np.ndarray:
+    """1-based rank of the true item among each list's candidates (higher score = better), ties pessimistic:
+
+        rank_u = 1 + #{j != t_u : s_uj >= s_ut}
+
+    so a true item tied with others is placed below all of them (a constant scorer gets rank n, never 1).
+    A NaN score counts as -inf. ``scores``: a (U, n) array or a list of 1-D arrays (lists may differ in
+    length); ``true_index``: (U,) position of the true item in each list."""
+    out = np.zeros(len(scores), dtype=np.int64)
+    for u, (s, t) in enumerate(zip(scores, true_index)):
+        s = np.nan_to_num(np.asarray(s, dtype=np.float64), nan=-np.inf)
+        out[u] = int(np.sum(s >= s[t]))  # itself + every other candidate scored at least as high
+    return out
+
+
+def ranks_by_group(groups, labels, scores) -> np.ndarray:
+    """Ranks (as :func:`ranks_from_scores`) of the label-1 row within each group of rows (e.g. a user's
+    candidates scored one row each); groups in first-seen order, groups without exactly one positive skipped."""
+    rows: dict = defaultdict(list)
+    for i, g in enumerate(groups):
+        rows[g].append(i)
+    lists, trues = [], []
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    for idx in rows.values():
+        pos = np.flatnonzero(labels[idx] == 1)
+        if len(pos) == 1:
+            lists.append(scores[idx])
+            trues.append(int(pos[0]))
+    return ranks_from_scores(lists, trues)
+
+
 def hit_rate(ranks, k: int) -> float:
     """HR@K = mean(1[rank <= K]), rank 1-based."""
     return float(np.mean(np.asarray(ranks) <= k))
@@ -70,7 +101,23 @@ def ndcg(ranks, k: int) -> float:
     return float(np.mean(np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)))
 
 
-def ranking_metrics(ranks, hr_ks=(1, 3, 5, 10), ndcg_ks=(3, 5, 10)) -> dict[str, float]:
+HR_KS = (1, 3, 5, 10)
+NDCG_KS = (3, 5, 10)
+
+
+def ranking_metrics(ranks, hr_ks=HR_KS, ndcg_ks=NDCG_KS) -> dict[str, float]:
+    """``hr@K`` and ``ndcg@K`` for every cut-off, from one array of 1-based ranks (NaN when empty)."""
+    if len(ranks) == 0:
+        return {**{f"hr@{k}": float("nan") for k in hr_ks}, **{f"ndcg@{k}": float("nan") for k in ndcg_ks}}
     out = {f"hr@{k}": hit_rate(ranks, k) for k in hr_ks}
     out.update({f"ndcg@{k}": ndcg(ranks, k) for k in ndcg_ks})
+    return out
+
+
+def random_ranking_metrics(n_candidates: int, hr_ks=HR_KS, ndcg_ks=NDCG_KS) -> dict[str, float]:
+    """Expected metrics of a uniformly random order of n candidates: HR@K = min(K, n) / n and
+    NDCG@K = (1/n) * sum_{r=1..min(K, n)} 1 / log2(r + 1)."""
+    n = n_candidates
+    out = {f"hr@{k}": min(k, n) / n for k in hr_ks}
+    out.update({f"ndcg@{k}": float(sum(1 / np.log2(r + 1) for r in range(1, min(k, n) + 1)) / n) for k in ndcg_ks})
     return out

@@ -6,11 +6,22 @@ Two templates:
   the form InstructMK shuffles and masks.
 The prompt ends where the answer starts (after the chat template's assistant header when the tokenizer has
 one), so the next-token logits of "Yes" and "No" at the last position give P(Yes).
+
+Every like-prompt is cut in two at one fixed boundary (:meth:`PromptBuilder.split`): the *prefix* (chat
+header, instruction and every field before the first target-item field: for the templates' own order, the
+user's fields and history) and the *suffix* (the target item's fields, the question, and the rest through
+the assistant header). All of a user's candidates share the prefix, which is what shared-prefix ranking
+scores once (METHODS §1). The model tokenises every prompt as ``ids(prefix) + ids(suffix)``, so the
+full-prompt path and the shared-prefix path see identical token ids.
+
+The next-item prompt (:meth:`PromptBuilder.next_item_prompt`, BIGRec-style) lists the candidates and asks
+which one the user watches next; a candidate's score is the log-likelihood of its title
+(:meth:`PromptBuilder.item_answer`) after the prompt.
 """
 
 from __future__ import annotations
 
-from privrec.data import KV_FIELDS, Dataset, Sample
+from privrec.data import KV_FIELDS, Dataset, Sample, View
 
 TALLREC_INSTRUCTION = (
     'Given the user\'s preference and unpreference, identify whether the user will like the target movie '
@@ -22,6 +33,16 @@ KV_INSTRUCTION = (
 )
 KV_QUESTION = "Will the user like the target movie?"
 ANSWERS = ("Yes", "No")
+TALLREC_TARGET_LINE = "Whether the user will like the target movie "
+KV_NAMES = {"gender": "user gender", "age": "user age", "occupation": "user occupation", "history": "user history",
+            "title": "target movie title", "genres": "target movie genres", "year": "target movie year",
+            "candidates": "candidate movies"}
+NEXT_INSTRUCTION = (
+    "Given the user's profile, rating history and a list of candidate movies, predict which candidate movie "
+    "the user will watch next. Answer with the title of the movie."
+)
+NEXT_QUESTION = "Which candidate movie will the user watch next?"
+TARGET_FIELDS = frozenset({"title", "genres", "year"})  # the like-prompt's fields that depend on the target
 
 
 def _quote(title: str) -> str:
@@ -42,7 +63,7 @@ class PromptBuilder:
         disliked = [_quote(self.ds.items[i].title) for i, r in s.history if r <= self.like_threshold]
         return (f"User Preference: {', '.join(liked)}\n"
                 f"User Unpreference: {', '.join(disliked)}\n"
-                f"Whether the user will like the target movie {_quote(self.ds.items[s.item_id].title)}?")
+                f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?")
 
     def _history_entry(self, item_id: int, rating: float) -> str:
         it = self.ds.items[item_id]
@@ -57,38 +78,115 @@ class PromptBuilder:
 
     def kv_fields(self, s: Sample) -> dict[str, str]:
         """The seven key-value pairs of METHODS §1, in the template's order."""
-        user, item = self.ds.users.get(s.user_id), self.ds.items[s.item_id]
-        fields = {}
-        if self.cfg.user_fields and user is not None:
-            fields.update(gender=user.gender, age=user.age, occupation=user.occupation)
-        fields["history"] = "\n" + "\n".join(f"- {self._history_entry(i, r)}" for i, r in s.history)
+        item = self.ds.items[s.item_id]
+        fields = self._user_fields(s.user_id)
+        fields["history"] = self._history(s.history)
         fields.update(title=_quote(item.title), genres=", ".join(item.genres), year=item.year)
         return fields
 
-    def kv_input(self, s: Sample) -> str:
+    def _user_fields(self, user_id: int) -> dict[str, str]:
+        user = self.ds.users.get(user_id)
+        if self.cfg.user_fields and user is not None:
+            return {"gender": user.gender, "age": user.age, "occupation": user.occupation}
+        return {}
+
+    def _history(self, history) -> str:
+        return "\n" + "\n".join(f"- {self._history_entry(i, r)}" for i, r in history)
+
+    def kv_input_parts(self, s: Sample) -> tuple[str, str]:
+        """(lines before the first target field, the rest with the question): the input's prefix/suffix cut."""
         fields = self.kv_fields(s)
         order = s.view.order or KV_FIELDS
-        names = {"gender": "user gender", "age": "user age", "occupation": "user occupation",
-                 "history": "user history", "title": "target movie title", "genres": "target movie genres",
-                 "year": "target movie year"}
-        lines = [f"{names[k]}: {fields[k]}" for k in order if k in fields and k not in s.view.dropped]
-        return "\n".join(lines) + f"\n{KV_QUESTION}"
+        lines = [(k, f"{KV_NAMES[k]}: {fields[k]}") for k in order if k in fields and k not in s.view.dropped]
+        cut = next((i for i, (k, _) in enumerate(lines) if k in TARGET_FIELDS), len(lines))
+        head = "".join(line + "\n" for _, line in lines[:cut])
+        tail = "".join(line + "\n" for _, line in lines[cut:])
+        return head, tail + KV_QUESTION
+
+    def kv_input(self, s: Sample) -> str:
+        return "".join(self.kv_input_parts(s))
+
+    def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
+        full = self.tallrec_input(s)
+        cut = full.rindex(TALLREC_TARGET_LINE)
+        return full[:cut], full[cut:]
+
+    def input_parts(self, s: Sample) -> tuple[str, str, str]:
+        """(instruction, input prefix, input suffix) of the like-prompt."""
+        if self.cfg.template == "tallrec":
+            return (TALLREC_INSTRUCTION, *self.tallrec_input_parts(s))
+        return (KV_INSTRUCTION, *self.kv_input_parts(s))
 
     def parts(self, s: Sample) -> tuple[str, str]:
-        if self.cfg.template == "tallrec":
-            return TALLREC_INSTRUCTION, self.tallrec_input(s)
-        return KV_INSTRUCTION, self.kv_input(s)
+        instruction, head, tail = self.input_parts(s)
+        return instruction, head + tail
 
     # --- the full prompt -----------------------------------------------------------------------------
-    def text(self, s: Sample, tokenizer) -> str:
-        instruction, inp = self.parts(s)
+    def _wrap(self, instruction: str, head: str, tail: str, tokenizer) -> tuple[str, str]:
+        """The prompt of ``instruction`` and the input ``head + tail`` (through the chat template when the
+        tokenizer has one), cut where ``tail`` starts."""
+        inp = head + tail
         if self.cfg.chat_template and getattr(tokenizer, "chat_template", None):
             msgs = []
             if self.cfg.system_prompt is not None:
                 msgs.append({"role": "system", "content": self.cfg.system_prompt})
             msgs.append({"role": "user", "content": f"{instruction}\n\n{inp}"})
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
+        at = text.rfind(inp)  # the input is the last thing the template writes before its closing tags
+        if at < 0:
+            raise ValueError("the chat template rewrites the message content; cannot cut the prompt")
+        cut = at + len(head)
+        # The prefix ends on a non-space character: the whitespace before the first target field goes to the
+        # suffix. Byte-level BPE pre-tokenisers never join a non-space character to the whitespace after it,
+        # but they do merge whitespace runs by what follows, so this cut leaves ids(prefix) + ids(suffix) equal
+        # to ids(prefix + suffix) (checked for SmolLM2's tokenizer in tests/test_ranking.py).
+        while cut > 0 and text[cut - 1].isspace():
+            cut -= 1
+        return text[:cut], text[cut:]
+
+    def split(self, s: Sample, tokenizer) -> tuple[str, str]:
+        """The like-prompt as (prefix, suffix): the prefix holds everything before the first target-item
+        field (the same for every candidate of a user), the suffix the rest through the assistant header."""
+        instruction, head, tail = self.input_parts(s)
+        return self._wrap(instruction, head, tail, tokenizer)
+
+    def text(self, s: Sample, tokenizer) -> str:
+        return "".join(self.split(s, tokenizer))
+
+    # --- next-item prompt (BIGRec-style title likelihood) --------------------------------------------
+    def _candidate_entry(self, item_id: int) -> str:
+        it = self.ds.items[item_id]
+        return f"{_quote(it.title)} ({it.year})" if it.year else _quote(it.title)
+
+    def next_item_input(self, user_id: int, history, candidates, view: View | None = None) -> str:
+        """Input of the next-item prompt: the user's fields and history and the candidate list (in the given
+        order), as key-value lines (``kv``) or TALLRec's liked/disliked lists (``tallrec``)."""
+        cands = "\n" + "\n".join(f"- {self._candidate_entry(i)}" for i in candidates)
+        if self.cfg.template == "tallrec":
+            liked = [_quote(self.ds.items[i].title) for i, r in history if r > self.like_threshold]
+            disliked = [_quote(self.ds.items[i].title) for i, r in history if r <= self.like_threshold]
+            return (f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
+                    f"Candidate movies: {cands}\n{NEXT_QUESTION}")
+        view = view or View()
+        fields = self._user_fields(user_id)
+        fields.update(history=self._history(history), candidates=cands)
+        # the candidate list stands where the like-prompt's target fields stand (after the history by default)
+        order = ["candidates" if k == "title" else k for k in (view.order or KV_FIELDS)]
+        return "".join(f"{KV_NAMES[k]}: {fields[k]}\n" for k in order
+                       if k in fields and k not in view.dropped) + NEXT_QUESTION
+
+    def next_item_prompt(self, user_id: int, history, candidates, tokenizer, view: View | None = None) -> str:
+        """The whole next-item prompt through the assistant header (shared by all candidates: the suffix of
+        a candidate is its answer, :meth:`item_answer`)."""
+        prefix, suffix = self._wrap(NEXT_INSTRUCTION, "", self.next_item_input(user_id, history, candidates,
+                                                                                view), tokenizer)
+        return prefix + suffix
+
+    def item_answer(self, item_id: int) -> str:
+        """What the model should say for a candidate: its title, as in the candidate list (without quotes)."""
+        return self.ds.items[item_id].title
 
 
 def answer_token_ids(tokenizer) -> tuple[int, int]:

@@ -44,12 +44,52 @@ def like_rows(runs: list[tuple[str, dict]]) -> list[list[str]]:
 HEADER = ["run", "AUC", "UAUC", "LogLoss", "ACC", "n_test", "train s"]
 
 
+RANK_KEYS = ["hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10"]
+RANK_HEADER = ["run", "HR@1", "HR@3", "HR@5", "HR@10", "NDCG@3", "NDCG@5", "NDCG@10", "users"]
+
+
+def ranking_rows(runs: list[tuple[str, dict]]) -> list[list[str]]:
+    """One row per scorer (tuned and zero-shot) and reference of every ranking run."""
+    rows = []
+    for name, m in runs:
+        n = _fmt(m.get("n_test"))
+        for label, block in [("zero-shot", m.get("zero_shot") or {}), ("tuned", m.get("scorers") or {})]:
+            for scorer, r in block.items():
+                rows.append([f"{name}: {label} {scorer}"] + [_fmt(r.get(k)) for k in RANK_KEYS] + [n])
+        for ref, r in (m.get("references") or {}).items():
+            rows.append([f"  reference: {ref}"] + [_fmt(r.get(k)) for k in RANK_KEYS] + [n])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool, title: str) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h == "run" else "right")
+    for r in rows:
+        table.add_row(*r)
+    buf = StringIO()
+    Console(file=buf, width=120).print(table)
+    return buf.getvalue()
+
+
 def render(paths: list[str | Path], markdown: bool = False) -> str:
-    """One table of trained runs and, when there are any, the comparison table of unlearning runs."""
+    """One table of trained runs, one of ranking runs and one of unlearning runs (those there are)."""
     runs = collect(paths)
     unlearning = [(n, m) for n, m in runs if m.get("kind") == "unlearning"]
-    others = [(n, m) for n, m in runs if m.get("kind") != "unlearning"]
+    ranked = [(n, m) for n, m in runs if m.get("task") == "ranking"]
+    others = [(n, m) for n, m in runs if m.get("kind") != "unlearning" and m.get("task") != "ranking"]
     parts = [_render_like(others, markdown)] if others else []
+    if ranked:
+        parts.append(_table(RANK_HEADER, ranking_rows(ranked), markdown, "privrec ranking results"))
     if unlearning:
         from privrec.unlearning.measures import render_table
 
@@ -58,21 +98,4 @@ def render(paths: list[str | Path], markdown: bool = False) -> str:
 
 
 def _render_like(runs: list[tuple[str, dict]], markdown: bool) -> str:
-    rows = like_rows(runs)
-    if markdown:
-        lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    from io import StringIO
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="privrec results")
-    for h in HEADER:
-        table.add_column(h, justify="left" if h == "run" else "right")
-    for r in rows:
-        table.add_row(*r)
-    buf = StringIO()
-    Console(file=buf, width=120).print(table)
-    return buf.getvalue()
+    return _table(HEADER, like_rows(runs), markdown, "privrec results")

@@ -1,7 +1,10 @@
 """One procedure per command, each readable top to bottom: train, evaluate, baseline, recommend.
 
 ``train`` has a fixed life (torchtune style): set up data, then the model (the prompt builder needs the
-dataset's records), then encode, score zero-shot, train, save, evaluate, write metrics.
+dataset's records), then encode, score zero-shot, train, save, evaluate, write metrics. With ``task:
+ranking`` the same life runs over the ranking protocol (:func:`run_train_ranking`): the like-prompt model is
+trained on each training user's true next item (label 1) and sampled candidates (label 0), and evaluated by
+ranking every test user's candidates (HR@K / NDCG@K, METHODS §1).
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privrec import baselines
+from privrec import baselines, ranking
 from privrec.config import ExperimentConfig
-from privrec.data import Sample, Splits, augment, build_splits, load_dataset
-from privrec.errors import RunError, UserError
+from privrec.data import Sample, Splits, augment, build_ranking_splits, build_splits, like_splits, load_dataset
+from privrec.errors import DataError, RunError, UserError
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
-from privrec.model.recmodel import Encoded, RecLM
+from privrec.model.recmodel import Encoded, PrefixGroup, RecLM
 from privrec.rundir import ADAPTER_DIR, RunDir, atomic_write_text
 from privrec.train import train
 
@@ -33,7 +36,15 @@ def setup_data(cfg: ExperimentConfig) -> Splits:
         DataError / AssetError: missing or malformed data, or the embedded copy cannot be fetched.
     """
     ds = load_dataset(cfg.data.source, cfg.data.path)
-    splits = build_splits(ds, cfg.data, cfg.seed)
+    if cfg.task == "ranking":
+        try:
+            rs = build_ranking_splits(ds, cfg.data, cfg.ranking.n_candidates, cfg.ranking.candidate_seed, cfg.seed)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        tr, va, te = like_splits(rs, cfg.ranking.negatives)
+        splits = Splits(ds, tr, va, te, pool=tr, ranking=rs)
+    else:
+        splits = build_splits(ds, cfg.data, cfg.seed)
     if not splits.train or not splits.test:
         raise UserError(f"protocol {cfg.data.protocol} yields {len(splits.train)} train / {len(splits.test)} "
                         "test samples; need at least one of each")
@@ -73,6 +84,8 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     if resume and (Path(out) / "config.yaml").is_file():
         if RunDir(out, create=False).load_config().digest() != cfg.digest():
             raise RunError(f"{out} was started with a different config; resume with the same one")
+    if cfg.task == "ranking":
+        return run_train_ranking(cfg, out, resume, progress)
     # 1. data, then the model (the prompt builder needs the dataset's records); both before the run
     #    directory is touched, so bad input fails with its one-line error and leaves nothing behind
     splits = setup_data(cfg)
@@ -143,6 +156,84 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     return metrics
 
 
+def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """``task: ranking``: train the like-prompt model on next-item samples and rank the test users' candidates;
+    returns metrics.json's content (primary scorer's ``hr@K`` / ``ndcg@K`` at the top, every scorer under
+    ``scorers``, ``zero_shot`` per scorer, ``references``: popularity and random). Called by :func:`run_train`.
+    """
+    # 1. data (ranking samples, expanded to like-samples for training), then the model
+    splits = setup_data(cfg)
+    rs = splits.ranking
+    train_samples = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    model = setup_model(cfg, splits)
+    bs = cfg.train.eval_batch_size
+
+    run = RunDir(out)
+    run.write_config(cfg)
+    run.log(f"privrec train -> {run.path} (task ranking, model {cfg.model.name}, {cfg.ranking.n_candidates} "
+            f"candidates, scorers {'+'.join(ranking.scorers_of(cfg.ranking))})")
+    run.log(f"users: {len(rs.train)} train ({len(splits.train)} like-samples: true item + {cfg.ranking.negatives} "
+            f"negatives, +{len(train_samples) - len(splits.train)} augmented), {len(rs.valid)} valid, "
+            f"{len(rs.test)} test")
+
+    # 2. tokenise the training and validation like-prompts once; 3. frozen-layer cache
+    tr, va = model.encode(train_samples), model.encode(splits.valid)
+    t0 = time.perf_counter()
+    model.prepare(tr + va, bs, progress)
+    cache_seconds = time.perf_counter() - t0
+
+    # 4. zero-shot rankings (the untuned model, every scorer), kept across --resume
+    zero_shot = None
+    if cfg.eval.zero_shot:
+        zpath = run / ZERO_SHOT_FILE
+        if resume and zpath.is_file():
+            zero_shot = run.read_metrics(ZERO_SHOT_FILE)
+        else:
+            with model.adapter_disabled():
+                zero_shot, _ = ranking.evaluate_rankings(model, rs.test, cfg.ranking, bs, progress)
+            run.write_metrics(zero_shot, ZERO_SHOT_FILE)
+        run.log("zero-shot " + ", ".join(f"{k} HR@1 {v['hr@1']:.4f}" for k, v in zero_shot.items()))
+
+    # 5. train the like-prompt model (validation AUC over the validation users' candidates picks the epoch)
+    result = train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=run.path, resume=resume,
+                   progress=progress, on_epoch=lambda r: run.log(
+                       "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
+                       + (f", valid AUC {r['valid_auc']:.4f}" if "valid_auc" in r else "")))
+
+    # 6. save the adapter with its lineage
+    save_adapter(model.model, run / ADAPTER_DIR, {
+        "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
+        "task": "ranking", "sample_ids": sorted({s.source_id for s in train_samples}),
+        "lineage_sha256": lineage_digest([s.sample_id for s in train_samples]), "best_epoch": result.best_epoch,
+    })
+
+    # 7. rank the test users' candidates with every scorer; references on the same candidates
+    t0 = time.perf_counter()
+    by_scorer, scores = ranking.evaluate_rankings(model, rs.test, cfg.ranking, bs, progress)
+    score_seconds = time.perf_counter() - t0
+    atomic_write_text(run / "predictions_test.csv", ranking.predictions_csv(rs.test, scores))
+    primary = ranking.scorers_of(cfg.ranking)[0]
+    metrics = {k: v for k, v in by_scorer[primary].items() if k.startswith(("hr@", "ndcg@"))}
+    metrics.update({
+        "task": "ranking", "primary_scorer": primary, "scorers": by_scorer, "zero_shot": zero_shot,
+        "references": ranking.references(rs.test, rs.popularity, cfg.ranking.n_candidates),
+        "n_candidates": cfg.ranking.n_candidates, "n_test": len(rs.test), "n_train": len(rs.train),
+        "n_valid": len(rs.valid), "n_train_samples": len(splits.train), "n_train_augmented": len(tr),
+        "train_seconds": result.seconds, "train_samples_per_second": result.samples_per_second,
+        "cache_seconds": cache_seconds, "test_score_seconds": score_seconds,
+        "test_candidates_per_second": len(rs.test) * cfg.ranking.n_candidates * len(by_scorer) / score_seconds
+        if score_seconds > 0 else None,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "valid_auc": result.best_valid_auc,
+        "stopped_early": result.stopped_early, "history": result.history,
+        "model": cfg.model.name, "protocol": "ranking (last item test, second-to-last train)", "machine": machine(),
+    })
+    run.write_metrics(metrics)
+    run.log(f"test ({len(rs.test)} users): " + "; ".join(
+        f"{k} HR@1 {v['hr@1']:.4f} NDCG@5 {v['ndcg@5']:.4f}" for k, v in by_scorer.items())
+        + f"; popularity HR@1 {metrics['references']['popularity']['hr@1']:.4f}")
+    return metrics
+
+
 def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, Splits, RecLM]:
     """Rebuild a trained run: its config, its splits and its model with the saved adapter loaded.
 
@@ -166,13 +257,30 @@ def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tu
     return cfg, splits, model
 
 
-def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True) -> dict:
-    cfg, splits, model = load_trained(run_path)
+def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True,
+                 overrides: list[str] | None = None) -> dict:
+    """Score a trained run's adapter on a split; writes ``eval_{split}.json`` and ``predictions_{split}.csv``.
+
+    ``overrides`` (``--set``) may change the task: the one adapter serves both, so ``task=ranking`` ranks
+    with a like-prediction run's adapter and ``task=like-prediction`` scores a ranking run's adapter on
+    like-prediction samples; the files are then named ``eval_{split}_{task}.json`` and so on.
+    """
+    own_task = RunDir(run_path, create=False).load_config().task
+    cfg, splits, model = load_trained(run_path, overrides)
+    tag = split if cfg.task == own_task else f"{split}_{cfg.task}"
+    run = RunDir(run_path, create=False)
+    if cfg.task == "ranking":
+        rankings = splits.ranking.get(split)
+        by_scorer, scores = ranking.evaluate_rankings(model, rankings, cfg.ranking, cfg.train.eval_batch_size,
+                                                      progress)
+        metrics = dict(by_scorer[ranking.scorers_of(cfg.ranking)[0]], scorers=by_scorer, task="ranking")
+        run.write_metrics(metrics, f"eval_{tag}.json")
+        atomic_write_text(run / f"predictions_{tag}.csv", ranking.predictions_csv(rankings, scores))
+        return metrics
     samples = splits.get(split)
     metrics, probs = evaluate_split(model, samples, model.encode(samples), cfg.train.eval_batch_size, progress)
-    run = RunDir(run_path, create=False)
-    run.write_metrics(metrics, f"eval_{split}.json")
-    write_predictions(run / f"predictions_{split}.csv", samples, probs)
+    run.write_metrics(metrics, f"eval_{tag}.json")
+    write_predictions(run / f"predictions_{tag}.csv", samples, probs)
     return metrics
 
 
@@ -194,8 +302,11 @@ def run_baseline(cfg: ExperimentConfig, out: str | Path) -> dict:
 
 
 def run_recommend(run_path: str | Path, user: int, top: int = 10, max_candidates: int | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, shared_prefix: bool = True) -> list[dict]:
     """Rank the user's unrated items by P(Yes) given the user's latest history.
+
+    Every candidate's like-prompt shares the user's prefix: it runs once and the candidates' suffixes are
+    scored against its key-value cache in chunks (``shared_prefix=False`` scores every full prompt instead).
 
     Raises:
         UserError: unknown user, or a user with too short a history.
@@ -217,7 +328,11 @@ def run_recommend(run_path: str | Path, user: int, top: int = 10, max_candidates
         candidates = candidates[:max_candidates]
     t_last = int(rows["timestamp"].max())
     samples = [Sample(f"u{user}-i{i}", user, i, t_last, 0.0, 0, hist) for i in candidates]
-    probs = model.score(model.encode(samples), cfg.train.eval_batch_size, progress)
+    rc = cfg.ranking
+    [z] = model.score_groups([PrefixGroup.of(model.encode(samples))], "yes", shared=shared_prefix,
+                             prefix_batch=1, max_suffixes=rc.max_suffixes, batch_size=cfg.train.eval_batch_size,
+                             progress=progress)
+    probs = 1.0 / (1.0 + np.exp(-z))
     order = np.argsort(-probs, kind="stable")[:top]
     return [{"rank": r + 1, "item_id": candidates[i], "title": ds.items[candidates[i]].title,
              "year": ds.items[candidates[i]].year, "p_yes": float(probs[i])} for r, i in enumerate(order)]

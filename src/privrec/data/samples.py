@@ -8,10 +8,14 @@ ledgers, lineages and caches can refer to it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from privrec.data.movielens import Dataset
+
+if TYPE_CHECKING:
+    from privrec.data.ranking import RankingSplits
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Splits:
     # the protocol's whole training part, before ``n_train`` was drawn from it (samples never drawn are
     # never-seen data of the training period, e.g. for membership-inference measures)
     pool: list[Sample] = field(default_factory=list)
+    # task ranking: the ranking samples the like-samples above were expanded from (privrec.data.ranking)
+    ranking: RankingSplits | None = None
 
     def get(self, name: str) -> list[Sample]:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]

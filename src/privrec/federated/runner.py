@@ -24,14 +24,14 @@ from typing import Protocol
 
 import numpy as np
 
-from privrec import baselines
+from privrec import baselines, ranking
 from privrec.data import Sample, Splits
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
 from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
-from privrec.metrics import auc, binary_metrics
+from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, lineage_digest, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
 from privrec.run import machine, setup_data
@@ -201,12 +201,19 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
 
 # --- metrics --------------------------------------------------------------------------------------------
 def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
-    """``overall`` (pooled over every client's test samples), ``clients`` and ``balance`` (METHODS §2)."""
+    """``overall`` (pooled over every client's test samples), ``clients`` and ``balance`` (METHODS §2).
+
+    With ``task: ranking`` a client's test samples are its users' candidates (one like-prompt each, label 1
+    for the true item), so ``overall`` and every client row also carry ``hr@K`` / ``ndcg@K``: each user's
+    rank of the true item by P(Yes) among its candidates, and ``ranking_balance`` spreads ``ndcg@10``."""
     cids = sorted(preds)
     labels = np.concatenate([preds[c].labels for c in cids])
     probs = np.concatenate([preds[c].probs for c in cids])
     users = np.concatenate([preds[c].users for c in cids])
     overall = binary_metrics(labels, probs, users)
+    ranked = fed.cfg.task == "ranking"
+    if ranked:
+        overall.update(ranking_metrics(ranks_by_group(users, labels, probs)))
     clients = []
     for c in cids:
         tr, va, te = fed.samples(c)
@@ -218,6 +225,8 @@ def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
             row.update({k: v for k, v in binary_metrics(p.labels, p.probs).items() if k != "n"})
         else:
             row.update({"auc": float("nan")})
+        if ranked:
+            row.update(ranking_metrics(ranks_by_group(p.users, p.labels, p.probs)), n_test_users=len(set(p.users)))
         clients.append(row)
     aucs = np.array([r["auc"] for r in clients if not np.isnan(r["auc"])])  # clients with both labels
     balance = {"std": float(aucs.std()) if len(aucs) else float("nan"),
@@ -225,7 +234,13 @@ def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
                "max": float(aucs.max()) if len(aucs) else float("nan"),
                "gap": float(aucs.max() - aucs.min()) if len(aucs) else float("nan"),
                "clients_with_auc": len(aucs)}
-    return {"overall": overall, "clients": clients, "balance": balance}
+    out = {"overall": overall, "clients": clients, "balance": balance}
+    if ranked:
+        v = np.array([r["ndcg@10"] for r in clients if not np.isnan(r["ndcg@10"])])
+        out["ranking_balance"] = {"metric": "ndcg@10", "std": float(v.std()) if len(v) else float("nan"),
+                                  "min": float(v.min()) if len(v) else float("nan"),
+                                  "gap": float(v.max() - v.min()) if len(v) else float("nan")}
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -302,6 +317,7 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     seen = sum(r["samples_seen"] for r in rounds)
     activation_bytes = sum(r["bytes"]["activations"] for r in rounds)
     sp = fed.splits
+    metrics.update({k: v for k, v in metrics["overall"].items() if k.startswith(("hr@", "ndcg@"))})
     metrics.update({
         "auc": metrics["overall"]["auc"], "logloss": metrics["overall"]["logloss"],
         "accuracy": metrics["overall"]["accuracy"], "n_test": len(fed.splits.test),
@@ -315,7 +331,10 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
         "train_seconds": train_seconds, "seconds_per_round": train_seconds / max(1, len(rounds)),
         "samples_seen": seen, "peak_rss_mb": peak_rss_mb(),
         "n_train": len(sp.train), "n_valid": len(sp.valid),
-        "references": baselines.references(sp.dataset, sp.train, sp.test, cfg.data.like_threshold, cfg.seed),
+        "references": (ranking.references(sp.ranking.test, sp.ranking.popularity, cfg.ranking.n_candidates)
+                       if cfg.task == "ranking" else
+                       baselines.references(sp.dataset, sp.train, sp.test, cfg.data.like_threshold, cfg.seed)),
+        "task": cfg.task,
         "model": cfg.model.name, "protocol": cfg.data.protocol, "machine": machine(),
     })
     run.write_metrics(metrics)
@@ -331,8 +350,12 @@ def render_summary(m: dict) -> str:
     lines = [(f"{m['strategy']}{' + fedabc' if m['loss'] == 'fedabc' else ''} ({m['runner']}): test AUC "
              f"{o['auc']:.4f}, logloss {o['logloss']:.4f}, accuracy {o['accuracy']:.4f} (n={o['n']})"),
              f"per-client AUC: std {b['std']:.4f}, min {b['min']:.4f}, gap {b['gap']:.4f}"]
+    if "hr@1" in o:
+        lines.append(f"ranking: HR@1 {o['hr@1']:.4f}, HR@5 {o['hr@5']:.4f}, NDCG@5 {o['ndcg@5']:.4f}; per-client "
+                     f"NDCG@10 std {m['ranking_balance']['std']:.4f}, gap {m['ranking_balance']['gap']:.4f}")
     lines += [f"  client {c['client']}: n_train {c['n_train']}, n_test {c['n_test']}, AUC "
-              + ("-" if c["auc"] is None or c["auc"] != c["auc"] else f"{c['auc']:.4f}") for c in m["clients"]]
+              + ("-" if c["auc"] is None or c["auc"] != c["auc"] else f"{c['auc']:.4f}")
+              + (f", HR@1 {c['hr@1']:.4f}" if "hr@1" in c and c["hr@1"] == c["hr@1"] else "") for c in m["clients"]]
     lines.append(f"client parameters {m['client_parameters']:,} of {m['total_parameters']:,} "
                  f"({100 * m['client_parameter_share']:.1f}%); {m['seconds_per_round']:.1f}s per round"
                  + (f"; {m['bytes_per_training_sample']:,.0f} split bytes per training sample"

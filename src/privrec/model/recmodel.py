@@ -8,6 +8,12 @@ the hidden state at each prompt's last real token goes through the final norm an
 With LoRA on the top L layers only, the frozen bottom layers are run once per prompt and their output is
 kept in a :class:`FrozenCache` keyed by (base weights, cut layer, token ids); training and scoring then run
 the top L layers on the cached states (DESIGN.md performance habits).
+
+Ranking (METHODS §1) scores many candidates after one shared prompt prefix: :meth:`RecLM.score_groups` runs
+each prefix once, keeps its key-value cache, and scores all the candidates' suffixes in batches against it,
+either as P(Yes) logits (``mode="yes"``, the head above) or as the summed log-probability of the suffix
+tokens (``mode="title"``). ``shared=False`` scores every full prompt instead (the reference the shared path
+must equal).
 """
 
 from __future__ import annotations
@@ -29,15 +35,48 @@ from privrec.prompts import PromptBuilder, answer_token_ids
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenised sample: what the model and the training loop see."""
+    """A tokenised sample: what the model and the training loop see.
+
+    ``ids = ids(prefix text) + ids(suffix text)`` (prompts.PromptBuilder.split); ``prefix_len`` counts the
+    prefix's tokens, the part every candidate of a user shares."""
 
     sample_id: str
     ids: tuple[int, ...]
     label: float
     key: str  # content hash of the token ids (cache key part)
+    prefix_len: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return self.ids[: self.prefix_len]
+
+    @property
+    def suffix(self) -> tuple[int, ...]:
+        return self.ids[self.prefix_len:]
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Candidates sharing one prompt prefix: candidate i's prompt is ``prefix + suffixes[i]``."""
+
+    prefix: tuple[int, ...]
+    suffixes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, items: list[Encoded]) -> PrefixGroup:
+        """The group of encoded like-prompts of one user's candidates.
+
+        Raises:
+            ValueError: the items do not share their prefix."""
+        if not items:
+            raise ValueError("an empty candidate group")
+        prefix = items[0].prefix
+        if any(e.prefix != prefix for e in items):
+            raise ValueError(f"{items[0].sample_id}: candidates of one group have different prompt prefixes")
+        return cls(prefix, tuple(e.suffix for e in items))
 
 
 @dataclass
@@ -222,24 +261,33 @@ class RecLM:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     # --- tokenisation ------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> tuple[int, ...]:
+        """Token ids of a piece of prompt text (no special tokens added), cached by text."""
+        ids = self._encoded.get(text)
+        if ids is None:
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._encoded[text] = ids
+        return ids
+
+    def check_length(self, n_tokens: int, what: str) -> None:
+        """Raises: UserError for a prompt longer than prompt.max_length (never silently truncated)."""
+        if n_tokens > self.max_length:
+            raise UserError(f"{what}: prompt has {n_tokens} tokens > prompt.max_length={self.max_length}")
+
     def encode(self, samples) -> list[Encoded]:
-        """Render and tokenise samples once (cached by prompt text).
+        """Render and tokenise samples once (cached by text), as ids(prefix) + ids(suffix).
 
         Raises:
             UserError: a prompt longer than prompt.max_length (never silently truncated).
         """
         out = []
         for s in samples:
-            text = self.builder.text(s, self.tokenizer)
-            ids = self._encoded.get(text)
-            if ids is None:
-                ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                self._encoded[text] = ids
-            if len(ids) > self.max_length:
-                raise UserError(f"sample {s.sample_id}: prompt has {len(ids)} tokens > prompt.max_length="
-                                f"{self.max_length}")
+            prefix, suffix = self.builder.split(s, self.tokenizer)
+            p_ids = self.tokenize(prefix)
+            ids = p_ids + self.tokenize(suffix)
+            self.check_length(len(ids), f"sample {s.sample_id}")
             key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-            out.append(Encoded(s.sample_id, ids, float(s.label), key))
+            out.append(Encoded(s.sample_id, ids, float(s.label), key, len(p_ids)))
         return out
 
     # --- batching ----------------------------------------------------------------------------------
@@ -398,6 +446,152 @@ class RecLM:
         """P(Yes) = sigmoid(z_yes - z_no) for every item, in input order."""
         z = self.score_logits(items, batch_size, progress)
         return 1.0 / (1.0 + np.exp(-z))
+
+    # --- ranking: many candidates after one shared prefix -------------------------------------------
+    @property
+    def can_share_prefix(self) -> bool:
+        """Whether :meth:`score_groups` may run prefixes once: not when a subclass changes the forward (the
+        split model's channel) or batch hooks need whole prompts (per-sample adapter mixtures)."""
+        return type(self).logits is RecLM.logits and not self.batch_hooks
+
+    def _run_cached(self, input_ids, attention_mask, position_ids, past) -> torch.Tensor:
+        """All decoder layers over ``input_ids`` after the keys/values already in ``past`` (which grows);
+        (B, T, H) last layer's output before the final norm."""
+        inner = self._inner()
+        with _layer_window(inner, 0, self.n_layers), self._autocast():
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past, use_cache=True)
+        return out.last_hidden_state
+
+    def _title_logprob(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sum_t mask * log softmax(lm_head(norm(states[:, t])))[targets[:, t]]: (B, S, H), (B, S), (B, S) -> (B,),
+        in fp32, computed only at the real target positions."""
+        sel = mask.bool()
+        h = self._inner().norm(states[sel].float())  # (N, H) real positions only
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        w = base.get_output_embeddings().weight.float()  # (V, H)
+        logits = h @ w.T  # (N, V)
+        lp = logits.gather(1, targets[sel][:, None])[:, 0] - torch.logsumexp(logits, dim=1)  # (N,)
+        out = torch.zeros(states.shape[0], dtype=torch.float32, device=states.device)
+        rows = torch.arange(states.shape[0], device=states.device)[:, None].expand_as(sel)[sel]
+        return out.index_add_(0, rows, lp)
+
+    @torch.no_grad()
+    def score_groups(self, groups: list[PrefixGroup], mode: str = "yes", shared: bool = True, prefix_batch: int = 8,
+                     max_suffixes: int = 64, batch_size: int = 16, progress: bool = True) -> list[np.ndarray]:
+        """One score per suffix of every group, as a list of (n_suffixes,) float64 arrays in input order.
+
+        ``mode="yes"``: z_yes - z_no at the suffix's last token (the one scorer's head); ``mode="title"``: the
+        sum of the log-probabilities of the suffix tokens given the prefix and the suffix tokens before them.
+
+        Shared path (``shared`` and :attr:`can_share_prefix`): up to ``prefix_batch`` prefixes run in one
+        right-padded batch and their per-layer keys/values are kept; the suffixes of those users are then
+        scored in chunks of at most ``max_suffixes``, each chunk against the cache rows of its owners
+        (gathered per chunk with ``index_select``), with the attention mask covering the owner's prefix
+        (its padding masked) plus the suffix, and position ids continuing after the owner's real prefix
+        length. Otherwise every ``prefix + suffix`` is scored as a full prompt.
+        """
+        if mode not in ("yes", "title"):
+            raise ValueError(f"mode must be 'yes' or 'title', got {mode!r}")
+        for g in groups:
+            self.check_length(len(g.prefix) + max((len(x) for x in g.suffixes), default=0), "ranking prompt")
+            if not g.prefix or any(not x for x in g.suffixes):
+                raise ValueError("empty prefix or suffix in a ranking group")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if shared and self.can_share_prefix:
+                return self._score_shared(groups, mode, prefix_batch, max_suffixes, progress)
+            return self._score_full(groups, mode, batch_size, progress)
+        finally:
+            self.model.train(was_training)
+
+    def _score_shared(self, groups: list[PrefixGroup], mode: str, prefix_batch: int, max_suffixes: int,
+                      progress: bool) -> list[np.ndarray]:
+        from transformers import DynamicCache
+
+        out = [np.zeros(len(g.suffixes), dtype=np.float64) for g in groups]
+        pad, dev = self.tokenizer.pad_token_id, self.device
+        order = sorted(range(len(groups)), key=lambda g: -len(groups[g].prefix))  # similar prefix lengths together
+        blocks = [order[i: i + prefix_batch] for i in range(0, len(order), prefix_batch)]
+        for block in _progress(blocks, len(blocks), "ranking", progress):
+            # 1. the block's prefixes, once: (U, P) right-padded -> per-layer keys/values (U, kv_heads, P, d)
+            plens = torch.tensor([len(groups[g].prefix) for g in block], device=dev)  # (U,)
+            P = int(plens.max())
+            pids = torch.full((len(block), P), pad, dtype=torch.long, device=dev)
+            for u, g in enumerate(block):
+                pids[u, : plens[u]] = torch.tensor(groups[g].prefix, device=dev)
+            pmask = (torch.arange(P, device=dev)[None] < plens[:, None]).long()  # (U, P)
+            past = DynamicCache(config=self._inner().config)
+            h = self._run_cached(pids, pmask, None, past)  # (U, P, H)
+            p_last = h[torch.arange(len(block), device=dev), plens - 1]  # (U, H) predicts the suffix's 1st token
+            kv = [(layer.keys, layer.values) for layer in past.layers]
+            # 2. every suffix of the block's users, in chunks, against its owner's cache rows
+            jobs = sorted(((u, g, j) for u, g in enumerate(block) for j in range(len(groups[g].suffixes))),
+                          key=lambda t: len(groups[t[1]].suffixes[t[2]]))
+            for c in range(0, len(jobs), max_suffixes):
+                chunk = jobs[c: c + max_suffixes]
+                owner = torch.tensor([u for u, _, _ in chunk], device=dev)  # (B,)
+                sl = torch.tensor([len(groups[g].suffixes[j]) for _, g, j in chunk], device=dev)  # (B,)
+                S = int(sl.max())
+                sids = torch.full((len(chunk), S), pad, dtype=torch.long, device=dev)
+                for b, (_, g, j) in enumerate(chunk):
+                    sids[b, : sl[b]] = torch.tensor(groups[g].suffixes[j], device=dev)
+                smask = (torch.arange(S, device=dev)[None] < sl[:, None]).long()  # (B, S)
+                cache = DynamicCache(config=self._inner().config)
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k.index_select(0, owner), v.index_select(0, owner), i)
+                attn = torch.cat([pmask.index_select(0, owner), smask], dim=1)  # (B, P + S)
+                pos = plens.index_select(0, owner)[:, None] + torch.arange(S, device=dev)[None]  # (B, S)
+                hs = self._run_cached(sids, attn, pos, cache)  # (B, S, H)
+                if mode == "yes":
+                    scores = self._head(hs[torch.arange(len(chunk), device=dev), sl - 1])  # (B,)
+                else:
+                    states = torch.cat([p_last.index_select(0, owner)[:, None], hs[:, :-1]], dim=1)  # (B, S, H)
+                    scores = self._title_logprob(states, sids, smask)
+                vals = scores.double().cpu().numpy()  # one device -> host copy per chunk
+                for b, (_, g, j) in enumerate(chunk):
+                    out[g][j] = vals[b]
+        return out
+
+    def _score_full(self, groups: list[PrefixGroup], mode: str, batch_size: int, progress: bool,
+                    ) -> list[np.ndarray]:
+        """The reference: every candidate's whole prompt through the ordinary forward."""
+        flat = [(g, j) for g in range(len(groups)) for j in range(len(groups[g].suffixes))]
+        out = [np.zeros(len(g.suffixes), dtype=np.float64) for g in groups]
+        items = []
+        for g, j in flat:
+            ids = groups[g].prefix + groups[g].suffixes[j]
+            key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+            items.append(Encoded(f"g{g}-c{j}", ids, 0.0, key, len(groups[g].prefix)))
+        if mode == "yes":
+            z = self.score_logits(items, batch_size, progress)
+            for (g, j), v in zip(flat, z):
+                out[g][j] = float(v)
+            return out
+        saved_cut, self.cut = self.cut, 0  # token ids through every layer (the frozen cache holds none of these)
+        try:
+            batches = self.length_batches(items, batch_size)
+            for idx in _progress(batches, len(batches), "ranking (full prompts)", progress):
+                b = self.collate([items[i] for i in idx])
+                h = self._run_layers(0, self.n_layers, input_ids=b.input_ids, attention_mask=b.attention_mask)
+                S = max(len(items[i].suffix) for i in idx)
+                states = torch.zeros(len(idx), S, h.shape[-1], dtype=h.dtype, device=h.device)
+                targets = torch.zeros(len(idx), S, dtype=torch.long, device=h.device)
+                mask = torch.zeros(len(idx), S, dtype=torch.long, device=h.device)
+                for r, i in enumerate(idx):
+                    e = items[i]
+                    n = len(e.suffix)
+                    states[r, :n] = h[r, e.prefix_len - 1: e.prefix_len - 1 + n]  # position t predicts token t+1
+                    targets[r, :n] = torch.tensor(e.suffix, device=h.device)
+                    mask[r, :n] = 1
+                lp = self._title_logprob(states, targets, mask)
+                for r, i in enumerate(idx):
+                    g, j = flat[i]
+                    out[g][j] = float(lp[r])
+        finally:
+            self.cut = saved_cut
+        return out
 
     @contextlib.contextmanager
     def adapter_disabled(self):
