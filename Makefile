@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-slow bench bench-federated bench-unlearn bench-rank results-rank fetch lint clean
+.PHONY: setup demo test test-slow bench bench-federated bench-unlearn bench-rank results-rank recipes fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-rank: fetch
 # the next-item ranking table (plain + shuffle/mask runs of configs/rank-ml100k.yaml; ~1 h on 2 cores, estimated)
 results-rank: fetch
 	$(BIN)/python benchmarks/results_rank.py --runs $(RUNS)/results-rank --out docs/results.md
+
+# the recommendation-quality sweep (benchmarks/recipes.yaml, both protocols; ~7.7 h on 2 cores, estimated;
+# resumable, and `python benchmarks/recipes.py --plan` prints each recipe's cost)
+recipes: fetch
+	$(BIN)/python benchmarks/recipes.py --runs $(RUNS)/recipes --out docs/results.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

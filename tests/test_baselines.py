@@ -28,10 +28,10 @@ def test_like_rate_is_the_prompts_history_share(tiny_splits, ml100k):
 def test_item_mean_shrinks_to_global():
     from privrec.data import Sample
 
-    mk = lambda item, label: Sample(f"u1-i{item}-{label}", 1, item, 0, 5.0 if label else 1.0, label, ())
-    train = [mk(1, 1), mk(1, 1), mk(2, 0)]
+    mk = lambda item, label, u: Sample(f"u{u}-i{item}", u, item, 0, 5.0 if label else 1.0, label, ())
+    train = [mk(1, 1, 1), mk(1, 1, 2), mk(2, 0, 1)]
     g = 2 / 3
-    got = baselines.item_mean(train, [mk(1, 0), mk(2, 0), mk(3, 0)])
+    got = baselines.item_mean(train, [mk(1, 0, 3), mk(2, 0, 3), mk(3, 0, 3)])  # test users rate after training
     np.testing.assert_allclose(got, [(2 + 5 * g) / 7, (0 + 5 * g) / 6, g])
 
 

@@ -32,6 +32,9 @@ def test_train_writes_a_run_directory(trained):
     assert m["n_test"] == 64 and 0 <= m["auc"] <= 1
     assert m["zero_shot"]["n"] == 64
     assert set(m["references"]) >= {"like-rate", "item-mean", "lr-onehot", "lr-onehot+like-rate"}
+    assert all("uauc" in r for r in m["references"].values()) and m["references_train"] == m["n_train"]
+    assert "valid_uauc" in m["history"][0] and m["valid_auc"] == m["history"][0]["valid_auc"]
+    assert [p["samples_seen"] for p in m["curve"]] == [h["samples_seen"] for h in m["history"]]
     meta = json.loads((trained / "adapter" / "privrec.json").read_text())
     assert len(meta["sample_ids"]) == 64 and meta["base_fingerprint"]
 

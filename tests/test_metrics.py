@@ -78,3 +78,12 @@ def test_random_ranking_metrics_closed_form():
     assert r["ndcg@3"] == pytest.approx((1 + 1 / math.log2(3) + 1 / 2) / 10)
     # the expectation over every rank of a uniformly placed true item
     assert r["ndcg@5"] == pytest.approx(ranking_metrics(list(range(1, 11)))["ndcg@5"])
+
+
+def test_uauc_equals_the_mean_of_per_user_aucs_with_ties():
+    rng = np.random.default_rng(0)
+    users, labels = rng.integers(0, 15, 300), rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300), 1)  # many ties
+    per_user = [auc(labels[users == u], scores[users == u]) for u in np.unique(users)
+                if 0 < labels[users == u].sum() < (users == u).sum()]
+    assert uauc(users, labels, scores) == pytest.approx(np.mean(per_user), abs=1e-12)

@@ -47,7 +47,7 @@ class Interrupt(Exception):
 
 def test_resume_after_interrupted_epoch_matches_uninterrupted(ml100k, tiny_splits, tmp_path):
     cfg = tiny_config(lora={"top_layers": 1}, train={"epochs": 3, "lr": 5e-3, "schedule": "cosine",
-                                                      "warmup_ratio": 0.2})
+                                                      "warmup_ratio": 0.2, "eval_every": 2})
     data = planted(tiny_splits.train[:40], ml100k)
 
     def run(out, interrupt_at=None, resume=False):
@@ -74,6 +74,58 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted(ml100k, tiny_split
     assert [h["valid_auc"] for h in res_whole.history] == pytest.approx(
         [h["valid_auc"] for h in res_resumed.history])
     assert res_whole.best_epoch == res_resumed.best_epoch
+    # the learning curve (mid-epoch points included) is the same, and the interrupted epoch's points are not doubled
+    assert [(p["samples_seen"], p["steps"]) for p in res_whole.curve] == [
+        (p["samples_seen"], p["steps"]) for p in res_resumed.curve]
+    for key in ("valid_auc", "valid_uauc"):
+        assert [p[key] for p in res_whole.curve] == pytest.approx([p[key] for p in res_resumed.curve], nan_ok=True)
+
+
+def test_eval_every_adds_curve_points_without_changing_training(ml100k, tiny_splits):
+    from privrec.metrics import uauc
+
+    def run(eval_every, select="auc"):
+        cfg = tiny_config(lora={"top_layers": 1}, train={"epochs": 2, "lr": 5e-3, "eval_every": eval_every,
+                                                          "select": select})
+        m = make_model(cfg, ml100k)
+        res = train(m, m.encode(tiny_splits.train[:40]), cfg.train, seed=0, valid=m.encode(tiny_splits.valid),
+                    progress=False)
+        return m, res
+
+    m, res = run(2)  # 40 samples / batch 8 = 5 steps per epoch: points after steps 2, 4, 5 | 6, 8, 10
+    assert [p["steps"] for p in res.curve] == [2, 4, 5, 6, 8, 10]
+    assert [p["samples_seen"] for p in res.curve] == [16, 32, 40, 48, 64, 80]
+    assert [p["epoch"] for p in res.curve] == pytest.approx([0.4, 0.8, 1.0, 1.2, 1.6, 2.0])
+    secs = [p["seconds"] for p in res.curve]
+    assert secs == sorted(secs) and secs[-1] == pytest.approx(res.seconds)
+    ends = [p for p in res.curve if p["epoch"] == int(p["epoch"])]
+    assert [p["valid_auc"] for p in ends] == [h["valid_auc"] for h in res.history]
+    # every epoch record carries the validation UAUC; the kept (best) adapter scores what its record says
+    assert all("valid_uauc" in h for h in res.history)
+    valid = tiny_splits.valid
+    best = res.history[res.best_epoch - 1]
+    probs = m.score(m.encode(valid), progress=False)
+    assert uauc([s.user_id for s in valid], [s.label for s in valid], probs) == pytest.approx(best["valid_uauc"])
+    assert res.best_valid_uauc == pytest.approx(best["valid_uauc"])
+    # scoring mid-epoch never moves the training: the same weights as without eval_every
+    m0, res0 = run(None)
+    assert [p["steps"] for p in res0.curve] == [5, 10]
+    a, b = adapter_state(m.model), adapter_state(m0.model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_select_uauc_keeps_the_best_uauc_epoch(ml100k, tiny_splits):
+    cfg = tiny_config(train={"epochs": 3, "lr": 5e-2, "select": "uauc"})
+    m = make_model(cfg, ml100k)
+    items, valid = m.encode(tiny_splits.train[:32]), m.encode(tiny_splits.valid)
+    res = train(m, items, cfg.train, seed=1, valid=valid, progress=False)
+    uaucs = [h["valid_uauc"] for h in res.history]
+    assert res.best_epoch == 1 + int(np.nanargmax(uaucs)) and res.best_valid_uauc == max(uaucs)
+    assert res.best_valid_auc == res.history[res.best_epoch - 1]["valid_auc"]
+    no_users = [dataclasses.replace(e, user_id=None) for e in valid]
+    with pytest.raises(ValueError, match="select=uauc"):
+        train(m, items, cfg.train, seed=1, valid=no_users, progress=False)
 
 
 def test_best_epoch_is_restored_and_early_stopping_stops(ml100k, tiny_splits):

@@ -16,10 +16,10 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
-from privrec.data import Dataset, Sample
+from privrec.data import Dataset, ItemStats, Sample
+from privrec.data.stats import SHRINK_K
 from privrec.metrics import binary_metrics
 
-SHRINK_K = 5.0
 PRIMARY = "lr-onehot"
 
 
@@ -27,21 +27,11 @@ def like_rate(samples: list[Sample], threshold: float) -> np.ndarray:
     return np.array([s.history_like_rate(threshold) for s in samples])
 
 
-def _item_counts(train: list[Sample]) -> tuple[float, dict[int, float], dict[int, int]]:
-    """(global like-rate, likes per item, samples per item) of the training samples."""
-    g = float(np.mean([s.label for s in train])) if train else 0.5
-    likes: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    for s in train:
-        likes[s.item_id] = likes.get(s.item_id, 0.0) + s.label
-        counts[s.item_id] = counts.get(s.item_id, 0) + 1
-    return g, likes, counts
-
-
 def item_mean(train: list[Sample], samples: list[Sample], k: float = SHRINK_K) -> np.ndarray:
-    """Shrunk per-item like-rate learnt from ``train``, read for each of ``samples``."""
-    g, likes, counts = _item_counts(train)
-    return np.array([(likes.get(s.item_id, 0.0) + k * g) / (counts.get(s.item_id, 0) + k) for s in samples])
+    """Shrunk per-item like-rate learnt from ``train``, read for each of ``samples`` (:class:`ItemStats`: the
+    estimate ``prompt.item_stats`` shows; a sample of ``train`` itself is read leaving its own label out)."""
+    stats = ItemStats.of(train, k)
+    return np.array([stats.read(s)[0] for s in samples])
 
 
 def _categorical(ds: Dataset, samples: list[Sample]) -> tuple[list[list[str]], list[str]]:
@@ -88,11 +78,9 @@ def logistic_onehot(ds: Dataset, train: list[Sample], test: list[Sample], thresh
 def logistic_counters(train: list[Sample], test: list[Sample], threshold: float) -> np.ndarray:
     """Logistic regression on [history like-rate, shrunk item mean] (item mean out-of-sample on train:
     each training sample's own label is left out of its item's mean)."""
-    g, likes, counts = _item_counts(train)
-    im_tr = np.array([(likes[s.item_id] - s.label + SHRINK_K * g) / (counts[s.item_id] - 1 + SHRINK_K)
-                      for s in train])
-    x_tr = np.c_[like_rate(train, threshold), im_tr]
-    x_te = np.c_[like_rate(test, threshold), item_mean(train, test)]
+    stats = ItemStats.of(train)
+    x_tr = np.c_[like_rate(train, threshold), [stats.read(s)[0] for s in train]]
+    x_te = np.c_[like_rate(test, threshold), [stats.read(s)[0] for s in test]]
     y = np.array([s.label for s in train])
     if len(np.unique(y)) < 2:
         return np.full(len(test), float(y.mean()) if len(y) else 0.5)

@@ -67,6 +67,17 @@ class PromptConfig(_Section):
     system_prompt: str | None = Field(
         None, description="System message for the chat template; None keeps the template's own default.")
     max_length: int = Field(512, ge=16, description="Prompts longer than this are refused (no silent truncation).")
+    history_summary: bool = Field(
+        False, description="Add a line counting the liked history items ('The user liked 7 of these 10 movies.'; "
+        "kv: 'user history likes: 7 of 10 liked'): the history like-rate reference, readable. From the sample's "
+        "own history only; both templates and the next-item prompt.")
+    item_stats: bool = Field(
+        False, description="Add the target movie's like-rate among the run's training pool (every training sample "
+        "of the protocol, not only the n_train drawn; shrunk to the global rate with k=5 like the item-mean "
+        "reference, a training sample's own label left out) and its count ('Other users liked the target movie "
+        "82% of the time (45 ratings).'). Training labels only; the run's references then learn from the same "
+        "pool. It puts other users' labels into every prompt, so federate and the unlearning commands refuse "
+        "it; like-prediction only.")
 
 
 class AugmentConfig(_Section):
@@ -115,7 +126,14 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warm-up over this fraction of steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field("linear")
     early_stopping: int | None = Field(
-        None, ge=1, description="Stop after N epochs without a better validation AUC; None = never.")
+        None, ge=1, description="Stop after N epochs without a better validation score (`select`); None = never.")
+    select: Literal["auc", "uauc"] = Field(
+        "auc", description="Validation score that picks the best epoch and drives early stopping: auc, or uauc "
+        "(mean within-user AUC over validation users with both labels).")
+    eval_every: int | None = Field(
+        None, ge=1, description="Also score the validation samples every N optimizer steps inside an epoch, for "
+        "the learning curve (`curve` in metrics.json); the best epoch is still chosen at epoch ends. Scoring "
+        "time is not counted as training time. None = at epoch ends only.")
     eval_batch_size: int = Field(16, ge=1)
     checkpoint: bool = Field(True, description="Atomic checkpoint after every epoch (needed for --resume).")
 
@@ -174,7 +192,19 @@ class ExperimentConfig(_Section):
             if self.data.protocol != "tallrec":
                 raise ValueError(f"task ranking has its own protocol (last item test, the one before it train); "
                                  f"remove data.protocol={self.data.protocol}")
+            if self.prompt.item_stats:
+                raise ValueError("prompt.item_stats reads like-prediction training labels; task ranking has "
+                                 "none: set prompt.item_stats=false")
         return self
+
+    def refuse_item_stats(self, command: str, why: str) -> None:
+        """For commands whose guarantee ``prompt.item_stats`` would break (it shows every prompt other users'
+        training labels).
+
+        Raises:
+            ValueError: the option is on (inside a pydantic validator: a one-line ConfigError)."""
+        if self.prompt.item_stats:
+            raise ValueError(f"prompt.item_stats cannot be used with {command}: {why}; set prompt.item_stats=false")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

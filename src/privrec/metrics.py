@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 EPS = 1e-7
@@ -37,16 +38,28 @@ def accuracy(labels, probs, threshold: float = 0.5) -> float:
     return float(np.mean((np.asarray(probs) > threshold).astype(int) == y))
 
 
+def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """AUC by the rank-sum (Mann-Whitney) identity, ties as average ranks (= ties 1/2, as :func:`auc`):
+    (sum of the positives' ranks - P(P+1)/2) / (P * N). Fast for the many small arrays of :func:`uauc`."""
+    ranks = rankdata(s)
+    pos = y == 1
+    n_pos = int(pos.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def uauc(users, labels, scores) -> float:
     """Mean over users of the AUC within the user's samples, over users that have both labels."""
     by_user: dict = defaultdict(list)
-    for u, y, s in zip(users, labels, scores):
-        by_user[u].append((y, s))
+    for i, u in enumerate(users):
+        by_user[u].append(i)
+    y_all = np.asarray(labels, dtype=np.float64)
+    s_all = np.asarray(scores, dtype=np.float64)
     values = []
-    for rows in by_user.values():
-        y = [r[0] for r in rows]
-        if 0 < sum(y) < len(y):
-            values.append(auc(y, [r[1] for r in rows]))
+    for idx in by_user.values():
+        y = y_all[idx]
+        if 0 < y.sum() < len(y):
+            values.append(_rank_auc(y, s_all[idx]))
     return float(np.mean(values)) if values else float("nan")
 
 

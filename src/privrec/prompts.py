@@ -14,6 +14,12 @@ the assistant header). All of a user's candidates share the prefix, which is wha
 scores once (METHODS §1). The model tokenises every prompt as ``ids(prefix) + ids(suffix)``, so the
 full-prompt path and the shared-prefix path see identical token ids.
 
+Two optional lines make the references' counters readable (both off by default, both templates):
+``prompt.history_summary`` counts the liked history items ("The user liked 7 of these 10 movies.", part of
+the prefix: it depends on the history only), and ``prompt.item_stats`` gives the target movie's like-rate
+among the run's training pool, the item-mean reference's estimate (:class:`privrec.data.ItemStats`, handed
+in by the caller; part of the suffix).
+
 The next-item prompt (:meth:`PromptBuilder.next_item_prompt`, BIGRec-style) lists the candidates and asks
 which one the user watches next; a candidate's score is the log-likelihood of its title
 (:meth:`PromptBuilder.item_answer`) after the prompt.
@@ -21,7 +27,7 @@ which one the user watches next; a candidate's score is the log-likelihood of it
 
 from __future__ import annotations
 
-from privrec.data import KV_FIELDS, Dataset, Sample, View
+from privrec.data import KV_FIELDS, Dataset, ItemStats, Sample, View
 
 TALLREC_INSTRUCTION = (
     'Given the user\'s preference and unpreference, identify whether the user will like the target movie '
@@ -36,34 +42,84 @@ ANSWERS = ("Yes", "No")
 TALLREC_TARGET_LINE = "Whether the user will like the target movie "
 KV_NAMES = {"gender": "user gender", "age": "user age", "occupation": "user occupation", "history": "user history",
             "title": "target movie title", "genres": "target movie genres", "year": "target movie year",
-            "candidates": "candidate movies"}
+            "candidates": "candidate movies", "summary": "user history likes",
+            "item_stats": "target movie like rate among other users"}
 NEXT_INSTRUCTION = (
     "Given the user's profile, rating history and a list of candidate movies, predict which candidate movie "
     "the user will watch next. Answer with the title of the movie."
 )
 NEXT_QUESTION = "Which candidate movie will the user watch next?"
-TARGET_FIELDS = frozenset({"title", "genres", "year"})  # the like-prompt's fields that depend on the target
+# the like-prompt's fields that depend on the target (the prefix/suffix cut falls before the first of them)
+TARGET_FIELDS = frozenset({"title", "genres", "year", "item_stats"})
 
 
 def _quote(title: str) -> str:
     return f'"{title}"'
 
 
-class PromptBuilder:
-    """Renders samples with a :class:`privrec.config.PromptConfig` against one dataset's records."""
+def _ratings(n: int) -> str:
+    return f"{n} rating" if n == 1 else f"{n} ratings"
 
-    def __init__(self, dataset: Dataset, cfg, like_threshold: float = 3.0):
+
+class PromptBuilder:
+    """Renders samples with a :class:`privrec.config.PromptConfig` against one dataset's records.
+
+    ``item_stats``: the counts ``prompt.item_stats`` reads (the run's training pool, computed by the caller
+    from training labels only); required when that option is on.
+    """
+
+    def __init__(self, dataset: Dataset, cfg, like_threshold: float = 3.0, item_stats: ItemStats | None = None):
+        if getattr(cfg, "item_stats", False) and item_stats is None:
+            raise ValueError("prompt.item_stats is on but no item statistics were given to the prompt builder")
         self.ds = dataset
         self.cfg = cfg
         self.like_threshold = like_threshold
+        self.item_stats = item_stats
+
+    # --- the optional counter lines ------------------------------------------------------------------
+    def _n_liked(self, history) -> int:
+        return sum(r > self.like_threshold for _, r in history)
+
+    def _stat(self, s: Sample) -> tuple[int, int]:
+        """(like-rate in whole percent, count) of the target item among the other counted samples."""
+        assert self.item_stats is not None
+        rate, n = self.item_stats.read(s)
+        return round(100 * rate), n
+
+    def summary_sentence(self, history) -> str:
+        return f"The user liked {self._n_liked(history)} of these {len(history)} movies."
+
+    def stats_sentence(self, s: Sample) -> str:
+        pct, n = self._stat(s)
+        if n == 0:
+            return "No other user has rated the target movie yet."
+        return f"Other users liked the target movie {pct}% of the time ({_ratings(n)})."
+
+    def _summary_value(self, history) -> str:
+        return f"{self._n_liked(history)} of {len(history)} liked"
+
+    def _stats_value(self, s: Sample) -> str:
+        pct, n = self._stat(s)
+        return f"unknown ({_ratings(n)})" if n == 0 else f"{pct}% ({_ratings(n)})"
 
     # --- the instruction and input, before any chat formatting -------------------------------------------
+    def _tallrec_lists(self, history) -> str:
+        liked = [_quote(self.ds.items[i].title) for i, r in history if r > self.like_threshold]
+        disliked = [_quote(self.ds.items[i].title) for i, r in history if r <= self.like_threshold]
+        head = f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
+        if self.cfg.history_summary:
+            head += self.summary_sentence(history) + "\n"
+        return head
+
+    def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
+        """(the history lists [+ summary], [the item-stats line +] the target question)."""
+        tail = f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?"
+        if self.cfg.item_stats:
+            tail = self.stats_sentence(s) + "\n" + tail
+        return self._tallrec_lists(s.history), tail
+
     def tallrec_input(self, s: Sample) -> str:
-        liked = [_quote(self.ds.items[i].title) for i, r in s.history if r > self.like_threshold]
-        disliked = [_quote(self.ds.items[i].title) for i, r in s.history if r <= self.like_threshold]
-        return (f"User Preference: {', '.join(liked)}\n"
-                f"User Unpreference: {', '.join(disliked)}\n"
-                f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?")
+        return "".join(self.tallrec_input_parts(s))
 
     def _history_entry(self, item_id: int, rating: float) -> str:
         it = self.ds.items[item_id]
@@ -77,11 +133,15 @@ class PromptBuilder:
         return "; ".join(parts)
 
     def kv_fields(self, s: Sample) -> dict[str, str]:
-        """The seven key-value pairs of METHODS §1, in the template's order."""
+        """The seven key-value pairs of METHODS §1, in the template's order (+ the optional counter lines)."""
         item = self.ds.items[s.item_id]
         fields = self._user_fields(s.user_id)
         fields["history"] = self._history(s.history)
+        if self.cfg.history_summary:
+            fields["summary"] = self._summary_value(s.history)
         fields.update(title=_quote(item.title), genres=", ".join(item.genres), year=item.year)
+        if self.cfg.item_stats:
+            fields["item_stats"] = self._stats_value(s)
         return fields
 
     def _user_fields(self, user_id: int) -> dict[str, str]:
@@ -94,22 +154,29 @@ class PromptBuilder:
         return "\n" + "\n".join(f"- {self._history_entry(i, r)}" for i, r in history)
 
     def kv_input_parts(self, s: Sample) -> tuple[str, str]:
-        """(lines before the first target field, the rest with the question): the input's prefix/suffix cut."""
+        """(lines before the first target field, the rest with the question): the input's prefix/suffix cut.
+
+        The counter lines are not key-value pairs InstructMK shuffles or masks: the history summary always
+        follows the history line, the item-stats line always ends the fields (both kept by every view)."""
         fields = self.kv_fields(s)
-        order = s.view.order or KV_FIELDS
+        order = self._with_counters(s.view.order or KV_FIELDS)
         lines = [(k, f"{KV_NAMES[k]}: {fields[k]}") for k in order if k in fields and k not in s.view.dropped]
         cut = next((i for i, (k, _) in enumerate(lines) if k in TARGET_FIELDS), len(lines))
         head = "".join(line + "\n" for _, line in lines[:cut])
         tail = "".join(line + "\n" for _, line in lines[cut:])
         return head, tail + KV_QUESTION
 
+    @staticmethod
+    def _with_counters(order) -> list[str]:
+        out = []
+        for k in order:
+            out.append(k)
+            if k == "history":
+                out.append("summary")
+        return out + ["item_stats"]
+
     def kv_input(self, s: Sample) -> str:
         return "".join(self.kv_input_parts(s))
-
-    def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
-        full = self.tallrec_input(s)
-        cut = full.rindex(TALLREC_TARGET_LINE)
-        return full[:cut], full[cut:]
 
     def input_parts(self, s: Sample) -> tuple[str, str, str]:
         """(instruction, input prefix, input suffix) of the like-prompt."""
@@ -165,15 +232,14 @@ class PromptBuilder:
         order), as key-value lines (``kv``) or TALLRec's liked/disliked lists (``tallrec``)."""
         cands = "\n" + "\n".join(f"- {self._candidate_entry(i)}" for i in candidates)
         if self.cfg.template == "tallrec":
-            liked = [_quote(self.ds.items[i].title) for i, r in history if r > self.like_threshold]
-            disliked = [_quote(self.ds.items[i].title) for i, r in history if r <= self.like_threshold]
-            return (f"User Preference: {', '.join(liked)}\nUser Unpreference: {', '.join(disliked)}\n"
-                    f"Candidate movies: {cands}\n{NEXT_QUESTION}")
+            return f"{self._tallrec_lists(history)}Candidate movies: {cands}\n{NEXT_QUESTION}"
         view = view or View()
         fields = self._user_fields(user_id)
         fields.update(history=self._history(history), candidates=cands)
+        if self.cfg.history_summary:
+            fields["summary"] = self._summary_value(history)
         # the candidate list stands where the like-prompt's target fields stand (after the history by default)
-        order = ["candidates" if k == "title" else k for k in (view.order or KV_FIELDS)]
+        order = ["candidates" if k == "title" else k for k in self._with_counters(view.order or KV_FIELDS)]
         return "".join(f"{KV_NAMES[k]}: {fields[k]}\n" for k in order
                        if k in fields and k not in view.dropped) + NEXT_QUESTION
 

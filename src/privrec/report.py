@@ -32,7 +32,7 @@ def like_rows(runs: list[tuple[str, dict]]) -> list[list[str]]:
         rows.append([label, _fmt(m.get("auc")), _fmt(m.get("uauc")), _fmt(m.get("logloss")),
                      _fmt(m.get("accuracy")), _fmt(m.get("n_test")), _fmt(m.get("train_seconds"))])
         for ref, r in (m.get("references") or {}).items():
-            key = (ref, m.get("n_test"), m.get("protocol"), m.get("n_train"))
+            key = (ref, m.get("n_test"), m.get("protocol"), m.get("n_train"), m.get("references_train"))
             if key in seen_refs or ref == m.get("method"):
                 continue
             seen_refs.add(key)
@@ -99,3 +99,44 @@ def render(paths: list[str | Path], markdown: bool = False) -> str:
 
 def _render_like(runs: list[tuple[str, dict]], markdown: bool) -> str:
     return _table(HEADER, like_rows(runs), markdown, "privrec results")
+
+
+def _values(curve: list[dict], key: str) -> list[float]:
+    """A curve's values of ``key``; missing ones (NaN, written as null in metrics.json) as NaN gaps."""
+    return [float("nan") if p.get(key) is None else float(p[key]) for p in curve]
+
+
+def plot_learning_curves(panels: dict[str, list[tuple[str, list[dict]]]], path: str | Path,
+                         title: str = "validation AUC and UAUC against training samples seen") -> Path:
+    """One panel per key of ``panels`` (e.g. a protocol), one colour per (label, curve) in it: validation
+    AUC (solid) and UAUC (dashed) against ``samples_seen``, from the ``curve`` points of a run's
+    metrics.json. Written as a PNG with matplotlib's Agg backend (no display needed); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(panels) or ["(no runs)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (label, curve) in enumerate(panels.get(name, [])):
+            colour = f"C{i % 10}"
+            x = [p["samples_seen"] for p in curve]
+            ax.plot(x, _values(curve, "valid_auc"), "-o", color=colour, markersize=3, label=f"{label} AUC")
+            if any(p.get("valid_uauc") is not None for p in curve):
+                ax.plot(x, _values(curve, "valid_uauc"), "--", color=colour, label=f"{label} UAUC")
+        ax.set_title(name)
+        ax.set_xlabel("training samples seen")
+        ax.set_ylabel("validation score")
+        ax.grid(alpha=0.3)
+        if panels.get(name):
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

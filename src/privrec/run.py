@@ -18,7 +18,16 @@ import torch
 
 from privrec import baselines, ranking
 from privrec.config import ExperimentConfig
-from privrec.data import Sample, Splits, augment, build_ranking_splits, build_splits, like_splits, load_dataset
+from privrec.data import (
+    ItemStats,
+    Sample,
+    Splits,
+    augment,
+    build_ranking_splits,
+    build_splits,
+    like_splits,
+    load_dataset,
+)
 from privrec.errors import DataError, RunError, UserError
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
@@ -51,10 +60,38 @@ def setup_data(cfg: ExperimentConfig) -> Splits:
     return splits
 
 
+def labelled_pool(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
+    """The training labels a run may count beyond its own training samples: the whole training pool of the
+    protocol when ``prompt.item_stats`` is on (the item statistics in the prompts are counted over it), else
+    just the drawn training samples. The run's references learn from the same samples, so no row of the
+    table sees labels another does not. Never a validation or test label."""
+    return splits.pool if cfg.prompt.item_stats and splits.pool else splits.train
+
+
+def item_stats(cfg: ExperimentConfig, splits: Splits) -> ItemStats | None:
+    """What ``prompt.item_stats`` shows: item like counts over :func:`labelled_pool` (None when off)."""
+    return ItemStats.of(labelled_pool(cfg, splits)) if cfg.prompt.item_stats else None
+
+
 def setup_model(cfg: ExperimentConfig, splits: Splits) -> RecLM:
-    model = RecLM.from_config(cfg, splits.dataset)
+    model = RecLM.from_config(cfg, splits.dataset, item_stats=item_stats(cfg, splits))
     model.attach_lora(cfg.lora, cfg.seed)
     return model
+
+
+def references(cfg: ExperimentConfig, splits: Splits) -> dict:
+    """The references of METHODS §0 on the test samples, learnt from :func:`labelled_pool`."""
+    return baselines.references(splits.dataset, labelled_pool(cfg, splits), splits.test, cfg.data.like_threshold,
+                                cfg.seed)
+
+
+def _epoch_line(r: dict) -> str:
+    line = "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
+    if "valid_auc" in r:
+        line += f", valid AUC {r['valid_auc']:.4f}"
+    if "valid_uauc" in r:
+        line += f", valid UAUC {r['valid_uauc']:.4f}"
+    return line
 
 
 def evaluate_split(model: RecLM, samples: list[Sample], items: list[Encoded], batch_size: int,
@@ -122,9 +159,7 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
 
     # 5. train (checkpoint every epoch; --resume continues from the last one)
     result = train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=run.path, resume=resume,
-                   progress=progress, on_epoch=lambda r: run.log(
-                       "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
-                       + (f", valid AUC {r['valid_auc']:.4f}" if "valid_auc" in r else "")))
+                   progress=progress, on_epoch=lambda r: run.log(_epoch_line(r)))
 
     # 6. save the adapter with its lineage
     save_adapter(model.model, run / ADAPTER_DIR, {
@@ -139,15 +174,16 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     metrics, probs = evaluate_split(model, splits.test, te, cfg.train.eval_batch_size, progress)
     score_seconds = time.perf_counter() - t0
     write_predictions(run / "predictions_test.csv", splits.test, probs)
-    refs = baselines.references(splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed)
     metrics.update({
         "n_test": len(splits.test), "n_train": len(splits.train), "n_train_augmented": len(tr),
         "n_valid": len(splits.valid),
         "train_seconds": result.seconds, "train_samples_per_second": result.samples_per_second,
         "cache_seconds": cache_seconds, "test_score_seconds": score_seconds,
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-        "valid_auc": result.best_valid_auc, "stopped_early": result.stopped_early,
-        "history": result.history, "zero_shot": zero_shot, "references": refs,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "select": cfg.train.select,
+        "valid_auc": result.best_valid_auc, "valid_uauc": result.best_valid_uauc,
+        "stopped_early": result.stopped_early, "history": result.history, "curve": result.curve,
+        "zero_shot": zero_shot, "references": references(cfg, splits),
+        "references_train": len(labelled_pool(cfg, splits)),
         "model": cfg.model.name, "protocol": cfg.data.protocol, "machine": machine(),
     })
     run.write_metrics(metrics)
@@ -196,9 +232,7 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
 
     # 5. train the like-prompt model (validation AUC over the validation users' candidates picks the epoch)
     result = train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=run.path, resume=resume,
-                   progress=progress, on_epoch=lambda r: run.log(
-                       "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
-                       + (f", valid AUC {r['valid_auc']:.4f}" if "valid_auc" in r else "")))
+                   progress=progress, on_epoch=lambda r: run.log(_epoch_line(r)))
 
     # 6. save the adapter with its lineage
     save_adapter(model.model, run / ADAPTER_DIR, {
@@ -223,8 +257,9 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
         "cache_seconds": cache_seconds, "test_score_seconds": score_seconds,
         "test_candidates_per_second": len(rs.test) * cfg.ranking.n_candidates * len(by_scorer) / score_seconds
         if score_seconds > 0 else None,
-        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "valid_auc": result.best_valid_auc,
-        "stopped_early": result.stopped_early, "history": result.history,
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "select": cfg.train.select,
+        "valid_auc": result.best_valid_auc, "valid_uauc": result.best_valid_uauc,
+        "stopped_early": result.stopped_early, "history": result.history, "curve": result.curve,
         "model": cfg.model.name, "protocol": "ranking (last item test, second-to-last train)", "machine": machine(),
     })
     run.write_metrics(metrics)
@@ -285,16 +320,18 @@ def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = Tru
 
 
 def run_baseline(cfg: ExperimentConfig, out: str | Path) -> dict:
-    """The references of METHODS §0 on exactly the config's samples; ``lr-onehot`` is the primary."""
+    """The references of METHODS §0 on exactly the config's samples, learnt from the labels a ``privrec
+    train`` run of the same config sees (:func:`labelled_pool`); ``lr-onehot`` is the primary. Every
+    reference carries ``auc`` and ``uauc``."""
     run = RunDir(out)
     run.write_config(cfg)
     splits = setup_data(cfg)
     t0 = time.perf_counter()
-    refs = baselines.references(splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed)
+    refs = references(cfg, splits)
     metrics = dict(refs[baselines.PRIMARY])
     metrics.update({"method": baselines.PRIMARY, "references": refs, "n_test": len(splits.test),
-                    "n_train": len(splits.train), "train_seconds": time.perf_counter() - t0,
-                    "protocol": cfg.data.protocol})
+                    "n_train": len(splits.train), "references_train": len(labelled_pool(cfg, splits)),
+                    "train_seconds": time.perf_counter() - t0, "protocol": cfg.data.protocol})
     run.write_metrics(metrics)
     run.log(f"baselines on {len(splits.test)} test samples: "
             + ", ".join(f"{k} {v['auc']:.4f}" for k, v in refs.items()))

@@ -4,10 +4,17 @@ call :func:`train` with their own data, loss and adapter (DESIGN.md: one trainer
 Loss (METHODS §0): cross-entropy of the 2-way softmax over the Yes/No logits against the label, i.e.
 ``BCEWithLogits(z_yes - z_no, y)``; soft targets in [0, 1] are allowed (distillation). AdamW over the
 trainable (LoRA) weights, gradient accumulation, a warm-up + linear/cosine schedule, early stopping on
-validation AUC, and an atomic checkpoint after every epoch from which ``resume=True`` continues.
+validation AUC (or UAUC, ``train.select``), and an atomic checkpoint after every epoch from which
+``resume=True`` continues.
+
+Learning curve: every validation scoring (each epoch end, and every ``train.eval_every`` optimizer steps
+inside an epoch) appends a point {epoch, steps, samples_seen, valid_auc, valid_uauc, seconds} to
+``TrainResult.curve``; ``seconds`` is training time only. Mid-epoch scoring runs under a forked RNG, so it
+never changes what is trained; the best epoch is still chosen at epoch ends only.
 
 Determinism: epoch e shuffles with ``default_rng([seed, e])`` and seeds dropout with ``(seed, e)``, so a
-run resumed from the checkpoint of epoch e-1 repeats exactly what the uninterrupted run did.
+run resumed from the checkpoint of epoch e-1 repeats exactly what the uninterrupted run did (the curve
+points of the interrupted epoch included: they are recomputed, not kept).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privrec.metrics import auc
+from privrec.metrics import auc, uauc
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import Batch, Encoded, RecLM
 
@@ -61,9 +68,11 @@ def shuffled_length_batches(n_items: int, batch_size: int, rng: np.random.Genera
 @dataclass
 class TrainResult:
     epochs_run: int = 0
-    best_epoch: int = -1
-    best_valid_auc: float = float("nan")
-    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, valid_auc, seconds
+    best_epoch: int = -1  # chosen by ``train.select``
+    best_valid_auc: float = float("nan")  # validation AUC of the best epoch
+    best_valid_uauc: float = float("nan")  # validation UAUC of the best epoch (NaN without user ids)
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, valid_auc, valid_uauc, seconds
+    curve: list[dict] = field(default_factory=list)  # every validation scoring, epoch ends and eval_every
     seconds: float = 0.0
     samples_seen: int = 0
     steps: int = 0
@@ -88,6 +97,24 @@ def lr_factor(cfg, step: int, total_steps: int) -> float:
     return max(0.0, 1.0 - progress)
 
 
+def validation_scores(model: RecLM, valid: list[Encoded], batch_size: int, progress: bool = False) -> dict:
+    """``valid_auc``, and ``valid_uauc`` when every validation item carries its user id."""
+    probs = model.score(valid, batch_size, progress)
+    labels = [e.label for e in valid]
+    out = {"valid_auc": auc(labels, probs)}
+    users = [e.user_id for e in valid]
+    if all(u is not None for u in users):
+        out["valid_uauc"] = uauc(users, labels, probs)
+    return out
+
+
+def improves(value: float, best: float) -> bool:
+    """Whether a validation score beats the best so far: anything beats nothing (NaN best), NaN beats nothing."""
+    if math.isnan(best):
+        return True
+    return not math.isnan(value) and value > best
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -102,8 +129,10 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     """Train ``model``'s trainable weights on ``data`` with ``cfg`` (a :class:`TrainConfig`).
 
     Args:
-        valid: scored after every epoch; the best-AUC adapter is kept and restored at the end, and early
-            stopping counts epochs without improvement. Without it the last epoch's weights are kept.
+        valid: scored after every epoch (and every ``cfg.eval_every`` steps for the curve); the adapter of the
+            epoch with the best ``cfg.select`` score is kept and restored at the end, and early stopping
+            counts epochs without improvement. Without it the last epoch's weights are kept. UAUC needs
+            each item's ``user_id``.
         checkpoint_dir: where ``checkpoint.pt`` is written after every epoch (if ``cfg.checkpoint``).
         resume: continue from ``checkpoint_dir/checkpoint.pt`` when it exists.
         loss_fn: ``(z, batch) -> loss``; default 2-way cross-entropy.
@@ -113,13 +142,16 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         lr_scale: multiplies ``cfg.lr`` (per-client learning-speed scaling).
 
     Raises:
-        ValueError: no trainable parameters, or no training data.
+        ValueError: no trainable parameters, no training data, or ``select: uauc`` without user ids.
     """
     params = model.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable parameters (attach a LoRA adapter first)")
     if not data:
         raise ValueError("no training samples")
+    select = f"valid_{cfg.select}"
+    if valid and cfg.select == "uauc" and any(e.user_id is None for e in valid):
+        raise ValueError("train.select=uauc needs the user id of every validation item")
     result = TrainResult()
     if cfg.epochs == 0:
         return result
@@ -129,7 +161,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     base_lr = cfg.lr * lr_scale
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
 
-    start_epoch, best_state, bad_epochs = 0, None, 0
+    start_epoch, best_state, bad_epochs, best_score = 0, None, 0, float("nan")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
@@ -139,6 +171,9 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         st = ck[CKPT_STATE]
         start_epoch, bad_epochs = ck[CKPT_EPOCH] + 1, st["bad_epochs"]
         result.history, result.best_epoch, result.best_valid_auc = st["history"], st["best_epoch"], st["best"]
+        result.best_valid_uauc = st.get("best_uauc", float("nan"))
+        best_score = st.get("best_score", st["best"])  # checkpoints before train.select scored by AUC
+        result.curve = st.get("curve", [])
         result.samples_seen, result.steps, result.seconds = st["samples_seen"], st["steps"], st["seconds"]
         if st.get("stopped"):
             start_epoch = cfg.epochs  # early stopping already ended this run
@@ -162,6 +197,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             iterator = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                             dynamic_ncols=True)
         opt.zero_grad(set_to_none=True)
+        scoring = 0.0  # seconds of mid-epoch validation scoring, not counted as training time
         for b_i, idx in enumerate(iterator):
             batch = model.collate([data[i] for i in idx])
             z = model.logits(batch)
@@ -179,17 +215,32 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
                 step_in_epoch += 1
                 opt.zero_grad(set_to_none=True)
                 result.steps += 1
+                if (valid and cfg.eval_every and result.steps % cfg.eval_every == 0
+                        and step_in_epoch < epoch_steps):  # the epoch's last step is scored below
+                    s0 = time.perf_counter()
+                    trained = result.seconds + (s0 - t0) - scoring
+                    with torch.random.fork_rng(devices=[]):  # scoring never moves the training RNG
+                        point = validation_scores(model, valid, cfg.eval_batch_size)
+                    model.model.train()
+                    scoring += time.perf_counter() - s0
+                    result.curve.append({"epoch": epoch + step_in_epoch / epoch_steps, "steps": result.steps,
+                                         "samples_seen": result.samples_seen, **point, "seconds": trained})
             if progress and hasattr(iterator, "set_postfix"):
                 iterator.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         model.model.eval()
-        result.seconds += time.perf_counter() - t0
+        result.seconds += time.perf_counter() - t0 - scoring
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "samples_seen": result.samples_seen,
                   "seconds": result.seconds}
         if valid:
-            probs = model.score(valid, cfg.eval_batch_size, progress)
-            record["valid_auc"] = auc([e.label for e in valid], probs)
-            if not (record["valid_auc"] <= result.best_valid_auc):  # first epoch, or strictly better
-                result.best_valid_auc, result.best_epoch, bad_epochs = record["valid_auc"], epoch + 1, 0
+            record.update(validation_scores(model, valid, cfg.eval_batch_size, progress))
+            result.curve.append({"epoch": float(epoch + 1), "steps": result.steps,
+                                 "samples_seen": result.samples_seen,
+                                 **{k: v for k, v in record.items() if k.startswith("valid_")},
+                                 "seconds": result.seconds})
+            if improves(record[select], best_score):
+                best_score, result.best_epoch, bad_epochs = record[select], epoch + 1, 0
+                result.best_valid_auc = record["valid_auc"]
+                result.best_valid_uauc = record.get("valid_uauc", float("nan"))
                 best_state = adapter_state(model.model)
             else:
                 bad_epochs += 1
@@ -204,8 +255,10 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
                 CKPT_EPOCH: epoch, CKPT_ADAPTER: adapter_state(model.model), CKPT_OPTIMIZER: opt.state_dict(),
                 CKPT_BEST: best_state,
                 CKPT_STATE: {"bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
-                             "best": result.best_valid_auc, "samples_seen": result.samples_seen,
-                             "steps": result.steps, "seconds": result.seconds, "stopped": stop},
+                             "best": result.best_valid_auc, "best_uauc": result.best_valid_uauc,
+                             "best_score": best_score, "curve": result.curve,
+                             "samples_seen": result.samples_seen, "steps": result.steps,
+                             "seconds": result.seconds, "stopped": stop},
             }, ckpt_path)
         if stop:
             result.stopped_early = True

@@ -3,11 +3,13 @@
 from privrec.data.movielens import Dataset, Item, User, load_dataset
 from privrec.data.ranking import RankingSample, RankingSplits, build_ranking_splits, like_splits
 from privrec.data.samples import KV_FIELDS, Sample, Splits, View, augment, build_splits, sample_id, windows
+from privrec.data.stats import ItemStats
 
 __all__ = [
     "KV_FIELDS",
     "Dataset",
     "Item",
+    "ItemStats",
     "RankingSample",
     "RankingSplits",
     "Sample",

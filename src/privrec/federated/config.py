@@ -66,6 +66,8 @@ class FederatedConfig(ExperimentConfig):
     @model_validator(mode="after")
     def _check_federated(self) -> FederatedConfig:
         f = self.federated
+        self.refuse_item_stats("federate", "the item statistics pool every client's training labels, which "
+                               "would move other clients' data into each client's prompts")
         if self.train.early_stopping is not None:
             raise ValueError("train.early_stopping is not used by federate (clients train train.epochs local "
                              "epochs per round); remove it")

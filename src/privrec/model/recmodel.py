@@ -45,6 +45,7 @@ class Encoded:
     label: float
     key: str  # content hash of the token ids (cache key part)
     prefix_len: int = 0
+    user_id: int | None = None  # the sample's user (within-user metrics: UAUC); None when not a user's sample
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -193,8 +194,11 @@ class RecLM:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg, dataset, device: torch.device | None = None) -> RecLM:
+    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None) -> RecLM:
         """Load the backbone of ``cfg.model`` and wire the prompt builder of ``cfg.prompt``.
+
+        ``item_stats``: the :class:`privrec.data.ItemStats` that ``prompt.item_stats`` shows (the caller
+        counts them from training labels only); required when that option is on.
 
         Raises:
             ModelError: the model cannot be loaded or has no decoder layers to run.
@@ -204,7 +208,7 @@ class RecLM:
         default_threads(cfg.model.threads)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device)
-        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold)
+        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats)
         return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
                    cache_dir=assets.cache_dir() / "frozen")
 
@@ -287,7 +291,7 @@ class RecLM:
             ids = p_ids + self.tokenize(suffix)
             self.check_length(len(ids), f"sample {s.sample_id}")
             key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-            out.append(Encoded(s.sample_id, ids, float(s.label), key, len(p_ids)))
+            out.append(Encoded(s.sample_id, ids, float(s.label), key, len(p_ids), s.user_id))
         return out
 
     # --- batching ----------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class ApaConfig(ExperimentConfig):
     @model_validator(mode="after")
     def _check_shards(self) -> ApaConfig:
         s = self.shards
+        self.refuse_item_stats("shard-train / forget", "a forgotten sample's label would stay in the item "
+                               "statistics of other shards' prompts, so retraining its shard would not erase it")
         if s.primary not in s.aggregations:
             raise ValueError(f"shards.primary={s.primary} is not in shards.aggregations {s.aggregations}")
         if self.augment.copies > 0:
