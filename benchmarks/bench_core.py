@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mdsection import write_section
+from mdsection import publish
 
 from privrec.config import parse_config
 from privrec.data import build_splits, load_dataset
@@ -143,10 +142,7 @@ def main() -> None:
     ]
     lines += [f"| {name} | {fmt(t, naive_train)} | {fmt(s, naive_score)} |" for name, t, s in rows]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_section(args.out, "bench_core", table)
-        print(f"wrote {args.out}", file=sys.stderr)
+    publish(args.out, "bench_core", table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from mdsection import write_section
+from mdsection import publish
 
 from privrec import ranking
 from privrec.config import load_config
@@ -124,10 +124,7 @@ def main() -> None:
     lines += [f"| {n} | {names[s]} | {u} | {r['prefix']:.0f} / {r['suffix']:.0f} | {r['shared']:.2f} | "
               f"{r['full']:.2f} | {r['shared'] / r['full']:.2f}x | {r['diff']:.1e} |" for n, s, u, r in rows]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_section(args.out, "bench_rank", table)
-        print(f"wrote {args.out}", file=sys.stderr)
+    publish(args.out, "bench_rank", table)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 
@@ -17,3 +18,11 @@ def write_section(path: str | Path, name: str, body: str) -> None:
     else:
         text += ("\n" if text else "") + block + "\n"
     path.write_text(text)
+
+
+def publish(path: str | Path | None, name: str, table: str) -> None:
+    """Print a benchmark's table, and with ``path`` rewrite its marked section of that markdown file."""
+    print(table)
+    if path:
+        write_section(path, name, table)
+        print(f"wrote {path}", file=sys.stderr)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdsection import write_section
+from mdsection import publish
 
 from privrec.config import load_config
 from privrec.run import run_train
@@ -81,9 +81,7 @@ def main() -> None:
             f"{fmt(r['like-rate']['auc'])} | {fmt(r['item-mean']['auc'])} | {pub} | "
             f"{m['train_seconds']:.0f} ({m['cache_seconds']:.0f}) |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_section(args.out, "results_core", table)
+    publish(args.out, "results_core", table)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdsection import write_section
+from mdsection import publish
 
 from privrec.config import load_config
 from privrec.run import run_train
@@ -126,9 +126,7 @@ def main() -> None:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_section(args.out, "results_rank", table)
+    publish(args.out, "results_rank", table)
 
 
 if __name__ == "__main__":
