@@ -264,7 +264,7 @@ def step_forget(args) -> None:
         f"call right after the forgets): (a) training on the cached path {full_warm:.0f} s; (b) (a) plus "
         f"building the frozen cache for those prompts {full_cold:.0f} s; (c) no frozen-layer cache "
         f"{fmt(naive, 0) + ' s' if naive is not None else 'not measured (--skip-naive)'}.",
-        f"Command: `python benchmarks/bench_apa.py forget {sets}`".rstrip(),
+        f"Command: `python benchmarks/bench_apa.py forget {sets}{' --skip-naive' if args.skip_naive else ''}`",
         "",
         "| partition | samples removed from training | shards retrained | retrain s | forget wall s | "
         "(a) / retrain | (b) / wall | (c) / wall | lineage check |",
