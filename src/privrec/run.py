@@ -111,6 +111,17 @@ def machine() -> str:
     return f"{platform.machine()} {dev}, torch {torch.__version__}"
 
 
+def _zero_shot(run: RunDir, model: RecLM, resume: bool, evaluate) -> dict:
+    """The untuned model's test metrics: ``evaluate()`` with the adapter disabled, written once to
+    ZERO_SHOT_FILE and read back on --resume."""
+    if resume and (run / ZERO_SHOT_FILE).is_file():
+        return run.read_metrics(ZERO_SHOT_FILE)
+    with model.adapter_disabled():
+        metrics = evaluate()
+    run.write_metrics(metrics, ZERO_SHOT_FILE)
+    return metrics
+
+
 def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train one LoRA adapter on the configured samples and evaluate it; returns metrics.json's content.
 
@@ -148,13 +159,8 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     # 4. zero-shot (the untuned model on the same test samples), kept across --resume
     zero_shot = None
     if cfg.eval.zero_shot:
-        zpath = run / ZERO_SHOT_FILE
-        if resume and zpath.is_file():
-            zero_shot = run.read_metrics(ZERO_SHOT_FILE)
-        else:
-            with model.adapter_disabled():
-                zero_shot, _ = evaluate_split(model, splits.test, te, cfg.train.eval_batch_size, progress)
-            run.write_metrics(zero_shot, ZERO_SHOT_FILE)
+        zero_shot = _zero_shot(run, model, resume, lambda: evaluate_split(
+            model, splits.test, te, cfg.train.eval_batch_size, progress)[0])
         run.log(f"zero-shot test AUC {zero_shot['auc']:.4f}")
 
     # 5. train (checkpoint every epoch; --resume continues from the last one)
@@ -221,13 +227,8 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
     # 4. zero-shot rankings (the untuned model, every scorer), kept across --resume
     zero_shot = None
     if cfg.eval.zero_shot:
-        zpath = run / ZERO_SHOT_FILE
-        if resume and zpath.is_file():
-            zero_shot = run.read_metrics(ZERO_SHOT_FILE)
-        else:
-            with model.adapter_disabled():
-                zero_shot, _ = ranking.evaluate_rankings(model, rs.test, cfg.ranking, bs, progress)
-            run.write_metrics(zero_shot, ZERO_SHOT_FILE)
+        zero_shot = _zero_shot(run, model, resume, lambda: ranking.evaluate_rankings(
+            model, rs.test, cfg.ranking, bs, progress)[0])
         run.log("zero-shot " + ", ".join(f"{k} HR@1 {v['hr@1']:.4f}" for k, v in zero_shot.items()))
 
     # 5. train the like-prompt model (validation AUC over the validation users' candidates picks the epoch)
