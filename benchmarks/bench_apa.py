@@ -75,15 +75,6 @@ def log(msg: str) -> None:
     print(f"[bench_apa {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def write_section(path: str | None, name: str, text: str) -> None:
-    print(text)
-    if not path:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    mdsection.write_section(path, f"bench_apa:{name}", text)
-    log(f"wrote section {name} of {path}")
-
-
 # --- runs ------------------------------------------------------------------------------------------------
 RUNS = {  # name -> overrides on top of the config
     "semantic": ["shards.partition=semantic", "shards.full_retrain=true"],
@@ -179,7 +170,7 @@ def step_auc(args) -> None:
         "vs random), not absolute values. RecEraser-style here averages outputs (RecEraser's learned "
         "attention aggregator is not implemented).",
     ]
-    write_section(args.out_results, "auc", "\n".join(lines))
+    mdsection.publish(args.out_results, "bench_apa:auc", "\n".join(lines))
 
 
 # --- forget ------------------------------------------------------------------------------------------------
@@ -282,7 +273,7 @@ def step_forget(args) -> None:
         "Goal: >= 8x at K=4. A user whose samples sit in one shard retrains 1/K of the data; semantic "
         "shards can spread one user over several shards (the user partition never does).",
     ]
-    write_section(args.out_bench, "forget", "\n".join(lines))
+    mdsection.publish(args.out_bench, "bench_apa:forget", "\n".join(lines))
 
 
 # --- inference --------------------------------------------------------------------------------------------
@@ -376,7 +367,7 @@ def step_inference(args) -> None:
         "state of each test sample: with features=final that is one more pass over the top layers; with "
         "features=cut it is read from the frozen cache.",
     ]
-    write_section(args.out_bench, "inference", "\n".join(lines))
+    mdsection.publish(args.out_bench, "bench_apa:inference", "\n".join(lines))
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from mdsection import write_section
+from mdsection import publish
 
 from privrec.config import load_config
 from privrec.federated.config import FederatedConfig
@@ -54,12 +54,6 @@ SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federa
                "federated.valid_every_round=false", "federated.strategy=pplr"]
 SPLIT = ["federated.split.client_first=2", "federated.split.client_last=1"]
 MEMORY_SAMPLES = 32
-
-
-def replace_section(path: Path, name: str, body: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_section(path, name, body)
-    print(f"wrote {path} ({name})", file=sys.stderr)
 
 
 def config(overrides: list[str]) -> FederatedConfig:
@@ -335,12 +329,10 @@ def main() -> None:
     runs = Path(args.runs)
     if args.what in ("table", "all"):
         body = results_table(runs, args.progress)
-        print(body)
-        replace_section(Path(args.docs) / "results.md", "bench_federated_table", body)
+        publish(Path(args.docs) / "results.md", "bench_federated_table", body)
     if args.what in ("split", "all"):
         body = split_table(runs, args.progress)
-        print(body)
-        replace_section(Path(args.docs) / "benchmarks.md", "bench_federated_split", body)
+        publish(Path(args.docs) / "benchmarks.md", "bench_federated_split", body)
 
 
 if __name__ == "__main__":

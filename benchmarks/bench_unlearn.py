@@ -17,7 +17,6 @@ Estimated ~40 minutes on the 2-core CPU at the default sizes (docs/unlearning.md
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -30,12 +29,6 @@ from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["original", "retrain", "e2urec", "neggrad", "bad-teacher"]
-
-
-def write_section(path: Path, body: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mdsection.write_section(path, "bench_unlearn", body)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 def goals(m: dict[str, dict]) -> list[str]:
@@ -132,13 +125,9 @@ def main() -> None:
     intro = (f"Unlearning on `{any_m['model']}`, original run trained in {trained['train_seconds']:.0f}s "
              f"(cache {trained['cache_seconds']:.0f}s); this benchmark took {total:.0f}s. {any_m['machine']}.")
     timings = "\n".join([intro, "", *timing_lines])
-    print(results)
+    mdsection.publish(args.results, "bench_unlearn", results)
     print()
-    print(timings)
-    if args.results:
-        write_section(Path(args.results), results)
-    if args.benchmarks:
-        write_section(Path(args.benchmarks), timings)
+    mdsection.publish(args.benchmarks, "bench_unlearn", timings)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ def write_section(path: str | Path, name: str, body: str) -> None:
     """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->``, or append the block."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else ""
     block = f"{begin}\n{body}\n{end}"
     if begin in text:
@@ -25,4 +26,4 @@ def publish(path: str | Path | None, name: str, table: str) -> None:
     print(table)
     if path:
         write_section(path, name, table)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {path} ({name})", file=sys.stderr)

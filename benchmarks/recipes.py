@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mdsection import write_section
+from mdsection import publish
 
 from privrec.config import ExperimentConfig, load_config, read_yaml
 from privrec.errors import ConfigError, UserError
@@ -296,10 +296,8 @@ def _main(args, progress: bool) -> int:
         "",
         f"![validation AUC (solid) and UAUC (dashed) against training samples seen](img/{PLOT_NAME})",
     ])
-    print(body)
     print(f"plot: {plot_path}", file=sys.stderr)
-    if args.out:
-        write_section(args.out, SECTION, body)
+    publish(args.out, SECTION, body)
     return 0
 
 
