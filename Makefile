@@ -41,11 +41,11 @@ bench-federated: fetch
 bench-unlearn: fetch
 	$(BIN)/python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
 
-# ranking throughput, shared-prefix vs full prompts at 10 and 100 candidates (~7 min on 2 cores, estimated)
+# ranking throughput, shared-prefix vs full prompts at 10 and 100 candidates (4 min on 2 cores, measured)
 bench-rank: fetch
 	$(BIN)/python benchmarks/bench_rank.py --out docs/benchmarks.md
 
-# the next-item ranking table (plain + shuffle/mask runs of configs/rank-ml100k.yaml; ~1 h on 2 cores, estimated)
+# the next-item ranking table (plain + shuffle+mask runs of configs/rank-ml100k.yaml; ~1 h per variant on one core)
 results-rank: fetch
 	$(BIN)/python benchmarks/results_rank.py --runs $(RUNS)/results-rank --out docs/results.md
 
