@@ -34,10 +34,11 @@ test-slow: fetch
 bench: fetch
 	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
 
+# the federated table and the split costs on SmolLM2 (~72 min table on one core + ~8 min split, measured)
 bench-federated: fetch
 	$(BIN)/python benchmarks/bench_federated.py all --runs $(RUNS)/federated
 
-# the unlearning table (original, retrain, E2URec, NegGrad, Bad-Teacher on SmolLM2; ~40 min on 2 cores)
+# the unlearning table (original, retrain, E2URec, NegGrad, Bad-Teacher on SmolLM2; ~50 min on one core, measured)
 bench-unlearn: fetch
 	$(BIN)/python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
 

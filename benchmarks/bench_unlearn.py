@@ -11,7 +11,7 @@ speed of each method against retraining measured in the same run.
 
     python benchmarks/bench_unlearn.py --results docs/results.md --benchmarks docs/benchmarks.md
 
-Estimated ~40 minutes on the 2-core CPU at the default sizes (docs/unlearning.md).
+Measured: ~50 minutes on one pinned core at the default sizes (docs/unlearning.md).
 """
 
 from __future__ import annotations
