@@ -34,7 +34,7 @@ test-slow: fetch
 bench: fetch
 	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
 
-# the federated table and the split costs on SmolLM2 (~72 min table on one core + ~8 min split, measured)
+# the federated table and the split costs on SmolLM2 (87 min table on one core + 8 min split, measured)
 bench-federated: fetch
 	$(BIN)/python benchmarks/bench_federated.py all --runs $(RUNS)/federated
 
