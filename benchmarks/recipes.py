@@ -15,6 +15,7 @@ a finished run as "not run".
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md            # every recipe
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md --only tallrec-2048,allusers-2048
     python benchmarks/recipes.py --plan                                                # estimated costs only
+    python benchmarks/recipes.py --runs runs/recipes --out docs/results.md --report     # table from finished runs
     python benchmarks/recipes.py --tiny                                                # smoke test, tiny model
 """
 
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"goes to img/{PLOT_NAME} beside it (without --out: into --runs)")
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (the table still lists all)")
     ap.add_argument("--plan", action="store_true", help="print every recipe's estimated cost and stop")
+    ap.add_argument("--report", action="store_true", help="run nothing: write the table and the plot from the "
+                    "finished runs under --runs (e.g. after two --only queues ran side by side)")
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny random model (the YAML's `tiny:` "
                     "recipes and overrides); never written to docs")
     args = ap.parse_args(argv)
@@ -271,7 +274,7 @@ def _main(args, progress: bool) -> int:
     runs = Path(args.runs) if args.runs else (Path(tempfile.mkdtemp(prefix="recipes-tiny-")) if args.tiny
                                               else ROOT / "runs" / "recipes")
     for r in recipes:
-        if r.name in wanted:
+        if r.name in wanted and not args.report:
             print(f"== {r.name} ({r.protocol}): {r.what}; estimated {_minutes(est[r.name]['all'])} -> {runs / r.name}",
                   file=sys.stderr)
             run_recipe(configs[r.name], runs / r.name, progress)

@@ -216,6 +216,26 @@ def test_every_shipped_recipe_loads_and_trains_within_an_hour():
         assert rec.estimate(cfg)["train"] <= 3600, r.name
 
 
+def test_tallrec_config_default_is_the_chosen_recipe_and_old_runs_keep_their_configs():
+    """docs/results.md says configs/tallrec-ml100k.yaml trains the sweep's choice; the sweep's plain recipes and
+    the few-shot table pin the plain prompt, so their finished runs still match (a run directory is refused
+    when its config's digest changes)."""
+    rec = _recipes_module()
+    sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
+    by_name = {r.name: rec.recipe_config(sweep, r) for r in sweep.recipes}
+    default = load_config(ROOT / "configs" / "tallrec-ml100k.yaml", ["eval.zero_shot=false"])
+    assert default.digest() == by_name["tallrec-2048-summary-stats"].digest()
+    plain = by_name["tallrec-2048"]
+    assert not plain.prompt.history_summary and not plain.prompt.item_stats
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import results_core
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    few_shot = load_config(ROOT / "configs" / "tallrec-ml100k.yaml", [*results_core.PLAIN, "data.n_train=64"])
+    assert few_shot.data.n_valid == 100 and not few_shot.prompt.item_stats and few_shot.train.eval_every is None
+
+
 def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
     rec = _recipes_module()
     assert rec.main(["--tiny", "--runs", str(tmp_path)]) == 0
@@ -235,3 +255,12 @@ def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rec.main(["--tiny", "--out", str(tmp_path / "results.md")])
     assert not (tmp_path / "results.md").exists()
+    # --report trains nothing: the finished runs are listed, a folder without runs lists every recipe "not run"
+    assert rec.main(["--tiny", "--runs", str(tmp_path), "--report"]) == 0
+    assert stamp == {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in tiny}
+    assert sum(line.startswith(f"| {n} |") for n in tiny for line in capsys.readouterr().out.splitlines()) == 2
+    empty = tmp_path / "empty"
+    assert rec.main(["--tiny", "--runs", str(empty), "--report"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert len(rows) == len(tiny) and all("not run" in line for line in rows)
+    assert not any((empty / n).exists() for n in tiny)
