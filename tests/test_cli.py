@@ -75,6 +75,9 @@ def test_baseline_and_report(tmp_path, capsys, trained):
     assert m["method"] == "lr-onehot" and m["auc"] == m["references"]["lr-onehot"]["auc"]
     code, out, _ = run_cli(capsys, "report", str(trained), str(tmp_path / "b"), "--markdown")
     assert code == 0 and "| tiny: tuned |" in out and "zero-shot" in out and "lr-onehot" in out
+    tuned = next(line for line in out.splitlines() if line.startswith("| tiny: tuned |"))
+    seconds = json.loads((trained / "metrics.json").read_text())["train_seconds"]
+    assert tuned.rstrip(" |").rsplit("| ", 1)[1] == f"{seconds:.0f}"  # whole seconds, not 4 decimals
 
 
 def test_resume_refuses_a_different_config(trained, capsys):

@@ -15,6 +15,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _seconds(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def collect(paths: list[str | Path]) -> list[tuple[str, dict]]:
     return [(Path(p).name, read_json(Path(p) / METRICS_FILE)) for p in paths]
 
@@ -30,7 +34,7 @@ def like_rows(runs: list[tuple[str, dict]]) -> list[list[str]]:
                          _fmt(z.get("accuracy")), _fmt(m.get("n_test")), "-"])
         label = f"{name}: {m['method']}" if m.get("method") else f"{name}: tuned"
         rows.append([label, _fmt(m.get("auc")), _fmt(m.get("uauc")), _fmt(m.get("logloss")),
-                     _fmt(m.get("accuracy")), _fmt(m.get("n_test")), _fmt(m.get("train_seconds"))])
+                     _fmt(m.get("accuracy")), _fmt(m.get("n_test")), _seconds(m.get("train_seconds"))])
         for ref, r in (m.get("references") or {}).items():
             key = (ref, m.get("n_test"), m.get("protocol"), m.get("n_train"), m.get("references_train"))
             if key in seen_refs or ref == m.get("method"):
