@@ -287,10 +287,16 @@ def _main(args, progress: bool) -> int:
             panels.setdefault(r.protocol, []).append((r.name, m["curve"]))
     plot_learning_curves(panels, plot_path)
 
-    done = [m for _, _, m in rows if m is not None]
-    machine = done[0]["machine"] if done else "-"
+    by_machine: dict[str, list[str]] = {}
+    for r, _, m in rows:
+        if m is not None:
+            by_machine.setdefault(m.get("machine", "-"), []).append(r.name)
+    if len(by_machine) <= 1:
+        machine = f"Machine: {next(iter(by_machine), '-')}."
+    else:  # runs measured on different thread counts: say which is which, times are not comparable across
+        machine = "Machines: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_machine.items()) + "."
     body = "\n".join([
-        f"Machine: {machine}. Command: `python benchmarks/recipes.py --runs runs/recipes --out docs/results.md`"
+        f"{machine} Command: `python benchmarks/recipes.py --runs runs/recipes --out docs/results.md`"
         f" (recipes: benchmarks/recipes.yaml).",
         "",
         table(rows, est),
