@@ -16,12 +16,15 @@ a finished run as "not run".
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md --only tallrec-2048,allusers-2048
     python benchmarks/recipes.py --plan                                                # estimated costs only
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md --report     # table from finished runs
+    python benchmarks/recipes.py --only a,b --cache-only    # cache a's and b's prompts once, then run a and b
+                                                            # side by side, one single-threaded queue per core
     python benchmarks/recipes.py --tiny                                                # smoke test, tiny model
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -30,14 +33,15 @@ from pathlib import Path
 
 from mdsection import publish
 
-from privrec.config import ExperimentConfig, load_config, read_yaml
+from privrec.config import ExperimentConfig, load_config, parse_config, read_yaml
 from privrec.errors import ConfigError, UserError
 from privrec.report import plot_learning_curves
-from privrec.run import run_train
-from privrec.rundir import METRICS_FILE, RunDir, read_json
+from privrec.run import cache_prompts, run_train
+from privrec.rundir import METRICS_FILE, RunDir, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ROOT / "benchmarks" / "recipes.yaml"
+DEFAULT_RECORD = ROOT / "benchmarks" / "recipes-measured.json"
 SECTION = "recipes"
 PLOT_NAME = "recipe-curves.png"
 
@@ -166,6 +170,33 @@ def finished(out: Path, cfg: ExperimentConfig) -> dict | None:
     return read_json(out / METRICS_FILE)
 
 
+# --- the record of measured recipes (committed: run directories do not outlive the machine they ran on) ------------
+RECORD_KEYS = ("n_train", "n_valid", "n_test", "epochs_run", "best_epoch", "select", "valid_auc", "valid_uauc",
+               "auc", "uauc", "logloss", "accuracy", "train_seconds", "train_samples_per_second", "cache_seconds",
+               "test_score_seconds", "references", "references_train", "curve", "model", "protocol", "machine")
+
+
+def read_record(path: Path) -> dict[str, dict]:
+    """recipe name -> {"config": the resolved config, "metrics": the table's fields of its metrics.json}."""
+    return read_json(path)["recipes"] if path.is_file() else {}
+
+
+def recorded(entry: dict | None, cfg: ExperimentConfig) -> dict | None:
+    """A recorded recipe's metrics when it was measured with ``cfg``: the stored config is re-read through
+    today's schema (a field added since takes its default), so only a changed recipe or default loses its row."""
+    if entry is None or parse_config(entry["config"]).digest() != cfg.digest():
+        return None
+    return entry["metrics"]
+
+
+def write_record(path: Path, record: dict[str, dict]) -> None:
+    atomic_write_text(path, json.dumps({
+        "about": "Measured recipes of benchmarks/recipes.yaml (written by benchmarks/recipes.py: the table and the "
+                 "plot in docs/results.md are made from these and from the finished runs under --runs).",
+        "recipes": dict(sorted(record.items())),
+    }, indent=1) + "\n")
+
+
 # --- the table and the plot ----------------------------------------------------------------------------------------
 REFS = [("like-rate", "history like-rate"), ("item-mean", "item mean"), ("lr-onehot", "LR one-hot"),
         ("lr-onehot+like-rate", "LR one-hot + like-rate"), ("lr-like-rate+item-mean", "LR like-rate + item mean")]
@@ -226,10 +257,16 @@ def main(argv: list[str] | None = None) -> int:
                     "folder)")
     ap.add_argument("--out", default=None, help="markdown file whose `recipes` section is rewritten; the plot "
                     f"goes to img/{PLOT_NAME} beside it (without --out: into --runs)")
+    ap.add_argument("--record", default=None, help="JSON record of measured recipes (default "
+                    "benchmarks/recipes-measured.json, committed; --tiny: none): finished runs are added to it, and "
+                    "recipes without a run under --runs are read from it")
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (the table still lists all)")
     ap.add_argument("--plan", action="store_true", help="print every recipe's estimated cost and stop")
     ap.add_argument("--report", action="store_true", help="run nothing: write the table and the plot from the "
                     "finished runs under --runs (e.g. after two --only queues ran side by side)")
+    ap.add_argument("--cache-only", action="store_true", help="train nothing: fill the frozen-layer cache with the "
+                    "prompts of the --only recipes (on every thread), so queues started afterwards side by side, "
+                    "one per core, find them cached")
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny random model (the YAML's `tiny:` "
                     "recipes and overrides); never written to docs")
     args = ap.parse_args(argv)
@@ -273,13 +310,31 @@ def _main(args, progress: bool) -> int:
 
     runs = Path(args.runs) if args.runs else (Path(tempfile.mkdtemp(prefix="recipes-tiny-")) if args.tiny
                                               else ROOT / "runs" / "recipes")
+    if args.cache_only:
+        for r in recipes:
+            if r.name in wanted:
+                n, seconds = cache_prompts(configs[r.name], progress)
+                print(f"{r.name}: {n} prompts cached ({seconds:.0f} s for the ones not cached before)", file=sys.stderr)
+        return 0
     for r in recipes:
         if r.name in wanted and not args.report:
             print(f"== {r.name} ({r.protocol}): {r.what}; estimated {_minutes(est[r.name]['all'])} -> {runs / r.name}",
                   file=sys.stderr)
             run_recipe(configs[r.name], runs / r.name, progress)
 
-    rows = [(r, configs[r.name], finished(runs / r.name, configs[r.name])) for r in recipes]
+    # every finished run joins the record; a recipe without a run here is read from the record (a run measured
+    # on an earlier machine). --tiny runs are recorded only into a --record named for them.
+    record_path = Path(args.record) if args.record else (None if args.tiny else DEFAULT_RECORD)
+    record = read_record(record_path) if record_path else {}
+    rows = []
+    for r in recipes:
+        m = finished(runs / r.name, configs[r.name])
+        if m is not None and record_path:
+            record[r.name] = {"config": configs[r.name].model_dump(mode="json"),
+                              "metrics": {k: m.get(k) for k in RECORD_KEYS}}
+        rows.append((r, configs[r.name], m if m is not None else recorded(record.get(r.name), configs[r.name])))
+    if record_path:
+        write_record(record_path, record)
     plot_path = (Path(args.out).parent / "img" / PLOT_NAME) if args.out else runs / PLOT_NAME
     panels: dict[str, list] = {}
     for r, _, m in rows:

@@ -73,6 +73,34 @@ def test_subsets_are_seeded_and_test_is_fixed(ml100k):
     assert len(a.train) == 64 and len(a.test) == 50
 
 
+def test_eval_draw_by_users_takes_whole_users(ml100k):
+    """All-users validation drawn by users keeps every user's 3 samples, so within-user AUC has users to rank;
+    drawn by samples, 300 of the 2,829 scatter over ~264 users with only a handful ranked."""
+    from collections import Counter
+
+    from privrec.metrics import uauc
+
+    def users_with_both(samples):
+        labels: dict[int, set[int]] = {}
+        for s in samples:
+            labels.setdefault(s.user_id, set()).add(s.label)
+        return sum(len(v) == 2 for v in labels.values())
+
+    by = {d: build_splits(ml100k, parse_config({"data": {"protocol": "all-users", "n_train": 64, "n_valid": 300,
+                                                         "n_test": 30, "eval_draw": d}}).data, 0)
+          for d in ("samples", "users")}
+    users = by["users"]
+    per_user = Counter(s.user_id for s in users.valid)
+    assert len(users.valid) == 300 and len(per_user) == 100 and set(per_user.values()) == {3}
+    assert users.valid == build_splits(ml100k, parse_config({"data": {
+        "protocol": "all-users", "n_train": 8, "n_valid": 300, "eval_draw": "users"}}).data, 1).valid  # sample_seed
+    assert len({s.user_id for s in by["samples"].valid}) > 200
+    assert users_with_both(users.valid) > 3 * users_with_both(by["samples"].valid)
+    scores = np.random.default_rng(0).random(len(users.valid))  # UAUC is defined on these users
+    assert not np.isnan(uauc([s.user_id for s in users.valid], [s.label for s in users.valid], scores))
+    assert len(users.test) == 30 and len({s.user_id for s in users.test}) == 10  # n_test: whole users too
+
+
 def test_exclude_removes_samples_before_drawing(ml100k):
     cfg = parse_config({}).data
     full = build_splits(ml100k, cfg, 0)
@@ -155,3 +183,10 @@ def test_malformed_rows_raise_data_error(tmp_path):
         load_dataset("ml-100k-grouplens", str(g))
     with pytest.raises(DataError, match="not found"):
         load_dataset("ml-1m", str(tmp_path / "nope"))
+
+
+def test_ranking_refuses_eval_draw_by_users():
+    from privrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_draw"):  # ranking draws users already: say so, don't ignore it
+        parse_config({"task": "ranking", "data": {"eval_draw": "users"}})

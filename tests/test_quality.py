@@ -261,3 +261,49 @@ def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "recipe" not in line]
     assert len(rows) == len(tiny) and all("not run" in line for line in rows)
     assert not any((empty / n).exists() for n in tiny)
+
+
+def test_recipe_record_keeps_rows_a_new_machine_has_no_runs_for(tmp_path, capsys):
+    """Run directories do not outlive the machine: the committed record carries a finished recipe's row to a
+    checkout without its run, and drops it once the recipe's config changes."""
+    rec = _benchmark_module("recipes")
+    record = tmp_path / "record.json"
+    name = yaml.safe_load((ROOT / "benchmarks" / "recipes.yaml").read_text())["tiny"]["recipes"][0]
+    assert rec.main(["--tiny", "--runs", str(tmp_path / "a"), "--only", name, "--record", str(record)]) == 0
+    auc = json.loads((tmp_path / "a" / name / "metrics.json").read_text())["auc"]
+    assert set(json.loads(record.read_text())["recipes"]) == {name}
+    capsys.readouterr()
+    assert rec.main(["--tiny", "--runs", str(tmp_path / "fresh"), "--report", "--record", str(record)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {name} |")]
+    assert len(row) == 1 and f"{auc:.4f}" in row[0] and "not run" not in row[0]
+    assert not (tmp_path / "fresh" / name).exists()
+    data = json.loads(record.read_text())
+    data["recipes"][name]["config"]["train"]["lr"] *= 2  # the recipe changed since it was measured
+    record.write_text(json.dumps(data))
+    assert rec.main(["--tiny", "--runs", str(tmp_path / "fresh"), "--report", "--record", str(record)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {name} |")]
+    assert "not run" in row[0]
+
+
+def test_shipped_recipe_record_matches_the_recipes():
+    """Every recipe in benchmarks/recipes-measured.json resolves to the config it was measured with (a changed
+    recipe or config default would silently drop its row from docs/results.md)."""
+    rec = _benchmark_module("recipes")
+    sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
+    record = rec.read_record(rec.DEFAULT_RECORD)
+    by_name = {r.name: r for r in sweep.recipes}
+    assert record and set(record) <= set(by_name)
+    for name, entry in record.items():
+        assert rec.recorded(entry, rec.recipe_config(sweep, by_name[name])) is not None, name
+
+
+def test_recipes_cache_only_fills_the_cache_and_trains_nothing(tmp_path, monkeypatch):
+    rec = _benchmark_module("recipes")
+    monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
+    name = yaml.safe_load((ROOT / "benchmarks" / "recipes.yaml").read_text())["tiny"]["recipes"][0]
+    assert rec.main(["--tiny", "--runs", str(tmp_path / "runs"), "--only", name, "--cache-only"]) == 0
+    assert not (tmp_path / "runs").exists()
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
+    cfg = rec.recipe_config(sweep, next(r for r in sweep.recipes if r.name == name), sweep.tiny["set"])
+    assert len(cached) >= cfg.data.n_train + cfg.data.n_valid  # a file per distinct prompt (test ones too)

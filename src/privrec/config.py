@@ -40,6 +40,10 @@ class DataConfig(_Section):
     n_train: int | None = Field(None, ge=1, description="Few-shot: draw this many training samples (seeded).")
     n_valid: int | None = Field(None, ge=1, description="Draw this many validation samples (seeded); None = all.")
     n_test: int | None = Field(None, ge=1, description="Draw this many test samples (seeded); None = all.")
+    eval_draw: Literal["samples", "users"] = Field(
+        "samples",
+        description="How n_valid / n_test subsets are drawn: samples (single samples), or users (every sample of "
+        "seeded whole users until n are taken: all-users gives each 3, so UAUC ranks within every drawn user).")
     sample_seed: int = Field(
         0, description="Seed for drawing the fixed valid/test subsets; kept apart from `seed` so every run of a "
         "protocol is scored on the same test samples.")
@@ -192,6 +196,9 @@ class ExperimentConfig(_Section):
             if self.data.protocol != "tallrec":
                 raise ValueError(f"task ranking has its own protocol (last item test, the one before it train); "
                                  f"remove data.protocol={self.data.protocol}")
+            if self.data.eval_draw != "samples":
+                raise ValueError("task ranking draws whole users already (n_valid / n_test count users); remove "
+                                 f"data.eval_draw={self.data.eval_draw}")
             if self.prompt.item_stats:
                 raise ValueError("prompt.item_stats reads like-prediction training labels; task ranking has "
                                  "none: set prompt.item_stats=false")

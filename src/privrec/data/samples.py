@@ -7,6 +7,7 @@ ledgers, lineages and caches can refer to it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,22 @@ def _subsample(samples: list[Sample], n: int | None, seed: int | list[int]) -> l
     return [samples[i] for i in idx]
 
 
+def _subsample_users(samples: list[Sample], n: int | None, seed: int | list[int]) -> list[Sample]:
+    """Every sample of whole users, drawn in a seeded order until at least ``n`` samples are taken (the last
+    user is kept whole, so the count can pass ``n`` by less than one user's samples); order preserved."""
+    if n is None or n >= len(samples):
+        return samples
+    users = sorted({s.user_id for s in samples})
+    per_user = Counter(s.user_id for s in samples)
+    chosen, count = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(users)):
+        if count >= n:
+            break
+        chosen.add(users[i])
+        count += per_user[users[i]]
+    return [s for s in samples if s.user_id in chosen]
+
+
 def tallrec_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.0, last_n: int = 10_000,
                   split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> tuple[list, list, list]:
     """TALLRec protocol: all windows ordered by target time (ties: user, then position), keep the last
@@ -131,7 +148,9 @@ def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str]
     """Cut the configured protocol's splits and draw the configured subsets.
 
     ``cfg`` is a :class:`privrec.config.DataConfig`. Training subsets are drawn with the experiment
-    ``seed``; valid/test subsets with ``cfg.sample_seed`` so every run of a protocol sees the same ones.
+    ``seed``; valid/test subsets with ``cfg.sample_seed`` so every run of a protocol sees the same ones,
+    as single samples or, with ``cfg.eval_draw == "users"``, as whole users (every sample of each drawn
+    user, so that within-user metrics such as UAUC have users with several samples to rank).
     ``exclude`` removes samples by id before anything is drawn (deleted / tombstoned data).
     """
     if cfg.protocol == "tallrec":
@@ -140,11 +159,12 @@ def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str]
         tr, va, te = all_users_split(ds, cfg.history_len, cfg.like_threshold)
     if exclude:
         tr, va, te = ([s for s in part if s.sample_id not in exclude] for part in (tr, va, te))
+    draw_eval = _subsample_users if cfg.eval_draw == "users" else _subsample
     return Splits(
         ds,
         _subsample(tr, cfg.n_train, [seed, 1]),
-        _subsample(va, cfg.n_valid, [cfg.sample_seed, 2]),
-        _subsample(te, cfg.n_test, [cfg.sample_seed, 3]),
+        draw_eval(va, cfg.n_valid, [cfg.sample_seed, 2]),
+        draw_eval(te, cfg.n_test, [cfg.sample_seed, 3]),
         pool=tr,
     )
 
