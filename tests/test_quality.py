@@ -44,6 +44,26 @@ def test_history_summary_counts_likes_exactly(ml100k, template, line):
     assert line.format(n=5) in head  # history-only: in the prefix every candidate of the user shares
 
 
+@pytest.mark.parametrize("template,line", [("tallrec", "The user liked {n} of the 8 earliest of these movies."),
+                                           ("kv", "user history likes: {n} of the earliest 8 liked")])
+def test_summary_skip_recent_does_not_count_a_neighbours_label(ml100k, template, line):
+    """All-users test samples of one user are consecutive: the second one's history ends with the first one's
+    rating. With summary_skip_recent=2 its summary no longer moves with that label (which is what ranked a
+    user's own samples against their labels); without it, it does."""
+    after_like, after_dislike = _sample([5, 1, 1, 1, 1, 1, 1, 1, 5, 5]), _sample([5, 1, 1, 1, 1, 1, 1, 1, 5, 1])
+
+    def summary(prompt: dict, s: Sample) -> str:
+        pb = PromptBuilder(ml100k, parse_config({"prompt": {"template": template, "history_summary": True,
+                                                            **prompt}}).prompt)
+        return [ln for ln in pb.parts(s)[1].splitlines() if "The user liked" in ln or "history likes" in ln][0]
+
+    assert line.format(n=1) in summary({"summary_skip_recent": 2}, after_like)
+    assert summary({"summary_skip_recent": 2}, after_like) == summary({"summary_skip_recent": 2}, after_dislike)
+    assert summary({}, after_like) != summary({}, after_dislike)  # the full count moves with the label
+    with pytest.raises(ConfigError, match="summary_skip_recent"):
+        parse_config({"prompt": {"summary_skip_recent": 10}})
+
+
 # --- item statistics: the estimate -------------------------------------------------------------------------------
 def test_item_stats_are_the_item_mean_reference_left_one_out():
     mk = lambda item, label, u: Sample(f"u{u}-i{item}", u, item, 0, 5.0 if label else 1.0, label, ())
@@ -307,3 +327,49 @@ def test_recipes_cache_only_fills_the_cache_and_trains_nothing(tmp_path, monkeyp
     sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
     cfg = rec.recipe_config(sweep, next(r for r in sweep.recipes if r.name == name), sweep.tiny["set"])
     assert len(cached) >= cfg.data.n_train + cfg.data.n_valid  # a file per distinct prompt (test ones too)
+
+
+# --- why within-user AUC stays low (benchmarks/within_user.py) ---------------------------------------------------
+def test_full_history_like_rate_ranks_a_users_consecutive_samples_against_their_labels(ml100k):
+    """docs/results.md's explanation of the all-users UAUC: the last items of a test sample's window are the
+    user's earlier test/validation ratings, so the full like-rate is below chance within users, and leaving the
+    2 latest out removes that (the counters table of benchmarks/within_user.py)."""
+    from privrec.data.samples import all_users_split
+    from privrec.metrics import uauc
+
+    wu = _benchmark_module("within_user")
+    pool, _, test = all_users_split(ml100k)
+    y, users = [s.label for s in test], [s.user_id for s in test]
+    assert uauc(users, y, wu.recent_like_rate(test, 3.0, 0)) < 0.35
+    assert 0.45 < uauc(users, y, wu.recent_like_rate(test, 3.0, 2)) < 0.55
+    um = wu.user_mean(pool, test)
+    assert all(len({v for v, u in zip(um, users) if u == user}) == 1 for user in set(users[:60]))  # per user
+    own_out = wu.user_mean(pool, pool[:1])[0]  # a pool sample's own label is left out
+    with_own = wu.user_mean(pool, [dataclasses.replace(pool[0], sample_id="not-in-pool")])[0]
+    assert own_out != with_own
+
+
+def test_within_user_departures_say_who_is_right(tmp_path, ml100k):
+    """A model that orders every pair as the item line does only has 'follows' pairs, one that reverses it only
+    'departs' pairs, and the model is right exactly where the line is wrong."""
+    from privrec.run import item_stats, setup_data
+    from privrec.rundir import RunDir
+
+    wu = _benchmark_module("within_user")
+    cfg = tiny_config(data={"protocol": "all-users", "n_train": 64, "n_test": 300, "eval_draw": "users"},
+                      prompt={"item_stats": True})
+    run = RunDir(tmp_path / "run")
+    run.write_config(cfg)
+    sp = setup_data(cfg)
+    stats = item_stats(cfg, sp)
+    for sign, row in ((1, "follows the item line"), (-1, "departs from the item line")):
+        with open(tmp_path / "run" / "predictions_test.csv", "w") as f:
+            f.write("sample_id,user_id,item_id,label,p_yes\n")
+            for s in sp.test:
+                f.write(f"{s.sample_id},{s.user_id},{s.item_id},{s.label},{0.5 + sign * stats.read(s)[0] / 3}\n")
+        table = [line for line in wu.departures_table(str(tmp_path / "run")).splitlines() if line.startswith("| ")
+                 and "pairs" not in line]
+        assert len(table) == 1 and table[0].startswith(f"| {row} |")
+        n, model_right, line_right = table[0].split(" | ")[1:4]
+        assert int(n) > 20 and abs(float(model_right) - (float(line_right) if sign > 0 else 1 - float(line_right))) \
+            < 1e-3

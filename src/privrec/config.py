@@ -75,6 +75,11 @@ class PromptConfig(_Section):
         False, description="Add a line counting the liked history items ('The user liked 7 of these 10 movies.'; "
         "kv: 'user history likes: 7 of 10 liked'): the history like-rate reference, readable. From the sample's "
         "own history only; both templates and the next-item prompt.")
+    summary_skip_recent: int = Field(
+        0, ge=0, description="history_summary counts all but the N most recent history items ('The user liked 5 "
+        "of the 8 earliest of these movies.'). A user's consecutive samples hold each other's labels in their "
+        "windows, so the full count ranks them against their labels (all-users UAUC of the history like-rate "
+        "0.285; 0.507 without the 2 latest; docs/results.md).")
     item_stats: bool = Field(
         False, description="Add the target movie's like-rate among the run's training pool (every training sample "
         "of the protocol, not only the n_train drawn; shrunk to the global rate with k=5 like the item-mean "
@@ -187,6 +192,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
+        if self.prompt.summary_skip_recent >= self.data.history_len:
+            raise ValueError(f"prompt.summary_skip_recent={self.prompt.summary_skip_recent} leaves nothing of the "
+                             f"{self.data.history_len}-item history to count")
         if self.augment.copies > 0 and self.prompt.template != "kv":
             raise ValueError("augment (InstructMK shuffle/mask) works on key-value pairs: set prompt.template=kv")
         if self.task == "ranking":

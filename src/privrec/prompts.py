@@ -86,8 +86,17 @@ class PromptBuilder:
         rate, n = self.item_stats.read(s)
         return round(100 * rate), n
 
+    def _counted(self, history):
+        """The history items the summary counts: all, or all but the ``prompt.summary_skip_recent`` latest
+        (so that a user's consecutive samples, whose windows hold each other's labels, do not count them)."""
+        skip = self.cfg.summary_skip_recent
+        return history[:len(history) - skip] if skip else history
+
     def summary_sentence(self, history) -> str:
-        return f"The user liked {self._n_liked(history)} of these {len(history)} movies."
+        counted = self._counted(history)
+        if len(counted) == len(history):
+            return f"The user liked {self._n_liked(counted)} of these {len(history)} movies."
+        return f"The user liked {self._n_liked(counted)} of the {len(counted)} earliest of these movies."
 
     def stats_sentence(self, s: Sample) -> str:
         pct, n = self._stat(s)
@@ -96,7 +105,10 @@ class PromptBuilder:
         return f"Other users liked the target movie {pct}% of the time ({_ratings(n)})."
 
     def _summary_value(self, history) -> str:
-        return f"{self._n_liked(history)} of {len(history)} liked"
+        counted = self._counted(history)
+        if len(counted) == len(history):
+            return f"{self._n_liked(counted)} of {len(history)} liked"
+        return f"{self._n_liked(counted)} of the earliest {len(counted)} liked"
 
     def _stats_value(self, s: Sample) -> str:
         pct, n = self._stat(s)
