@@ -50,7 +50,7 @@ bench-rank: fetch
 results-rank: fetch
 	$(BIN)/python benchmarks/results_rank.py --runs $(RUNS)/results-rank --out docs/results.md
 
-# the recommendation-quality sweep (benchmarks/recipes.yaml, both protocols; ~7.7 h on 2 cores, estimated;
+# the recommendation-quality sweep (benchmarks/recipes.yaml, both protocols; ~10 h on 2 cores, estimated;
 # resumable, and `python benchmarks/recipes.py --plan` prints each recipe's cost)
 recipes: fetch
 	$(BIN)/python benchmarks/recipes.py --runs $(RUNS)/recipes --out docs/results.md
