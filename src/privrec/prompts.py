@@ -88,9 +88,10 @@ class PromptBuilder:
 
     def _counted(self, history):
         """The history items the summary counts: all, or all but the ``prompt.summary_skip_recent`` latest
-        (so that a user's consecutive samples, whose windows hold each other's labels, do not count them)."""
+        (so that a user's consecutive samples, whose windows hold each other's labels, do not count them); a
+        history too short to leave anything is counted whole."""
         skip = self.cfg.summary_skip_recent
-        return history[:len(history) - skip] if skip else history
+        return history[:len(history) - skip] if 0 < skip < len(history) else history
 
     def summary_sentence(self, history) -> str:
         counted = self._counted(history)

@@ -122,14 +122,19 @@ def _zero_shot(run: RunDir, model: RecLM, resume: bool, evaluate) -> dict:
     return metrics
 
 
-def _encode_and_cache(cfg: ExperimentConfig, splits: Splits, model: RecLM, progress: bool):
-    """Steps 2 and 3 of ``train``: the (augmented) training samples and the encoded train / valid / test
-    prompts, with the frozen-layer cache filled for all of them; returns (train samples, tr, va, te, seconds)."""
-    train_samples = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+def _train_samples(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
+    """The drawn training samples, each followed by its augmented copies (none unless ``augment`` asks)."""
+    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+
+
+def _encode_and_cache(cfg: ExperimentConfig, model: RecLM, train_samples: list[Sample], splits: Splits,
+                      progress: bool) -> tuple[list[Encoded], list[Encoded], list[Encoded], float]:
+    """Steps 2 and 3 of ``train``: the encoded train / valid / test prompts, with the frozen-layer cache
+    filled for all of them, and the seconds the caching took."""
     tr, va, te = model.encode(train_samples), model.encode(splits.valid), model.encode(splits.test)
     t0 = time.perf_counter()
     model.prepare(tr + va + te, cfg.train.eval_batch_size, progress)
-    return train_samples, tr, va, te, time.perf_counter() - t0
+    return tr, va, te, time.perf_counter() - t0
 
 
 def cache_prompts(cfg: ExperimentConfig, progress: bool = True) -> tuple[int, float]:
@@ -138,7 +143,7 @@ def cache_prompts(cfg: ExperimentConfig, progress: bool = True) -> tuple[int, fl
     find them cached instead of each computing the same ones. Returns (prompts, seconds)."""
     splits = setup_data(cfg)
     model = setup_model(cfg, splits)
-    _, tr, va, te, seconds = _encode_and_cache(cfg, splits, model, progress)
+    tr, va, te, seconds = _encode_and_cache(cfg, model, _train_samples(cfg, splits), splits, progress)
     return len(tr) + len(va) + len(te), seconds
 
 
@@ -157,16 +162,17 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     # 1. data, then the model (the prompt builder needs the dataset's records); both before the run
     #    directory is touched, so bad input fails with its one-line error and leaves nothing behind
     splits = setup_data(cfg)
+    train_samples = _train_samples(cfg, splits)
     model = setup_model(cfg, splits)
 
     run = RunDir(out)
     run.write_config(cfg)
     run.log(f"privrec train -> {run.path} (model {cfg.model.name}, protocol {cfg.data.protocol})")
-
-    # 2. tokenise once; 3. frozen-layer cache (one pass over every prompt; timed apart from training)
-    train_samples, tr, va, te, cache_seconds = _encode_and_cache(cfg, splits, model, progress)
     run.log(f"samples: {len(splits.train)} train (+{len(train_samples) - len(splits.train)} augmented), "
             f"{len(splits.valid)} valid, {len(splits.test)} test")
+
+    # 2. tokenise once; 3. frozen-layer cache (one pass over every prompt; timed apart from training)
+    tr, va, te, cache_seconds = _encode_and_cache(cfg, model, train_samples, splits, progress)
     run.log(f"prompt tokens: mean {np.mean([len(e) for e in tr]):.0f}, max {max(len(e) for e in tr + te)}; "
             f"bf16 autocast {'on' if model.bf16 else 'off'}; cached frozen layers: {model.cut}/{model.n_layers}")
 
@@ -220,7 +226,7 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
     # 1. data (ranking samples, expanded to like-samples for training), then the model
     splits = setup_data(cfg)
     rs = splits.ranking
-    train_samples = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    train_samples = _train_samples(cfg, splits)
     model = setup_model(cfg, splits)
     bs = cfg.train.eval_batch_size
 
