@@ -9,9 +9,9 @@ alone (no model; about a minute), with the like-rate counted over all 10 history
 ``k`` latest, alone and in a logistic regression with the item mean (the counters a prompt can carry), beside
 the user's like-rate over the whole training pool (constant within a user, so UAUC 0.5 by construction).
 
-With ``--run DIR`` (a finished like-prediction run with ``prompt.item_stats`` on) it also splits the run's
-within-user test pairs with different labels by whether the model orders them as the item line does, and
-says who is right in each group.
+With ``--run DIR`` (a finished like-prediction run with ``prompt.item_stats`` on; repeatable) it also splits
+the run's within-user test pairs with different labels by whether the model orders them as the item line
+does, and says who is right in each group.
 
     python benchmarks/within_user.py --out docs/results.md
     python benchmarks/within_user.py --out docs/results.md --run runs/recipes/allusers-2048-summary-stats-vusers
@@ -136,13 +136,14 @@ def departures_table(run_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/all-users-ml100k.yaml", help="the all-users protocol's config")
-    ap.add_argument("--run", default=None, help="a finished run with prompt.item_stats: add its departures table")
+    ap.add_argument("--run", action="append", default=[], help="a finished run with prompt.item_stats: add its "
+                    "departures table (repeatable)")
     ap.add_argument("--out", default=None, help="markdown file whose `within_user` section is rewritten")
     args = ap.parse_args(argv)
     try:
         body = counters_table(args.config)
-        if args.run:
-            body += "\n\n" + departures_table(args.run)
+        for run in args.run:
+            body += "\n\n" + departures_table(run)
     except UserError as e:
         print(f"within_user: error: {e}", file=sys.stderr)
         return 2
