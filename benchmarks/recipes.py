@@ -237,16 +237,19 @@ def table(rows: list[tuple[Recipe, ExperimentConfig, dict | None]], est: dict[st
 
 
 def chosen(rows: list[tuple[Recipe, ExperimentConfig, dict | None]]) -> list[str]:
-    """Per protocol, the recipe with the best validation AUC and the one with the best validation UAUC."""
+    """Per protocol and validation draw (only runs scored on the same validation samples compare), the recipe
+    with the best validation AUC and the one with the best validation UAUC."""
     out = []
-    for proto in dict.fromkeys(r.protocol for r, _, _ in rows):
-        done = [(r, m) for r, _, m in rows if m is not None and r.protocol == proto]
+    groups = dict.fromkeys((r.protocol, cfg.data.eval_draw) for r, cfg, _ in rows)
+    for proto, draw in groups:
+        done = [(r, m) for r, cfg, m in rows if m is not None and (r.protocol, cfg.data.eval_draw) == (proto, draw)]
+        where = f"{proto} (validation drawn by {draw})" if len(groups) > len({p for p, _ in groups}) else proto
         for key, label in (("valid_auc", "AUC"), ("valid_uauc", "UAUC")):
             scored = [(r, m) for r, m in done if m.get(key) is not None]
             if scored:
                 r, m = max(scored, key=lambda rm: rm[1][key])
-                out.append(f"- {proto}: best validation {label} {m[key]:.4f}: `{r.name}`, test AUC {_f(m.get('auc'))}"
-                           f" / UAUC {_f(m.get('uauc'))}.")
+                out.append(f"- {where}: best validation {label} {m[key]:.4f}: `{r.name}`, test AUC "
+                           f"{_f(m.get('auc'))} / UAUC {_f(m.get('uauc'))}.")
     return out
 
 

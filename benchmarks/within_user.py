@@ -104,12 +104,15 @@ def departures_table(run_path: str) -> str:
     sp = setup_data(cfg)
     stats = item_stats(cfg, sp)
     rate = {s.sample_id: stats.read(s)[0] for s in sp.test}
+    liked = {s.sample_id: s.history_like_rate(cfg.data.like_threshold) for s in sp.test}  # the full window
     with open(Path(run_path) / "predictions_test.csv") as f:
         rows = list(csv.DictReader(f))
     by_user: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_user[r["user_id"]].append(r)
-    groups = {True: [0, 0, 0, []], False: [0, 0, 0, []]}  # pairs, model right, item line right, rate gaps
+    # per group: pairs, model right, item line right, like-rate gaps, [pairs whose windows' like-rates differ,
+    # of them ordered by the model as the window's like-rate orders them]
+    groups = {True: [0, 0, 0, [], [0, 0]], False: [0, 0, 0, [], [0, 0]]}
     for samples in by_user.values():
         for a, b in itertools.combinations(samples, 2):
             pa, pb, qa, qb = float(a["p_yes"]), float(b["p_yes"]), rate[a["sample_id"]], rate[b["sample_id"]]
@@ -121,15 +124,21 @@ def departures_table(run_path: str) -> str:
             g[1] += (pa > pb) == liked_first
             g[2] += (qa > qb) == liked_first
             g[3].append(abs(qa - qb))
+            la, lb = liked[a["sample_id"]], liked[b["sample_id"]]
+            if la != lb:
+                g[4][0] += 1
+                g[4][1] += (pa > pb) == (la > lb)
     lines = [f"Run `{run_path}`: its within-user test pairs with different labels (ties left out). Command: "
              f"`python benchmarks/within_user.py --out docs/results.md --run {run_path}`.", "",
-             "| the model's order | pairs | model right | item line right | median like-rate gap of the pair |",
-             "|---|---|---|---|---|"]
+             "| the model's order | pairs | model right | item line right | median item like-rate gap | "
+             "model orders as the window's like-rate (pairs where it differs) |",
+             "|---|---|---|---|---|---|"]
     for same, label in ((True, "follows the item line"), (False, "departs from the item line")):
-        n, model_right, line_right, gaps = groups[same]
+        n, model_right, line_right, gaps, (n_window, as_window) = groups[same]
         if n:
+            window = f"{as_window / n_window:.3f} ({n_window})" if n_window else "-"
             lines.append(f"| {label} | {n} | {model_right / n:.3f} | {line_right / n:.3f} | "
-                         f"{float(np.median(gaps)):.3f} |")
+                         f"{float(np.median(gaps)):.3f} | {window} |")
     return "\n".join(lines)
 
 

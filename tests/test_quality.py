@@ -201,7 +201,8 @@ def test_baseline_references_learn_from_the_pool_with_item_stats(tmp_path):
 def test_all_users_baseline_writes_uauc_for_every_reference(tmp_path):
     from privrec.run import run_baseline
 
-    m = run_baseline(load_config(ROOT / "configs" / "all-users-ml100k.yaml", ["data.n_train=256"]), tmp_path / "b")
+    m = run_baseline(load_config(ROOT / "configs" / "all-users-ml100k.yaml", ["data.n_train=256",
+                                                                            "prompt.item_stats=false"]), tmp_path / "b")
     assert m["references"].keys() == {"like-rate", "item-mean", "lr-onehot", "lr-onehot+like-rate",
                                       "lr-like-rate+item-mean"}
     for name, r in m["references"].items():
@@ -238,14 +239,16 @@ def test_every_shipped_recipe_loads_and_trains_within_an_hour():
 
 
 def test_tallrec_config_default_is_the_chosen_recipe_and_old_runs_keep_their_configs():
-    """docs/results.md says configs/tallrec-ml100k.yaml trains the sweep's choice; the sweep's plain recipes and
-    the few-shot table pin the plain prompt, so their finished runs still match (a run directory is refused
-    when its config's digest changes)."""
+    """docs/results.md says configs/tallrec-ml100k.yaml and all-users-ml100k.yaml train the sweep's choices; its
+    plain recipes and the few-shot table pin the plain prompt, so their finished runs still match (a run
+    directory is refused when its config's digest changes)."""
     rec = _benchmark_module("recipes")
     sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
     by_name = {r.name: rec.recipe_config(sweep, r) for r in sweep.recipes}
     default = load_config(ROOT / "configs" / "tallrec-ml100k.yaml", ["eval.zero_shot=false"])
     assert default.digest() == by_name["tallrec-2048-summary-stats"].digest()
+    all_users = load_config(ROOT / "configs" / "all-users-ml100k.yaml", ["eval.zero_shot=false"])
+    assert all_users.digest() == by_name["allusers-2048-summary-stats-alllinear-lr1e-3-vusers"].digest()
     plain = by_name["tallrec-2048"]
     assert not plain.prompt.history_summary and not plain.prompt.item_stats
     plain_pins = _benchmark_module("results_core").PLAIN
