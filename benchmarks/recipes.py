@@ -10,7 +10,9 @@ samples, or the protocol's whole training pool when ``prompt.item_stats`` is on:
 Resumable: a recipe whose run directory holds metrics.json is read, not re-run (delete the folder to re-run);
 an interrupted one continues from its last epoch checkpoint. A run directory made by a different config is
 refused (rename the recipe or delete the folder). The table lists every recipe of the YAML, the ones without
-a finished run as "not run".
+a finished run as "not run". Every finished run is also added to ``benchmarks/recipes-measured.json``
+(committed), which supplies the rows of recipes measured on another machine; a recorded recipe whose config
+has changed since is "not run" again.
 
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md            # every recipe
     python benchmarks/recipes.py --runs runs/recipes --out docs/results.md --only tallrec-2048,allusers-2048
