@@ -136,11 +136,11 @@ def plot_learning_curves(panels: dict[str, list[tuple[str, list[dict]]]], path: 
         ax.set_ylabel("validation score")
         ax.grid(alpha=0.3)
         if panels.get(name):
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: never over a line
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return path
