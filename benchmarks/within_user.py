@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 
 from privrec.baselines import item_mean
 from privrec.config import load_config
-from privrec.data.stats import SHRINK_K
+from privrec.data import ItemStats
 from privrec.errors import UserError
 from privrec.metrics import auc, uauc
 from privrec.run import item_stats, setup_data
@@ -45,23 +45,14 @@ SKIPS = (0, 1, 2, 3, 5)
 
 def recent_like_rate(samples, threshold: float, skip: int) -> np.ndarray:
     """Like-rate over each sample's history without its ``skip`` latest items."""
-    return np.array([np.mean([r > threshold for _, r in s.history[:len(s.history) - skip]]) for s in samples])
+    return np.array([s.history_like_rate(threshold, skip) for s in samples])
 
 
-def user_mean(pool, samples, k: float = SHRINK_K) -> np.ndarray:
-    """The user's like-rate over the training pool, shrunk to the global rate (a pool sample's own label out)."""
-    likes, n = defaultdict(float), defaultdict(int)
-    for s in pool:
-        likes[s.user_id] += s.label
-        n[s.user_id] += 1
-    g = float(np.mean([s.label for s in pool]))
-    pool_ids = {s.sample_id for s in pool}
-    out = []
-    for s in samples:
-        own = s.label if s.sample_id in pool_ids else 0
-        inside = 1 if s.sample_id in pool_ids else 0
-        out.append((likes[s.user_id] - own + k * g) / (n[s.user_id] - inside + k))
-    return np.array(out)
+def user_mean(pool, samples) -> np.ndarray:
+    """The user's like-rate over the training pool, shrunk to the global rate like the item mean (the same
+    estimate, keyed by user; a pool sample's own label left out)."""
+    stats = ItemStats.of(pool, key="user_id")
+    return np.array([stats.read(s)[0] for s in samples])
 
 
 def counters_table(config: str) -> str:

@@ -348,7 +348,7 @@ def test_full_history_like_rate_ranks_a_users_consecutive_samples_against_their_
     um = wu.user_mean(pool, test)
     assert all(len({v for v, u in zip(um, users) if u == user}) == 1 for user in set(users[:60]))  # per user
     own_out = wu.user_mean(pool, pool[:1])[0]  # a pool sample's own label is left out
-    with_own = wu.user_mean(pool, [dataclasses.replace(pool[0], sample_id="not-in-pool")])[0]
+    with_own = wu.user_mean(pool, [dataclasses.replace(pool[0], sample_id="not-in-pool", source_id="not-in-pool")])[0]
     assert own_out != with_own
 
 

@@ -28,6 +28,7 @@ which one the user watches next; a candidate's score is the log-likelihood of it
 from __future__ import annotations
 
 from privrec.data import KV_FIELDS, Dataset, ItemStats, Sample, View
+from privrec.data.samples import without_recent
 
 TALLREC_INSTRUCTION = (
     'Given the user\'s preference and unpreference, identify whether the user will like the target movie '
@@ -90,8 +91,7 @@ class PromptBuilder:
         """The history items the summary counts: all, or all but the ``prompt.summary_skip_recent`` latest
         (so that a user's consecutive samples, whose windows hold each other's labels, do not count them); a
         history too short to leave anything is counted whole."""
-        skip = self.cfg.summary_skip_recent
-        return history[:len(history) - skip] if 0 < skip < len(history) else history
+        return without_recent(history, self.cfg.summary_skip_recent)
 
     def summary_sentence(self, history) -> str:
         counted = self._counted(history)

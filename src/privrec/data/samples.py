@@ -29,6 +29,12 @@ class View:
     dropped: frozenset[str] = frozenset()
 
 
+def without_recent(history: tuple, skip: int) -> tuple:
+    """``history`` without its ``skip`` latest entries; whole when it is too short to leave any (what
+    ``prompt.summary_skip_recent`` and the like-rate over the earlier items count)."""
+    return history[:len(history) - skip] if 0 < skip < len(history) else history
+
+
 @dataclass(frozen=True)
 class Sample:
     sample_id: str
@@ -45,11 +51,13 @@ class Sample:
         if not self.source_id:
             object.__setattr__(self, "source_id", self.sample_id)
 
-    def history_like_rate(self, threshold: float) -> float:
-        """Share of history items rated above ``threshold`` (the 'counter' reference of METHODS §0)."""
-        if not self.history:
+    def history_like_rate(self, threshold: float, skip_recent: int = 0) -> float:
+        """Share of history items rated above ``threshold`` (the 'counter' reference of METHODS §0); with
+        ``skip_recent``, of all but the latest ``skip_recent`` (a history too short for that counts whole)."""
+        counted = without_recent(self.history, skip_recent)
+        if not counted:
             return 0.5
-        return float(np.mean([r > threshold for _, r in self.history]))
+        return float(np.mean([r > threshold for _, r in counted]))
 
 
 def sample_id(user_id: int, item_id: int) -> str:

@@ -1,4 +1,5 @@
-"""Counters over labelled training samples: the item-mean reference (METHODS §0) and ``prompt.item_stats``.
+"""Counters over labelled training samples: the item-mean reference (METHODS §0) and ``prompt.item_stats``
+(and, keyed by user instead of item, the user's own like-rate: benchmarks/within_user.py).
 
 One estimate serves both, so the prompt shows the LLM exactly what the ``item-mean`` reference knows:
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from privrec.data.samples import Sample
 
@@ -21,30 +23,35 @@ SHRINK_K = 5.0
 
 @dataclass(frozen=True)
 class ItemStats:
-    """Per-item like counts of a set of labelled samples (built by :meth:`of`; read with :meth:`read`)."""
+    """Per-item like counts of a set of labelled samples (built by :meth:`of`; read with :meth:`read`); with
+    ``key="user_id"`` the same counts and estimate per user."""
 
     global_rate: float
-    likes: dict[int, float]  # item id -> sum of labels
-    counts: dict[int, int]  # item id -> number of counted samples
+    likes: dict[int, float]  # item (or user) id -> sum of labels
+    counts: dict[int, int]  # item (or user) id -> number of counted samples
     members: frozenset[str]  # ids of the counted samples (read leave-one-out)
     k: float = SHRINK_K
+    key: Literal["item_id", "user_id"] = "item_id"
 
     @classmethod
-    def of(cls, samples: Iterable[Sample], k: float = SHRINK_K) -> ItemStats:
+    def of(cls, samples: Iterable[Sample], k: float = SHRINK_K,
+           key: Literal["item_id", "user_id"] = "item_id") -> ItemStats:
         """Count ``samples`` (original samples: an augmented copy would count again)."""
         samples = list(samples)
         likes: dict[int, float] = {}
         counts: dict[int, int] = {}
         for s in samples:
-            likes[s.item_id] = likes.get(s.item_id, 0.0) + s.label
-            counts[s.item_id] = counts.get(s.item_id, 0) + 1
+            i = getattr(s, key)
+            likes[i] = likes.get(i, 0.0) + s.label
+            counts[i] = counts.get(i, 0) + 1
         g = sum(s.label for s in samples) / len(samples) if samples else 0.5
-        return cls(float(g), likes, counts, frozenset(s.source_id for s in samples), float(k))
+        return cls(float(g), likes, counts, frozenset(s.source_id for s in samples), float(k), key)
 
     def read(self, s: Sample) -> tuple[float, int]:
-        """(shrunk like-rate of ``s``'s target item, how many samples of it were counted), leaving ``s``'s own
-        label out when ``s`` is one of the counted samples."""
-        likes, n = self.likes.get(s.item_id, 0.0), self.counts.get(s.item_id, 0)
+        """(shrunk like-rate of ``s``'s target item (or user), how many samples of it were counted), leaving
+        ``s``'s own label out when ``s`` is one of the counted samples."""
+        i = getattr(s, self.key)
+        likes, n = self.likes.get(i, 0.0), self.counts.get(i, 0)
         if s.source_id in self.members:
             likes, n = likes - s.label, n - 1
         return (likes + self.k * self.global_rate) / (n + self.k), n
