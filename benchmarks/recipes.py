@@ -1,6 +1,7 @@
 """The recipe sweep of the recommendation-quality issue: named recipes (benchmarks/recipes.yaml), each one
 ``privrec train`` run directory under ``--runs``, then one table (docs/results.md, section ``recipes``) and
-one learning-curve plot (docs/img/recipe-curves.png).
+one learning-curve plot (docs/img/recipes-curves.png). Another recipes YAML (``--recipes X.yaml``, e.g.
+benchmarks/recipes-gpu.yaml) writes section ``X``, plot ``img/X-curves.png`` and record ``benchmarks/X-measured.json``.
 
 A recipe is a protocol's base config + the protocol's ``set`` + the recipe's ``set`` (``--set`` overrides).
 Every recipe is chosen and compared on validation only; the table shows its test AUC / UAUC beside the
@@ -43,9 +44,22 @@ from privrec.rundir import METRICS_FILE, RunDir, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPES = ROOT / "benchmarks" / "recipes.yaml"
-DEFAULT_RECORD = ROOT / "benchmarks" / "recipes-measured.json"
-SECTION = "recipes"
-PLOT_NAME = "recipe-curves.png"
+
+
+def section_name(recipes: str | Path) -> str:
+    """The docs section (and plot / record prefix) of a recipes YAML: its file stem ("recipes", "recipes-gpu")."""
+    return Path(recipes).stem
+
+
+def plot_name(recipes: str | Path) -> str:
+    return f"{section_name(recipes)}-curves.png"
+
+
+def default_record(recipes: str | Path) -> Path:
+    return ROOT / "benchmarks" / f"{section_name(recipes)}-measured.json"
+
+
+DEFAULT_RECORD = default_record(DEFAULT_RECIPES)
 
 # --- cost model: SmolLM2-135M on this 2-core AVX2 CPU in fp32 (docs/results.md, docs/benchmarks.md) ----------
 TRAIN_RATE = {"cached": 5.8, "all-layers": 1.5}  # training samples/s: top-8 LoRA over cached layers / all layers
@@ -191,10 +205,10 @@ def recorded(entry: dict | None, cfg: ExperimentConfig) -> dict | None:
     return entry["metrics"]
 
 
-def write_record(path: Path, record: dict[str, dict]) -> None:
+def write_record(path: Path, record: dict[str, dict], recipes: str | Path = DEFAULT_RECIPES) -> None:
     atomic_write_text(path, json.dumps({
-        "about": "Measured recipes of benchmarks/recipes.yaml (written by benchmarks/recipes.py: the table and the "
-                 "plot in docs/results.md are made from these and from the finished runs under --runs).",
+        "about": f"Measured recipes of benchmarks/{Path(recipes).name} (written by benchmarks/recipes.py: the table "
+                 "and the plot in docs/results.md are made from these and from the finished runs under --runs).",
         "recipes": dict(sorted(record.items())),
     }, indent=1) + "\n")
 
@@ -213,7 +227,8 @@ def _pair(d: dict | None) -> str:
     return f"{_f(d.get('auc'))} / {_f(d.get('uauc'))}"
 
 
-def table(rows: list[tuple[Recipe, ExperimentConfig, dict | None]], est: dict[str, dict]) -> str:
+def table(rows: list[tuple[Recipe, ExperimentConfig, dict | None]], est: dict[str, dict],
+          recipes: str | Path = DEFAULT_RECIPES) -> str:
     header = ["recipe", "protocol", "train × epochs (best)", "valid / test", "valid AUC", "valid UAUC",
               "test AUC", "test UAUC", "train s (cache s)", "references learn from"]
     header += [f"{label} AUC / UAUC" for _, label in REFS]
@@ -233,7 +248,7 @@ def table(rows: list[tuple[Recipe, ExperimentConfig, dict | None]], est: dict[st
                      f"{n_refs:,} ({source})"]
             cells += [_pair(refs.get(k)) for k, _ in REFS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", "Recipes (each a `--set` list in benchmarks/recipes.yaml):"]
+    lines += ["", f"Recipes (each a `--set` list in benchmarks/{Path(recipes).name}):"]
     lines += [f"- `{r.name}`: {r.what}." for r, _, _ in rows]
     return "\n".join(lines)
 
@@ -260,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default=str(DEFAULT_RECIPES), help="the recipes YAML")
     ap.add_argument("--runs", default=None, help="run directories go here (default runs/recipes; --tiny: a temp "
                     "folder)")
-    ap.add_argument("--out", default=None, help="markdown file whose `recipes` section is rewritten; the plot "
-                    f"goes to img/{PLOT_NAME} beside it (without --out: into --runs)")
+    ap.add_argument("--out", default=None, help="markdown file whose section named for the recipes YAML (`recipes`) "
+                    "is rewritten; the plot goes to img/<that name>-curves.png beside it (without --out: into --runs)")
     ap.add_argument("--record", default=None, help="JSON record of measured recipes (default "
-                    "benchmarks/recipes-measured.json, committed; --tiny: none): finished runs are added to it, and "
+                    "benchmarks/<YAML name>-measured.json, committed; --tiny: none): finished runs are added to it, "
+                    "and "
                     "recipes without a run under --runs are read from it")
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (the table still lists all)")
     ap.add_argument("--plan", action="store_true", help="print every recipe's estimated cost and stop")
@@ -329,7 +345,7 @@ def _main(args, progress: bool) -> int:
 
     # every finished run joins the record; a recipe without a run here is read from the record (a run measured
     # on an earlier machine). --tiny runs are recorded only into a --record named for them.
-    record_path = Path(args.record) if args.record else (None if args.tiny else DEFAULT_RECORD)
+    record_path = Path(args.record) if args.record else (None if args.tiny else default_record(args.recipes))
     record = read_record(record_path) if record_path else {}
     rows = []
     for r in recipes:
@@ -339,8 +355,9 @@ def _main(args, progress: bool) -> int:
                               "metrics": {k: m.get(k) for k in RECORD_KEYS}}
         rows.append((r, configs[r.name], m if m is not None else recorded(record.get(r.name), configs[r.name])))
     if record_path:
-        write_record(record_path, record)
-    plot_path = (Path(args.out).parent / "img" / PLOT_NAME) if args.out else runs / PLOT_NAME
+        write_record(record_path, record, args.recipes)
+    plot = plot_name(args.recipes)
+    plot_path = (Path(args.out).parent / "img" / plot) if args.out else runs / plot
     panels: dict[str, list] = {}
     for r, _, m in rows:
         if m is not None and m.get("curve"):
@@ -355,18 +372,19 @@ def _main(args, progress: bool) -> int:
         machine = f"Machine: {next(iter(by_machine), '-')}."
     else:  # runs measured on different thread counts: say which is which, times are not comparable across
         machine = "Machines: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by_machine.items()) + "."
+    yaml = "" if Path(args.recipes).resolve() == DEFAULT_RECIPES else f" --recipes benchmarks/{Path(args.recipes).name}"
     body = "\n".join([
-        f"{machine} Command: `python benchmarks/recipes.py --runs runs/recipes --out docs/results.md`"
-        f" (recipes: benchmarks/recipes.yaml).",
+        f"{machine} Command: `python benchmarks/recipes.py{yaml} --runs runs/{section_name(args.recipes)} "
+        f"--out docs/results.md` (recipes: benchmarks/{Path(args.recipes).name}).",
         "",
-        table(rows, est),
+        table(rows, est, args.recipes),
         "",
         *chosen(rows),
         "",
-        f"![validation AUC (solid) and UAUC (dashed) against training samples seen](img/{PLOT_NAME})",
+        f"![validation AUC (solid) and UAUC (dashed) against training samples seen](img/{plot})",
     ])
     print(f"plot: {plot_path}", file=sys.stderr)
-    publish(args.out, SECTION, body)
+    publish(args.out, section_name(args.recipes), body)
     return 0
 
 

@@ -64,6 +64,35 @@ def test_all_users_split_matches_published_counts(ml100k):
         assert pos[(s.user_id, s.item_id)] > last_valid[s.user_id]
 
 
+def test_history_gap_hides_the_other_test_labels(ml100k):
+    """data.history_gap=2: each history is the 10 ratings ending 2 before the target, so on all-users no test
+    prompt shows another test sample of its user, the test targets stay the same 2,829, and the like-rate of the
+    prompt's history no longer counts the neighbours' labels (with 0, every user's 2nd and 3rd test samples
+    show the 1st)."""
+    pos = _positions(ml100k)
+    _, _, plain = all_users_split(ml100k)
+    tr, va, te = all_users_split(ml100k, gap=2)
+    assert [s.sample_id for s in te] == [s.sample_id for s in plain] and len(va) == 2_829
+    assert len(tr) == 84_912 - 2 * 943  # each user's first 2 targets lose their full history
+    for s in tr[::101] + te:
+        p_target = pos[(s.user_id, s.item_id)]
+        assert [pos[(s.user_id, i)] for i, _ in s.history] == list(range(p_target - 12, p_target - 2))
+    test_items = {}
+    for s in te:
+        test_items.setdefault(s.user_id, set()).add(s.item_id)
+    assert not any(i in test_items[s.user_id] for s in te for i, _ in s.history)
+    assert sum(i in test_items[s.user_id] for s in plain for i, _ in s.history) == 3 * 943
+    cfg = parse_config({"data": {"protocol": "all-users", "history_gap": 2, "n_train": 8}}).data
+    assert [s.history for s in build_splits(ml100k, cfg, 0).test] == [s.history for s in te]
+
+
+def test_ranking_refuses_history_gap():
+    from privrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="history_gap"):
+        parse_config({"task": "ranking", "data": {"history_gap": 2}})
+
+
 def test_subsets_are_seeded_and_test_is_fixed(ml100k):
     cfg = parse_config({"data": {"n_train": 64, "n_valid": 20, "n_test": 50}}).data
     a, b, c = build_splits(ml100k, cfg, 0), build_splits(ml100k, cfg, 0), build_splits(ml100k, cfg, 1)

@@ -267,7 +267,7 @@ def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
         m = json.loads((tmp_path / name / "metrics.json").read_text())
         assert m["curve"] and m["curve"][-1]["samples_seen"] == m["history"][-1]["samples_seen"]
         assert any(line.startswith(f"| {name} |") and f"{m['auc']:.4f}" in line for line in rows)
-    png = (tmp_path / rec.PLOT_NAME).read_bytes()
+    png = (tmp_path / rec.plot_name(rec.DEFAULT_RECIPES)).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     stamp = {n: (tmp_path / n / "metrics.json").stat().st_mtime_ns for n in tiny}
     assert rec.main(["--tiny", "--runs", str(tmp_path), "--only", tiny[0]]) == 0  # finished runs are reused
@@ -308,12 +308,14 @@ def test_recipe_record_keeps_rows_a_new_machine_has_no_runs_for(tmp_path, capsys
     assert "not run" in row[0]
 
 
-def test_shipped_recipe_record_matches_the_recipes():
-    """Every recipe in benchmarks/recipes-measured.json resolves to the config it was measured with (a changed
-    recipe or config default would silently drop its row from docs/results.md)."""
+@pytest.mark.parametrize("recipes", ["recipes.yaml", "recipes-gpu.yaml"])
+def test_shipped_recipe_record_matches_the_recipes(recipes):
+    """Every recipe in a shipped record (benchmarks/recipes-measured.json, benchmarks/recipes-gpu-measured.json)
+    resolves to the config it was measured with (a changed recipe or config default would silently drop its row
+    from docs/results.md)."""
     rec = _benchmark_module("recipes")
-    sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
-    record = rec.read_record(rec.DEFAULT_RECORD)
+    sweep = rec.load_sweep(ROOT / "benchmarks" / recipes)
+    record = rec.read_record(rec.default_record(recipes))
     by_name = {r.name: r for r in sweep.recipes}
     assert record and set(record) <= set(by_name)
     for name, entry in record.items():

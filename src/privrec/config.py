@@ -34,6 +34,11 @@ class DataConfig(_Section):
         "ratings test, 3 before them validation, earlier ones train.",
     )
     history_len: int = Field(10, ge=1, description="Interactions before the target shown in the prompt.")
+    history_gap: int = Field(
+        0, ge=0, description="The history ends this many interactions before the target (0: right before it). "
+        "On all-users a user's 3 test samples are consecutive, so with 0 each one's history holds the others' "
+        "labels; with 2 no test sample shows another test label (docs/results.md). Like-prediction only; "
+        "`privrec recommend` always shows the latest ratings.")
     like_threshold: float = Field(3.0, description="label = 1 when rating > like_threshold (MovieLens: > 3).")
     last_n: int = Field(10_000, ge=10, description="tallrec: keep the most recent N windows.")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="tallrec: train/valid/test fractions.")
@@ -204,6 +209,9 @@ class ExperimentConfig(_Section):
             if self.data.protocol != "tallrec":
                 raise ValueError(f"task ranking has its own protocol (last item test, the one before it train); "
                                  f"remove data.protocol={self.data.protocol}")
+            if self.data.history_gap:
+                raise ValueError("task ranking shows the history right before each target; remove "
+                                 f"data.history_gap={self.data.history_gap}")
             if self.data.eval_draw != "samples":
                 raise ValueError("task ranking draws whole users already (n_valid / n_test count users); remove "
                                  f"data.eval_draw={self.data.eval_draw}")

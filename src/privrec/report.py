@@ -122,21 +122,33 @@ def plot_learning_curves(panels: dict[str, list[tuple[str, list[dict]]]], path: 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from matplotlib.lines import Line2D
+
     names = list(panels) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    most = max((len(v) for v in panels.values()), default=0)
+    legend_rows = (most + 1) // 2 + 1  # two columns of recipes, then the line styles
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 3.8 + 0.22 * legend_rows), squeeze=False)
     for ax, name in zip(axes[0], names):
+        handles = []
+        xs = []
         for i, (label, curve) in enumerate(panels.get(name, [])):
             colour = f"C{i % 10}"
             x = [p["samples_seen"] for p in curve]
-            ax.plot(x, _values(curve, "valid_auc"), "-o", color=colour, markersize=3, label=f"{label} AUC")
+            xs += x
+            ax.plot(x, _values(curve, "valid_auc"), "-o", color=colour, markersize=3)
             if any(p.get("valid_uauc") is not None for p in curve):
-                ax.plot(x, _values(curve, "valid_uauc"), "--", color=colour, label=f"{label} UAUC")
+                ax.plot(x, _values(curve, "valid_uauc"), "--", color=colour)
+            handles.append(Line2D([], [], color=colour, marker="o", markersize=3, label=label))
+        if xs and max(xs) > 20 * max(min(xs), 1):
+            ax.set_xscale("log")  # runs of a few thousand and of tens of thousands of samples, both readable
         ax.set_title(name)
         ax.set_xlabel("training samples seen")
         ax.set_ylabel("validation score")
         ax.grid(alpha=0.3)
-        if panels.get(name):
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: never over a line
+        if handles:
+            handles += [Line2D([], [], color="k", label="AUC"), Line2D([], [], color="k", ls="--", label="UAUC")]
+            ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.16))  # below the axis label: never over a line
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")

@@ -80,11 +80,12 @@ class Splits:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
 
 
-def windows(ds: Dataset, history_len: int, like_threshold: float) -> list[list[Sample]]:
-    """Per user (in user order), every sample whose target has ``history_len`` earlier interactions.
+def windows(ds: Dataset, history_len: int, like_threshold: float, gap: int = 0) -> list[list[Sample]]:
+    """Per user (in user order), every sample whose target has ``history_len + gap`` earlier interactions.
 
-    The history is the ``history_len`` interactions immediately before the target in the user's time order
-    (ties in timestamp keep the file's row order), so no history item comes at or after its target.
+    The history is the ``history_len`` interactions that end ``gap`` interactions before the target in the
+    user's time order (``gap=0``: immediately before it; ties in timestamp keep the file's row order), so no
+    history item comes at or after its target.
     """
     out: list[list[Sample]] = []
     inter = ds.inter
@@ -95,8 +96,8 @@ def windows(ds: Dataset, history_len: int, like_threshold: float) -> list[list[S
     bounds = np.flatnonzero(np.diff(users)) + 1
     for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(users)]):
         seq = []
-        for i in range(start + history_len, end):
-            hist = tuple((int(items[j]), float(ratings[j])) for j in range(i - history_len, i))
+        for i in range(start + history_len + gap, end):
+            hist = tuple((int(items[j]), float(ratings[j])) for j in range(i - gap - history_len, i - gap))
             seq.append(Sample(sample_id(int(users[i]), int(items[i])), int(users[i]), int(items[i]),
                               int(times[i]), float(ratings[i]), int(ratings[i] > like_threshold), hist))
         out.append(seq)
@@ -127,10 +128,10 @@ def _subsample_users(samples: list[Sample], n: int | None, seed: int | list[int]
 
 
 def tallrec_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.0, last_n: int = 10_000,
-                  split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> tuple[list, list, list]:
+                  split: tuple[float, float, float] = (0.8, 0.1, 0.1), gap: int = 0) -> tuple[list, list, list]:
     """TALLRec protocol: all windows ordered by target time (ties: user, then position), keep the last
     ``last_n``, cut train/valid/test in that time order."""
-    flat = [s for seq in windows(ds, history_len, like_threshold) for s in seq]
+    flat = [s for seq in windows(ds, history_len, like_threshold, gap) for s in seq]
     order = sorted(range(len(flat)), key=lambda i: (flat[i].timestamp, flat[i].user_id, i))
     kept = [flat[i] for i in order[-last_n:]]
     n_train = int(round(split[0] * len(kept)))
@@ -139,13 +140,13 @@ def tallrec_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.
 
 
 def all_users_split(ds: Dataset, history_len: int = 10, like_threshold: float = 3.0, n_eval: int = 3,
-                    ) -> tuple[list, list, list]:
+                    gap: int = 0) -> tuple[list, list, list]:
     """All-users protocol: per user, the last ``n_eval`` ratings are test, the ``n_eval`` before them
     validation, every earlier one with a full history training (METHODS §0: 84,912 / 2,829 / 2,829)."""
     train, valid, test = [], [], []
-    for seq in windows(ds, history_len, like_threshold):
+    for seq in windows(ds, history_len, like_threshold, gap):
         if len(seq) < 2 * n_eval:
-            continue  # a user with fewer than history_len + 6 ratings has no full-history eval sample
+            continue  # a user with fewer than history_len + gap + 6 ratings has no full-history eval sample
         train += seq[:-2 * n_eval]
         valid += seq[-2 * n_eval:-n_eval]
         test += seq[-n_eval:]
@@ -162,9 +163,10 @@ def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str]
     ``exclude`` removes samples by id before anything is drawn (deleted / tombstoned data).
     """
     if cfg.protocol == "tallrec":
-        tr, va, te = tallrec_split(ds, cfg.history_len, cfg.like_threshold, cfg.last_n, tuple(cfg.split))
+        tr, va, te = tallrec_split(ds, cfg.history_len, cfg.like_threshold, cfg.last_n, tuple(cfg.split),
+                                   cfg.history_gap)
     else:
-        tr, va, te = all_users_split(ds, cfg.history_len, cfg.like_threshold)
+        tr, va, te = all_users_split(ds, cfg.history_len, cfg.like_threshold, gap=cfg.history_gap)
     if exclude:
         tr, va, te = ([s for s in part if s.sample_id not in exclude] for part in (tr, va, te))
     draw_eval = _subsample_users if cfg.eval_draw == "users" else _subsample

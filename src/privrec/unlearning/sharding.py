@@ -141,14 +141,16 @@ def shard_folders(run: RunDir) -> dict[int, Path]:
 
 def sample_universe(ds: Dataset, cfg: ApaConfig) -> dict[str, Sample]:
     """Every sample the protocol can cut from the source, by id (lineages and tombstones refer to these)."""
-    return {s.sample_id: s for seq in windows(ds, cfg.data.history_len, cfg.data.like_threshold) for s in seq}
+    d = cfg.data
+    return {s.sample_id: s for seq in windows(ds, d.history_len, d.like_threshold, d.history_gap) for s in seq}
 
 
 @functools.lru_cache(maxsize=2)
 def _source_data(data_json: str, seed: int) -> tuple[Dataset, dict[str, Sample], Splits]:
     data = DataConfig.model_validate_json(data_json)
     ds = load_dataset(data.source, data.path)
-    universe = {s.sample_id: s for seq in windows(ds, data.history_len, data.like_threshold) for s in seq}
+    seqs = windows(ds, data.history_len, data.like_threshold, data.history_gap)
+    universe = {s.sample_id: s for seq in seqs for s in seq}
     return ds, universe, build_splits(ds, data, seed)
 
 
@@ -193,7 +195,7 @@ def build_model(cfg: ApaConfig, dataset: Dataset) -> tuple[RecLM, dict[str, torc
 def _features_key(model: RecLM, cfg: ApaConfig) -> str:
     prec = "bf16" if model.bf16 else "fp32"
     prompt = cfg.prompt.model_dump_json()
-    data = f"{cfg.data.history_len}|{cfg.data.like_threshold}"
+    data = f"{cfg.data.history_len}|{cfg.data.like_threshold}|{cfg.data.history_gap}"
     return f"{model.fingerprint}|{cfg.shards.features}|{prec}|{prompt}|{data}"
 
 
