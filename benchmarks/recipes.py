@@ -273,14 +273,13 @@ def chosen(rows: list[tuple[Recipe, ExperimentConfig, dict | None]]) -> list[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default=str(DEFAULT_RECIPES), help="the recipes YAML")
-    ap.add_argument("--runs", default=None, help="run directories go here (default runs/recipes; --tiny: a temp "
-                    "folder)")
+    ap.add_argument("--runs", default=None, help="run directories go here (default runs/<YAML name>, e.g. "
+                    "runs/recipes; --tiny: a temp folder)")
     ap.add_argument("--out", default=None, help="markdown file whose section named for the recipes YAML (`recipes`) "
                     "is rewritten; the plot goes to img/<that name>-curves.png beside it (without --out: into --runs)")
     ap.add_argument("--record", default=None, help="JSON record of measured recipes (default "
                     "benchmarks/<YAML name>-measured.json, committed; --tiny: none): finished runs are added to it, "
-                    "and "
-                    "recipes without a run under --runs are read from it")
+                    "and recipes without a run under --runs are read from it")
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (the table still lists all)")
     ap.add_argument("--plan", action="store_true", help="print every recipe's estimated cost and stop")
     ap.add_argument("--report", action="store_true", help="run nothing: write the table and the plot from the "
@@ -330,7 +329,7 @@ def _main(args, progress: bool) -> int:
         return 0
 
     runs = Path(args.runs) if args.runs else (Path(tempfile.mkdtemp(prefix="recipes-tiny-")) if args.tiny
-                                              else ROOT / "runs" / "recipes")
+                                              else ROOT / "runs" / section_name(args.recipes))
     if args.cache_only:
         for r in recipes:
             if r.name in wanted:
