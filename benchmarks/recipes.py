@@ -59,8 +59,6 @@ def default_record(recipes: str | Path) -> Path:
     return ROOT / "benchmarks" / f"{section_name(recipes)}-measured.json"
 
 
-DEFAULT_RECORD = default_record(DEFAULT_RECIPES)
-
 # --- cost model: SmolLM2-135M on this 2-core AVX2 CPU in fp32 (docs/results.md, docs/benchmarks.md) ----------
 TRAIN_RATE = {"cached": 5.8, "all-layers": 1.5}  # training samples/s: top-8 LoRA over cached layers / all layers
 CACHE_S = 0.19  # s per prompt to run the bottom 22 layers once (cold cache)

@@ -119,11 +119,10 @@ def plot_learning_curves(panels: dict[str, list[tuple[str, list[dict]]]], path: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from matplotlib.lines import Line2D
-
     names = list(panels) or ["(no runs)"]
     most = max((len(v) for v in panels.values()), default=0)
     legend_rows = (most + 1) // 2 + 1  # two columns of recipes, then the line styles

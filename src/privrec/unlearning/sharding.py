@@ -139,18 +139,12 @@ def shard_folders(run: RunDir) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def sample_universe(ds: Dataset, cfg: ApaConfig) -> dict[str, Sample]:
-    """Every sample the protocol can cut from the source, by id (lineages and tombstones refer to these)."""
-    d = cfg.data
-    return {s.sample_id: s for seq in windows(ds, d.history_len, d.like_threshold, d.history_gap) for s in seq}
-
-
 @functools.lru_cache(maxsize=2)
 def _source_data(data_json: str, seed: int) -> tuple[Dataset, dict[str, Sample], Splits]:
     data = DataConfig.model_validate_json(data_json)
     ds = load_dataset(data.source, data.path)
     seqs = windows(ds, data.history_len, data.like_threshold, data.history_gap)
-    universe = {s.sample_id: s for seq in seqs for s in seq}
+    universe = {s.sample_id: s for seq in seqs for s in seq}  # every sample the source can give, by id
     return ds, universe, build_splits(ds, data, seed)
 
 
