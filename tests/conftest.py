@@ -10,6 +10,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast here, no
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-bf16", choices=["machine", "yes", "no"], default=os.environ.get("PRIVREC_TEST_CPU_BF16", "machine"),
+        help="what `model.precision: auto` finds: as this machine has it (default), or patched to a CPU with "
+        "native bf16 (yes: auto turns bf16 autocast on) or without it (no: auto stays fp32). The suite must pass "
+        "all three ways; `make test-precision` runs the other two.")
+
+
+def pytest_configure(config):
+    """Simulate the other CPU kind for `precision: auto` (ENVIRONMENT.md: AVX2-only vs AVX512-BF16) through
+    the environment, so that the processes a test starts (the CLI, Flower's workers) see the same kind."""
+    from privrec.model.backbone import CPU_BF16_ENV
+
+    kind = config.getoption("--cpu-bf16")
+    if kind != "machine":
+        os.environ[CPU_BF16_ENV] = "1" if kind == "yes" else "0"
+
+
+def pytest_report_header(config):
+    import torch
+
+    from privrec.model.backbone import supports_bf16
+
+    auto = "bf16" if supports_bf16(torch.device("cpu")) else "fp32"
+    return f"privrec: precision auto -> {auto} (--cpu-bf16={config.getoption('--cpu-bf16')})"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Frozen-layer caches of a test go to its own folder (the fetched assets stay shared)."""
@@ -21,6 +48,9 @@ def ml100k():
     from privrec.data import load_dataset
 
     return load_dataset("ml-100k", None)
+
+
+FP32 = {"precision": "fp32"}  # tests of exact equality pin it: bf16 autocast moves scores by ~1e-3
 
 
 def tiny_config(**sections):

@@ -27,7 +27,7 @@ def tiny_deep_model(layers: int = 4) -> str:
 
     from privrec import assets
 
-    final = Path(tempfile.gettempdir()) / f"privrec-tiny-random-{layers}l"
+    final = assets.home() / "models" / f"tiny-random-{layers}l"  # beside the tiny model it derives from
     if (final / "model.safetensors").is_file():
         return str(final)
     src = assets.tiny_random_model()

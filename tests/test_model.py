@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, randomise_lora, tiny_config
+from conftest import FP32, make_model, randomise_lora, tiny_config
 
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
 
@@ -24,7 +24,7 @@ def _reference_p_yes(m, items):
 
 @pytest.mark.parametrize("top_layers", [None, 1])
 def test_batched_scoring_equals_one_at_a_time_full_logits(ml100k, tiny_splits, top_layers):
-    cfg = tiny_config(lora={"top_layers": top_layers})
+    cfg = tiny_config(lora={"top_layers": top_layers}, model=FP32)
     m = make_model(cfg, ml100k)
     randomise_lora(m)
     items = m.encode(tiny_splits.test[:24])
@@ -38,8 +38,8 @@ def test_batched_scoring_equals_one_at_a_time_full_logits(ml100k, tiny_splits, t
 def test_top_layer_cache_gives_same_loss_and_grads(ml100k, tiny_splits):
     from privrec.train import bce_loss
 
-    cached = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": True}), ml100k)
-    full = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": False}), ml100k)
+    cached = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": True}, model=FP32), ml100k)
+    full = make_model(tiny_config(lora={"top_layers": 1, "cache_frozen": False}, model=FP32), ml100k)
     assert cached.cut == 1 and full.cut == 0
     randomise_lora(cached, 1)
     load_adapter_state(full.model, adapter_state(cached.model))
@@ -84,7 +84,7 @@ def test_adapter_roundtrip_privrec_and_plain_peft(ml100k, tiny_splits, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(lora={"top_layers": None})
+    cfg = tiny_config(lora={"top_layers": None}, model=FP32)
     m = make_model(cfg, ml100k)
     randomise_lora(m, 2)
     items = m.encode(tiny_splits.test[:16])
@@ -118,3 +118,29 @@ def test_zero_shot_context_runs_base_model(ml100k, tiny_splits):
         again = m.score(items, progress=False)
     np.testing.assert_allclose(again, base, atol=1e-6)
     assert np.abs(tuned - base).max() > 1e-3
+
+
+def test_cache_runs_the_shared_prompt_prefix_once_and_stores_the_same_states(ml100k, tiny_splits, monkeypatch):
+    from privrec.model import recmodel
+
+    shared = make_model(tiny_config(lora={"top_layers": 1}, model=FP32), ml100k)
+    items = shared.encode(tiny_splits.test[:20])
+    prefix = recmodel._common_prefix([e.ids for e in items])
+    assert len(prefix) >= recmodel.MIN_SHARED_PREFIX  # the chat template's system text and the instruction
+    assert all(e.ids[: len(prefix)] == prefix for e in items) and min(len(e) for e in items) > len(prefix)
+    seen = []
+    inner = shared._inner()
+    monkeypatch.setattr(inner.embed_tokens, "forward", lambda ids, f=inner.embed_tokens.forward: (
+        seen.append(ids.numel()), f(ids))[1])
+    shared.prepare(items, batch_size=8, progress=False)
+    # the prefix ran once, then 3 batches of suffixes (padded to their batch's longest, never the prefix)
+    assert seen[0] == len(prefix) and len(seen) == 4
+    assert sum(seen[1:]) <= 8 * 3 * max(len(e) - len(prefix) for e in items) < sum(len(e) for e in items)
+    whole = make_model(tiny_config(lora={"top_layers": 1}, model=FP32), ml100k)
+    whole.cache_dir = shared.cache_dir / "whole"
+    whole.enable_cache(whole.cut)
+    whole.prepare(items, batch_size=8, progress=False, share_prefix=False)
+    for e in items:
+        a, b = shared.cache.get(e.key), whole.cache.get(e.key)
+        assert a.shape == b.shape == (len(e), inner.norm.weight.shape[0])
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

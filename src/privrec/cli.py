@@ -14,6 +14,13 @@ import warnings
 from privrec.errors import UserError
 
 
+PROGRESS_HELP = (
+    "Progress: a long command (train, shard-train, federate, forget, unlearn) draws progress bars on stderr "
+    "when stderr is a terminal. When it is not (a pipe, nohup, CI, a file), there are no bars; every step still "
+    "prints one line to stderr (prompts cached, zero-shot AUC, each epoch's loss and validation AUC, test AUC) "
+    "and appends the same line, timestamped, to RUN/log.txt: follow a background run with `tail -f RUN/log.txt`.")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's default also prints the usage)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -27,8 +34,9 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.", epilog=PROGRESS_HELP)
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (they are off anyway when stderr is not a terminal)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("fetch", help="download the embedded model and data into $PRIVREC_HOME")

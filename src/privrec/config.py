@@ -114,8 +114,9 @@ class ModelConfig(_Section):
     )
     gguf_file: str | None = Field(None, description="Load this GGUF file inside the `name` folder.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32. The Yes/No head is "
-        "always computed in fp32.")
+        "auto", description="auto: bf16 autocast where the CPU (AVX512-BF16 or AMX) or GPU supports it, else "
+        "fp32 (PRIVREC_CPU_BF16=1|0 overrides the CPU detection); bf16: autocast on any CPU (emulated, slower, "
+        "where not native); fp32: never. The Yes/No head is always computed in fp32.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default.")
 
 

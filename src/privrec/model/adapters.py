@@ -25,7 +25,10 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a peft model, as a plain name -> tensor dict (copies, on CPU)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: LoRA never trains the embeddings, and peft's "auto" looks for the base
+    # model's config.json to decide, warning "Could not find a config file" in a GGUF folder, which has none
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
@@ -63,7 +66,7 @@ def save_adapter(model, folder: Path, meta: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # as in adapter_state
         meta = dict(meta, tensors_sha256=tensors_digest(adapter_state(model)))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=1))
         if folder.exists():

@@ -31,10 +31,29 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id; from_pretrained reports if it is unknown or unreachable
 
 
+CPU_BF16_ENV = "PRIVREC_CPU_BF16"
+
+
 def supports_bf16(device: torch.device) -> bool:
+    """Native bf16 matmuls: a CUDA device that has them, or a CPU with AVX512-BF16 or AMX tiles.
+
+    ``PRIVREC_CPU_BF16=1`` or ``0`` overrides the CPU detection (a virtual machine that hides the flags; the
+    test suite's ``--cpu-bf16``, which must reach the processes a test starts)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``model.precision`` runs bf16 autocast on ``device``: ``auto`` exactly where
+    :func:`supports_bf16` says the hardware has it; ``bf16`` anywhere (emulated, slower, on CPUs without
+    it); ``fp32`` never."""
+    if precision == "auto":
+        return supports_bf16(device)
+    return precision == "bf16"
 
 
 def load_backbone(name: str, gguf_file: str | None = None, device: torch.device | None = None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from privrec.errors import ModelError, UserError
-from privrec.model.backbone import default_threads, fingerprint, load_backbone, supports_bf16
+from privrec.model import backbone
+from privrec.model.backbone import default_threads, fingerprint, load_backbone
 from privrec.prompts import PromptBuilder, answer_token_ids
 
 
@@ -158,6 +160,21 @@ def _layer_window(inner: nn.Module, start: int, end: int):
         inner.layers, inner.norm = layers, norm
 
 
+# a shorter common prefix is not worth a second pass; like-prompts share the system text and the instruction
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The longest token prefix of every sequence, leaving each at least one token of its own."""
+    first, n = seqs[0], min(len(x) for x in seqs) - 1
+    for x in seqs[1:]:
+        i = 0
+        while i < n and x[i] == first[i]:
+            i += 1
+        n = i
+    return tuple(first[:max(n, 0)])
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -178,7 +195,7 @@ class RecLM:
         self.tokenizer = tokenizer
         self.builder = builder
         self.device = next(model.parameters()).device
-        self.bf16 = precision == "bf16" or (precision == "auto" and supports_bf16(self.device))
+        self.bf16 = backbone.use_bf16(precision, self.device)
         self.max_length = max_length
         self.yes_id, self.no_id = answer_token_ids(tokenizer)
         self.n_layers = len(self._inner().layers)
@@ -246,7 +263,10 @@ class RecLM:
         pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                           target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
                           layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates in favour
+            # of `is_activation_checkpointing`: a FutureWarning about peft's code, not ours (no checkpointing here)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             torch.manual_seed(seed)
             try:
                 self.model = get_peft_model(self.model, pcfg)
@@ -398,8 +418,10 @@ class RecLM:
         return out
 
     @torch.no_grad()
-    def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True) -> None:
-        """Fill the frozen cache for these prompts (no-op without a cache). Computed once per prompt."""
+    def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
+                share_prefix: bool = True) -> None:
+        """Fill the frozen cache for these prompts (no-op without a cache). Computed once per prompt; the
+        token prefix all of them share runs once (``share_prefix=False``: every prompt whole)."""
         if self.cut == 0:
             return
         assert self.cache is not None
@@ -414,6 +436,10 @@ class RecLM:
         self.model.eval()
         saved_cut, self.cut = self.cut, 0  # collate token ids, not cached states
         try:
+            shared = _common_prefix([e.ids for e in todo]) if share_prefix else ()
+            if len(shared) >= MIN_SHARED_PREFIX:
+                self._prepare_after_prefix(todo, shared, saved_cut, batch_size, progress)
+                return
             batches = self.length_batches(todo, batch_size)
             for idx in _progress(batches, len(batches), "caching frozen layers", progress):
                 b = self.collate([todo[i] for i in idx])
@@ -424,6 +450,39 @@ class RecLM:
         finally:
             self.cut = saved_cut
             self.model.train(was_training)
+
+    def _prepare_after_prefix(self, todo: list[Encoded], prefix: tuple[int, ...], cut: int, batch_size: int,
+                              progress: bool) -> None:
+        """:meth:`prepare` when every prompt starts with the same ``prefix`` (the chat template's system text
+        and the instruction: ~57 of ~180 tokens of a like-prompt): the frozen layers run over the prefix
+        once, and every prompt's remaining tokens run against its key-value cache. Each cache entry is the
+        same (T, H) tensor as from the whole prompt (to float rounding: the attention sums split in two)."""
+        from transformers import DynamicCache
+
+        inner, dev, P = self._inner(), self.device, len(prefix)
+        with _layer_window(inner, 0, cut), self._autocast():
+            past = DynamicCache(config=inner.config)
+            h_prefix = inner(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
+                             past_key_values=past).last_hidden_state[0]  # (P, H)
+            kv = [(layer.keys, layer.values) for layer in past.layers[:cut]]  # per layer (1, kv_heads, P, d)
+            h_prefix = h_prefix.detach().to("cpu")
+            batches = self.length_batches(todo, batch_size)
+            for idx in _progress(batches, len(batches), "caching frozen layers", progress):
+                B, lengths = len(idx), [len(todo[i]) - P for i in idx]
+                S = max(lengths)
+                ids = torch.full((B, S), self.tokenizer.pad_token_id, dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, : lengths[r]] = torch.tensor(todo[i].ids[P:])
+                smask = (torch.arange(S)[None] < torch.tensor(lengths)[:, None]).long()  # (B, S)
+                cache = DynamicCache(config=inner.config)
+                for layer, (k, v) in enumerate(kv):
+                    cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), layer)
+                h = inner(input_ids=ids.to(dev), attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long),
+                          smask], 1).to(dev), position_ids=(P + torch.arange(S))[None].expand(B, -1).to(dev),
+                          past_key_values=cache, use_cache=True).last_hidden_state  # (B, S, H)
+                h = h.detach().to("cpu")
+                for r, i in enumerate(idx):
+                    self.cache.put(todo[i].key, torch.cat([h_prefix, h[r, : lengths[r]]]).clone())
 
     @torch.no_grad()
     def score_logits(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
