@@ -13,7 +13,6 @@ import warnings
 
 from privrec.errors import UserError
 
-
 PROGRESS_HELP = (
     "Progress: a long command (train, shard-train, federate, forget, unlearn) draws progress bars on stderr "
     "when stderr is a terminal. When it is not (a pipe, nohup, CI, a file), there are no bars; every step still "
