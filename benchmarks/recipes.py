@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and args.out:
         ap.error("--tiny numbers are not results: drop --out")
     try:
-        return _main(args, progress=sys.stderr.isatty())
+        return _main(args, progress=True)
     except UserError as e:
         print(f"recipes: error: {e}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ def main() -> None:
                                          *args.overrides])
         if not (out / "metrics.json").is_file():
             print(f"== {n} training samples x {epochs} epochs -> {out}", file=sys.stderr)
-            run_train(cfg, out, resume=True, progress=sys.stderr.isatty())
+            run_train(cfg, out, resume=True, progress=True)
         rows.append((n, epochs, cfg, read_json(out / "metrics.json")))
 
     first = rows[0][3]

@@ -86,7 +86,7 @@ def main() -> None:
                                          *variant_overrides(name, base.train.epochs)])
         if not (out / "metrics.json").is_file():
             print(f"== {name} -> {out}", file=sys.stderr)
-            run_train(cfg, out, resume=True, progress=sys.stderr.isatty())
+            run_train(cfg, out, resume=True, progress=True)
         runs[name] = (cfg, read_json(out / "metrics.json"))
 
     cfg0, plain = runs["plain"]

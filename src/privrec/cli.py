@@ -15,9 +15,11 @@ from privrec.errors import UserError
 
 PROGRESS_HELP = (
     "Progress: a long command (train, shard-train, federate, forget, unlearn) draws progress bars on stderr "
-    "when stderr is a terminal. When it is not (a pipe, nohup, CI, a file), there are no bars; every step still "
-    "prints one line to stderr (prompts cached, zero-shot AUC, each epoch's loss and validation AUC, test AUC) "
-    "and appends the same line, timestamped, to RUN/log.txt: follow a background run with `tail -f RUN/log.txt`.")
+    "when stderr is a terminal. When it is not (a pipe, nohup, CI, a file), it prints instead at most one plain "
+    "line a minute on stderr ('epoch 1/3: 40/128 batches (31%), 4m10s so far, about 9m10s left'). Every step "
+    "also prints one line (prompts cached, zero-shot AUC, each epoch's loss and validation AUC, test AUC) to "
+    "stderr and appends it, timestamped, to RUN/log.txt: follow a background run with `tail -f RUN/log.txt`. "
+    "--no-progress turns the bars and the minute lines off.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +37,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.", epilog=PROGRESS_HELP)
     ap.add_argument("--no-progress", action="store_true",
-                    help="no progress bars (they are off anyway when stderr is not a terminal)")
+                    help="no progress bars or minute lines (see below)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("fetch", help="download the embedded model and data into $PRIVREC_HOME")
@@ -114,7 +116,7 @@ def _print_metrics(m: dict) -> None:
 
 
 def _dispatch(args) -> int:
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress  # bars on a terminal, else a line a minute (privrec.progress)
     if args.command == "fetch":
         from privrec.assets import fetch_all
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from privrec.metrics import auc, uauc
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import Batch, Encoded, RecLM
+from privrec.progress import track
 
 # Checkpoint keys (a typed record on disk; constants so readers and writers agree).
 CKPT_EPOCH = "epoch"
@@ -190,12 +191,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         step_in_epoch = 0
         model.model.train()
         losses = []
-        iterator = batches
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                            dynamic_ncols=True)
+        iterator = track(batches, len(batches), f"epoch {epoch + 1}/{cfg.epochs}", progress)
         opt.zero_grad(set_to_none=True)
         scoring = 0.0  # seconds of mid-epoch validation scoring, not counted as training time
         for b_i, idx in enumerate(iterator):

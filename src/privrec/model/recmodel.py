@@ -32,6 +32,7 @@ from torch import nn
 from privrec.errors import ModelError, UserError
 from privrec.model import backbone
 from privrec.model.backbone import default_threads, fingerprint, load_backbone
+from privrec.progress import track
 from privrec.prompts import PromptBuilder, answer_token_ids
 
 
@@ -175,12 +176,6 @@ def _common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(first[:max(n, 0)])
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 class RecLM:
@@ -410,7 +405,7 @@ class RecLM:
         out = np.zeros((len(items), self._inner().norm.weight.shape[0]), dtype=np.float32)
         try:
             batches = self.length_batches(items, batch_size)
-            for idx in _progress(batches, len(batches), "hidden states", progress):
+            for idx in track(batches, len(batches), "hidden states", progress):
                 h = self._inner().norm(self._last_state(self.collate([items[i] for i in idx])).float())
                 out[idx] = h.cpu().numpy()
         finally:
@@ -441,7 +436,7 @@ class RecLM:
                 self._prepare_after_prefix(todo, shared, saved_cut, batch_size, progress)
                 return
             batches = self.length_batches(todo, batch_size)
-            for idx in _progress(batches, len(batches), "caching frozen layers", progress):
+            for idx in track(batches, len(batches), "caching frozen layers", progress):
                 b = self.collate([todo[i] for i in idx])
                 h = self._run_layers(0, saved_cut, input_ids=b.input_ids, attention_mask=b.attention_mask)
                 for j, i in enumerate(idx):
@@ -467,7 +462,7 @@ class RecLM:
             kv = [(layer.keys, layer.values) for layer in past.layers[:cut]]  # per layer (1, kv_heads, P, d)
             h_prefix = h_prefix.detach().to("cpu")
             batches = self.length_batches(todo, batch_size)
-            for idx in _progress(batches, len(batches), "caching frozen layers", progress):
+            for idx in track(batches, len(batches), "caching frozen layers", progress):
                 B, lengths = len(idx), [len(todo[i]) - P for i in idx]
                 S = max(lengths)
                 ids = torch.full((B, S), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -498,7 +493,7 @@ class RecLM:
         out = np.zeros((len(items), 2) if pair else len(items), dtype=np.float64)
         try:
             batches = self.length_batches(items, batch_size)
-            for idx in _progress(batches, len(batches), "scoring", progress):
+            for idx in track(batches, len(batches), "scoring", progress):
                 z = self.logits(self.collate([items[i] for i in idx]), pair)
                 out[idx] = z.double().cpu().numpy()
         finally:
@@ -577,7 +572,7 @@ class RecLM:
         pad, dev = self.tokenizer.pad_token_id, self.device
         order = sorted(range(len(groups)), key=lambda g: -len(groups[g].prefix))  # similar prefix lengths together
         blocks = [order[i: i + prefix_batch] for i in range(0, len(order), prefix_batch)]
-        for block in _progress(blocks, len(blocks), "ranking", progress):
+        for block in track(blocks, len(blocks), "ranking", progress):
             # 1. the block's prefixes, once: (U, P) right-padded -> per-layer keys/values (U, kv_heads, P, d)
             plens = torch.tensor([len(groups[g].prefix) for g in block], device=dev)  # (U,)
             P = int(plens.max())
@@ -635,7 +630,7 @@ class RecLM:
         saved_cut, self.cut = self.cut, 0  # token ids through every layer (the frozen cache holds none of these)
         try:
             batches = self.length_batches(items, batch_size)
-            for idx in _progress(batches, len(batches), "ranking (full prompts)", progress):
+            for idx in track(batches, len(batches), "ranking (full prompts)", progress):
                 b = self.collate([items[i] for i in idx])
                 h = self._run_layers(0, self.n_layers, input_ids=b.input_ids, attention_mask=b.attention_mask)
                 S = max(len(items[i].suffix) for i in idx)
