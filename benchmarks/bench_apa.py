@@ -43,14 +43,12 @@ from privrec.model.adapters import load_adapter_state, read_adapter
 from privrec.model.mixture import score_mixture
 from privrec.model.recmodel import FrozenCache
 from privrec.run import machine
-from privrec.rundir import RunDir
+from privrec.rundir import FEATURES_FILE, LEDGER_FILE, RunDir
 from privrec.train import train
 from privrec.unlearning.apa import apa_weights, score_each, uniform_weights
 from privrec.unlearning.forget import run_forget
 from privrec.unlearning.ledger import Ledger
 from privrec.unlearning.sharding import (
-    FEATURES_FILE,
-    LEDGER_FILE,
     ApaConfig,
     build_model,
     load_features,

@@ -211,7 +211,7 @@ def test_train_rank_tiny_writes_ranking_metrics(rank_run):
     assert m["n_test"] == 16 and m["n_train_augmented"] == 2 * m["n_train_samples"] == 2 * 4 * m["n_train"]
     assert m["references"]["random"]["hr@1"] == pytest.approx(0.1)
     assert len((rank_run / "predictions_test.csv").read_text().splitlines()) == 1 + 16 * 10
-    assert (rank_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (rank_run / "adapters" / "default" / "adapter_model.safetensors").is_file()
 
 
 def test_evaluate_and_report_a_ranking_run(rank_run, capsys):

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from privrec.cli import main
 from privrec.config import load_config
-from privrec.model.adapters import adapter_state, read_adapter, tensors_digest
-from privrec.unlearning.certificate import lineage_of
+from privrec.model.adapters import adapter_state, lineage_of, read_adapter, tensors_digest
 from privrec.unlearning.forget import run_forget, run_resume
 from privrec.unlearning.ledger import DONE, PENDING, RETRAINED, Ledger, shows_tombstoned
 from privrec.unlearning.sharding import ApaConfig, build_model, source_data, train_shard

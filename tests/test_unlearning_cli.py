@@ -112,14 +112,15 @@ def test_retrain_then_e2urec_write_every_documented_measure(trained, retrained, 
     assert m["details"]["teacher_mean_p_yes_forget"]["augmented"] is not None
 
     # the adapters say what they may: retrain is exact and its lineage excludes every forgotten sample
-    meta_r = json.loads((retrained / "adapter" / "privrec.json").read_text())
-    meta_e = json.loads((out / "adapter" / "privrec.json").read_text())
-    meta_o = json.loads((trained / "adapter" / "privrec.json").read_text())
+    meta_r = json.loads((retrained / "adapters" / "default" / "privrec.json").read_text())
+    meta_e = json.loads((out / "adapters" / "default" / "privrec.json").read_text())
+    meta_o = json.loads((trained / "adapters" / "default" / "privrec.json").read_text())
     assert meta_r["exact"] and not meta_e["exact"]
     assert not set(meta_r["sample_ids"]) & set(meta_r["forgotten_sample_ids"])
     assert set(meta_r["sample_ids"]) | set(meta_r["forgotten_sample_ids"]) == set(meta_o["sample_ids"])
     assert meta_e["sample_ids"] == meta_o["sample_ids"]  # approximate: the forgotten samples did train it
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4 + 16  # original + student
+    student_config = json.loads((out / "adapters" / "default" / "adapter_config.json").read_text())
+    assert student_config["r"] == 4 + 16  # original + student
 
     code, table, _ = run_cli(capsys, "report", str(retrained), str(out), str(trained), "--markdown")
     assert code == 0

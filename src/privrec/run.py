@@ -30,12 +30,10 @@ from privrec.data import (
 )
 from privrec.errors import DataError, RunError, UserError
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
+from privrec.model.adapters import install_adapter, lineage_of, originals, read_adapter, save_adapter
 from privrec.model.recmodel import Encoded, PrefixGroup, RecLM
-from privrec.rundir import ADAPTER_DIR, RunDir, atomic_write_text
+from privrec.rundir import ADAPTERS_DIR, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text, single_adapter_dir
 from privrec.train import train
-
-ZERO_SHOT_FILE = "zero_shot.json"
 
 
 def setup_data(cfg: ExperimentConfig) -> Splits:
@@ -188,10 +186,10 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
                    progress=progress, on_epoch=lambda r: run.log(_epoch_line(r)))
 
     # 6. save the adapter with its lineage
-    save_adapter(model.model, run / ADAPTER_DIR, {
+    save_adapter(model.model, run / ADAPTERS_DIR / SINGLE_ADAPTER, {
         "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
         "sample_ids": sorted({s.source_id for s in train_samples}),
-        "lineage_sha256": lineage_digest([s.sample_id for s in train_samples]),
+        "lineage_sha256": lineage_of(originals(train_samples)),
         "best_epoch": result.best_epoch,
     })
 
@@ -256,10 +254,10 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
                    progress=progress, on_epoch=lambda r: run.log(_epoch_line(r)))
 
     # 6. save the adapter with its lineage
-    save_adapter(model.model, run / ADAPTER_DIR, {
+    save_adapter(model.model, run / ADAPTERS_DIR / SINGLE_ADAPTER, {
         "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
         "task": "ranking", "sample_ids": sorted({s.source_id for s in train_samples}),
-        "lineage_sha256": lineage_digest([s.sample_id for s in train_samples]), "best_epoch": result.best_epoch,
+        "lineage_sha256": lineage_of(originals(train_samples)), "best_epoch": result.best_epoch,
     })
 
     # 7. rank the test users' candidates with every scorer; references on the same candidates
@@ -303,9 +301,7 @@ def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tu
 
         raw = cfg.model_dump()
         cfg = parse_config(apply_overrides(raw, overrides))
-    adapter = run / ADAPTER_DIR
-    if not (adapter / "adapter_model.safetensors").is_file():
-        raise RunError(f"{run.path} has no trained adapter ({ADAPTER_DIR}/); did training finish?")
+    adapter = single_adapter_dir(run.path)
     splits = setup_data(cfg)
     model = setup_model(cfg, splits)
     state, meta = read_adapter(adapter)

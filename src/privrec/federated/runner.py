@@ -32,13 +32,12 @@ from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
 from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
-from privrec.model.adapters import adapter_state, lineage_digest, load_adapter_state, save_adapter
+from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
 from privrec.run import machine, setup_data
-from privrec.rundir import RunDir
+from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, RunDir
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data
-ADAPTERS_DIR = "adapters"
 
 
 # --- the plan: samples and clients ----------------------------------------------------------------------
@@ -255,11 +254,11 @@ def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy
     for c, state in sorted(eval_states(fed, strategy, states).items()):
         load_adapter_state(model.model, state)
         trained_on = sorted(contributors) if strategy.name != "local" else [c]
-        ids = sorted(s.sample_id for cc in trained_on for s in fed.samples(cc)[0])
-        save_adapter(model.model, run / ADAPTERS_DIR / f"client-{c}", {
+        samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
+        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", {
             "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
-            "client": c, "strategy": strategy.name, "rounds": cfg.federated.rounds,
-            "trained_on_clients": trained_on, "sample_ids": ids, "lineage_sha256": lineage_digest(ids),
+            "client": c, "strategy": strategy.name, "rounds": cfg.federated.rounds, "trained_on_clients": trained_on,
+            "sample_ids": sorted(s.sample_id for s in samples), "lineage_sha256": lineage_of(samples),
         })
 
 

@@ -224,7 +224,7 @@ class UnlearnTask:
 @dataclass
 class Unlearned:
     """A method's result: a model that scores as the unlearned recommender, and the one peft adapter (tensors
-    + config) that holds it, which ``privrec unlearn`` saves as OUT/adapter."""
+    + config) that holds it, which ``privrec unlearn`` saves as OUT/adapters/default."""
 
     model: RecLM
     adapter_state: dict[str, torch.Tensor]

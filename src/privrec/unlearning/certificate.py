@@ -1,8 +1,8 @@
 """Lineage and erasure certificates (METHODS §4 unlearning, §7: exact unlearning must be provable).
 
-An adapter's lineage is the exact list of sample ids that trained it plus a sha256 over those ids and their
-content (user, item, timestamp, rating, label, history): recomputable from the data source at any time, so a
-lineage that was edited, or data that changed under it, shows.
+An adapter's lineage is the exact list of sample ids that trained it plus the project's one lineage hash
+over those ids and their content (:func:`privrec.model.adapters.lineage_of`): recomputable from the data
+source at any time, so a lineage that was edited, or data that changed under it, shows.
 
 A certificate (``RUN/certificates/<request>.json``) has a deterministic ``body`` (the request, the removed
 interactions and samples, every shard's adapter hash before and after, the lineage check) and its
@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from privrec.data import Sample
-from privrec.model.adapters import lineage_digest, read_adapter, tensors_digest
+from privrec.model.adapters import lineage_of, read_adapter, tensors_digest
 from privrec.rundir import atomic_write_json, read_json
 from privrec.unlearning.ledger import shows_tombstoned
 
 CERTIFICATE_VERSION = "privrec-erasure-certificate/1"
-
-
-def sample_content(s: Sample) -> str:
-    """What a sample contributes to training, canonically: the content its lineage hash covers."""
-    return json.dumps([s.user_id, s.item_id, s.timestamp, s.rating, s.label, [list(h) for h in s.history]])
-
-
-def lineage_of(samples: Sequence[Sample]) -> str:
-    """sha256 over the samples' ids and content (order-independent)."""
-    return lineage_digest([s.sample_id for s in samples], [sample_content(s) for s in samples])
 
 
 def canonical_sha256(obj) -> str:

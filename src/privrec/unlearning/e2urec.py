@@ -23,7 +23,7 @@ run's tensors, requires_grad off, no dropout); both are active, so each LoRA lay
 W0 x + s_o B_o A_o x + s_s B_s A_s x. The base weights are never touched, so the frozen-layer cache of the
 original run (keyed by the base weights' hash) still serves the student. Afterwards the two adapters are
 written as ONE peft adapter of rank r_o + r_s (A stacked, B scaled and concatenated, scaling 1), exactly
-equal to the pair; that is the adapter saved in OUT/adapter and the model that is measured.
+equal to the pair; that is the adapter saved in OUT/adapters/default and the model that is measured.
 """
 
 from __future__ import annotations

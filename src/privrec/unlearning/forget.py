@@ -31,7 +31,7 @@ from privrec.data import Dataset, Sample, Splits
 from privrec.data.idfiles import read_id_file
 from privrec.errors import RunError, UserError
 from privrec.model.adapters import read_adapter, save_adapter, tensors_digest
-from privrec.rundir import RunDir
+from privrec.rundir import CERTIFICATES_DIR, FEATURES_FILE, LEDGER_FILE, SHARD_PREFIX, STAGING_DIR, RunDir
 from privrec.unlearning.certificate import (
     build_body,
     canonical_sha256,
@@ -43,11 +43,6 @@ from privrec.unlearning.certificate import (
 from privrec.unlearning.ledger import DONE, INSTALLED, PENDING, RETRAINED, Ledger, run_lock, shows_tombstoned
 from privrec.unlearning.sharding import (
     ADAPTER_SECTIONS,
-    CERTIFICATES_DIR,
-    FEATURES_FILE,
-    LEDGER_FILE,
-    SHARD_PREFIX,
-    STAGING_DIR,
     ApaConfig,
     _reusable,
     build_model,

@@ -38,21 +38,21 @@ from privrec.config import DataConfig, ExperimentConfig
 from privrec.data import Dataset, Sample, Splits, build_splits, load_dataset, windows
 from privrec.errors import RunError, UserError
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
+from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, read_adapter, save_adapter
 from privrec.model.recmodel import Encoded, RecLM
-from privrec.rundir import RunDir
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    FEATURES_FILE,
+    LEDGER_FILE,
+    SHARD_PREFIX,
+    RunDir,
+    is_adapter,
+)
 from privrec.train import TrainResult, train
 from privrec.unlearning.apa import aggregate, apa_weights, score_each
-from privrec.unlearning.certificate import lineage_of
 from privrec.unlearning.ledger import Ledger, excluded_ids, run_lock
 from privrec.unlearning.partition import partition
 
-ADAPTERS_DIR = "adapters"
-FEATURES_FILE = "features.npz"
-LEDGER_FILE = "ledger.sqlite"
-CERTIFICATES_DIR = "certificates"
-STAGING_DIR = "staging"
-SHARD_PREFIX = "shard-"
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
 ADAPTER_SECTIONS = ("seed", "data", "prompt", "model", "lora", "train")
 
@@ -134,7 +134,7 @@ def shard_folders(run: RunDir) -> dict[int, Path]:
     out = {}
     if base.is_dir():
         for p in base.iterdir():
-            if p.name.startswith(SHARD_PREFIX) and (p / "adapter_model.safetensors").is_file():
+            if p.name.startswith(SHARD_PREFIX) and is_adapter(p):
                 out[int(p.name[len(SHARD_PREFIX) :])] = p
     return dict(sorted(out.items()))
 
@@ -502,7 +502,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
 
 def _reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, torch.Tensor] | None:
     """The saved adapter of a shard when it holds exactly these samples under the same config."""
-    if not (folder / "adapter_model.safetensors").is_file():
+    if not is_adapter(folder):
         return None
     state, meta = read_adapter(folder)
     same = (

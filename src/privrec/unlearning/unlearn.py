@@ -7,7 +7,7 @@ fill the frozen-layer cache (timed apart), run the method (timed: ``unlearn_seco
 score it and write every measure of ``privrec.unlearning.measures`` to OUT/metrics.json (METHODS §5, §7).
 
 OUT holds ``config.yaml`` (resolved UnlearnConfig), ``forget.json`` (users and sample ids forgotten),
-``adapter/`` (one peft adapter; ``privrec.json`` says whether it is exact), ``metrics.json``,
+``adapters/default/`` (one peft adapter; ``privrec.json`` says whether it is exact), ``metrics.json``,
 ``predictions_forget.csv``, ``predictions_test.csv`` and ``log.txt``.
 """
 
@@ -24,9 +24,18 @@ import yaml
 from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
-from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
+from privrec.model.adapters import install_adapter, lineage_of, originals, read_adapter, save_adapter
 from privrec.run import machine, setup_data, setup_model, write_predictions
-from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SINGLE_ADAPTER,
+    RunDir,
+    atomic_write_json,
+    read_json,
+    single_adapter_dir,
+)
 from privrec.unlearning import baselines
 from privrec.unlearning.approx import (
     METHOD_NAMES,
@@ -117,9 +126,7 @@ def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: l
         RunError: no adapter, different base weights, or the rebuilt training set differs from the one that
             trained the adapter (so the forget set could not be trusted).
     """
-    folder = run_path / ADAPTER_DIR
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise RunError(f"{run_path} has no trained adapter ({ADAPTER_DIR}/); did training finish?")
+    folder = single_adapter_dir(run_path)
     state, meta = read_adapter(folder)
     recorded = meta.get("sample_ids")
     if recorded is not None and sorted(recorded) != sorted({s.source_id for s in trained}):
@@ -252,13 +259,13 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
 
     # 7. the unlearned adapter, with what it may claim about its lineage
     exact = result.trained_on_retained_only
-    save_adapter(result.model.model, out_run / ADAPTER_DIR, {
+    save_adapter(result.model.model, out_run / ADAPTERS_DIR / SINGLE_ADAPTER, {
         "base_model": cfg.model.name, "base_fingerprint": result.model.fingerprint,
         "config_digest": cfg.digest(), "method": method, "exact": exact, "original_run": str(run_path),
         "lora": result.lora.model_dump(),
         # every sample whose gradient reached these weights: approximate methods start from the original
         "sample_ids": sorted({s.source_id for s in retain_s}) if exact else original_meta.get("sample_ids"),
-        "lineage_sha256": lineage_digest([s.sample_id for s in retain_s]) if exact
+        "lineage_sha256": lineage_of(originals(retain_s)) if exact
         else original_meta.get("lineage_sha256"),
         "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
     })
