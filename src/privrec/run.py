@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privrec import baselines, ranking
+from privrec import baselines, models, ranking
 from privrec.config import ExperimentConfig
 from privrec.data import (
     ItemStats,
@@ -32,7 +32,7 @@ from privrec.errors import DataError, RunError, UserError
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import install_adapter, lineage_of, originals, read_adapter, save_adapter
 from privrec.model.recmodel import Encoded, PrefixGroup, RecLM
-from privrec.rundir import ADAPTERS_DIR, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text, single_adapter_dir
+from privrec.rundir import ADAPTERS_DIR, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text
 from privrec.train import train
 
 
@@ -192,6 +192,7 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
         "lineage_sha256": lineage_of(originals(train_samples)),
         "best_epoch": result.best_epoch,
     })
+    models.write(run.path, models.build(cfg, run.path, "single", forget=models.single_forgetting(cfg)))
 
     # 7. evaluate and write the run's metrics
     t0 = time.perf_counter()
@@ -259,6 +260,7 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
         "task": "ranking", "sample_ids": sorted({s.source_id for s in train_samples}),
         "lineage_sha256": lineage_of(originals(train_samples)), "best_epoch": result.best_epoch,
     })
+    models.write(run.path, models.build(cfg, run.path, "single", forget=models.single_forgetting(cfg)))
 
     # 7. rank the test users' candidates with every scorer; references on the same candidates
     t0 = time.perf_counter()
@@ -301,7 +303,7 @@ def load_trained(run_path: str | Path, overrides: list[str] | None = None) -> tu
 
         raw = cfg.model_dump()
         cfg = parse_config(apply_overrides(raw, overrides))
-    adapter = single_adapter_dir(run.path)
+    adapter = run / models.load(run.path).adapters[0].path
     splits = setup_data(cfg)
     model = setup_model(cfg, splits)
     state, meta = read_adapter(adapter)

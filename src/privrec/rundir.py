@@ -24,6 +24,7 @@ from privrec.errors import RunError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.txt"
+MANIFEST_FILE = "model.json"  # what the model directory holds (privrec.models)
 ADAPTERS_DIR = "adapters"
 SINGLE_ADAPTER = "default"  # adapters/default: the adapter of a one-adapter model
 LEGACY_ADAPTER_DIR = "adapter"  # where directories written before adapters/ kept their one adapter

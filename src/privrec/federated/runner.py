@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from privrec import baselines, ranking
+from privrec import baselines, models, ranking
 from privrec.data import Sample, Splits
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
@@ -311,6 +311,9 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     contributors = {c for c in fed.train_clients(strategy)
                     if any(c not in r["failed"] for r in rounds)}
     save_adapters(model, run, fed, strategy, states, contributors)
+    models.write(run.path, models.build(
+        cfg, run.path, "clients", strategy=f.strategy, loss=f.loss, clients=fed.assignment, forget=[],
+        split=f.split.model_dump() if f.split else None, strategy_allows=models.strategy_allows(f.strategy)))
 
     # 5. costs and references
     seen = sum(r["samples_seen"] for r in rounds)

@@ -103,11 +103,13 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(LoRA tensors as saved by peft, privrec metadata) of an adapter folder."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    state = load_file(folder / "adapter_model.safetensors")
-    meta_path = folder / ADAPTER_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return state, meta
+    return load_file(Path(folder) / "adapter_model.safetensors"), read_meta(folder)
+
+
+def read_meta(folder: Path) -> dict:
+    """The privrec metadata (``privrec.json``) of an adapter folder ({} when it has none)."""
+    path = Path(folder) / ADAPTER_META
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def install_adapter(model, folder: Path, state: dict[str, torch.Tensor], meta: dict, base_name: str) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from privrec import baselines
+from privrec import baselines, models
 from privrec.config import DataConfig, ExperimentConfig
 from privrec.data import Dataset, Sample, Splits, build_splits, load_dataset, windows
 from privrec.errors import RunError, UserError
@@ -444,6 +444,9 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 f"last loss {res.history[-1]['train_loss']:.4f}"
             )
         _retire_extra_shards(run, ledger, cfg.shards.k, origin)
+        models.write(run.path, models.build(cfg, run.path, "shards", partition=cfg.shards.partition,
+                                            aggregations=cfg.shards.aggregations, primary=cfg.shards.primary,
+                                            forget=["retrain-shards"]))
 
         # 6. the full-retrain baseline (not kept)
         retrain = None

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from privrec import models
 from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
@@ -269,6 +270,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
         else original_meta.get("lineage_sha256"),
         "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
     })
+    models.write(out_run.path, models.build(cfg, out_run.path, "student", method=method, exact=exact,
+                                            original=str(run_path), forgotten_users=users, forget=[]))
 
     # 8. measure
     um = result.model
