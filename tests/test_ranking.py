@@ -215,7 +215,7 @@ def test_train_rank_tiny_writes_ranking_metrics(rank_run):
 
 
 def test_evaluate_and_report_a_ranking_run(rank_run, capsys):
-    from privrec.run import run_evaluate
+    from privrec.commands.evaluate import run_evaluate
 
     m = json.loads((rank_run / "metrics.json").read_text())
     again = run_evaluate(rank_run, "test", progress=False)
@@ -230,7 +230,7 @@ def test_evaluate_and_report_a_ranking_run(rank_run, capsys):
 
 
 def test_recommend_same_order_via_shared_prefix_and_full_prompts(rank_run):
-    from privrec.run import run_recommend
+    from privrec.commands.recommend import run_recommend
 
     shared = run_recommend(rank_run, user=7, top=150, max_candidates=150, progress=False)
     full = run_recommend(rank_run, user=7, top=150, max_candidates=150, progress=False, shared_prefix=False)

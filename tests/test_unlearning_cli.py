@@ -29,19 +29,19 @@ FAST = ["--set", "model.threads=1", "--set", "model.precision=fp32"]
 def _splits_once():
     """Cutting ML-100K's windows takes ~2 s and every command here cuts the same ones: do it once per config
     (the procedure under test is unchanged; it only gets its splits from a memo)."""
-    from privrec import run
-    from privrec.unlearning import unlearn
+    from privrec import prepare
+    from privrec.commands import train, unlearn
 
-    memo, original = {}, run.setup_data
+    memo, original = {}, prepare.setup_data
 
-    def setup_data(cfg):
-        key = (cfg.data.model_dump_json(), cfg.seed)
+    def setup_data(cfg, tombstones=frozenset()):
+        key = (cfg.data.model_dump_json(), cfg.seed, tuple(sorted(tombstones)))
         if key not in memo:
-            memo[key] = original(cfg)
+            memo[key] = original(cfg, tombstones)
         return memo[key]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(run, "setup_data", setup_data)
+    mp.setattr(train, "setup_data", setup_data)
     mp.setattr(unlearn, "setup_data", setup_data)
     yield setup_data
     mp.undo()
@@ -243,7 +243,7 @@ def test_shipped_unlearn_configs_resolve(name, tmp_path):
     """configs/unlearn/*.yaml (only the `unlearn:` section) on top of the run configs they are meant for."""
     import shutil
 
-    from privrec.unlearning.unlearn import load_unlearn_config
+    from privrec.commands.unlearn import load_unlearn_config
 
     original = {"tiny": "tiny.yaml", "ml100k": "unlearn-ml100k-original.yaml"}[name]
     run = tmp_path / "run"

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
 
-    p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a shard-train run")
-    p.add_argument("run", help="shard-train run directory")
+    p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a model (shard-train: "
+                       "retrain the shards that held them; train: retrain its adapter from scratch)")
+    p.add_argument("run", help="model directory (privrec shard-train or privrec train)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--users", help="comma-separated user ids, e.g. 12,40")
     g.add_argument("--samples", metavar="FILE", help="file with one sample id (u<user>-i<item>) per line")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_metrics(m: dict) -> None:
     keys = ["auc", "uauc", "logloss", "accuracy", "hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10",
             "n_test", "n", "train_seconds", "train_samples_per_second"]
-    print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None}, indent=1))
+    print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None and m[k] == m[k]}, indent=1))
 
 
 def _dispatch(args) -> int:
@@ -123,20 +124,23 @@ def _dispatch(args) -> int:
         from privrec.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        from privrec import run
-
         if args.command == "train":
-            run.run_train(cfg, args.out, resume=args.resume, progress=progress)
+            from privrec.commands.train import run_train
+
+            run_train(cfg, args.out, resume=args.resume, progress=progress)
         else:
-            run.run_baseline(cfg, args.out)
+            from privrec.commands.baseline import run_baseline
+
+            run_baseline(cfg, args.out)
         from privrec.report import render
 
         print(render([args.out]))
         return 0
     if args.command == "unlearn":
+        from privrec.commands.unlearn import load_unlearn_config, run_unlearn, unlearnable
         from privrec.report import render
-        from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
 
+        unlearnable(args.run)
         cfg = load_unlearn_config(args.run, args.config, args.overrides, args.method, args.forget_users,
                                   args.forget_fraction)
         run_unlearn(cfg, args.run, args.out, retrained=args.retrained, progress=progress)
@@ -167,13 +171,15 @@ def _dispatch(args) -> int:
         return 0
     if args.command in ("shard-train", "forget"):
         return _dispatch_unlearning(args, progress)
-    from privrec import run
-
     if args.command == "evaluate":
-        _print_metrics(run.run_evaluate(args.run, args.split, progress, args.overrides))
+        from privrec.commands.evaluate import run_evaluate
+
+        _print_metrics(run_evaluate(args.run, args.split, progress, args.overrides))
         return 0
     if args.command == "recommend":
-        recs = run.run_recommend(args.run, args.user, args.top, args.max_candidates, progress)
+        from privrec.commands.recommend import run_recommend
+
+        recs = run_recommend(args.run, args.user, args.top, args.max_candidates, progress)
         for r in recs:
             print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
         return 0
@@ -182,8 +188,9 @@ def _dispatch(args) -> int:
 
 def _dispatch_unlearning(args, progress: bool) -> int:
     if args.command == "shard-train":
+        from privrec.commands.shard_train import run_shard_train
         from privrec.config import load_config
-        from privrec.unlearning.sharding import ApaConfig, run_shard_train
+        from privrec.unlearning.sharding import ApaConfig
 
         m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume,
                             progress)
@@ -195,12 +202,12 @@ def _dispatch_unlearning(args, progress: bool) -> int:
         for name, v in rows.items():
             print(f"  {name:<28} {v:.4f}")
         return 0
-    from privrec.unlearning import forget
+    from privrec.commands import forget
 
     if args.verify:
         report = forget.run_verify(args.run)
         for a in report["adapters"]:
-            print(f"adapter shard {a['shard']}: {'ok' if a['ok'] else 'FAILED: ' + '; '.join(a['problems'])}")
+            print(f"adapter {a['label']}: {'ok' if a['ok'] else 'FAILED: ' + '; '.join(a['problems'])}")
         for c in report["certificates"]:
             print(f"certificate {c['request']}: {'ok' if c['ok'] else 'FAILED: ' + '; '.join(c['problems'])}")
         print("verified: all checks passed" if report["ok"] else "verification FAILED")
@@ -218,10 +225,11 @@ def _dispatch_unlearning(args, progress: bool) -> int:
             return 0
     print(json.dumps(cert, indent=1))
     body, rec = cert["body"], cert["record"]
-    print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, retrained "
-          f"shards {body['affected_shards']} in {rec['retrain_seconds']:.1f}s (request to certificate "
-          f"{rec['wall_seconds']:.1f}s); certificate {args.run}/certificates/{body['request']['id']}.json",
-          file=sys.stderr)
+    what = {"retrain-all": "retrained its adapter from scratch" if body["affected_shards"] else "no adapter held them",
+            }.get(body["run"].get("forget"), f"retrained shards {body['affected_shards']}")
+    print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, {what} in "
+          f"{rec['retrain_seconds']:.1f}s (request to certificate {rec['wall_seconds']:.1f}s); certificate "
+          f"{args.run}/certificates/{body['request']['id']}.json", file=sys.stderr)
     return 0
 
 

@@ -34,7 +34,7 @@ from privrec.federated.strategies import Instructions, State, Strategy, Update, 
 from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
-from privrec.run import machine, setup_data
+from privrec.prepare import machine, setup_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, RunDir
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data

@@ -3,7 +3,7 @@ forget, the task a method receives and the result it returns, the paired forget/
 soft-target losses that all run through THE training loop (``privrec.train.train``).
 
 A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.e2urec``
-and ``privrec.unlearning.baselines``); ``privrec.unlearning.unlearn.run_unlearn`` is the procedure around it.
+and ``privrec.unlearning.baselines``); ``privrec.commands.unlearn.run_unlearn`` is the procedure around it.
 """
 
 from __future__ import annotations

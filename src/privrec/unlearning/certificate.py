@@ -34,15 +34,17 @@ def check_adapter(
     universe: dict[str, Sample],
     tombstones: set[tuple[int, int]],
     recorded_sha256: str | None = None,
+    slot: int | None = None,
 ) -> dict:
-    """Check one shard adapter folder against its own metadata, the data and the tombstones.
+    """Check one adapter folder (slot ``slot`` of its model: a shard's number, 0 for a single adapter) against
+    its own metadata, the data and the tombstones.
 
     Checks: the tensors on disk hash to the hash in ``privrec.json`` (and to ``recorded_sha256``, the
     ledger's record, when given); every lineage id exists in the data source; the lineage hash recomputed
     from the data equals the recorded one; no lineage sample shows a tombstoned interaction.
 
     Returns:
-        {shard, ok, problems, tensors_sha256, lineage_sha256, n_samples}.
+        {shard (the slot), ok, problems, tensors_sha256, lineage_sha256, n_samples}.
     """
     folder = Path(folder)
     problems: list[str] = []
@@ -50,7 +52,7 @@ def check_adapter(
         state, meta = read_adapter(folder)
     except Exception as e:  # noqa: BLE001 - an unreadable adapter is a failed check, not a crash
         return {
-            "shard": folder.name,
+            "shard": folder.name if slot is None else slot,
             "ok": False,
             "problems": [f"unreadable adapter: {e.__class__.__name__}"],
             "tensors_sha256": None,
@@ -74,7 +76,7 @@ def check_adapter(
     if held:
         problems.append(f"lineage holds {len(held)} deleted samples (e.g. {held[0]})")
     return {
-        "shard": meta.get("shard", folder.name),
+        "shard": meta.get("shard", folder.name) if slot is None else slot,
         "ok": not problems,
         "problems": problems,
         "tensors_sha256": digest,

@@ -26,7 +26,7 @@ from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
 from privrec.model.adapters import install_adapter, lineage_of, originals, read_adapter, save_adapter
-from privrec.run import machine, setup_data, setup_model, write_predictions
+from privrec.prepare import machine, setup_data, setup_model, write_predictions
 from privrec.rundir import (
     ADAPTERS_DIR,
     CONFIG_FILE,
@@ -35,7 +35,6 @@ from privrec.rundir import (
     RunDir,
     atomic_write_json,
     read_json,
-    single_adapter_dir,
 )
 from privrec.unlearning import baselines
 from privrec.unlearning.approx import (
@@ -50,6 +49,7 @@ from privrec.unlearning.approx import (
     split_by_users,
 )
 from privrec.unlearning.e2urec import e2urec
+from privrec.unlearning.ledger import deleted_interactions
 from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
 
 METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
@@ -62,6 +62,30 @@ PREDICTIONS_FORGET = "predictions_forget.csv"
 # what an unlearning run may set besides its own section; everything else is the trained run's and fixed
 CHANGEABLE = ("unlearn.", "model.threads", "model.precision", "train.eval_batch_size")
 MIN_UNSEEN = 8  # fewer never-seen samples of the forget users than this: compare with all users' instead
+
+
+# --- 0. what kind of model ---------------------------------------------------------------------------------
+def unlearnable(run_path: str | Path) -> models.SingleManifest:
+    """The manifest of a model ``privrec unlearn`` can take: one adapter that can be unlearnt approximately.
+
+    Raises:
+        RunError: not a model directory. UserError: a kind or model that cannot, in one line naming what can.
+    """
+    m = models.load(run_path)
+    if m.kind == "single" and "approximate" in m.forget:
+        return m
+    if m.kind == "student":
+        raise UserError(f"{run_path} is an unlearning run ({m.describe()}, method {m.method}); unlearn from the "
+                        f"model it came from: privrec unlearn {m.original} --out DIR")
+    if m.kind == "shards":
+        raise UserError(f"{run_path} is {m.describe()}: it forgets exactly, shard by shard: privrec forget "
+                        f"{run_path} --users U,... (privrec unlearn takes a privrec train model)")
+    if m.kind == "clients":
+        raise UserError(f"{run_path} is {m.describe()}: no privrec command unlearns from per-client adapters yet "
+                        "(federated unlearning is its own issue); privrec unlearn takes a privrec train model")
+    why = ("it was written before lineage hashes covered sample content" if m.inferred
+           else "its prompts show other users' labels (prompt.item_stats) or it is a ranking model")
+    raise UserError(f"{run_path} is {m.describe()} that cannot be unlearnt: {why}; train it again with privrec train")
 
 
 # --- 1. config ---------------------------------------------------------------------------------------------
@@ -127,7 +151,7 @@ def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: l
         RunError: no adapter, different base weights, or the rebuilt training set differs from the one that
             trained the adapter (so the forget set could not be trusted).
     """
-    folder = single_adapter_dir(run_path)
+    folder = run_path / unlearnable(run_path).adapters[0].path
     state, meta = read_adapter(folder)
     recorded = meta.get("sample_ids")
     if recorded is not None and sorted(recorded) != sorted({s.source_id for s in trained}):
@@ -201,7 +225,7 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     method = cfg.unlearn.method
     # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
     #    fails with its one-line error and leaves nothing behind)
-    splits = setup_data(cfg)
+    splits = setup_data(cfg, deleted_interactions(run_path))  # a model that forgot data keeps it forgotten
     trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
 
     # 2. the forget set: every training sample (augmented copies too) of the forget users
