@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from privrec import baselines, models, ranking
+from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
@@ -80,12 +80,9 @@ def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> R
     """The model every client borrows in turn: a :class:`SplitRecLM` under ``federated.split``."""
     split = cfg.federated.split
     if split is None:
-        model = RecLM.from_config(cfg, splits.dataset)
-    else:
-        model = SplitRecLM.from_config(cfg, splits.dataset)
-        model.configure_split(split.client_first, split.client_last, record=record)
-    model.attach_lora(cfg.lora, cfg.seed)
-    return model
+        return prepare.build_model(cfg, splits.dataset)
+    return prepare.build_model(cfg, splits.dataset, cls=SplitRecLM,
+                       before_lora=lambda m: m.configure_split(split.client_first, split.client_last, record=record))
 
 
 def round_seed(seed: int, rnd: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from privrec.model.adapters import adapter_state
-from privrec.model.recmodel import RecLM
+from privrec.prepare import build_model
 from privrec.train import LossFn, train
 from privrec.unlearning.approx import (
     Unlearned,
@@ -37,8 +37,7 @@ def original(task: UnlearnTask) -> Unlearned:
 def retrain(task: UnlearnTask) -> Unlearned:
     """From scratch on the retained samples (augmented copies included, as the original trained on them)."""
     cfg = task.cfg
-    model = RecLM.from_config(cfg, task.dataset)
-    model.attach_lora(cfg.lora, cfg.seed)
+    model = build_model(cfg, task.dataset)
     res = train(model, task.retain, cfg.train, cfg.seed, valid=task.valid or None, progress=task.progress)
     return Unlearned(model, adapter_state(model.model), cfg.lora, trained_on_retained_only=True, details={
         "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "n_trained": len(task.retain)})

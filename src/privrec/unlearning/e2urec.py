@@ -34,6 +34,7 @@ import torch
 from privrec.config import LoraConfig
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
+from privrec.prepare import build_model
 from privrec.train import LossFn, train
 from privrec.unlearning.approx import (
     Unlearned,
@@ -196,8 +197,7 @@ def stack_frozen_adapter(model: RecLM, lora_cfg: LoraConfig, state: dict[str, to
 
 def build_student(task: UnlearnTask) -> RecLM:
     """The frozen original model plus a fresh, seeded student LoRA."""
-    student = RecLM.from_config(task.cfg, task.dataset)
-    student.attach_lora(student_lora(task.cfg), task.seed)
+    student = build_model(task.cfg, task.dataset, lora=student_lora(task.cfg), seed=task.seed)
     stack_frozen_adapter(student, task.cfg.lora, task.original_state)
     return student
 
@@ -237,8 +237,7 @@ def e2urec(task: UnlearnTask) -> Unlearned:
                          (adapter_state(student.model), s_lora.alpha / s_lora.r)])
     lora = combined_lora_config([cfg.lora, s_lora])
     del student
-    model = RecLM.from_config(cfg, task.dataset)
-    model.attach_lora(lora, task.seed)
+    model = build_model(cfg, task.dataset, lora=lora, seed=task.seed)
     load_adapter_state(model.model, state)
     return Unlearned(model, adapter_state(model.model), lora, trained_on_retained_only=False, details={
         "augment_history": aug.history, "student_history": res.history, "student_steps": res.steps,
