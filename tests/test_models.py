@@ -161,3 +161,17 @@ def test_a_directory_without_a_model_is_refused(tmp_path, runs):
     (half / "model.json").unlink()  # killed between saving the adapter and writing the manifest
     with pytest.raises(RunError, match="did not finish"):
         models.load(half)
+
+
+def test_report_takes_every_kind(runs, capsys):
+    code = main(["--no-progress", "report", *(str(runs / k) for k in ("single", "shards", "clients", "student")),
+                 "--markdown"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if " | train" in line
+            or " | shard-train" in line or " | federate" in line or " | unlearn" in line}
+    assert "| single | 1 | 64 | retrain-all, approximate | train |" in rows["single"]
+    assert "| shards | 4 | 64 | retrain-shards | shard-train |" in rows["shards"]
+    assert "| clients | 3 | 120 | - (strategy allows retrain-federation) | federate |" in rows["clients"]
+    assert "| student | 1 | 64 | - | unlearn |" in rows["student"]
+    assert "| shards: apa-nd |" in out and "| clients: federated pplr |" in out  # their metrics rows too
