@@ -131,7 +131,7 @@ class ClientsManifest(_Manifest):
 
 class StudentManifest(_Manifest):
     kind: Literal["student"] = "student"
-    method: Literal["e2urec", "neggrad", "bad-teacher", "retrain", "original"]
+    method: str = Field(description="The privrec unlearn method (privrec.unlearning.UNLEARNING_METHODS).")
     exact: bool = Field(description="True only when no forgotten sample ever reached its weights.")
     original: str = Field(description="The model directory it was unlearnt from.")
     forgotten_users: list[int]

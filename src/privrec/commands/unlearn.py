@@ -25,8 +25,8 @@ from privrec import models
 from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
-from privrec.model.adapters import install_adapter, lineage_of, originals, read_adapter, save_adapter
-from privrec.prepare import machine, setup_data, setup_model, write_predictions
+from privrec.model.adapters import install_adapter, originals, read_adapter, save_adapter
+from privrec.prepare import adapter_meta, machine, setup_data, setup_model, write_predictions
 from privrec.rundir import (
     ADAPTERS_DIR,
     CONFIG_FILE,
@@ -284,16 +284,12 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
 
     # 7. the unlearned adapter, with what it may claim about its lineage
     exact = result.trained_on_retained_only
-    save_adapter(result.model.model, out_run / ADAPTERS_DIR / SINGLE_ADAPTER, {
-        "base_model": cfg.model.name, "base_fingerprint": result.model.fingerprint,
-        "config_digest": cfg.digest(), "method": method, "exact": exact, "original_run": str(run_path),
-        "lora": result.lora.model_dump(),
-        # every sample whose gradient reached these weights: approximate methods start from the original
-        "sample_ids": sorted({s.source_id for s in retain_s}) if exact else original_meta.get("sample_ids"),
-        "lineage_sha256": lineage_of(originals(retain_s)) if exact
-        else original_meta.get("lineage_sha256"),
-        "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
-    })
+    # every sample whose gradient reached these weights: approximate methods start from the original
+    lineage = {} if exact else {k: original_meta.get(k) for k in ("sample_ids", "lineage_sha256")}
+    save_adapter(result.model.model, out_run / ADAPTERS_DIR / SINGLE_ADAPTER, adapter_meta(
+        cfg, result.model, originals(retain_s), method=method, exact=exact, original_run=str(run_path),
+        lora=result.lora.model_dump(), forgotten_users=users,
+        forgotten_sample_ids=sorted({s.source_id for s in forget_s}), **lineage))
     models.write(out_run.path, models.build(cfg, out_run.path, "student", method=method, exact=exact,
                                             original=str(run_path), forgotten_users=users, forget=[]))
 

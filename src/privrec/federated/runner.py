@@ -32,7 +32,7 @@ from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
 from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
-from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, save_adapter
+from privrec.model.adapters import adapter_state, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
 from privrec.prepare import machine, setup_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, RunDir
@@ -252,11 +252,9 @@ def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy
         load_adapter_state(model.model, state)
         trained_on = sorted(contributors) if strategy.name != "local" else [c]
         samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
-        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", {
-            "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
-            "client": c, "strategy": strategy.name, "rounds": cfg.federated.rounds, "trained_on_clients": trained_on,
-            "sample_ids": sorted(s.sample_id for s in samples), "lineage_sha256": lineage_of(samples),
-        })
+        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", prepare.adapter_meta(
+            cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
+            trained_on_clients=trained_on))
 
 
 # --- the procedure --------------------------------------------------------------------------------------

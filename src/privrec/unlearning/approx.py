@@ -24,8 +24,10 @@ from privrec.data import Dataset, Sample
 from privrec.data.idfiles import read_id_file
 from privrec.errors import UserError
 from privrec.model.recmodel import Batch, Encoded, RecLM
+from privrec.unlearning import UNLEARNING_METHODS
 
-METHOD_NAMES = ("e2urec", "neggrad", "bad-teacher", "retrain", "original")
+METHOD_NAMES = UNLEARNING_METHODS
+Method = Literal[UNLEARNING_METHODS]
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ class MiaSection(_Section):
 
 
 class UnlearnSection(_Section):
-    method: Literal["e2urec", "neggrad", "bad-teacher", "retrain", "original"] = Field(
+    method: Method = Field(
         "e2urec", description="e2urec / neggrad / bad-teacher: approximate unlearning; retrain: from scratch on "
         "the retained samples with the original run's lora and train settings; original: no unlearning (the "
         "reference row 'doing nothing').")

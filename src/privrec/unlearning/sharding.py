@@ -231,21 +231,10 @@ def train_shard(
 def shard_meta(
     cfg: ApaConfig, model: RecLM, k: int, samples: list[Sample], origin: str, result: TrainResult
 ) -> dict:
-    return {
-        "kind": "shard-adapter",
-        "shard": k,
-        "base_model": cfg.model.name,
-        "base_fingerprint": model.fingerprint,
-        "config_digest": cfg.digest(*ADAPTER_SECTIONS),
-        "partition": cfg.shards.partition,
-        "sample_ids": sorted(s.sample_id for s in samples),
-        "n_samples": len(samples),
-        "lineage_sha256": lineage_of(samples),
-        "train_seed": shard_seed(cfg.seed, k),
-        "origin": origin,
-        "epochs_run": result.epochs_run,
-        "train_seconds": result.seconds,
-    }
+    return prepare.adapter_meta(
+        cfg, model, samples, config_digest=cfg.digest(*ADAPTER_SECTIONS), kind="shard-adapter", shard=k,
+        partition=cfg.shards.partition, n_samples=len(samples), train_seed=shard_seed(cfg.seed, k), origin=origin,
+        epochs_run=result.epochs_run, train_seconds=result.seconds)
 
 
 def read_states(run: RunDir) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
