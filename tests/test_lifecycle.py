@@ -219,8 +219,40 @@ def test_shards_model_whole_life(ml100k, tmp_path, capsys):
     code, out, _ = cli(capsys, "evaluate", str(run))
     assert code == 0 and json.loads((run / "eval_test.json").read_text())["n"] == len(splits.test)
     # what a shards model cannot do
-    assert "privrec forget" in one_line_exit_2(capsys, "unlearn", str(run), "--out", str(tmp_path / "u"))
+    assert "acts on one adapter" in one_line_exit_2(capsys, "unlearn", str(run), "--method", "e2urec", "--out",
+                                                    str(tmp_path / "u"))
+    assert not (tmp_path / "u").exists()
     assert "one-adapter" in one_line_exit_2(capsys, "evaluate", str(run), "--set", "task=ranking")
+
+
+def test_unlearn_measures_a_shards_model_forgetting_exactly(ml100k, tmp_path, capsys):
+    """privrec unlearn on a shards model: a copy forgets with retrain-shards (ledger, certificate), and every
+    measure of forgetting is taken under its primary aggregation, as for the one-adapter methods."""
+    from test_unlearning_cli import documented_keys
+
+    run = tmp_path / "shards"
+    assert main(["--no-progress", "shard-train", APA_TINY, "--out", str(run), "--set", "model.precision=fp32"]) == 0
+    users = tmp_path / "users.txt"
+    from privrec.unlearning.sharding import ApaConfig
+
+    victim = user_with_training_samples(ml100k, APA_TINY, ApaConfig)
+    users.write_text(f"{victim}\n")
+    out = tmp_path / "forgot"
+    code, stdout, err = cli(capsys, "unlearn", str(run), "--method", "retrain", "--forget-users", str(users), "--out",
+                            str(out), "--set", "unlearn.mia.max_samples=16")
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == documented_keys() and m["method"] == "retrain-shards" and m["exact"]
+    assert m["details"]["aggregation"] == "apa-nd" and m["n_forget_users"] == 1
+    assert m["jsd_vs_retrain"] == 0.0  # it is its own exact reference
+    assert (out / "certificates" / "r0001.json").is_file() and models.load(out).kind == "shards"
+    assert not any(i.startswith(f"u{victim}-") for a in models.load(out).adapters for i in a.sample_ids)
+    assert not (run / "certificates").exists()  # the model it came from is untouched
+    code, stdout, _ = cli(capsys, "forget", str(out), "--verify")
+    assert code == 0 and "all checks passed" in stdout
+    assert "forgotten" in one_line_exit_2(capsys, "recommend", str(out), "--user", str(victim))
+    assert "exists" in one_line_exit_2(capsys, "unlearn", str(run), "--method", "original", "--forget-users",
+                                       str(users), "--out", str(out))
 
 
 # --- clients: the adapter of the user's client; cannot forget ---------------------------------------------------
