@@ -47,9 +47,9 @@ from privrec.model.recmodel import FrozenCache
 from privrec.prepare import machine
 from privrec.rundir import FEATURES_FILE, LEDGER_FILE, RunDir
 from privrec.train import train
-from privrec.unlearning.apa import apa_weights, score_each, uniform_weights
-from privrec.unlearning.ledger import Ledger
-from privrec.unlearning.sharding import (
+from privrec.unlearning.exact.apa import apa_weights, score_each, uniform_weights
+from privrec.unlearning.exact.ledger import Ledger
+from privrec.unlearning.exact.shards import (
     ApaConfig,
     build_model,
     load_features,

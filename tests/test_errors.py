@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from privrec.errors import AggregationError, PartitionError, TrainingError, UserError
 from privrec.federated.strategies import weighted_average
-from privrec.unlearning.partition import partition
+from privrec.unlearning.exact.partition import partition
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from privrec.config import load_config
 from privrec.data import Sample, build_splits
 from privrec.model.adapters import install_adapter, lineage_of, read_adapter, read_meta, tensors_digest
 from privrec.prepare import build_model
-from privrec.unlearning.ledger import Ledger
+from privrec.unlearning.exact.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, APA_TINY, PPLR_TINY = (str(ROOT / "configs" / n) for n in ("tiny.yaml", "apa-tiny.yaml", "pplr-tiny.yaml"))
@@ -189,7 +189,7 @@ def test_a_single_model_forgets_a_user_without_training_samples_without_retraini
 def test_shards_model_whole_life(ml100k, tmp_path, capsys):
     run = tmp_path / "shards"
     assert main(["--no-progress", "shard-train", APA_TINY, "--out", str(run), "--set", "model.precision=fp32"]) == 0
-    from privrec.unlearning.sharding import ApaConfig
+    from privrec.unlearning.exact.shards import ApaConfig
 
     victim = user_with_training_samples(ml100k, APA_TINY, ApaConfig)
     trained = json.loads((run / "metrics.json").read_text())
@@ -233,7 +233,7 @@ def test_unlearn_measures_a_shards_model_forgetting_exactly(ml100k, tmp_path, ca
     run = tmp_path / "shards"
     assert main(["--no-progress", "shard-train", APA_TINY, "--out", str(run), "--set", "model.precision=fp32"]) == 0
     users = tmp_path / "users.txt"
-    from privrec.unlearning.sharding import ApaConfig
+    from privrec.unlearning.exact.shards import ApaConfig
 
     victim = user_with_training_samples(ml100k, APA_TINY, ApaConfig)
     users.write_text(f"{victim}\n")

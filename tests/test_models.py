@@ -18,7 +18,7 @@ from privrec.data import build_splits
 from privrec.errors import RunError
 from privrec.federated.config import FederatedConfig
 from privrec.model.adapters import lineage_of, read_meta
-from privrec.unlearning.sharding import ApaConfig
+from privrec.unlearning.exact.shards import ApaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, APA_TINY, PPLR_TINY = (str(ROOT / "configs" / n) for n in ("tiny.yaml", "apa-tiny.yaml", "pplr-tiny.yaml"))

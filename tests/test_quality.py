@@ -152,7 +152,7 @@ def test_prompt_options_change_the_frozen_cache_keys(ml100k, tiny_splits):
 # --- refusals -----------------------------------------------------------------------------------------------------
 def test_federate_and_shard_train_refuse_item_stats():
     from privrec.federated.config import FederatedConfig
-    from privrec.unlearning.sharding import ApaConfig
+    from privrec.unlearning.exact.shards import ApaConfig
 
     for path, cls, word in [(ROOT / "configs" / "pplr-tiny.yaml", FederatedConfig, "federate"),
                             (ROOT / "configs" / "apa-tiny.yaml", ApaConfig, "shard-train")]:

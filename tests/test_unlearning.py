@@ -18,8 +18,8 @@ from privrec.cli import main
 from privrec.commands.forget import run_forget, run_resume
 from privrec.config import load_config
 from privrec.model.adapters import adapter_state, lineage_of, read_adapter, tensors_digest
-from privrec.unlearning.ledger import DONE, PENDING, RETRAINED, Ledger, shows_tombstoned
-from privrec.unlearning.sharding import ApaConfig, build_model, source_data, train_shard
+from privrec.unlearning.exact.ledger import DONE, PENDING, RETRAINED, Ledger, shows_tombstoned
+from privrec.unlearning.exact.shards import ApaConfig, build_model, source_data, train_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 APA_TINY = str(ROOT / "configs" / "apa-tiny.yaml")

@@ -16,7 +16,7 @@ from conftest import run_cli
 from privrec.cli import main
 from privrec.config import parse_config
 from privrec.errors import ConfigError
-from privrec.unlearning.approx import UnlearnConfig, choose_forget_users, student_lora
+from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, student_lora
 from privrec.unlearning.measures import jensen_shannon, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -198,7 +198,7 @@ def _federate(args, progress: bool) -> int:
 def _shard_train(args, progress: bool) -> int:
     from privrec.commands.shard_train import run_shard_train
     from privrec.config import load_config
-    from privrec.unlearning.sharding import ApaConfig
+    from privrec.unlearning.exact.shards import ApaConfig
 
     m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume, progress)
     rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}

@@ -60,7 +60,7 @@ def _one_adapter(md: ModelDir, splits, split: str, tag: str, progress: bool) -> 
 
 
 def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
-    from privrec.unlearning.sharding import build_model, evaluate_shards, load_features
+    from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features
 
     cfg = md.cfg
     model, _ = build_model(cfg, splits.dataset)

@@ -1,6 +1,6 @@
 """``privrec forget MODEL``: exact unlearning of users or samples (METHODS §4, §7), for every model kind that
-can forget exactly, through ONE ledger (:mod:`privrec.unlearning.ledger`) and ONE certificate format
-(:mod:`privrec.unlearning.certificate`):
+can forget exactly, through ONE ledger (:mod:`privrec.unlearning.exact.ledger`) and ONE certificate format
+(:mod:`privrec.unlearning.exact.certificate`):
 
 - a ``shards`` model (``retrain-shards``) retrains, from the common init, only the shards that held the
   deleted data (APA / SISA: the others stay bit-identical);
@@ -60,7 +60,7 @@ from privrec.rundir import (
     is_adapter,
 )
 from privrec.train import CHECKPOINT_FILE
-from privrec.unlearning.certificate import (
+from privrec.unlearning.exact.certificate import (
     build_body,
     canonical_sha256,
     check_adapter,
@@ -68,8 +68,8 @@ from privrec.unlearning.certificate import (
     read_certificate,
     write_certificate,
 )
-from privrec.unlearning.ledger import DONE, INSTALLED, PENDING, RETRAINED, Ledger, run_lock
-from privrec.unlearning.sharding import (
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, RETRAINED, Ledger, run_lock
+from privrec.unlearning.exact.shards import (
     ADAPTER_SECTIONS,
     purge_features,
     reusable,
@@ -77,7 +77,7 @@ from privrec.unlearning.sharding import (
     shard_meta,
     train_shard,
 )
-from privrec.unlearning.sharding import build_model as shard_model
+from privrec.unlearning.exact.shards import build_model as shard_model
 
 Fault = Callable[[str], None]
 RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples

@@ -27,9 +27,9 @@ from privrec.model.adapters import install_adapter, load_adapter_state, read_ada
 from privrec.model.recmodel import RecLM
 from privrec.prepare import build_model, item_stats, setup_data, without_interactions
 from privrec.rundir import RunDir
-from privrec.unlearning.approx import UnlearnConfig
-from privrec.unlearning.ledger import deletion_record
-from privrec.unlearning.sharding import ApaConfig
+from privrec.unlearning.approx.task import UnlearnConfig
+from privrec.unlearning.exact.ledger import deletion_record
+from privrec.unlearning.exact.shards import ApaConfig
 
 CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
                                                 "clients": FederatedConfig, "student": UnlearnConfig}
@@ -164,7 +164,7 @@ class ShardAggregation:
     APA(ND) is the model's validation samples, minus deleted ones, as in shard-train)."""
 
     def __init__(self, md: ModelDir, splits: Splits):
-        from privrec.unlearning.sharding import build_model as build_shard_model
+        from privrec.unlearning.exact.shards import build_model as build_shard_model
 
         md.require_adapters()
         self.md, self.cfg, self.splits = md, md.cfg, splits
@@ -175,8 +175,8 @@ class ShardAggregation:
 
     def pool(self, progress: bool):
         """(features, per-adapter P(Yes)) of the validation pool, computed once."""
-        from privrec.unlearning.apa import score_each
-        from privrec.unlearning.sharding import load_features
+        from privrec.unlearning.exact.apa import score_each
+        from privrec.unlearning.exact.shards import load_features
 
         if self._pool is None:
             va = self.model.encode(self.splits.valid)
@@ -189,8 +189,8 @@ class ShardAggregation:
         """P(Yes) under ``aggregation`` (default: the primary). ``own_samples``: the samples are the model's
         own (its splits), so their untuned features may come from and go to the run's feature cache; other
         prompts (a user's candidates) are computed fresh, never cached under a sample id they do not own."""
-        from privrec.unlearning.apa import aggregate, apa_weights
-        from privrec.unlearning.sharding import load_features
+        from privrec.unlearning.exact.apa import aggregate, apa_weights
+        from privrec.unlearning.exact.shards import load_features
 
         name = aggregation or self.md.manifest.primary
         items = self.model.encode(samples)

@@ -15,7 +15,7 @@ The procedure (torchtune style, one fixed life):
   7. score: every single adapter, SISA, uniform, APA(D), APA(ND); write ``metrics.json``.
 
 The shards' pieces (config, seeded training of one shard, features, scoring) are in
-``privrec.unlearning.sharding``; the model directory is a ``shards`` model (privrec.models).
+``privrec.unlearning.exact.shards``; the model directory is a ``shards`` model (privrec.models).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from privrec.model.adapters import adapter_state, load_adapter_state, read_adapt
 from privrec.prepare import machine
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.train import train
-from privrec.unlearning.ledger import Ledger, run_lock
-from privrec.unlearning.partition import partition
-from privrec.unlearning.sharding import (
+from privrec.unlearning.exact.ledger import Ledger, run_lock
+from privrec.unlearning.exact.partition import partition
+from privrec.unlearning.exact.shards import (
     ApaConfig,
     build_model,
     evaluate_shards,

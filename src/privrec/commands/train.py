@@ -32,7 +32,7 @@ from privrec.prepare import (
 )
 from privrec.rundir import ADAPTERS_DIR, LEDGER_FILE, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text
 from privrec.train import TrainResult, train
-from privrec.unlearning.ledger import Ledger, deleted_interactions
+from privrec.unlearning.exact.ledger import Ledger, deleted_interactions
 
 
 def _epoch_line(r: dict) -> str:

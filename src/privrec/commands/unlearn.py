@@ -40,8 +40,9 @@ from privrec.rundir import (
     atomic_write_text,
     read_json,
 )
-from privrec.unlearning import baselines
-from privrec.unlearning.approx import (
+from privrec.unlearning.approx import baselines
+from privrec.unlearning.approx.e2urec import e2urec
+from privrec.unlearning.approx.task import (
     METHOD_NAMES,
     UnlearnConfig,
     Unlearned,
@@ -52,10 +53,9 @@ from privrec.unlearning.approx import (
     read_user_file,
     split_by_users,
 )
-from privrec.unlearning.e2urec import e2urec
-from privrec.unlearning.ledger import deleted_interactions
+from privrec.unlearning.exact.ledger import deleted_interactions
+from privrec.unlearning.exact.shards import ApaConfig
 from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
-from privrec.unlearning.sharding import ApaConfig
 
 METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
                                  "bad-teacher": baselines.bad_teacher, "retrain": baselines.retrain,

@@ -2,8 +2,8 @@
 forget, the task a method receives and the result it returns, the paired forget/retain batch plan and the
 soft-target losses that all run through THE training loop (``privrec.train.train``).
 
-A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.e2urec``
-and ``privrec.unlearning.baselines``); ``privrec.commands.unlearn.run_unlearn`` is the procedure around it.
+A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.approx.e2urec``
+and ``privrec.unlearning.approx.baselines``); ``privrec.commands.unlearn.run_unlearn`` is the procedure around it.
 """
 
 from __future__ import annotations

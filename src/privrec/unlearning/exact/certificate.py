@@ -20,7 +20,7 @@ from pathlib import Path
 from privrec.data import Sample
 from privrec.model.adapters import lineage_of, read_adapter, tensors_digest
 from privrec.rundir import atomic_write_json, read_json
-from privrec.unlearning.ledger import shows_tombstoned
+from privrec.unlearning.exact.ledger import shows_tombstoned
 
 CERTIFICATE_VERSION = "privrec-erasure-certificate/1"
 

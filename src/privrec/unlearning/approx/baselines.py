@@ -8,7 +8,7 @@
 - ``original``: nothing is unlearned; the original run measured the same way (the "doing nothing" row).
 
 All train through THE training loop with the paired forget/retain batches of
-:func:`privrec.unlearning.approx.paired_plan`.
+:func:`privrec.unlearning.approx.task.paired_plan`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from privrec.model.adapters import adapter_state
 from privrec.prepare import build_model
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (
+from privrec.unlearning.approx.task import (
     Unlearned,
     UnlearnTask,
     forget_mask,

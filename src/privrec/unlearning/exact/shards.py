@@ -36,8 +36,8 @@ from privrec.rundir import (
     is_adapter,
 )
 from privrec.train import TrainResult, train
-from privrec.unlearning.apa import aggregate, apa_weights, score_each
-from privrec.unlearning.ledger import excluded_ids
+from privrec.unlearning.exact.apa import aggregate, apa_weights, score_each
+from privrec.unlearning.exact.ledger import excluded_ids
 
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
 ADAPTER_SECTIONS = ("seed", "data", "prompt", "model", "lora", "train")

@@ -36,7 +36,7 @@ from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
 from privrec.prepare import build_model
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (
+from privrec.unlearning.approx.task import (
     Unlearned,
     UnlearnTask,
     forget_mask,
