@@ -9,6 +9,7 @@ A clients model and a student cannot forget with privrec: they are refused in on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -162,11 +163,31 @@ def test_single_forget_interrupted_resumes_to_the_same_certificate(single, ml100
     # while the request is unfinished, the model is not used
     assert "--resume" in one_line_exit_2(capsys, "recommend", str(cut), "--user", "1")
     assert "--resume" in one_line_exit_2(capsys, "forget", str(cut), "--users", "1")
+    os.replace(cut / "adapters" / "default", cut / "adapters" / ".default.old")  # as if killed mid-swap
     cert = run_resume(cut, progress=False)
     assert cert["body"] == reference["body"] and cert["body_sha256"] == reference["body_sha256"]
     assert tensors_digest(read_adapter(cut / "adapters" / "default")[0]) == reference["body"]["adapters"][0]["after"]
     code, out, _ = cli(capsys, "forget", str(cut), "--resume")
     assert code == 0 and "nothing to resume" in out
+    assert not (cut / "adapters" / ".default.old").exists()
+
+
+def test_a_student_keeps_what_its_original_forgot(single, ml100k, tmp_path, capsys):
+    original = tmp_path / "original"
+    shutil.copytree(single, original)
+    victim = user_with_training_samples(ml100k, TINY)
+    train_users = sorted({s.user_id for s in build_splits(ml100k, load_config(TINY).data, 0).train} - {victim})
+    (tmp_path / "users.txt").write_text(f"{train_users[0]}\n")
+    code, _, err = cli(capsys, "unlearn", str(original), "--method", "original", "--forget-users",
+                       str(tmp_path / "users.txt"), "--out", str(tmp_path / "student"), "--set",
+                       "unlearn.mia.max_samples=16")
+    assert code == 0, err
+    code, out, _ = cli(capsys, "recommend", str(tmp_path / "student"), "--user", str(victim), "--top", "2",
+                       "--max-candidates", "4")
+    assert code == 0  # served until its original forgets them
+    assert cli(capsys, "forget", str(original), "--users", str(victim))[0] == 0
+    assert "forgotten by deletion request r0001" in one_line_exit_2(capsys, "recommend", str(tmp_path / "student"),
+                                                                     "--user", str(victim))
 
 
 def test_a_single_model_forgets_a_user_without_training_samples_without_retraining(single, ml100k, tmp_path,

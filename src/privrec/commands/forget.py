@@ -50,6 +50,7 @@ from privrec.errors import RunError, UserError
 from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
 from privrec.prepare import build_model, shows_tombstoned, source_data
 from privrec.rundir import (
+    ADAPTERS_DIR,
     CERTIFICATES_DIR,
     FEATURES_FILE,
     LEDGER_FILE,
@@ -73,6 +74,7 @@ from privrec.unlearning.exact.shards import (
     ADAPTER_SECTIONS,
     purge_features,
     reusable,
+    shard_dir,
     shard_folders,
     shard_meta,
     train_shard,
@@ -97,6 +99,10 @@ class Route:
 
     def folders(self) -> dict[int, Path]:
         """slot -> adapter folder, as on disk now."""
+        raise NotImplementedError
+
+    def folder_of(self, k: int) -> Path:
+        """Where slot ``k``'s adapter lives (whether or not it is there now: a swap may be half done)."""
         raise NotImplementedError
 
     def label(self, k: int) -> str:
@@ -133,6 +139,9 @@ class RetrainShards(Route):
     def folders(self):
         return shard_folders(self.run)
 
+    def folder_of(self, k):
+        return shard_dir(self.run, k)
+
     def label(self, k):
         return f"shard {k}"
 
@@ -162,8 +171,10 @@ class RetrainAll(Route):
     name = "retrain-all"
 
     def folders(self):
-        folder = self.run / "adapters" / SINGLE_ADAPTER
-        return {0: folder} if is_adapter(folder) else {}
+        return {0: self.folder_of(0)} if is_adapter(self.folder_of(0)) else {}
+
+    def folder_of(self, k):
+        return self.run / ADAPTERS_DIR / SINGLE_ADAPTER
 
     def label(self, k):
         return SINGLE_ADAPTER
@@ -464,7 +475,7 @@ def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
 
 
 def _staged(r: _Run, rid: str, k: int) -> Path:
-    return r.run / STAGING_DIR / rid / r.route.folders().get(k, Path(f"slot-{k}")).name
+    return r.run / STAGING_DIR / rid / r.route.folder_of(k).name
 
 
 def _retrain(r: _Run, rid: str, progress: bool) -> float:
@@ -496,13 +507,11 @@ def _retrain(r: _Run, rid: str, progress: bool) -> float:
 
 def _install(r: _Run, rid: str, fault: Fault | None) -> None:
     """Swap every staged adapter in; finish a half-done swap; check adapters swapped before a crash."""
-    slots = {k: f for k, f in r.route.folders().items()}
     for s in r.ledger.request_shards(rid):
         if not s["retrain"]:
             continue
         k, after = s["shard"], s["after_sha256"]
-        staged = _staged(r, rid, k)
-        final = slots.get(k) or _final_of(r, staged)
+        staged, final = _staged(r, rid, k), r.route.folder_of(k)
         old = final.with_name(f".{final.name}.old")
         if staged.exists():
             if final.exists():
@@ -526,11 +535,6 @@ def _install(r: _Run, rid: str, fault: Fault | None) -> None:
         _fault(fault, f"installed-shard-{k}")
     r.route.installed()
     models.refresh(r.run.path)
-
-
-def _final_of(r: _Run, staged: Path) -> Path:
-    """Where a staged adapter goes: its folder name under adapters/."""
-    return r.run / "adapters" / staged.name
 
 
 def _check_current(r: _Run) -> list[dict]:

@@ -92,6 +92,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir
         cfg = parse_config(apply_overrides(cfg.model_dump(), overrides), cls)
     md = ModelDir(run, manifest, cfg)
     rows = deletion_record(run.path)
+    if manifest.kind == "student" and Path(manifest.original).is_dir():  # what its original forgot, it forgot
+        rows += deletion_record(manifest.original)
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
     if rows:  # a user every one of whose interactions is deleted is forgotten
         counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
