@@ -191,7 +191,9 @@ class RetrainAll(Route):
                          f"{time.perf_counter() - t0:.1f}s")
 
     def purge(self, removed_ids, universe):
-        return _purge_common(self.run, build_model(self.cfg, source_data(self.cfg)[0]), removed_ids, universe)
+        lora = self.cfg.lora
+        model = build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
+        return _purge_common(self.run, model, removed_ids, universe)  # (no frozen-layer cache: no model needed)
 
     def installed(self):
         (self.run / CHECKPOINT_FILE).unlink(missing_ok=True)  # its adapter tensors were trained on the data
@@ -206,7 +208,7 @@ ROUTES: dict[str, type[Route]] = {"retrain-shards": RetrainShards, "retrain-all"
 def _purge_common(run: RunDir, model, removed_ids: set[str], universe: dict[str, Sample]) -> str:
     """The removed samples' frozen-layer cache entries and their rows in the run's prediction files."""
     dropped = 0
-    if model.cache is not None:
+    if model is not None and model.cache is not None:
         for e in model.encode([universe[i] for i in sorted(removed_ids) if i in universe]):
             dropped += model.cache.discard(e.key)
     rows = 0

@@ -97,7 +97,7 @@ def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
     if rows:  # a user every one of whose interactions is deleted is forgotten
         counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
-        deleted = Counter(r["user_id"] for r in rows)
+        deleted = Counter(u for u, _ in md.tombstones)
         md.deleted_by = {u: max(r["request_id"] for r in rows if r["user_id"] == u)
                          for u, n in deleted.items() if n >= int(counts.get(u, 0))}
     return md
