@@ -37,25 +37,23 @@ from pathlib import Path
 import mdsection
 import numpy as np
 
+from privrec.commands.forget import run_forget
+from privrec.commands.shard_train import run_shard_train
 from privrec.config import load_config
 from privrec.data import Splits
 from privrec.model.adapters import load_adapter_state, read_adapter
 from privrec.model.mixture import score_mixture
 from privrec.model.recmodel import FrozenCache
-from privrec.run import machine
-from privrec.rundir import RunDir
+from privrec.prepare import machine
+from privrec.rundir import FEATURES_FILE, LEDGER_FILE, RunDir
 from privrec.train import train
-from privrec.unlearning.apa import apa_weights, score_each, uniform_weights
-from privrec.unlearning.forget import run_forget
-from privrec.unlearning.ledger import Ledger
-from privrec.unlearning.sharding import (
-    FEATURES_FILE,
-    LEDGER_FILE,
+from privrec.unlearning.exact.apa import apa_weights, score_each, uniform_weights
+from privrec.unlearning.exact.ledger import Ledger
+from privrec.unlearning.exact.shards import (
     ApaConfig,
     build_model,
     load_features,
     read_states,
-    run_shard_train,
     setup_shard_data,
     shard_folders,
     source_data,

@@ -26,7 +26,7 @@ from mdsection import publish
 from privrec.config import parse_config
 from privrec.data import build_splits, load_dataset
 from privrec.model.recmodel import RecLM
-from privrec.run import machine
+from privrec.prepare import machine
 
 
 def naive_batches(items, bs, seed=0):

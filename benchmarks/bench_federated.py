@@ -36,7 +36,7 @@ from privrec.config import load_config
 from privrec.federated.config import FederatedConfig
 from privrec.federated.runner import plan_federation, run_federate
 from privrec.metrics import auc
-from privrec.run import machine
+from privrec.prepare import machine
 from privrec.rundir import CONFIG_FILE, METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def _whole_worker(cfg_yaml: str, q) -> None:
 
     from privrec.config import parse_config
     from privrec.federated.runner import build_model
-    from privrec.run import setup_data
+    from privrec.prepare import setup_data
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
     splits = setup_data(cfg)
@@ -207,7 +207,7 @@ def _server_worker(cfg_yaml: str, conn) -> None:
 
     from privrec.config import parse_config
     from privrec.federated.runner import build_model
-    from privrec.run import setup_data
+    from privrec.prepare import setup_data
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
     server = build_model(cfg, setup_data(cfg)).server  # the same seeded LoRA init as the client's
@@ -224,7 +224,7 @@ def _client_worker(cfg_yaml: str, conn, q) -> None:
 
     from privrec.config import parse_config
     from privrec.federated.runner import build_model
-    from privrec.run import setup_data
+    from privrec.prepare import setup_data
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
     splits = setup_data(cfg)

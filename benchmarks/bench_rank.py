@@ -30,7 +30,7 @@ from privrec import ranking
 from privrec.config import load_config
 from privrec.data import build_ranking_splits, load_dataset
 from privrec.model.recmodel import PrefixGroup, RecLM
-from privrec.run import machine
+from privrec.prepare import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 

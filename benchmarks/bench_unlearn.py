@@ -22,10 +22,10 @@ from pathlib import Path
 
 import mdsection
 
+from privrec.commands.unlearn import load_unlearn_config, run_unlearn
 from privrec.config import load_config
 from privrec.rundir import METRICS_FILE, read_json
 from privrec.unlearning.measures import render_table
-from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["original", "retrain", "e2urec", "neggrad", "bad-teacher"]
@@ -73,7 +73,7 @@ def main() -> None:
     original = runs / "trained"  # the trained run; runs/original is the "original" method measured
     t_start = time.perf_counter()
     if not (original / METRICS_FILE).is_file():
-        from privrec.run import run_train
+        from privrec.commands.train import run_train
 
         cfg = load_config(args.original_config, args.overrides)
         run_train(cfg, original, progress=args.progress)

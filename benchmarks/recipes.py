@@ -6,7 +6,7 @@ benchmarks/recipes-gpu.yaml) writes section ``X``, plot ``img/X-curves.png`` and
 A recipe is a protocol's base config + the protocol's ``set`` + the recipe's ``set`` (``--set`` overrides).
 Every recipe is chosen and compared on validation only; the table shows its test AUC / UAUC beside the
 references (METHODS §0) computed on the same test samples from the labels the run saw (its drawn training
-samples, or the protocol's whole training pool when ``prompt.item_stats`` is on: privrec.run.labelled_pool).
+samples, or the protocol's whole training pool when ``prompt.item_stats`` is on: privrec.prepare.labelled_pool).
 
 Resumable: a recipe whose run directory holds metrics.json is read, not re-run (delete the folder to re-run);
 an interrupted one continues from its last epoch checkpoint. A run directory made by a different config is
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from mdsection import publish
 
+from privrec.commands.train import cache_prompts, run_train
 from privrec.config import ExperimentConfig, load_config, parse_config, read_yaml
 from privrec.errors import ConfigError, UserError
 from privrec.report import plot_learning_curves
-from privrec.run import cache_prompts, run_train
 from privrec.rundir import METRICS_FILE, RunDir, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parents[1]

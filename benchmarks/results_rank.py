@@ -25,8 +25,8 @@ from pathlib import Path
 
 from mdsection import publish
 
+from privrec.commands.train import run_train
 from privrec.config import load_config
-from privrec.run import run_train
 from privrec.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]

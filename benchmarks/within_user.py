@@ -35,7 +35,7 @@ from privrec.config import load_config
 from privrec.data import ItemStats
 from privrec.errors import UserError
 from privrec.metrics import auc, uauc
-from privrec.run import item_stats, setup_data
+from privrec.prepare import item_stats, setup_data
 from privrec.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

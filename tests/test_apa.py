@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privrec.unlearning.apa import (
+from privrec.unlearning.exact.apa import (
     aggregate,
     apa_weights,
     nearest,

@@ -10,6 +10,9 @@ import pytest
 from conftest import run_cli
 
 from privrec.cli import main
+from privrec.config import load_config
+from privrec.data import build_splits
+from privrec.model.adapters import lineage_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -23,9 +26,9 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_train_writes_a_run_directory(trained):
+def test_train_writes_a_run_directory(trained, ml100k):
     assert (trained / "config.yaml").is_file() and (trained / "log.txt").is_file()
-    assert (trained / "adapter" / "adapter_model.safetensors").is_file()
+    assert (trained / "adapters" / "default" / "adapter_model.safetensors").is_file()
     m = json.loads((trained / "metrics.json").read_text())
     for key in ("auc", "uauc", "logloss", "accuracy", "n_test", "train_seconds", "train_samples_per_second"):
         assert key in m, key
@@ -35,8 +38,10 @@ def test_train_writes_a_run_directory(trained):
     assert all("uauc" in r for r in m["references"].values()) and m["references_train"] == m["n_train"]
     assert "valid_uauc" in m["history"][0] and m["valid_auc"] == m["history"][0]["valid_auc"]
     assert [p["samples_seen"] for p in m["curve"]] == [h["samples_seen"] for h in m["history"]]
-    meta = json.loads((trained / "adapter" / "privrec.json").read_text())
+    meta = json.loads((trained / "adapters" / "default" / "privrec.json").read_text())
     assert len(meta["sample_ids"]) == 64 and meta["base_fingerprint"]
+    splits = build_splits(ml100k, load_config(TINY).data, 0)
+    assert meta["lineage_sha256"] == lineage_of(splits.train)  # the one lineage hash: ids + content
 
 
 def test_evaluate_reproduces_train_metrics(trained, capsys):

@@ -13,6 +13,7 @@ from fed_helpers import deep_config, fed_config, restore_threads  # noqa: F401 (
 from privrec.cli import main
 from privrec.federated import client as client_mod
 from privrec.federated.client import FederatedClient
+from privrec.federated.config import FederatedConfig
 from privrec.federated.runner import (
     Federation,
     InProcessDispatcher,
@@ -23,7 +24,7 @@ from privrec.federated.runner import (
 )
 from privrec.federated.split import layer_index
 from privrec.federated.strategies import Instructions, make_strategy
-from privrec.model.adapters import adapter_state, read_adapter
+from privrec.model.adapters import adapter_state, lineage_of, read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FED = str(ROOT / "configs" / "pplr-tiny.yaml")
@@ -65,13 +66,18 @@ def test_federate_writes_the_metrics_the_issue_names(cli_run):
     assert "round 2/2" in (out / "log.txt").read_text()
 
 
-def test_one_personalised_adapter_per_client(cli_run):
+def test_one_personalised_adapter_per_client(cli_run, ml100k):
+    from privrec.config import load_config
+    from privrec.data import build_splits
+
+    train = build_splits(ml100k, load_config(TINY_FED, cls=FederatedConfig).data, 0).train
     out, _m = cli_run
     states, metas = [], []
     for c in range(3):
         state, meta = read_adapter(out / "adapters" / f"client-{c}")
         assert meta["client"] == c and meta["strategy"] == "pplr" and meta["base_fingerprint"]
         assert len(meta["sample_ids"]) == 120  # PPLR mixes every client's update into every adapter
+        assert meta["lineage_sha256"] == lineage_of(train)  # the one lineage hash: ids + content
         states.append(state)
         metas.append(meta)
     assert metas[0]["tensors_sha256"] != metas[1]["tensors_sha256"] != metas[2]["tensors_sha256"]

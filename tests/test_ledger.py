@@ -8,7 +8,7 @@ import pytest
 
 from privrec.data import Sample
 from privrec.errors import RunError
-from privrec.unlearning.ledger import (
+from privrec.unlearning.exact.ledger import (
     DONE,
     PENDING,
     RETRAINED,

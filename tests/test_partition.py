@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from privrec.unlearning.partition import balanced_assign, partition
+from privrec.unlearning.exact.partition import balanced_assign, partition
 
 
 def blobs(sizes, dim=16, seed=0, spread=0.05):

@@ -108,7 +108,7 @@ def _replace(splits: Splits, *pairs: tuple[Sample, Sample]) -> Splits:
 
 
 def test_item_stats_come_only_from_training_labels(ml100k, tiny_splits):
-    from privrec.run import item_stats, setup_model
+    from privrec.prepare import item_stats, setup_model
 
     cfg = tiny_config(prompt={"item_stats": True, "history_summary": True, "chat_template": False})
     sp = tiny_splits  # the same data config: the protocol's 8,000 training samples are the pool
@@ -138,7 +138,7 @@ def test_item_stats_come_only_from_training_labels(ml100k, tiny_splits):
 
 
 def test_prompt_options_change_the_frozen_cache_keys(ml100k, tiny_splits):
-    from privrec.run import setup_model
+    from privrec.prepare import setup_model
 
     keys = {}
     for name, prompt in [("off", {}), ("summary", {"history_summary": True}), ("stats", {"item_stats": True})]:
@@ -152,7 +152,7 @@ def test_prompt_options_change_the_frozen_cache_keys(ml100k, tiny_splits):
 # --- refusals -----------------------------------------------------------------------------------------------------
 def test_federate_and_shard_train_refuse_item_stats():
     from privrec.federated.config import FederatedConfig
-    from privrec.unlearning.sharding import ApaConfig
+    from privrec.unlearning.exact.shards import ApaConfig
 
     for path, cls, word in [(ROOT / "configs" / "pplr-tiny.yaml", FederatedConfig, "federate"),
                             (ROOT / "configs" / "apa-tiny.yaml", ApaConfig, "shard-train")]:
@@ -163,8 +163,8 @@ def test_federate_and_shard_train_refuse_item_stats():
 
 
 def test_unlearn_refuses_a_run_trained_with_item_stats(tmp_path):
+    from privrec.commands.unlearn import load_unlearn_config
     from privrec.rundir import RunDir
-    from privrec.unlearning.unlearn import load_unlearn_config
 
     for item_stats, name in [(True, "with"), (False, "without")]:
         RunDir(tmp_path / name).write_config(load_config(TINY, [f"prompt.item_stats={item_stats}"]))
@@ -181,8 +181,9 @@ def test_ranking_refuses_item_stats():
 
 # --- references: same label source as the prompts, uauc everywhere --------------------------------------------------
 def test_baseline_references_learn_from_the_pool_with_item_stats(tmp_path):
+    from privrec.commands.baseline import run_baseline
     from privrec.metrics import auc
-    from privrec.run import references, run_baseline, setup_data
+    from privrec.prepare import references, setup_data
 
     sets = ["data.last_n=1000", "data.n_train=64", "data.n_test=100"]
     plain_cfg, pooled_cfg = load_config(TINY, sets), load_config(TINY, [*sets, "prompt.item_stats=true"])
@@ -199,7 +200,7 @@ def test_baseline_references_learn_from_the_pool_with_item_stats(tmp_path):
 
 
 def test_all_users_baseline_writes_uauc_for_every_reference(tmp_path):
-    from privrec.run import run_baseline
+    from privrec.commands.baseline import run_baseline
 
     m = run_baseline(load_config(ROOT / "configs" / "all-users-ml100k.yaml", ["data.n_train=256",
                                                                             "prompt.item_stats=false"]), tmp_path / "b")
@@ -357,7 +358,7 @@ def test_full_history_like_rate_ranks_a_users_consecutive_samples_against_their_
 def test_within_user_departures_say_who_is_right(tmp_path, ml100k):
     """A model that orders every pair as the item line does only has 'follows' pairs, one that reverses it only
     'departs' pairs, and the model is right exactly where the line is wrong."""
-    from privrec.run import item_stats, setup_data
+    from privrec.prepare import item_stats, setup_data
     from privrec.rundir import RunDir
 
     wu = _benchmark_module("within_user")

@@ -213,11 +213,11 @@ def test_train_rank_tiny_writes_ranking_metrics(rank_run):
     assert m["n_test"] == 16 and m["n_train_augmented"] == 2 * m["n_train_samples"] == 2 * 4 * m["n_train"]
     assert m["references"]["random"]["hr@1"] == pytest.approx(0.1)
     assert len((rank_run / "predictions_test.csv").read_text().splitlines()) == 1 + 16 * 10
-    assert (rank_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (rank_run / "adapters" / "default" / "adapter_model.safetensors").is_file()
 
 
 def test_evaluate_and_report_a_ranking_run(rank_run, capsys):
-    from privrec.run import run_evaluate
+    from privrec.commands.evaluate import run_evaluate
 
     m = json.loads((rank_run / "metrics.json").read_text())
     again = run_evaluate(rank_run, "test", progress=False)
@@ -232,7 +232,7 @@ def test_evaluate_and_report_a_ranking_run(rank_run, capsys):
 
 
 def test_recommend_same_order_via_shared_prefix_and_full_prompts(rank_run):
-    from privrec.run import run_recommend
+    from privrec.commands.recommend import run_recommend
 
     shared = run_recommend(rank_run, user=7, top=150, max_candidates=150, progress=False)
     full = run_recommend(rank_run, user=7, top=150, max_candidates=150, progress=False, shared_prefix=False)

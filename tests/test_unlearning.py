@@ -15,12 +15,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from privrec.cli import main
+from privrec.commands.forget import run_forget, run_resume
 from privrec.config import load_config
-from privrec.model.adapters import adapter_state, read_adapter, tensors_digest
-from privrec.unlearning.certificate import lineage_of
-from privrec.unlearning.forget import run_forget, run_resume
-from privrec.unlearning.ledger import DONE, PENDING, RETRAINED, Ledger, shows_tombstoned
-from privrec.unlearning.sharding import ApaConfig, build_model, source_data, train_shard
+from privrec.model.adapters import adapter_state, lineage_of, read_adapter, tensors_digest
+from privrec.unlearning.exact.ledger import DONE, PENDING, RETRAINED, Ledger, shows_tombstoned
+from privrec.unlearning.exact.shards import ApaConfig, build_model, source_data, train_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 APA_TINY = str(ROOT / "configs" / "apa-tiny.yaml")
@@ -152,7 +151,7 @@ def test_retrained_shard_is_exactly_a_fresh_training_without_the_deleted_samples
 
 KILL_AT = """
 import os, signal, sys
-from privrec.unlearning.forget import run_forget
+from privrec.commands.forget import run_forget
 def fault(point):
     if point == sys.argv[3]:
         os.kill(os.getpid(), signal.SIGKILL)

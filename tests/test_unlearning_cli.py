@@ -16,7 +16,7 @@ from conftest import run_cli
 from privrec.cli import main
 from privrec.config import parse_config
 from privrec.errors import ConfigError
-from privrec.unlearning.approx import UnlearnConfig, choose_forget_users, student_lora
+from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, student_lora
 from privrec.unlearning.measures import jensen_shannon, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,19 +29,19 @@ FAST = ["--set", "model.threads=1", "--set", "model.precision=fp32"]
 def _splits_once():
     """Cutting ML-100K's windows takes ~2 s and every command here cuts the same ones: do it once per config
     (the procedure under test is unchanged; it only gets its splits from a memo)."""
-    from privrec import run
-    from privrec.unlearning import unlearn
+    from privrec import prepare
+    from privrec.commands import train, unlearn
 
-    memo, original = {}, run.setup_data
+    memo, original = {}, prepare.setup_data
 
-    def setup_data(cfg):
-        key = (cfg.data.model_dump_json(), cfg.seed)
+    def setup_data(cfg, tombstones=frozenset()):
+        key = (cfg.data.model_dump_json(), cfg.seed, tuple(sorted(tombstones)))
         if key not in memo:
-            memo[key] = original(cfg)
+            memo[key] = original(cfg, tombstones)
         return memo[key]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(run, "setup_data", setup_data)
+    mp.setattr(train, "setup_data", setup_data)
     mp.setattr(unlearn, "setup_data", setup_data)
     yield setup_data
     mp.undo()
@@ -112,14 +112,15 @@ def test_retrain_then_e2urec_write_every_documented_measure(trained, retrained, 
     assert m["details"]["teacher_mean_p_yes_forget"]["augmented"] is not None
 
     # the adapters say what they may: retrain is exact and its lineage excludes every forgotten sample
-    meta_r = json.loads((retrained / "adapter" / "privrec.json").read_text())
-    meta_e = json.loads((out / "adapter" / "privrec.json").read_text())
-    meta_o = json.loads((trained / "adapter" / "privrec.json").read_text())
+    meta_r = json.loads((retrained / "adapters" / "default" / "privrec.json").read_text())
+    meta_e = json.loads((out / "adapters" / "default" / "privrec.json").read_text())
+    meta_o = json.loads((trained / "adapters" / "default" / "privrec.json").read_text())
     assert meta_r["exact"] and not meta_e["exact"]
     assert not set(meta_r["sample_ids"]) & set(meta_r["forgotten_sample_ids"])
     assert set(meta_r["sample_ids"]) | set(meta_r["forgotten_sample_ids"]) == set(meta_o["sample_ids"])
     assert meta_e["sample_ids"] == meta_o["sample_ids"]  # approximate: the forgotten samples did train it
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4 + 16  # original + student
+    student_config = json.loads((out / "adapters" / "default" / "adapter_config.json").read_text())
+    assert student_config["r"] == 4 + 16  # original + student
 
     code, table, _ = run_cli(capsys, "report", str(retrained), str(out), str(trained), "--markdown")
     assert code == 0
@@ -242,7 +243,7 @@ def test_shipped_unlearn_configs_resolve(name, tmp_path):
     """configs/unlearn/*.yaml (only the `unlearn:` section) on top of the run configs they are meant for."""
     import shutil
 
-    from privrec.unlearning.unlearn import load_unlearn_config
+    from privrec.commands.unlearn import load_unlearn_config
 
     original = {"tiny": "tiny.yaml", "ml100k": "unlearn-ml100k-original.yaml"}[name]
     run = tmp_path / "run"

@@ -17,9 +17,8 @@ from privrec.data import build_splits
 from privrec.model.adapters import adapter_state, save_adapter
 from privrec.model.recmodel import Batch
 from privrec.train import train
-from privrec.unlearning import baselines
-from privrec.unlearning.approx import UnlearnConfig, UnlearnTask, paired_plan, student_lora
-from privrec.unlearning.e2urec import (
+from privrec.unlearning.approx import baselines
+from privrec.unlearning.approx.e2urec import (
     build_student,
     combined_lora_config,
     concat_lora,
@@ -28,6 +27,7 @@ from privrec.unlearning.e2urec import (
     forgetting_teacher,
     p_yes,
 )
+from privrec.unlearning.approx.task import UnlearnConfig, UnlearnTask, paired_plan, student_lora
 from privrec.unlearning.measures import (
     MiaSets,
     Outputs,

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from privrec.errors import UserError
+from privrec.unlearning import UNLEARNING_METHODS
 
 PROGRESS_HELP = (
     "Progress: a long command (train, shard-train, federate, forget, unlearn) draws progress bars on stderr "
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
 
-    p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a shard-train run")
-    p.add_argument("run", help="shard-train run directory")
+    p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a model (shard-train: "
+                       "retrain the shards that held them; train: retrain its adapter from scratch)")
+    p.add_argument("run", help="model directory (privrec shard-train or privrec train)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--users", help="comma-separated user ids, e.g. 12,40")
     g.add_argument("--samples", metavar="FILE", help="file with one sample id (u<user>-i<item>) per line")
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("unlearn", help="forget users from a trained run (E2URec or a baseline) and measure it")
     p.add_argument("run", help="a run directory made by `privrec train`")
-    p.add_argument("--method", choices=["e2urec", "neggrad", "bad-teacher", "retrain", "original"],
+    p.add_argument("--method", choices=UNLEARNING_METHODS,
                    help="unlearning method (default: the config's unlearn.method, e2urec); original = measure "
                    "the trained run as it is")
     g = p.add_mutually_exclusive_group()
@@ -112,104 +114,119 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_metrics(m: dict) -> None:
     keys = ["auc", "uauc", "logloss", "accuracy", "hr@1", "hr@3", "hr@5", "hr@10", "ndcg@3", "ndcg@5", "ndcg@10",
             "n_test", "n", "train_seconds", "train_samples_per_second"]
-    print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None}, indent=1))
+    print(json.dumps({k: m[k] for k in keys if k in m and m[k] is not None and m[k] == m[k]}, indent=1))
 
 
-def _dispatch(args) -> int:
-    progress = not args.no_progress  # bars on a terminal, else a line a minute (privrec.progress)
-    if args.command == "fetch":
-        from privrec.assets import fetch_all
+# --- one handler per command: call its procedure, print -------------------------------------------------------
+def _fetch(args, progress: bool) -> int:
+    from privrec.assets import fetch_all
 
-        for name, path in fetch_all().items():
-            print(f"{name}: {path}")
-        return 0
-    if args.command == "report":
-        from privrec.report import render
-
-        print(render(args.runs, markdown=args.markdown))
-        return 0
-    if args.command in ("train", "baseline"):
-        from privrec.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        from privrec import run
-
-        if args.command == "train":
-            run.run_train(cfg, args.out, resume=args.resume, progress=progress)
-        else:
-            run.run_baseline(cfg, args.out)
-        from privrec.report import render
-
-        print(render([args.out]))
-        return 0
-    if args.command == "unlearn":
-        from privrec.report import render
-        from privrec.unlearning.unlearn import load_unlearn_config, run_unlearn
-
-        cfg = load_unlearn_config(args.run, args.config, args.overrides, args.method, args.forget_users,
-                                  args.forget_fraction)
-        run_unlearn(cfg, args.run, args.out, retrained=args.retrained, progress=progress)
-        print(render([args.out]))
-        return 0
-    if args.command == "federate":
-        from privrec.config import load_config
-        from privrec.federated.config import FederatedConfig
-
-        cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
-        if args.runner == "flower":
-            from privrec.federated.flower_app import check_flower_config
-
-            check_flower_config(cfg)
-            try:
-                from privrec.federated.flower_app import run_flower_simulation
-            except ImportError as e:
-                raise UserError(f"--runner flower needs the federated extra (pip install -e '.[federated]'): "
-                                f"{e}") from None
-            m = run_flower_simulation(cfg, args.out, progress)
-        else:
-            from privrec.federated.runner import run_federate
-
-            m = run_federate(cfg, args.out, progress=progress)
-        from privrec.federated.runner import render_summary
-
-        print(render_summary(m))
-        return 0
-    if args.command in ("shard-train", "forget"):
-        return _dispatch_unlearning(args, progress)
-    from privrec import run
-
-    if args.command == "evaluate":
-        _print_metrics(run.run_evaluate(args.run, args.split, progress, args.overrides))
-        return 0
-    if args.command == "recommend":
-        recs = run.run_recommend(args.run, args.user, args.top, args.max_candidates, progress)
-        for r in recs:
-            print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
-        return 0
-    raise AssertionError(args.command)
+    for name, path in fetch_all().items():
+        print(f"{name}: {path}")
+    return 0
 
 
-def _dispatch_unlearning(args, progress: bool) -> int:
-    if args.command == "shard-train":
-        from privrec.config import load_config
-        from privrec.unlearning.sharding import ApaConfig, run_shard_train
+def _report(args, progress: bool) -> int:
+    from privrec.report import render
 
-        m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume,
-                            progress)
-        rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}
-        rows["single shards (mean)"] = m["single_shard_mean_auc"]
-        if m.get("retrain"):
-            rows["full retrain"] = m["retrain"]["auc"]
-        print(f"test AUC (n={m['n_test']}), shards {m['shards']} ({m['partition']}):")
-        for name, v in rows.items():
-            print(f"  {name:<28} {v:.4f}")
-        return 0
-    from privrec.unlearning import forget
+    print(render(args.runs, markdown=args.markdown))
+    return 0
+
+
+def _train(args, progress: bool) -> int:
+    from privrec.commands.train import run_train
+    from privrec.config import load_config
+    from privrec.report import render
+
+    run_train(load_config(args.config, args.overrides), args.out, resume=args.resume, progress=progress)
+    print(render([args.out]))
+    return 0
+
+
+def _baseline(args, progress: bool) -> int:
+    from privrec.commands.baseline import run_baseline
+    from privrec.config import load_config
+    from privrec.report import render
+
+    run_baseline(load_config(args.config, args.overrides), args.out)
+    print(render([args.out]))
+    return 0
+
+
+def _evaluate(args, progress: bool) -> int:
+    from privrec.commands.evaluate import run_evaluate
+
+    _print_metrics(run_evaluate(args.run, args.split, progress, args.overrides))
+    return 0
+
+
+def _recommend(args, progress: bool) -> int:
+    from privrec.commands.recommend import run_recommend
+
+    for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress):
+        print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
+    return 0
+
+
+def _unlearn(args, progress: bool) -> int:
+    from privrec.commands.unlearn import load_unlearn_config, run_unlearn, unlearnable
+    from privrec.report import render
+
+    unlearnable(args.run)  # a kind that cannot is refused before its config is read
+    cfg = load_unlearn_config(args.run, args.config, args.overrides, args.method, args.forget_users,
+                              args.forget_fraction)
+    run_unlearn(cfg, args.run, args.out, retrained=args.retrained, progress=progress)
+    print(render([args.out]))
+    return 0
+
+
+def _federate(args, progress: bool) -> int:
+    from privrec.config import load_config
+    from privrec.federated.config import FederatedConfig
+    from privrec.federated.runner import render_summary
+
+    cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
+    if args.runner == "flower":
+        from privrec.federated.flower_app import check_flower_config
+
+        check_flower_config(cfg)
+        try:
+            from privrec.federated.flower_app import run_flower_simulation
+        except ImportError as e:
+            raise UserError(f"--runner flower needs the federated extra (pip install -e '.[federated]'): "
+                            f"{e}") from None
+        m = run_flower_simulation(cfg, args.out, progress)
+    else:
+        from privrec.federated.runner import run_federate
+
+        m = run_federate(cfg, args.out, progress=progress)
+    print(render_summary(m))
+    return 0
+
+
+def _shard_train(args, progress: bool) -> int:
+    from privrec.commands.shard_train import run_shard_train
+    from privrec.config import load_config
+    from privrec.unlearning.exact.shards import ApaConfig
+
+    m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume, progress)
+    rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}
+    rows["single shards (mean)"] = m["single_shard_mean_auc"]
+    if m.get("retrain"):
+        rows["full retrain"] = m["retrain"]["auc"]
+    print(f"test AUC (n={m['n_test']}), shards {m['shards']} ({m['partition']}):")
+    for name, v in rows.items():
+        print(f"  {name:<28} {v:.4f}")
+    return 0
+
+
+def _forget(args, progress: bool) -> int:
+    from privrec.commands import forget
 
     if args.verify:
         report = forget.run_verify(args.run)
         for a in report["adapters"]:
-            print(f"adapter shard {a['shard']}: {'ok' if a['ok'] else 'FAILED: ' + '; '.join(a['problems'])}")
+            print(f"adapter {a['label']}: {'ok' if a['ok'] else 'FAILED: ' + '; '.join(a['problems'])}")
         for c in report["certificates"]:
             print(f"certificate {c['request']}: {'ok' if c['ok'] else 'FAILED: ' + '; '.join(c['problems'])}")
         print("verified: all checks passed" if report["ok"] else "verification FAILED")
@@ -227,11 +244,19 @@ def _dispatch_unlearning(args, progress: bool) -> int:
             return 0
     print(json.dumps(cert, indent=1))
     body, rec = cert["body"], cert["record"]
-    print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, retrained "
-          f"shards {body['affected_shards']} in {rec['retrain_seconds']:.1f}s (request to certificate "
-          f"{rec['wall_seconds']:.1f}s); certificate {args.run}/certificates/{body['request']['id']}.json",
-          file=sys.stderr)
+    if body["run"].get("forget") == "retrain-all":
+        what = "retrained its adapter from scratch" if body["affected_shards"] else "no adapter held them"
+    else:
+        what = f"retrained shards {body['affected_shards']}"
+    print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, {what} in "
+          f"{rec['retrain_seconds']:.1f}s (request to certificate {rec['wall_seconds']:.1f}s); certificate "
+          f"{args.run}/certificates/{body['request']['id']}.json", file=sys.stderr)
     return 0
+
+
+COMMANDS = {"fetch": _fetch, "report": _report, "train": _train, "baseline": _baseline, "evaluate": _evaluate,
+            "recommend": _recommend, "unlearn": _unlearn, "federate": _federate, "shard-train": _shard_train,
+            "forget": _forget}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        return COMMANDS[args.command](args, not args.no_progress)  # bars on a terminal, else a line a minute
     except UserError as e:
         msg = " ".join(str(e).split())
         print(f"privrec: error: {msg}", file=sys.stderr)

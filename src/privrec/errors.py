@@ -23,3 +23,17 @@ class ModelError(UserError):
 
 class RunError(UserError):
     """A run directory is missing, incomplete, or does not match what the command needs."""
+
+
+# Errors of the pieces below the commands that input can reach. Each is also a ValueError, what those pieces
+# raised before, so callers that catch ValueError keep working.
+class TrainingError(UserError, ValueError):
+    """Training cannot start on what it was given (no samples, no trainable weights, a score it cannot compute)."""
+
+
+class PartitionError(UserError, ValueError):
+    """Samples or users cannot be cut into the requested shards (too few of them, an empty shard)."""
+
+
+class AggregationError(UserError, ValueError):
+    """Adapters that cannot be combined: different tensors, bad weights, a mixture that does not fit."""

@@ -85,8 +85,33 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool, title: str)
     return buf.getvalue()
 
 
+MODEL_HEADER = ["run", "kind", "adapters", "samples", "forgets by", "trained by"]
+
+
+def model_rows(paths: list[str | Path]) -> list[list[str]]:
+    """One row per model directory (its manifest, privrec.models): what it is and what it can do to forget.
+    Runs without a model (baselines) and directories whose manifest cannot be read have no row."""
+    from privrec import models
+    from privrec.errors import RunError
+
+    rows = []
+    for p in paths:
+        try:
+            m = models.load(p)
+        except RunError:
+            continue
+        samples = {i for a in m.adapters for i in a.sample_ids}
+        ways = ", ".join(m.forget) or "-"
+        if m.kind == "clients":
+            ways += f" (strategy allows {', '.join(m.strategy_allows)})"
+        rows.append([Path(p).name, m.kind + (" (inferred)" if m.inferred else ""), str(len(m.adapters)),
+                     str(len(samples)), ways, models.TRAINED_BY[m.kind]])
+    return rows
+
+
 def render(paths: list[str | Path], markdown: bool = False) -> str:
-    """One table of trained runs, one of ranking runs and one of unlearning runs (those there are)."""
+    """One table of trained runs, one of ranking runs and one of unlearning runs (those there are), and one of
+    the model directories among them: their kind and what each can do to forget."""
     runs = collect(paths)
     unlearning = [(n, m) for n, m in runs if m.get("kind") == "unlearning"]
     ranked = [(n, m) for n, m in runs if m.get("task") == "ranking"]
@@ -98,6 +123,9 @@ def render(paths: list[str | Path], markdown: bool = False) -> str:
         from privrec.unlearning.measures import render_table
 
         parts.append(render_table(unlearning, markdown))
+    rows = model_rows(paths)
+    if rows:
+        parts.append(_table(MODEL_HEADER, rows, markdown, "privrec models"))
     return "\n\n".join(parts)
 
 

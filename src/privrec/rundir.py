@@ -1,4 +1,10 @@
-"""Runs are directories: ``config.yaml`` (resolved), ``metrics.json``, ``adapter/``, ``log.txt``.
+"""Runs are directories: ``config.yaml`` (resolved), ``metrics.json``, ``adapters/``, ``log.txt``, and every
+other file name a command writes into one (the constants below).
+
+Every adapter of a model directory lives under ``adapters/``: ``adapters/default`` for a model of one
+adapter (the name peft gives a lone adapter), ``adapters/shard-K`` and ``adapters/client-C`` for shard and
+client adapters. Directories written before this layout kept a lone adapter in ``adapter/``; it is still
+read (:func:`single_adapter_dir`).
 
 Every write is atomic (temp file, then rename), so a killed run never leaves a half-written file.
 """
@@ -18,7 +24,18 @@ from privrec.errors import RunError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.txt"
-ADAPTER_DIR = "adapter"
+MANIFEST_FILE = "model.json"  # what the model directory holds (privrec.models)
+ADAPTERS_DIR = "adapters"
+SINGLE_ADAPTER = "default"  # adapters/default: the adapter of a one-adapter model
+LEGACY_ADAPTER_DIR = "adapter"  # where directories written before adapters/ kept their one adapter
+SHARD_PREFIX = "shard-"
+CLIENT_PREFIX = "client-"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEDGER_FILE = "ledger.sqlite"
+CERTIFICATES_DIR = "certificates"
+STAGING_DIR = "staging"
+FEATURES_FILE = "features.npz"
+ZERO_SHOT_FILE = "zero_shot.json"
 
 
 def _clean(obj: Any) -> Any:
@@ -54,6 +71,24 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise RunError(f"{path} is not valid JSON") from None
+
+
+def is_adapter(folder: Path) -> bool:
+    """A complete saved adapter folder (its weights file is written last, by rename)."""
+    return (Path(folder) / ADAPTER_WEIGHTS).is_file()
+
+
+def single_adapter_dir(run: str | Path) -> Path:
+    """The folder of a one-adapter run: ``adapters/default``, or ``adapter/`` in a directory written before.
+
+    Raises:
+        RunError: neither holds a trained adapter.
+    """
+    run = Path(run)
+    for folder in (run / ADAPTERS_DIR / SINGLE_ADAPTER, run / LEGACY_ADAPTER_DIR):
+        if is_adapter(folder):
+            return folder
+    raise RunError(f"{run} has no trained adapter ({ADAPTERS_DIR}/{SINGLE_ADAPTER}/); did training finish?")
 
 
 class RunDir:

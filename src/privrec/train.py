@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privrec.errors import TrainingError
 from privrec.metrics import auc, uauc
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import Batch, Encoded, RecLM
@@ -143,16 +144,16 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         lr_scale: multiplies ``cfg.lr`` (per-client learning-speed scaling).
 
     Raises:
-        ValueError: no trainable parameters, no training data, or ``select: uauc`` without user ids.
+        TrainingError: no trainable parameters, no training data, or ``select: uauc`` without user ids.
     """
     params = model.trainable_parameters()
     if not params:
-        raise ValueError("the model has no trainable parameters (attach a LoRA adapter first)")
+        raise TrainingError("the model has no trainable parameters (attach a LoRA adapter first)")
     if not data:
-        raise ValueError("no training samples")
+        raise TrainingError("no training samples")
     select = f"valid_{cfg.select}"
     if valid and cfg.select == "uauc" and any(e.user_id is None for e in valid):
-        raise ValueError("train.select=uauc needs the user id of every validation item")
+        raise TrainingError("train.select=uauc needs the user id of every validation item")
     result = TrainResult()
     if cfg.epochs == 0:
         return result

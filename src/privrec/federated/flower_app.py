@@ -60,7 +60,7 @@ def _runtime(cfg_yaml: str):
     if key not in _RUNTIME:
         from privrec.config import parse_config
         from privrec.federated.runner import build_model
-        from privrec.run import setup_data
+        from privrec.prepare import setup_data
 
         cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
         splits = setup_data(cfg)

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from privrec import baselines, ranking
+from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
 from privrec.federated.client import FederatedClient, FitResult, Predictions
 from privrec.federated.config import FederatedConfig
@@ -32,13 +32,12 @@ from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
 from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
-from privrec.model.adapters import adapter_state, lineage_digest, load_adapter_state, save_adapter
+from privrec.model.adapters import adapter_state, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
-from privrec.run import machine, setup_data
-from privrec.rundir import RunDir
+from privrec.prepare import machine, setup_data
+from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, RunDir
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data
-ADAPTERS_DIR = "adapters"
 
 
 # --- the plan: samples and clients ----------------------------------------------------------------------
@@ -81,12 +80,9 @@ def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> R
     """The model every client borrows in turn: a :class:`SplitRecLM` under ``federated.split``."""
     split = cfg.federated.split
     if split is None:
-        model = RecLM.from_config(cfg, splits.dataset)
-    else:
-        model = SplitRecLM.from_config(cfg, splits.dataset)
-        model.configure_split(split.client_first, split.client_last, record=record)
-    model.attach_lora(cfg.lora, cfg.seed)
-    return model
+        return prepare.build_model(cfg, splits.dataset)
+    return prepare.build_model(cfg, splits.dataset, cls=SplitRecLM,
+                       before_lora=lambda m: m.configure_split(split.client_first, split.client_last, record=record))
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -255,12 +251,10 @@ def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy
     for c, state in sorted(eval_states(fed, strategy, states).items()):
         load_adapter_state(model.model, state)
         trained_on = sorted(contributors) if strategy.name != "local" else [c]
-        ids = sorted(s.sample_id for cc in trained_on for s in fed.samples(cc)[0])
-        save_adapter(model.model, run / ADAPTERS_DIR / f"client-{c}", {
-            "base_model": cfg.model.name, "base_fingerprint": model.fingerprint, "config_digest": cfg.digest(),
-            "client": c, "strategy": strategy.name, "rounds": cfg.federated.rounds,
-            "trained_on_clients": trained_on, "sample_ids": ids, "lineage_sha256": lineage_digest(ids),
-        })
+        samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
+        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", prepare.adapter_meta(
+            cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
+            trained_on_clients=trained_on))
 
 
 # --- the procedure --------------------------------------------------------------------------------------
@@ -312,6 +306,9 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     contributors = {c for c in fed.train_clients(strategy)
                     if any(c not in r["failed"] for r in rounds)}
     save_adapters(model, run, fed, strategy, states, contributors)
+    models.write(run.path, models.build(
+        cfg, run.path, "clients", strategy=f.strategy, loss=f.loss, clients=fed.assignment, forget=[],
+        split=f.split.model_dump() if f.split else None, strategy_allows=models.strategy_allows(f.strategy)))
 
     # 5. costs and references
     seen = sum(r["samples_seen"] for r in rounds)

@@ -18,15 +18,19 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from privrec.errors import AggregationError
+
 State = dict[str, torch.Tensor]
 
 
 # --- pure functions -------------------------------------------------------------------------------------
 def _check_same_keys(states: list[State]) -> list[str]:
-    assert states, "no states to aggregate"
+    if not states:
+        raise AggregationError("no adapter states to aggregate")
     keys = sorted(states[0])
     for s in states[1:]:
-        assert sorted(s) == keys, "states hold different tensors"
+        if sorted(s) != keys:
+            raise AggregationError("the adapters hold different tensors (trained with different LoRA settings?)")
     return keys
 
 
@@ -39,7 +43,9 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     """sum_i w_i theta_i / sum_i w_i, tensor by tensor (FedAvg with w_i = n_i, METHODS §2)."""
     keys = _check_same_keys(states)
     w = np.asarray(weights, dtype=np.float64)
-    assert len(w) == len(states) and (w >= 0).all() and w.sum() > 0, f"bad weights {weights}"
+    if not (len(w) == len(states) and (w >= 0).all() and w.sum() > 0):
+        raise AggregationError(f"aggregation weights must be one non-negative weight per adapter, not all zero: "
+                               f"{list(weights)}")
     w = w / w.sum()
     out = {}
     for k in keys:

@@ -3,6 +3,13 @@
 A saved adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` (what
 ``PeftModel.from_pretrained(base, folder)`` reads) and ``privrec.json``: the base-model fingerprint, the
 ids of the samples that trained it (its lineage) and a hash of their content.
+
+The lineage hash has ONE definition for the whole project (:func:`lineage_of`, METHODS §7): sha256 over
+the sorted (sample id, content) pairs of the original samples that reached the adapter, where the content is
+everything a sample contributes to training (user, item, timestamp, rating, label, history). Augmented
+copies are derived from their originals and the run's seed, so the originals stand for them. The hash is
+recomputable from the data source at any time, so a lineage that was edited, or data that changed under it,
+shows.
 """
 
 from __future__ import annotations
@@ -12,10 +19,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from privrec.data import Sample
 from privrec.errors import RunError
 
 ADAPTER_META = "privrec.json"
@@ -40,16 +49,27 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"adapter tensors do not fit the model: {unexpected[:3]}")
 
 
-def lineage_digest(sample_ids: list[str], contents: list[str] | None = None) -> str:
-    """sha256 over the sorted sample ids (and their rendered content when given)."""
+def sample_content(s: Sample) -> str:
+    """What a sample contributes to training, canonically: the content its lineage hash covers."""
+    return json.dumps([s.user_id, s.item_id, s.timestamp, s.rating, s.label, [list(h) for h in s.history]])
+
+
+def lineage_of(samples: Sequence[Sample]) -> str:
+    """THE lineage hash: sha256 over the samples' sorted (id, content) pairs (order-independent).
+
+    Pass the original samples (``sample_id == source_id``); augmented copies are derived from them."""
     h = hashlib.sha256()
-    pairs = sorted(zip(sample_ids, contents or [""] * len(sample_ids)))
-    for sid, content in pairs:
+    for sid, content in sorted((s.sample_id, sample_content(s)) for s in samples):
         h.update(sid.encode())
         h.update(b"\0")
         h.update(content.encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def originals(samples: Sequence[Sample]) -> list[Sample]:
+    """The original samples among ``samples`` (augmented copies dropped), order kept."""
+    return [s for s in samples if s.sample_id == s.source_id]
 
 
 def tensors_digest(state: dict[str, torch.Tensor]) -> str:
@@ -86,11 +106,13 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(LoRA tensors as saved by peft, privrec metadata) of an adapter folder."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    state = load_file(folder / "adapter_model.safetensors")
-    meta_path = folder / ADAPTER_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return state, meta
+    return load_file(Path(folder) / "adapter_model.safetensors"), read_meta(folder)
+
+
+def read_meta(folder: Path) -> dict:
+    """The privrec metadata (``privrec.json``) of an adapter folder ({} when it has none)."""
+    path = Path(folder) / ADAPTER_META
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def install_adapter(model, folder: Path, state: dict[str, torch.Tensor], meta: dict, base_name: str) -> None:

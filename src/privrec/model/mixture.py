@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from privrec.errors import AggregationError
 from privrec.model.recmodel import Batch, Encoded, RecLM
 
 Mode = Literal["d", "nd"]
@@ -55,7 +56,7 @@ def mixed_delta(
         ax = ax * omega[:, None, :, None]  # weight each adapter's rank-r code per sample
         out = torch.einsum("btkr,kor->bto", ax, B)  # (Bsz, T, out)
     else:
-        raise ValueError(f"mode must be 'd' or 'nd', got {mode!r}")
+        raise AggregationError(f"mode must be 'd' or 'nd', got {mode!r}")
     return out * scaling
 
 
@@ -72,22 +73,22 @@ def stack_states(
     """Per LoRA layer: (module, A (K, r, in), B (K, out, r), scaling) from K adapter state dicts.
 
     Raises:
-        ValueError: no adapters, a state lacks a layer's tensors, or the shapes disagree.
+        AggregationError: no adapters, a state lacks a layer's tensors, or the shapes disagree.
     """
     if not states:
-        raise ValueError("a mixture needs at least one adapter")
+        raise AggregationError("a mixture needs at least one adapter")
     out = []
     for name, module in lora_layers(model):
         adapter = module.active_adapters[0]
         ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         missing = [i for i, s in enumerate(states) if ka not in s or kb not in s]
         if missing:
-            raise ValueError(f"adapter {missing[0]} has no tensors for {name}")
+            raise AggregationError(f"adapter {missing[0]} has no tensors for {name}")
         A = torch.stack([s[ka] for s in states]).to(module.lora_A[adapter].weight.device)  # (K, r, in)
         B = torch.stack([s[kb] for s in states]).to(module.lora_B[adapter].weight.device)  # (K, out, r)
         out.append((module, A, B, float(module.scaling[adapter])))
     if not out:
-        raise ValueError("the model has no LoRA layers to mix")
+        raise AggregationError("the model has no LoRA layers to mix")
     return out
 
 
@@ -148,15 +149,15 @@ def score_mixture(
     """P(Yes) of every item under its own mixture ``omega[i]`` (N, K) of ``states``: one forward per batch.
 
     Raises:
-        ValueError: ``omega`` is not (N, K), or one sample id is given two different weight rows.
+        AggregationError: ``omega`` is not (N, K), or one sample id is given two different weight rows.
     """
     omega = np.asarray(omega, dtype=np.float32)
     if omega.shape != (len(items), len(states)):
-        raise ValueError(f"omega has shape {omega.shape}, expected ({len(items)}, {len(states)})")
+        raise AggregationError(f"omega has shape {omega.shape}, expected ({len(items)}, {len(states)})")
     table: dict[str, np.ndarray] = {}
     for e, w in zip(items, omega):
         if e.sample_id in table and not np.array_equal(table[e.sample_id], w):
-            raise ValueError(f"sample {e.sample_id} appears twice with different mixture weights")
+            raise AggregationError(f"sample {e.sample_id} appears twice with different mixture weights")
         table[e.sample_id] = w
 
     def weights(batch: Batch) -> torch.Tensor:

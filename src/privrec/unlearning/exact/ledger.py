@@ -34,6 +34,8 @@ from pathlib import Path
 
 from privrec.data import Sample
 from privrec.errors import RunError
+from privrec.prepare import shows_tombstoned
+from privrec.rundir import LEDGER_FILE
 
 PENDING, RETRAINED, INSTALLED, DONE = "pending", "retrained", "installed", "done"
 STATUSES = (PENDING, RETRAINED, INSTALLED, DONE)
@@ -63,13 +65,6 @@ CREATE TABLE IF NOT EXISTS adapters(
 
 
 # --- tombstones: which samples a set of deleted interactions rules out (pure) ------------------------------
-def shows_tombstoned(sample: Sample, tombstones: set[tuple[int, int]] | frozenset[tuple[int, int]]) -> bool:
-    """True when the sample's target or any history item is a deleted (user, item) interaction."""
-    if (sample.user_id, sample.item_id) in tombstones:
-        return True
-    return any((sample.user_id, item) in tombstones for item, _ in sample.history)
-
-
 def excluded_ids(samples: Iterable[Sample], tombstones: set[tuple[int, int]]) -> set[str]:
     """Ids of the samples that show a tombstoned interaction."""
     if not tombstones:
@@ -106,7 +101,7 @@ class Ledger:
     def __init__(self, path: Path, create: bool = True):
         path = Path(path)
         if not create and not path.is_file():
-            raise RunError(f"{path} not found: not a shard-train run (no deletion ledger)")
+            raise RunError(f"{path} not found: the model has no deletion ledger")
         self.path = path
         try:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -300,3 +295,30 @@ class Ledger:
             "SELECT COUNT(DISTINCT origin) FROM adapters WHERE origin LIKE ?", (f"{prefix}:%",)
         ).fetchone()[0]
         return f"{prefix}:{n + 1}"
+
+
+def deletion_record(out: str | Path) -> list[dict]:
+    """The tombstone rows (user_id, item_id, timestamp, request_id) of a model directory's deletion ledger
+    (none without one): what every later use or training of the model must leave out.
+
+    Raises:
+        RunError: a deletion request on it is unfinished (the adapters may still hold what it deletes).
+    """
+    path = Path(out) / LEDGER_FILE
+    if not path.is_file():
+        return []
+    ledger = Ledger(path, create=False)
+    try:
+        pending = ledger.unfinished()
+        if pending:
+            raise RunError(f"deletion request {pending['id']} on {out} is unfinished ({pending['status']}); "
+                           f"finish it first: privrec forget {out} --resume")
+        return ledger.tombstone_rows()
+    finally:
+        ledger.close()
+
+
+def deleted_interactions(out: str | Path) -> set[tuple[int, int]]:
+    """The (user, item) interactions a model directory deleted: deleted data stays deleted when the model is
+    used, unlearnt from or trained again into the same directory."""
+    return {(r["user_id"], r["item_id"]) for r in deletion_record(out)}

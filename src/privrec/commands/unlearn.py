@@ -7,7 +7,7 @@ fill the frozen-layer cache (timed apart), run the method (timed: ``unlearn_seco
 score it and write every measure of ``privrec.unlearning.measures`` to OUT/metrics.json (METHODS §5, §7).
 
 OUT holds ``config.yaml`` (resolved UnlearnConfig), ``forget.json`` (users and sample ids forgotten),
-``adapter/`` (one peft adapter; ``privrec.json`` says whether it is exact), ``metrics.json``,
+``adapters/default/`` (one peft adapter; ``privrec.json`` says whether it is exact), ``metrics.json``,
 ``predictions_forget.csv``, ``predictions_test.csv`` and ``log.txt``.
 """
 
@@ -15,20 +15,34 @@ from __future__ import annotations
 
 import copy
 import csv
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from privrec import models
 from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
-from privrec.model.adapters import install_adapter, lineage_digest, read_adapter, save_adapter
-from privrec.run import machine, setup_data, setup_model, write_predictions
-from privrec.rundir import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_json, read_json
-from privrec.unlearning import baselines
-from privrec.unlearning.approx import (
+from privrec.model.adapters import install_adapter, originals, read_adapter, save_adapter
+from privrec.prepare import adapter_meta, machine, setup_data, setup_model, write_predictions
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    CERTIFICATES_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SINGLE_ADAPTER,
+    STAGING_DIR,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
+from privrec.unlearning.approx import baselines
+from privrec.unlearning.approx.e2urec import e2urec
+from privrec.unlearning.approx.task import (
     METHOD_NAMES,
     UnlearnConfig,
     Unlearned,
@@ -39,7 +53,8 @@ from privrec.unlearning.approx import (
     read_user_file,
     split_by_users,
 )
-from privrec.unlearning.e2urec import e2urec
+from privrec.unlearning.exact.ledger import deleted_interactions
+from privrec.unlearning.exact.shards import ApaConfig
 from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
 
 METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
@@ -49,9 +64,32 @@ assert set(METHODS) == set(METHOD_NAMES)
 
 FORGET_FILE = "forget.json"
 PREDICTIONS_FORGET = "predictions_forget.csv"
+UNLEARN_FILE = "unlearn.yaml"  # a shards model unlearnt in a copy keeps its own config.yaml beside this
 # what an unlearning run may set besides its own section; everything else is the trained run's and fixed
 CHANGEABLE = ("unlearn.", "model.threads", "model.precision", "train.eval_batch_size")
 MIN_UNSEEN = 8  # fewer never-seen samples of the forget users than this: compare with all users' instead
+
+
+# --- 0. what kind of model ---------------------------------------------------------------------------------
+def unlearnable(run_path: str | Path):
+    """The manifest of a model ``privrec unlearn`` can take: one adapter that can be unlearnt approximately, or
+    shards (measured with their exact retrain-shards, ``--method retrain``, or as they are, ``original``).
+
+    Raises:
+        RunError: not a model directory. UserError: a kind or model that cannot, in one line naming what can.
+    """
+    m = models.load(run_path)
+    if (m.kind == "single" and "approximate" in m.forget) or (m.kind == "shards" and "retrain-shards" in m.forget):
+        return m
+    if m.kind == "student":
+        raise UserError(f"{run_path} is an unlearning run ({m.describe()}, method {m.method}); unlearn from the "
+                        f"model it came from: privrec unlearn {m.original} --out DIR")
+    if m.kind == "clients":
+        raise UserError(f"{run_path} is {m.describe()}: no privrec command unlearns from per-client adapters yet "
+                        "(federated unlearning is its own issue); privrec unlearn takes a privrec train model")
+    why = ("it was written before lineage hashes covered sample content" if m.inferred
+           else "its prompts show other users' labels (prompt.item_stats) or it is a ranking model")
+    raise UserError(f"{run_path} is {m.describe()} that cannot be unlearnt: {why}; train it again with privrec train")
 
 
 # --- 1. config ---------------------------------------------------------------------------------------------
@@ -106,7 +144,11 @@ def load_unlearn_config(run_path: str | Path, config_file: str | Path | None = N
         if trained.get(key, object()) != value and not key.startswith(CHANGEABLE):
             raise ConfigError(f"{key}: an unlearning run cannot change the trained run's settings (only "
                               "unlearn.*, model.threads, model.precision, train.eval_batch_size)")
-    return parse_config(raw, UnlearnConfig)
+    return parse_config(raw, ShardUnlearnConfig if "shards" in raw else UnlearnConfig)
+
+
+class ShardUnlearnConfig(ApaConfig, UnlearnConfig):
+    """A shards model's config plus the ``unlearn`` section: ``privrec unlearn`` on a shards model."""
 
 
 # --- 2. the original run -----------------------------------------------------------------------------------
@@ -117,9 +159,7 @@ def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: l
         RunError: no adapter, different base weights, or the rebuilt training set differs from the one that
             trained the adapter (so the forget set could not be trusted).
     """
-    folder = run_path / ADAPTER_DIR
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise RunError(f"{run_path} has no trained adapter ({ADAPTER_DIR}/); did training finish?")
+    folder = run_path / unlearnable(run_path).adapters[0].path
     state, meta = read_adapter(folder)
     recorded = meta.get("sample_ids")
     if recorded is not None and sorted(recorded) != sorted({s.source_id for s in trained}):
@@ -138,7 +178,7 @@ def read_reference(path: str | Path, forget_ids: list[str]) -> tuple[np.ndarray,
     """
     ref = RunDir(path, create=False)
     m = read_json(ref / METRICS_FILE)
-    if m.get("kind") != "unlearning" or m.get("method") != "retrain":
+    if m.get("kind") != "unlearning" or m.get("method") not in ("retrain", "retrain-shards"):
         raise RunError(f"--retrained {ref.path}: expected the output of `privrec unlearn --method retrain`")
     theirs = read_json(ref / FORGET_FILE)
     if sorted(theirs.get("sample_ids", [])) != sorted(forget_ids):
@@ -180,6 +220,55 @@ def mia_samples(cfg: UnlearnConfig, splits: Splits, trained: list[Sample], forge
     return sets, {"mia_unseen_source": source, "mia_unseen_eval_users": eval_users}
 
 
+def forget_set(cfg: UnlearnConfig, splits: Splits, trained: list[Sample], run_path: Path
+               ) -> tuple[list[int], list[Sample], list[Sample]]:
+    """(the forget users, their training items, every other training item): the users given, or
+    ``forget_fraction`` of the training users drawn with the forget seed.
+
+    Raises:
+        UserError: a forget user without training samples, or nothing left to retain.
+    """
+    users = cfg.unlearn.forget_users or choose_forget_users(splits.train, cfg.unlearn.forget_fraction,
+                                                            cfg.forget_seed)
+    unknown = sorted(set(users) - {s.user_id for s in splits.train})
+    if unknown:
+        raise UserError(f"{len(unknown)} of the forget users have no training samples in {run_path} "
+                        f"(e.g. {unknown[:5]}); nothing of theirs to unlearn")
+    forget_s, retain_s = split_by_users(trained, users)
+    if not retain_s:
+        raise UserError("the forget users own every training sample: nothing is left to retain")
+    return users, forget_s, retain_s
+
+
+def measure(cfg: UnlearnConfig, splits: Splits, labels: dict[str, list], probs: dict[str, np.ndarray],
+            ref_probs: np.ndarray | None, seconds: float, ref_seconds: float | None) -> dict:
+    """Every measure of forgetting (METHODS §5, §7) from the unlearnt model's P(Yes) on the test set, the
+    forget set and the attack's sets (``probs`` keyed test, forget_eval, members_fit, unseen_fit,
+    unseen_eval)."""
+
+    def outputs(key: str) -> Outputs:
+        return Outputs(labels[key], probs[key])
+
+    return forgetting_measures(
+        outputs("test"), outputs("forget_eval"), test_users=[s.user_id for s in splits.test],
+        retain=outputs("members_fit"),
+        mia=MiaSets(outputs("members_fit"), outputs("unseen_fit"), outputs("forget_eval"), outputs("unseen_eval")),
+        reference_forget_probs=ref_probs, seconds=seconds, reference_seconds=ref_seconds, seed=cfg.seed)
+
+
+def record(cfg: UnlearnConfig, splits: Splits, method: str, exact: bool, run_path: Path, ref_path: str | None,
+           ref_seconds: float | None, users: list[int], forget_s: list[Sample], retain_s: list[Sample]) -> dict:
+    """What an unlearning run's metrics.json says about the run itself, beside the measures."""
+    return {
+        "kind": "unlearning", "method": method, "exact": exact, "original_run": str(run_path),
+        "retrained_reference": ref_path, "retrain_seconds": ref_seconds,
+        "n_train": len(splits.train), "n_users_train": len({s.user_id for s in splits.train}),
+        "n_forget_users": len(users), "n_forget_items": len(forget_s), "n_retain_items": len(retain_s),
+        "forget_sample_fraction": len(originals(forget_s)) / len(splits.train),
+        "model": cfg.model.name, "protocol": cfg.data.protocol, "seed": cfg.seed, "machine": machine(),
+    }
+
+
 # --- the procedure -----------------------------------------------------------------------------------------
 def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retrained: str | Path | None = None,
                 progress: bool = True) -> dict:
@@ -190,24 +279,17 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
             reference run with a different forget set.
     """
     run_path = Path(run_path)
+    if isinstance(cfg, ApaConfig):
+        return run_unlearn_shards(cfg, run_path, out, retrained, progress)
     method = cfg.unlearn.method
     # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
     #    fails with its one-line error and leaves nothing behind)
-    splits = setup_data(cfg)
+    splits = setup_data(cfg, deleted_interactions(run_path))  # a model that forgot data keeps it forgotten
     trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
 
     # 2. the forget set: every training sample (augmented copies too) of the forget users
-    users = cfg.unlearn.forget_users or choose_forget_users(splits.train, cfg.unlearn.forget_fraction,
-                                                            cfg.forget_seed)
-    unknown = sorted(set(users) - {s.user_id for s in splits.train})
-    if unknown:
-        raise UserError(f"{len(unknown)} of the forget users have no training samples in {run_path} "
-                        f"(e.g. {unknown[:5]}); nothing of theirs to unlearn")
-    forget_s, retain_s = split_by_users(trained, users)
-    if not retain_s:
-        raise UserError("the forget users own every training sample: nothing is left to retain")
-    forget_eval = [s for s in forget_s if s.sample_id == s.source_id]
-    retained = [s for s in retain_s if s.sample_id == s.source_id]
+    users, forget_s, retain_s = forget_set(cfg, splits, trained, run_path)
+    forget_eval, retained = originals(forget_s), originals(retain_s)
     forget_ids = [s.sample_id for s in forget_eval]
 
     # 3. the retrained reference (divergence and speed-up are measured against it)
@@ -252,16 +334,14 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
 
     # 7. the unlearned adapter, with what it may claim about its lineage
     exact = result.trained_on_retained_only
-    save_adapter(result.model.model, out_run / ADAPTER_DIR, {
-        "base_model": cfg.model.name, "base_fingerprint": result.model.fingerprint,
-        "config_digest": cfg.digest(), "method": method, "exact": exact, "original_run": str(run_path),
-        "lora": result.lora.model_dump(),
-        # every sample whose gradient reached these weights: approximate methods start from the original
-        "sample_ids": sorted({s.source_id for s in retain_s}) if exact else original_meta.get("sample_ids"),
-        "lineage_sha256": lineage_digest([s.sample_id for s in retain_s]) if exact
-        else original_meta.get("lineage_sha256"),
-        "forgotten_users": users, "forgotten_sample_ids": sorted({s.source_id for s in forget_s}),
-    })
+    # every sample whose gradient reached these weights: approximate methods start from the original
+    lineage = {} if exact else {k: original_meta.get(k) for k in ("sample_ids", "lineage_sha256")}
+    save_adapter(result.model.model, out_run / ADAPTERS_DIR / SINGLE_ADAPTER, adapter_meta(
+        cfg, result.model, originals(retain_s), method=method, exact=exact, original_run=str(run_path),
+        lora=result.lora.model_dump(), forgotten_users=users,
+        forgotten_sample_ids=sorted({s.source_id for s in forget_s}), **lineage))
+    models.write(out_run.path, models.build(cfg, out_run.path, "student", method=method, exact=exact,
+                                            original=str(run_path), forgotten_users=users, forget=[]))
 
     # 8. measure
     um = result.model
@@ -269,26 +349,14 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     probs = {k: um.score(enc[k], bs, progress) for k in ("test", "forget_eval", *mia_s)}
     score_seconds = time.perf_counter() - t0
 
-    def outputs(key: str) -> Outputs:
-        return Outputs([e.label for e in enc[key]], probs[key])
-
     if method == "retrain" and ref_probs is None:  # the retrained model is its own reference
         ref_probs, ref_seconds = probs["forget_eval"], unlearn_seconds
-    metrics = forgetting_measures(
-        outputs("test"), outputs("forget_eval"), test_users=[s.user_id for s in splits.test],
-        retain=outputs("members_fit"),
-        mia=MiaSets(outputs("members_fit"), outputs("unseen_fit"), outputs("forget_eval"), outputs("unseen_eval")),
-        reference_forget_probs=ref_probs, seconds=unlearn_seconds, reference_seconds=ref_seconds, seed=cfg.seed)
+    metrics = measure(cfg, splits, {k: [e.label for e in enc[k]] for k in probs}, probs, ref_probs,
+                      unlearn_seconds, ref_seconds)
     metrics.update(mia_info)
-    metrics.update({
-        "kind": "unlearning", "method": method, "exact": exact, "original_run": str(run_path),
-        "retrained_reference": ref_path, "retrain_seconds": ref_seconds,
-        "n_train": len(splits.train), "n_users_train": len({s.user_id for s in splits.train}),
-        "n_forget_users": len(users), "n_forget_items": len(forget_s), "n_retain_items": len(retain_s),
-        "n_retain_pool": len(retain_pool), "forget_sample_fraction": len(forget_eval) / len(splits.train),
-        "cache_seconds": cache_seconds, "score_seconds": score_seconds, "details": result.details,
-        "model": cfg.model.name, "protocol": cfg.data.protocol, "seed": cfg.seed, "machine": machine(),
-    })
+    metrics.update(record(cfg, splits, method, exact, run_path, ref_path, ref_seconds, users, forget_s, retain_s))
+    metrics.update({"n_retain_pool": len(retain_pool), "cache_seconds": cache_seconds, "score_seconds": score_seconds,
+                    "details": result.details})
     write_predictions(out_run / PREDICTIONS_FORGET, forget_eval, probs["forget_eval"])
     write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])
     out_run.write_metrics(metrics)
@@ -298,3 +366,78 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
                    else ""))
     return metrics
 
+
+SHARD_METHODS = ("retrain", "original")
+
+
+def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path, retrained: str | Path | None = None,
+                       progress: bool = True) -> dict:
+    """``privrec unlearn`` on a shards model: OUT is a copy of the model that forgot the users exactly with
+    ``privrec forget``'s retrain-shards (``--method retrain``: ledger, certificate, only the shards that held
+    them retrained) or that forgot nothing (``original``), measured with every measure of forgetting under its
+    primary aggregation, so the exact route sits in the same table as E2URec. OUT stays a shards model:
+    ``evaluate``, ``recommend`` and ``forget`` take it; its resolved unlearn settings are ``unlearn.yaml``.
+
+    Raises:
+        UserError: an approximate method (they act on one adapter), forget users without training samples,
+            an OUT that exists. RunError: a reference run with a different forget set.
+    """
+    from privrec.commands.forget import run_forget
+    from privrec.commands.model_dir import ShardAggregation, open_model
+
+    method = cfg.unlearn.method
+    if method not in SHARD_METHODS:
+        raise UserError(f"{run_path} is a shards model: privrec unlearn runs --method retrain (its exact "
+                        f"retrain-shards, measured) or original on it; {method} acts on one adapter: use a "
+                        "privrec train model")
+    # 1-3. the model's samples (minus what it already forgot), the forget set, the reference
+    splits = setup_data(cfg, deleted_interactions(run_path))
+    users, forget_s, retain_s = forget_set(cfg, splits, splits.train, run_path)
+    forget_ids = [s.sample_id for s in forget_s]
+    ref_probs, ref_seconds, ref_path = None, None, None
+    if retrained is not None:
+        ref_probs, ref_seconds, ref_path = read_reference(retrained, forget_ids)
+    mia_s, mia_info = mia_samples(cfg, splits, splits.train, users, retain_s)
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} exists: privrec unlearn writes a new copy of the shards model there")
+
+    # 4. the copy, and (retrain) its exact forgetting
+    shutil.copytree(run_path, out, ignore=shutil.ignore_patterns(".lock", STAGING_DIR))
+    out_run = RunDir(out)
+    atomic_write_text(out_run / UNLEARN_FILE, yaml.safe_dump({"unlearn": cfg.unlearn.model_dump(mode="json")},
+                                                            sort_keys=False))
+    atomic_write_json(out_run / FORGET_FILE, {"users": users, "sample_ids": sorted(forget_ids),
+                                              "n_trained_items": len(forget_s)})
+    out_run.log(f"privrec unlearn {run_path} --method {method} -> {out_run.path} (shards)")
+    details: dict = {}
+    t0 = time.perf_counter()
+    if method == "retrain":
+        cert = run_forget(out, users=users, progress=progress)
+        details = {"certificate": f"{CERTIFICATES_DIR}/{cert['body']['request']['id']}.json",
+                   "body_sha256": cert["body_sha256"], "affected_shards": cert["body"]["affected_shards"],
+                   "shard_retrain_seconds": cert["record"]["retrain_seconds"]}
+    unlearn_seconds = 0.0 if method == "original" else time.perf_counter() - t0
+
+    # 5. measure under the primary aggregation (the forgotten samples' features are computed, never cached)
+    md = open_model(out)
+    scorer = ShardAggregation(md, md.splits())
+    t0 = time.perf_counter()
+    sets = {"test": splits.test, "forget_eval": forget_s, **mia_s}
+    probs = {k: scorer.score(v, progress, own_samples=k != "forget_eval") for k, v in sets.items()}
+    score_seconds = time.perf_counter() - t0
+    if method == "retrain" and ref_probs is None:
+        ref_probs, ref_seconds = probs["forget_eval"], unlearn_seconds
+    metrics = measure(cfg, splits, {k: [s.label for s in v] for k, v in sets.items()}, probs, ref_probs,
+                      unlearn_seconds, ref_seconds)
+    metrics.update(mia_info)
+    metrics.update(record(cfg, splits, "retrain-shards" if method == "retrain" else method, method == "retrain",
+                          run_path, ref_path, ref_seconds, users, forget_s, retain_s))
+    metrics.update({"n_retain_pool": len(retain_s), "cache_seconds": 0.0, "score_seconds": score_seconds,
+                    "details": dict(details, aggregation=md.manifest.primary)})
+    write_predictions(out_run / PREDICTIONS_FORGET, forget_s, probs["forget_eval"])
+    write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])
+    out_run.write_metrics(metrics)
+    out_run.log(f"{method} (shards, {md.manifest.primary}): test AUC {metrics['test_auc']:.4f}, forget AUC "
+                f"{metrics['forget_auc']:.4f}, MIA loss-threshold accuracy {metrics['mia_loss_accuracy']:.3f}")
+    return metrics

@@ -2,8 +2,8 @@
 forget, the task a method receives and the result it returns, the paired forget/retain batch plan and the
 soft-target losses that all run through THE training loop (``privrec.train.train``).
 
-A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.e2urec``
-and ``privrec.unlearning.baselines``); ``privrec.unlearning.unlearn.run_unlearn`` is the procedure around it.
+A method is a small callable ``method(task: UnlearnTask) -> Unlearned`` (see ``privrec.unlearning.approx.e2urec``
+and ``privrec.unlearning.approx.baselines``); ``privrec.commands.unlearn.run_unlearn`` is the procedure around it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from privrec.data import Dataset, Sample
 from privrec.data.idfiles import read_id_file
 from privrec.errors import UserError
 from privrec.model.recmodel import Batch, Encoded, RecLM
+from privrec.unlearning import UNLEARNING_METHODS
 
-METHOD_NAMES = ("e2urec", "neggrad", "bad-teacher", "retrain", "original")
+METHOD_NAMES = UNLEARNING_METHODS
+Method = Literal[UNLEARNING_METHODS]
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ class MiaSection(_Section):
 
 
 class UnlearnSection(_Section):
-    method: Literal["e2urec", "neggrad", "bad-teacher", "retrain", "original"] = Field(
+    method: Method = Field(
         "e2urec", description="e2urec / neggrad / bad-teacher: approximate unlearning; retrain: from scratch on "
         "the retained samples with the original run's lora and train settings; original: no unlearning (the "
         "reference row 'doing nothing').")
@@ -224,7 +226,7 @@ class UnlearnTask:
 @dataclass
 class Unlearned:
     """A method's result: a model that scores as the unlearned recommender, and the one peft adapter (tensors
-    + config) that holds it, which ``privrec unlearn`` saves as OUT/adapter."""
+    + config) that holds it, which ``privrec unlearn`` saves as OUT/adapters/default."""
 
     model: RecLM
     adapter_state: dict[str, torch.Tensor]

@@ -1,8 +1,8 @@
 """Lineage and erasure certificates (METHODS §4 unlearning, §7: exact unlearning must be provable).
 
-An adapter's lineage is the exact list of sample ids that trained it plus a sha256 over those ids and their
-content (user, item, timestamp, rating, label, history): recomputable from the data source at any time, so a
-lineage that was edited, or data that changed under it, shows.
+An adapter's lineage is the exact list of sample ids that trained it plus the project's one lineage hash
+over those ids and their content (:func:`privrec.model.adapters.lineage_of`): recomputable from the data
+source at any time, so a lineage that was edited, or data that changed under it, shows.
 
 A certificate (``RUN/certificates/<request>.json``) has a deterministic ``body`` (the request, the removed
 interactions and samples, every shard's adapter hash before and after, the lineage check) and its
@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 from privrec.data import Sample
-from privrec.model.adapters import lineage_digest, read_adapter, tensors_digest
+from privrec.model.adapters import lineage_of, read_adapter, tensors_digest
 from privrec.rundir import atomic_write_json, read_json
-from privrec.unlearning.ledger import shows_tombstoned
+from privrec.unlearning.exact.ledger import shows_tombstoned
 
 CERTIFICATE_VERSION = "privrec-erasure-certificate/1"
-
-
-def sample_content(s: Sample) -> str:
-    """What a sample contributes to training, canonically: the content its lineage hash covers."""
-    return json.dumps([s.user_id, s.item_id, s.timestamp, s.rating, s.label, [list(h) for h in s.history]])
-
-
-def lineage_of(samples: Sequence[Sample]) -> str:
-    """sha256 over the samples' ids and content (order-independent)."""
-    return lineage_digest([s.sample_id for s in samples], [sample_content(s) for s in samples])
 
 
 def canonical_sha256(obj) -> str:
@@ -45,15 +34,17 @@ def check_adapter(
     universe: dict[str, Sample],
     tombstones: set[tuple[int, int]],
     recorded_sha256: str | None = None,
+    slot: int | None = None,
 ) -> dict:
-    """Check one shard adapter folder against its own metadata, the data and the tombstones.
+    """Check one adapter folder (slot ``slot`` of its model: a shard's number, 0 for a single adapter) against
+    its own metadata, the data and the tombstones.
 
     Checks: the tensors on disk hash to the hash in ``privrec.json`` (and to ``recorded_sha256``, the
     ledger's record, when given); every lineage id exists in the data source; the lineage hash recomputed
     from the data equals the recorded one; no lineage sample shows a tombstoned interaction.
 
     Returns:
-        {shard, ok, problems, tensors_sha256, lineage_sha256, n_samples}.
+        {shard (the slot), ok, problems, tensors_sha256, lineage_sha256, n_samples}.
     """
     folder = Path(folder)
     problems: list[str] = []
@@ -61,7 +52,7 @@ def check_adapter(
         state, meta = read_adapter(folder)
     except Exception as e:  # noqa: BLE001 - an unreadable adapter is a failed check, not a crash
         return {
-            "shard": folder.name,
+            "shard": folder.name if slot is None else slot,
             "ok": False,
             "problems": [f"unreadable adapter: {e.__class__.__name__}"],
             "tensors_sha256": None,
@@ -85,7 +76,7 @@ def check_adapter(
     if held:
         problems.append(f"lineage holds {len(held)} deleted samples (e.g. {held[0]})")
     return {
-        "shard": meta.get("shard", folder.name),
+        "shard": meta.get("shard", folder.name) if slot is None else slot,
         "ok": not problems,
         "problems": problems,
         "tensors_sha256": digest,

@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from privrec.errors import PartitionError
+
 Kind = Literal["semantic", "random", "user", "kmeans-balanced"]
 KINDS: tuple[str, ...] = ("semantic", "random", "user", "kmeans-balanced")
 
@@ -123,7 +125,7 @@ def user_labels(
     users = np.asarray(users)
     uniq, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
     if len(uniq) < k:
-        raise ValueError(f"user partition needs at least K={k} users, got {len(uniq)}")
+        raise PartitionError(f"user partition needs at least K={k} users, got {len(uniq)}")
     cap = capacity(len(users), k)
     if features is None:
         order = np.random.default_rng([seed, 17]).permutation(len(uniq))
@@ -161,19 +163,19 @@ def partition(
     """K disjoint shards of ``sample_ids`` covering all of them (ids sorted within a shard).
 
     Raises:
-        ValueError: K < 1, more shards than samples, duplicate ids, a missing input the kind needs, or an
+        PartitionError: K < 1, more shards than samples, duplicate ids, a missing input the kind needs, or an
             empty shard.
     """
     ids = list(sample_ids)
     n = len(ids)
     if k < 1 or k > n:
-        raise ValueError(f"cannot cut {n} samples into K={k} shards")
+        raise PartitionError(f"cannot cut {n} samples into K={k} shards")
     if len(set(ids)) != n:
-        raise ValueError("sample ids must be unique to be partitioned")
+        raise PartitionError("sample ids must be unique to be partitioned")
     if kind in ("semantic", "kmeans-balanced") and (features is None or len(features) != n):
-        raise ValueError(f"partition {kind!r} needs one feature row per sample")
+        raise PartitionError(f"partition {kind!r} needs one feature row per sample")
     if kind == "user" and (users is None or len(users) != n):
-        raise ValueError("partition 'user' needs the user id of every sample")
+        raise PartitionError("partition 'user' needs the user id of every sample")
     if kind == "random":
         labels = random_labels(n, k, seed)
     elif kind == "semantic":
@@ -183,9 +185,9 @@ def partition(
     elif kind == "user":
         labels = user_labels(users, k, seed, features, iters)
     else:
-        raise ValueError(f"unknown partition {kind!r}; choose one of {', '.join(KINDS)}")
+        raise PartitionError(f"unknown partition {kind!r}; choose one of {', '.join(KINDS)}")
     shards = [sorted(ids[i] for i in np.flatnonzero(labels == c)) for c in range(k)]
     empty = [c for c, s in enumerate(shards) if not s]
     if empty:
-        raise ValueError(f"partition {kind!r} left shard {empty[0]} empty")
+        raise PartitionError(f"partition {kind!r} left shard {empty[0]} empty")
     return shards

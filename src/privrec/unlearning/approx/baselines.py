@@ -8,7 +8,7 @@
 - ``original``: nothing is unlearned; the original run measured the same way (the "doing nothing" row).
 
 All train through THE training loop with the paired forget/retain batches of
-:func:`privrec.unlearning.approx.paired_plan`.
+:func:`privrec.unlearning.approx.task.paired_plan`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from privrec.model.adapters import adapter_state
-from privrec.model.recmodel import RecLM
+from privrec.prepare import build_model
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (
+from privrec.unlearning.approx.task import (
     Unlearned,
     UnlearnTask,
     forget_mask,
@@ -37,8 +37,7 @@ def original(task: UnlearnTask) -> Unlearned:
 def retrain(task: UnlearnTask) -> Unlearned:
     """From scratch on the retained samples (augmented copies included, as the original trained on them)."""
     cfg = task.cfg
-    model = RecLM.from_config(cfg, task.dataset)
-    model.attach_lora(cfg.lora, cfg.seed)
+    model = build_model(cfg, task.dataset)
     res = train(model, task.retain, cfg.train, cfg.seed, valid=task.valid or None, progress=task.progress)
     return Unlearned(model, adapter_state(model.model), cfg.lora, trained_on_retained_only=True, details={
         "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "n_trained": len(task.retain)})

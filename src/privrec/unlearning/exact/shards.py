@@ -1,18 +1,7 @@
-"""``privrec shard-train``: one LoRA adapter per shard, evaluated under every aggregation (METHODS §4, §6).
-
-The procedure (torchtune style, one fixed life):
-  1. lock the run, open its deletion ledger, read the tombstones (deleted data stays deleted: every sample
-     showing a tombstoned interaction is dropped from the splits before anything else happens);
-  2. data, then the model (the prompt builder needs the dataset); the fresh LoRA init is kept as the one
-     starting point of every shard;
-  3. tokenise once, fill the frozen-layer cache once (with ``lora.top_layers`` it is shared by all shards,
-     the full retrain and every later ``forget``);
-  4. the untuned model's hidden states (cached per run in ``features.npz``) for the partition and the
-     neighbour search;
-  5. partition, then train every shard from the common init with the one training loop and save it with
-     its lineage (``adapters/shard-k``), recording each in the ledger;
-  6. optionally the full-retrain baseline (one adapter on all shards' samples; its adapter is not kept);
-  7. score: every single adapter, SISA, uniform, APA(D), APA(ND); write ``metrics.json``.
+"""Sharded exact unlearning's pieces (METHODS §4, §6): the ``shards`` config, one shard's seeded training from
+the common init, its adapter metadata, the untuned model's features (cached per run), and the scoring of
+every single shard and aggregation. The procedures are ``privrec.commands.shard_train`` (train K shards) and
+``privrec.commands.forget`` (retrain the shards that held deleted data).
 
 Shard k always trains with seed ``shard_seed(seed, k)`` from the same init, on its ids in sorted order, for a
 fixed number of epochs (no validation-based selection: validation samples are the aggregation's neighbour
@@ -22,8 +11,6 @@ shard-train would have produced without them.
 
 from __future__ import annotations
 
-import functools
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,26 +20,25 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from privrec import baselines
-from privrec.config import DataConfig, ExperimentConfig
-from privrec.data import Dataset, Sample, Splits, build_splits, load_dataset, windows
+from privrec import prepare
+from privrec.config import ExperimentConfig
+from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
+from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, read_adapter
 from privrec.model.recmodel import Encoded, RecLM
-from privrec.rundir import RunDir
+from privrec.prepare import source_data
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    FEATURES_FILE,
+    SHARD_PREFIX,
+    RunDir,
+    is_adapter,
+)
 from privrec.train import TrainResult, train
-from privrec.unlearning.apa import aggregate, apa_weights, score_each
-from privrec.unlearning.certificate import lineage_of
-from privrec.unlearning.ledger import Ledger, excluded_ids, run_lock
-from privrec.unlearning.partition import partition
+from privrec.unlearning.exact.apa import aggregate, apa_weights, score_each
+from privrec.unlearning.exact.ledger import excluded_ids
 
-ADAPTERS_DIR = "adapters"
-FEATURES_FILE = "features.npz"
-LEDGER_FILE = "ledger.sqlite"
-CERTIFICATES_DIR = "certificates"
-STAGING_DIR = "staging"
-SHARD_PREFIX = "shard-"
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
 ADAPTER_SECTIONS = ("seed", "data", "prompt", "model", "lora", "train")
 
@@ -134,28 +120,9 @@ def shard_folders(run: RunDir) -> dict[int, Path]:
     out = {}
     if base.is_dir():
         for p in base.iterdir():
-            if p.name.startswith(SHARD_PREFIX) and (p / "adapter_model.safetensors").is_file():
+            if p.name.startswith(SHARD_PREFIX) and is_adapter(p):
                 out[int(p.name[len(SHARD_PREFIX) :])] = p
     return dict(sorted(out.items()))
-
-
-@functools.lru_cache(maxsize=2)
-def _source_data(data_json: str, seed: int) -> tuple[Dataset, dict[str, Sample], Splits]:
-    data = DataConfig.model_validate_json(data_json)
-    ds = load_dataset(data.source, data.path)
-    seqs = windows(ds, data.history_len, data.like_threshold, data.history_gap)
-    universe = {s.sample_id: s for seq in seqs for s in seq}  # every sample the source can give, by id
-    return ds, universe, build_splits(ds, data, seed)
-
-
-def source_data(cfg: ApaConfig) -> tuple[Dataset, dict[str, Sample], Splits]:
-    """(dataset, every sample by id, the run's split draw before tombstones), memoised per process: all
-    three are pure functions of the source files and the data config (read-only: never mutate them).
-
-    Raises:
-        DataError / AssetError: missing or malformed data.
-    """
-    return _source_data(cfg.data.model_dump_json(), cfg.seed)
 
 
 def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits:
@@ -180,8 +147,7 @@ def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits
 
 def build_model(cfg: ApaConfig, dataset: Dataset) -> tuple[RecLM, dict[str, torch.Tensor]]:
     """The RecLM with a fresh seeded LoRA, and that fresh LoRA's tensors (every shard's starting point)."""
-    model = RecLM.from_config(cfg, dataset)
-    model.attach_lora(cfg.lora, cfg.seed)
+    model = prepare.build_model(cfg, dataset)
     return model, adapter_state(model.model)
 
 
@@ -265,21 +231,10 @@ def train_shard(
 def shard_meta(
     cfg: ApaConfig, model: RecLM, k: int, samples: list[Sample], origin: str, result: TrainResult
 ) -> dict:
-    return {
-        "kind": "shard-adapter",
-        "shard": k,
-        "base_model": cfg.model.name,
-        "base_fingerprint": model.fingerprint,
-        "config_digest": cfg.digest(*ADAPTER_SECTIONS),
-        "partition": cfg.shards.partition,
-        "sample_ids": sorted(s.sample_id for s in samples),
-        "n_samples": len(samples),
-        "lineage_sha256": lineage_of(samples),
-        "train_seed": shard_seed(cfg.seed, k),
-        "origin": origin,
-        "epochs_run": result.epochs_run,
-        "train_seconds": result.seconds,
-    }
+    return prepare.adapter_meta(
+        cfg, model, samples, config_digest=cfg.digest(*ADAPTER_SECTIONS), kind="shard-adapter", shard=k,
+        partition=cfg.shards.partition, n_samples=len(samples), train_seed=shard_seed(cfg.seed, k), origin=origin,
+        epochs_run=result.epochs_run, train_seconds=result.seconds)
 
 
 def read_states(run: RunDir) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
@@ -354,155 +309,9 @@ def evaluate_shards(
     return Evaluation(metrics, seconds)
 
 
-# --- the procedure -------------------------------------------------------------------------------------
-def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train K shard adapters and evaluate every aggregation; returns metrics.json's content.
-
-    With ``resume``, a shard whose saved adapter already holds exactly its shard's samples under the same
-    config is kept instead of retrained.
-
-    Raises:
-        UserError: bad data, model or config. RunError: the run is busy, has an unfinished deletion
-            request, or its ledger belongs to another data source.
-    """
-    run = RunDir(out)
-    with run_lock(run.path):
-        # 1. the ledger first: tombstoned samples never reach training
-        ledger = Ledger(run / LEDGER_FILE)
-        ledger.bind_source(cfg.data.source, cfg.data.path)
-        pending = ledger.unfinished()
-        if pending:
-            raise RunError(
-                f"deletion request {pending['id']} is unfinished ({pending['status']}); "
-                f"finish it first: privrec forget {run.path} --resume"
-            )
-        tombstones = ledger.tombstones()
-        # 2. data, then the model (the prompt builder needs the dataset's records)
-        splits = setup_shard_data(cfg, tombstones)
-        model, init_state = build_model(cfg, splits.dataset)
-        run.write_config(cfg)
-        run.log(
-            f"privrec shard-train -> {run.path} (model {cfg.model.name}, K={cfg.shards.k}, partition "
-            f"{cfg.shards.partition}, {len(tombstones)} tombstoned interactions)"
-        )
-        run.log(f"samples: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test")
-
-        # 3. tokenise once; the frozen-layer cache once for every prompt (shared by all shards)
-        tr, va, te = model.encode(splits.train), model.encode(splits.valid), model.encode(splits.test)
-        t0 = time.perf_counter()
-        model.prepare(tr + va + te, model_batch(cfg), progress)
-        cache_seconds = time.perf_counter() - t0
-
-        # 4. untuned hidden states: train (partition), valid + test (neighbours); only where needed
-        need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user")
-        need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
-        t0 = time.perf_counter()
-        f_tr = load_features(run, model, cfg, tr, progress) if need_train else None
-        f_va = load_features(run, model, cfg, va, progress) if need_pool else None
-        f_te = load_features(run, model, cfg, te, progress) if need_pool else None
-        features_seconds = time.perf_counter() - t0
-
-        # 5. partition and train every shard from the common init
-        t0 = time.perf_counter()
-        shards = partition(
-            cfg.shards.partition,
-            [s.sample_id for s in splits.train],
-            cfg.shards.k,
-            cfg.seed,
-            features=f_tr,
-            users=[s.user_id for s in splits.train],
-            iters=cfg.shards.iters,
-        )
-        partition_seconds = time.perf_counter() - t0
-        run.log(f"partition {cfg.shards.partition}: shard sizes {[len(s) for s in shards]}")
-        by_id = {s.sample_id: s for s in splits.train}
-        origin = ledger.next_origin("shard-train")
-        states, shard_seconds = [], []
-        for k, ids in enumerate(shards):
-            samples = [by_id[i] for i in ids]
-            folder = shard_dir(run, k)
-            kept = _reusable(folder, cfg, samples) if resume else None
-            if kept is not None:
-                run.log(f"shard {k}: kept (resume), {len(samples)} samples")
-                _, meta = read_adapter(folder)
-                if (ledger.latest_adapters().get(k) or {}).get("tensors_sha256") != meta["tensors_sha256"]:
-                    # saved just before an interruption, never recorded: record it now
-                    ledger.record_adapter(
-                        k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin
-                    )
-                states.append(kept)
-                shard_seconds.append(0.0)
-                continue
-            res = train_shard(model, init_state, samples, cfg, k, progress)
-            save_adapter(model.model, folder, shard_meta(cfg, model, k, samples, origin, res))
-            _, meta = read_adapter(folder)
-            ledger.record_adapter(k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin)
-            states.append(adapter_state(model.model))
-            shard_seconds.append(res.seconds)
-            run.log(
-                f"shard {k}: {len(samples)} samples, trained {res.seconds:.1f}s, "
-                f"last loss {res.history[-1]['train_loss']:.4f}"
-            )
-        _retire_extra_shards(run, ledger, cfg.shards.k, origin)
-
-        # 6. the full-retrain baseline (not kept)
-        retrain = None
-        if cfg.shards.full_retrain:
-            load_adapter_state(model.model, init_state)
-            res = train(model, tr, cfg.train, cfg.seed, progress=progress)
-            t0 = time.perf_counter()
-            probs = model.score(te, model_batch(cfg), progress)
-            retrain = binary_metrics([s.label for s in splits.test], probs, [s.user_id for s in splits.test])
-            retrain.update(train_seconds=res.seconds, score_seconds=time.perf_counter() - t0, n_train=len(tr))
-            run.log(f"full retrain: {len(tr)} samples, {res.seconds:.1f}s, test AUC {retrain['auc']:.4f}")
-
-        # 7. score every aggregation
-        ev = evaluate_shards(cfg, model, splits.valid, splits.test, va, te, f_va, f_te, states, progress)
-        primary = ev.metrics["aggregations"][cfg.shards.primary]
-        metrics = dict(primary)
-        metrics.update(ev.metrics)
-        for single, ids in zip(metrics["single_shards"], shards):
-            single["n_train"] = len(ids)
-        metrics.update(
-            {
-                "method": cfg.shards.primary,
-                "partition": cfg.shards.partition,
-                "k": cfg.shards.k,
-                "shards": [len(s) for s in shards],
-                "retrain": retrain,
-                "n_train": len(splits.train),
-                "n_valid": len(splits.valid),
-                "n_test": len(splits.test),
-                "n_tombstoned_interactions": len(tombstones),
-                "train_seconds": float(sum(shard_seconds)),
-                "shard_train_seconds": shard_seconds,
-                "cache_seconds": cache_seconds,
-                "features_seconds": features_seconds,
-                "partition_seconds": partition_seconds,
-                "score_seconds": ev.seconds,
-                "references": baselines.references(
-                    splits.dataset, splits.train, splits.test, cfg.data.like_threshold, cfg.seed
-                ),
-                "model": cfg.model.name,
-                "protocol": cfg.data.protocol,
-            }
-        )
-        from privrec.run import machine
-
-        metrics["machine"] = machine()
-        run.write_metrics(metrics)
-        run.log(
-            "test AUC: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics["auc_by_aggregation"].items())
-            + f"; single shards mean {metrics['single_shard_mean_auc']:.4f}"
-        )
-        ledger.close()
-        return metrics
-
-
-def _reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, torch.Tensor] | None:
+def reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, torch.Tensor] | None:
     """The saved adapter of a shard when it holds exactly these samples under the same config."""
-    if not (folder / "adapter_model.safetensors").is_file():
+    if not is_adapter(folder):
         return None
     state, meta = read_adapter(folder)
     same = (
@@ -511,12 +320,3 @@ def _reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, 
         and meta.get("sample_ids") == sorted(s.sample_id for s in samples)
     )
     return state if same else None
-
-
-def _retire_extra_shards(run: RunDir, ledger: Ledger, k: int, origin: str) -> None:
-    """A re-partition into fewer shards removes the shards it no longer has."""
-    for j, folder in shard_folders(run).items():
-        if j >= k:
-            shutil.rmtree(folder)
-            ledger.record_adapter(j, None, None, 0, origin)
-            run.log(f"shard {j}: removed (run now has K={k})")

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from privrec.errors import AggregationError
 from privrec.model.adapters import load_adapter_state
 from privrec.model.mixture import score_mixture
 from privrec.model.recmodel import Encoded, RecLM
@@ -125,8 +126,8 @@ def aggregate(
         )
     if method in ("apa-d", "apa-nd"):
         if omega is None:
-            raise ValueError(f"{method} needs per-sample weights omega")
+            raise AggregationError(f"{method} needs per-sample weights omega")
         return score_mixture(
             model, items, states, omega, "d" if method == "apa-d" else "nd", batch_size, progress
         )
-    raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")
+    raise AggregationError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")

@@ -23,7 +23,7 @@ run's tensors, requires_grad off, no dropout); both are active, so each LoRA lay
 W0 x + s_o B_o A_o x + s_s B_s A_s x. The base weights are never touched, so the frozen-layer cache of the
 original run (keyed by the base weights' hash) still serves the student. Afterwards the two adapters are
 written as ONE peft adapter of rank r_o + r_s (A stacked, B scaled and concatenated, scaling 1), exactly
-equal to the pair; that is the adapter saved in OUT/adapter and the model that is measured.
+equal to the pair; that is the adapter saved in OUT/adapters/default and the model that is measured.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import torch
 from privrec.config import LoraConfig
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
+from privrec.prepare import build_model
 from privrec.train import LossFn, train
-from privrec.unlearning.approx import (
+from privrec.unlearning.approx.task import (
     Unlearned,
     UnlearnTask,
     forget_mask,
@@ -196,8 +197,7 @@ def stack_frozen_adapter(model: RecLM, lora_cfg: LoraConfig, state: dict[str, to
 
 def build_student(task: UnlearnTask) -> RecLM:
     """The frozen original model plus a fresh, seeded student LoRA."""
-    student = RecLM.from_config(task.cfg, task.dataset)
-    student.attach_lora(student_lora(task.cfg), task.seed)
+    student = build_model(task.cfg, task.dataset, lora=student_lora(task.cfg), seed=task.seed)
     stack_frozen_adapter(student, task.cfg.lora, task.original_state)
     return student
 
@@ -237,8 +237,7 @@ def e2urec(task: UnlearnTask) -> Unlearned:
                          (adapter_state(student.model), s_lora.alpha / s_lora.r)])
     lora = combined_lora_config([cfg.lora, s_lora])
     del student
-    model = RecLM.from_config(cfg, task.dataset)
-    model.attach_lora(lora, task.seed)
+    model = build_model(cfg, task.dataset, lora=lora, seed=task.seed)
     load_adapter_state(model.model, state)
     return Unlearned(model, adapter_state(model.model), lora, trained_on_retained_only=False, details={
         "augment_history": aug.history, "student_history": res.history, "student_steps": res.steps,

@@ -1,0 +1,94 @@
+"""``privrec evaluate MODEL``: score a model of any kind on one of its splits (the samples it may still see).
+
+- ``single`` / ``student``: the one adapter, like-prediction or ranking (``--set task=...`` switches: one
+  adapter serves both tasks); writes ``eval_{split}.json`` and ``predictions_{split}.csv``.
+- ``shards``: every single shard and every aggregation, the primary one at the top (as shard-train scores
+  them); writes ``eval_{split}.json``.
+- ``clients``: each client's samples with its own adapter; ``overall``, per-client rows and their balance (as
+  federate scores them); writes ``eval_{split}.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from privrec import ranking
+from privrec.commands.model_dir import ClientAdapters, ModelDir, OneAdapter, open_model
+from privrec.errors import UserError
+from privrec.prepare import evaluate_split, write_predictions
+from privrec.rundir import atomic_write_text
+
+
+def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True,
+                 overrides: list[str] | None = None) -> dict:
+    """Score a model directory on ``split``; returns (and writes) its metrics.
+
+    ``overrides`` (``--set``, one-adapter models only) may change the task: ``task=ranking`` ranks with a
+    like-prediction model's adapter and ``task=like-prediction`` scores a ranking model's adapter on
+    like-prediction samples; the files are then named ``eval_{split}_{task}.json`` and so on.
+
+    Raises:
+        RunError: not a model directory, or an unfinished deletion request. UserError: ``--set`` on a shards
+            or clients model.
+    """
+    md = open_model(run_path, overrides)
+    if overrides and md.kind not in ("single", "student"):
+        raise UserError(f"--set applies to one-adapter models; {run_path} is {md.manifest.describe()}")
+    splits = md.splits()
+    tag = split if md.cfg.task == md.manifest.task else f"{split}_{md.cfg.task}"
+    metrics = {"single": _one_adapter, "student": _one_adapter, "shards": _shards,
+               "clients": _clients}[md.kind](md, splits, split, tag, progress)
+    metrics["kind"] = md.kind
+    md.run.write_metrics(metrics, f"eval_{tag}.json")
+    return metrics
+
+
+def _one_adapter(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
+    model, cfg = OneAdapter(md, splits).model, md.cfg
+    if cfg.task == "ranking":
+        rankings = splits.ranking.get(split)
+        by_scorer, scores = ranking.evaluate_rankings(model, rankings, cfg.ranking, cfg.train.eval_batch_size,
+                                                      progress)
+        atomic_write_text(md.run / f"predictions_{tag}.csv", ranking.predictions_csv(rankings, scores))
+        return dict(by_scorer[ranking.scorers_of(cfg.ranking)[0]], scorers=by_scorer, task="ranking")
+    samples = splits.get(split)
+    metrics, probs = evaluate_split(model, samples, model.encode(samples), cfg.train.eval_batch_size, progress)
+    write_predictions(md.run / f"predictions_{tag}.csv", samples, probs)
+    return metrics
+
+
+def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
+    from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features
+
+    cfg = md.cfg
+    model, _ = build_model(cfg, splits.dataset)
+    states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
+    samples = splits.get(split)
+    va, te = model.encode(splits.valid), model.encode(samples)
+    need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
+    f_va = load_features(md.run, model, cfg, va, progress) if need_pool else None
+    f_te = load_features(md.run, model, cfg, te, progress) if need_pool else None
+    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, states, progress)
+    metrics = dict(ev.metrics["aggregations"][cfg.shards.primary])
+    metrics.update(ev.metrics, method=cfg.shards.primary, shards=[a.name for a in md.manifest.adapters])
+    return metrics
+
+
+def _clients(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
+    from privrec.federated.client import Predictions
+    from privrec.federated.runner import Federation, summarise
+
+    fed = Federation(md.cfg, splits, dict(md.manifest.clients))
+    scorer = ClientAdapters(md, splits)
+    preds = {}
+    for c in fed.clients:
+        samples = fed.samples(c)[("train", "valid", "test").index(split)]
+        probs = scorer.score(samples, progress) if samples else np.zeros(0)
+        preds[c] = Predictions(np.asarray(probs, dtype=np.float64), np.array([s.label for s in samples], np.float64),
+                               np.array([s.user_id for s in samples], np.int64))
+    metrics = summarise(fed, preds)
+    metrics.update({k: v for k, v in metrics["overall"].items() if k != "n"}, n_test=metrics["overall"]["n"],
+                   method=f"federated {md.manifest.strategy}")
+    return metrics

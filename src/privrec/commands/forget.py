@@ -1,0 +1,675 @@
+"""``privrec forget MODEL``: exact unlearning of users or samples (METHODS §4, §7), for every model kind that
+can forget exactly, through ONE ledger (:mod:`privrec.unlearning.exact.ledger`) and ONE certificate format
+(:mod:`privrec.unlearning.exact.certificate`):
+
+- a ``shards`` model (``retrain-shards``) retrains, from the common init, only the shards that held the
+  deleted data (APA / SISA: the others stay bit-identical);
+- a ``single`` model (``retrain-all``) retrains its one adapter from scratch, with ``privrec train``'s own
+  code and seed, on the same draw of samples minus the deleted ones (exact, honest, slow).
+
+In the ledger and the certificates an adapter is a numbered *slot*: shard K is slot K, a single model's one
+adapter is slot 0. A request moves through the ledger's statuses, each step idempotent, so a request killed
+at any point is finished by ``privrec forget MODEL --resume`` and is never applied twice:
+
+  pending    the request, its tombstones, the samples it removes and every adapter's hash are committed in
+             one SQLite transaction before any model work;
+  retrained  derived copies of the removed samples are purged (the run's feature rows, their frozen-layer
+             cache entries, their rows in prediction files), every affected adapter is retrained from
+             scratch without them into ``MODEL/staging/<request>/`` (atomic folders; a finished staged
+             adapter is reused on resume, an interrupted single retrain continues from its last epoch);
+  installed  each staged adapter replaces the old one by rename (old -> .old, staged -> final, drop .old);
+             a resume finishes a half-done swap and checks an already-swapped adapter's hash; the manifest
+             is rewritten from the adapters on disk; a single model's training checkpoint (it holds the old
+             weights) is removed;
+  done       every adapter's lineage is checked against the data and the tombstones, unaffected adapters
+             are checked bit-identical, the certificate is written to ``MODEL/certificates/<request>.json``.
+
+``run_verify`` re-checks every certificate and every adapter against the ledger, the manifest and the data.
+Kinds that cannot forget exactly (clients, student, a single model whose prompts show other users' labels)
+are refused with one line naming what can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from privrec import models
+from privrec.commands.model_dir import CONFIG_OF
+from privrec.commands.train import retrain_single
+from privrec.config import ExperimentConfig
+from privrec.data import Dataset, Sample, Splits
+from privrec.data.idfiles import read_id_file
+from privrec.errors import RunError, UserError
+from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
+from privrec.prepare import build_model, shows_tombstoned, source_data
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    CERTIFICATES_DIR,
+    FEATURES_FILE,
+    LEDGER_FILE,
+    SINGLE_ADAPTER,
+    STAGING_DIR,
+    RunDir,
+    atomic_write_text,
+    is_adapter,
+)
+from privrec.train import CHECKPOINT_FILE
+from privrec.unlearning.exact.certificate import (
+    build_body,
+    canonical_sha256,
+    check_adapter,
+    make_certificate,
+    read_certificate,
+    write_certificate,
+)
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, RETRAINED, Ledger, run_lock
+from privrec.unlearning.exact.shards import (
+    ADAPTER_SECTIONS,
+    purge_features,
+    reusable,
+    shard_dir,
+    shard_folders,
+    shard_meta,
+    train_shard,
+)
+from privrec.unlearning.exact.shards import build_model as shard_model
+
+Fault = Callable[[str], None]
+RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
+_SAMPLE_ID = re.compile(r"^u(\d+)-i(\d+)$")
+EXACT = ("retrain-shards", "retrain-all")
+
+
+# --- each kind's exact route ---------------------------------------------------------------------------------
+class Route:
+    """What forgetting exactly means for one kind: its adapter slots, which of them a removal affects, how one
+    is retrained without the data, and what else holds a derived copy of it."""
+
+    name = ""
+
+    def __init__(self, run: RunDir, cfg: ExperimentConfig):
+        self.run, self.cfg = run, cfg
+
+    def folders(self) -> dict[int, Path]:
+        """slot -> adapter folder, as on disk now."""
+        raise NotImplementedError
+
+    def folder_of(self, k: int) -> Path:
+        """Where slot ``k``'s adapter lives (whether or not it is there now: a swap may be half done)."""
+        raise NotImplementedError
+
+    def label(self, k: int) -> str:
+        raise NotImplementedError
+
+    def affected(self, removed: list[dict]) -> set[int]:
+        """The slots a request's removed samples ({sample_id, split, shard}) force to retrain."""
+        return {x["shard"] for x in removed if x["shard"] is not None}
+
+    def retrain(self, rid: str, k: int, ids: list[str], universe: dict[str, Sample], tombstones: set,
+                staged: Path, progress: bool) -> None:
+        """Train slot ``k`` from scratch without the deleted data into ``staged`` (unless already there)."""
+        raise NotImplementedError
+
+    def purge(self, removed_ids: set[str], universe: dict[str, Sample]) -> str:
+        """Drop derived copies of the removed samples; returns what was dropped, for the log."""
+        return ""
+
+    def installed(self) -> None:
+        """After the swap: drop what still holds the old adapters."""
+
+    def run_info(self) -> dict:
+        return {"kind": "", "forget": self.name, "base_model": self.cfg.model.name,
+                "config_digest": self.cfg.digest(), "data_source": self.cfg.data.source}
+
+
+class RetrainShards(Route):
+    name = "retrain-shards"
+
+    def __init__(self, run, cfg):
+        super().__init__(run, cfg)
+        self._model = None
+
+    def folders(self):
+        return shard_folders(self.run)
+
+    def folder_of(self, k):
+        return shard_dir(self.run, k)
+
+    def label(self, k):
+        return f"shard {k}"
+
+    def _built(self):
+        if self._model is None:
+            self._model = shard_model(self.cfg, source_data(self.cfg)[0])
+        return self._model
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        samples = [universe[i] for i in ids]
+        if reusable(staged, self.cfg, samples) is None:
+            model, init_state = self._built()
+            res = train_shard(model, init_state, samples, self.cfg, k, progress)
+            save_adapter(model.model, staged, shard_meta(self.cfg, model, k, samples, rid, res))
+            self.run.log(f"forget {rid}: shard {k} retrained on {len(ids)} samples in {res.seconds:.1f}s")
+
+    def purge(self, removed_ids, universe):
+        n = purge_features(self.run / FEATURES_FILE, removed_ids)
+        return f"{n} feature rows, " + _purge_common(self.run, self._built()[0], removed_ids, universe)
+
+    def run_info(self):
+        return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
+                    partition=self.cfg.shards.partition)
+
+
+class RetrainAll(Route):
+    name = "retrain-all"
+
+    def folders(self):
+        return {0: self.folder_of(0)} if is_adapter(self.folder_of(0)) else {}
+
+    def folder_of(self, k):
+        return self.run / ADAPTERS_DIR / SINGLE_ADAPTER
+
+    def label(self, k):
+        return SINGLE_ADAPTER
+
+    def affected(self, removed):
+        # a validation sample picks the epoch, so it reached the adapter too
+        return {0} if any(x["shard"] is not None or x["split"] == "valid" for x in removed) else set()
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        if not is_adapter(staged):
+            t0 = time.perf_counter()
+            retrain_single(self.cfg, tombstones, staged, staged.parent, progress, log=self.run.log)
+            self.run.log(f"forget {rid}: adapter {SINGLE_ADAPTER} retrained from scratch on {len(ids)} samples in "
+                         f"{time.perf_counter() - t0:.1f}s")
+
+    def purge(self, removed_ids, universe):
+        lora = self.cfg.lora
+        model = build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
+        return _purge_common(self.run, model, removed_ids, universe)  # (no frozen-layer cache: no model needed)
+
+    def installed(self):
+        (self.run / CHECKPOINT_FILE).unlink(missing_ok=True)  # its adapter tensors were trained on the data
+
+    def run_info(self):
+        return dict(super().run_info(), kind="single")
+
+
+ROUTES: dict[str, type[Route]] = {"retrain-shards": RetrainShards, "retrain-all": RetrainAll}
+
+
+def _purge_common(run: RunDir, model, removed_ids: set[str], universe: dict[str, Sample]) -> str:
+    """The removed samples' frozen-layer cache entries and their rows in the run's prediction files."""
+    dropped = 0
+    if model is not None and model.cache is not None:
+        for e in model.encode([universe[i] for i in sorted(removed_ids) if i in universe]):
+            dropped += model.cache.discard(e.key)
+    rows = 0
+    for path in sorted(run.path.glob("predictions_*.csv")):
+        lines = path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.split(",", 1)[0] not in removed_ids]
+        if len(keep) < len(lines):
+            rows += len(lines) - len(keep)
+            atomic_write_text(path, "\n".join(keep) + "\n")
+    return f"{dropped} frozen-cache entries, {rows} prediction rows"
+
+
+def refusal(manifest, cfg: ExperimentConfig, path) -> str:
+    """The one line refusing ``forget`` on a model that cannot forget exactly, naming what can."""
+    if manifest.kind == "clients":
+        return (f"{path} is {manifest.describe()}, strategy {manifest.strategy}: no privrec command forgets from "
+                f"it yet (the strategy allows {', '.join(manifest.strategy_allows)}; federated unlearning is its own "
+                "issue); to forget a user, train a single or shards model (privrec train / privrec shard-train)")
+    if manifest.kind == "student":
+        return (f"{path} is {manifest.describe()}: forget from the model it was unlearnt from, privrec forget "
+                f"{manifest.original} --users ...")
+    if manifest.inferred:
+        why = "it was written before lineage hashes covered sample content, so nothing it forgets can be certified"
+    elif cfg.prompt.item_stats:
+        why = "its prompts show other users' labels (prompt.item_stats), so retraining cannot erase a label"
+    else:
+        why = f"task {cfg.task} models cannot forget exactly yet"
+    return (f"{path} is {manifest.describe()} that cannot forget exactly: {why}; train it again with privrec "
+            "train (prompt.item_stats=false, task like-prediction), or use privrec shard-train")
+
+
+# --- the model directory, locked ------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    run: RunDir
+    manifest: object
+    cfg: ExperimentConfig
+    route: Route
+    ledger: Ledger | None
+    ds: Dataset
+    universe: dict[str, Sample]
+    splits: Splits  # the run's split draw, before tombstones
+
+
+def _open(run_path: str | Path, create_ledger: bool) -> _Run:
+    """Raises: RunError (not a model that forgets exactly, no ledger), DataError / AssetError (data source)."""
+    manifest = models.load(run_path)
+    run = RunDir(run_path, create=False)
+    cfg = run.load_config(cls=CONFIG_OF[manifest.kind])
+    way = next((w for w in manifest.forget if w in EXACT), None)
+    if way is None:
+        raise UserError(refusal(manifest, cfg, run.path))
+    route = ROUTES[way](run, cfg)
+    ds, universe, splits = source_data(cfg)
+    ledger = None
+    if (run / LEDGER_FILE).is_file() or create_ledger or way == "retrain-shards":
+        ledger = Ledger(run / LEDGER_FILE, create=way == "retrain-all")
+        ledger.bind_source(cfg.data.source, cfg.data.path)
+        if not ledger.latest_adapters():  # the first request on a model whose command kept no ledger
+            _record_trained(run, manifest, route, ledger)
+    return _Run(run, manifest, cfg, route, ledger, ds, universe, splits)
+
+
+def _record_trained(run: RunDir, manifest, route: Route, ledger: Ledger) -> None:
+    """Record the adapters as their training command left them, after checking they still are.
+
+    Raises:
+        RunError: an adapter's tensors differ from what its training recorded.
+    """
+    recorded = {a.path: a.tensors_sha256 for a in manifest.adapters}
+    for k, folder in route.folders().items():
+        state, meta = read_adapter(folder)
+        digest = tensors_digest(state)
+        if digest != meta.get("tensors_sha256") or digest != recorded.get(str(folder.relative_to(run.path))):
+            raise RunError(f"{folder}: its tensors differ from those its training recorded; train it again")
+        ledger.record_adapter(k, digest, meta.get("lineage_sha256"), len(meta.get("sample_ids", [])),
+                              ledger.next_origin(manifest.command))
+
+
+@contextlib.contextmanager
+def _session(run_path: str | Path, create_ledger: bool = True) -> Iterator[_Run]:
+    """The model directory, locked for this command, its ledger closed at the end."""
+    with run_lock(Path(run_path)):
+        r = _open(run_path, create_ledger)
+        try:
+            yield r
+        finally:
+            if r.ledger is not None:
+                r.ledger.close()
+
+
+def parse_users(text: str) -> list[int]:
+    """``"12,40"`` -> [12, 40].
+
+    Raises:
+        UserError: empty or not a comma-separated list of integers."""
+    try:
+        users = sorted({int(u) for u in text.split(",") if u.strip()})
+    except ValueError:
+        raise UserError(f"--users expects comma-separated user ids, got {text!r}") from None
+    if not users:
+        raise UserError("--users is empty")
+    return users
+
+
+def read_sample_ids(path: str | Path) -> list[str]:
+    """Sample ids ``u{user}-i{item}``, one per line (blank lines and ``#`` comments skipped).
+
+    Raises:
+        DataError: missing file, malformed id, or no ids."""
+
+    def parse(text: str) -> str:
+        if not _SAMPLE_ID.match(text):
+            raise ValueError(text)
+        return text
+
+    return read_id_file(path, "samples", parse, "a sample id like u12-i345")
+
+
+def resolve_interactions(
+    ds: Dataset, users: list[int] | None = None, sample_ids: list[str] | None = None
+) -> list[tuple[int, int, int]]:
+    """The (user, item, timestamp) interactions a request deletes: all of the users', or the samples'.
+
+    Raises:
+        UserError: an unknown user, or a sample id that is not an interaction of the data source."""
+    inter = ds.inter
+    if users is not None:
+        rows = inter[inter["user_id"].isin(users)]
+        unknown = sorted(set(users) - set(rows["user_id"].tolist()))
+        if unknown:
+            raise UserError(
+                f"user {unknown[0]} not found in {ds.name}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
+    else:
+        pairs = {tuple(int(g) for g in _SAMPLE_ID.match(s).groups()) for s in sample_ids or []}
+        keys = list(zip(inter["user_id"].tolist(), inter["item_id"].tolist()))
+        mask = [k in pairs for k in keys]
+        rows = inter[mask]
+        unknown = sorted(pairs - set(zip(rows["user_id"].tolist(), rows["item_id"].tolist())))
+        if unknown:
+            raise UserError(f"sample u{unknown[0][0]}-i{unknown[0][1]} is not an interaction in {ds.name}")
+    return sorted(
+        (int(u), int(i), int(t)) for u, i, t in zip(rows["user_id"], rows["item_id"], rows["timestamp"])
+    )
+
+
+def _fault(fault: Fault | None, point: str) -> None:
+    if fault is not None:
+        fault(point)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def run_forget(
+    run_path: str | Path,
+    users: list[int] | None = None,
+    samples_file: str | Path | None = None,
+    progress: bool = True,
+    fault: Fault | None = None,
+) -> dict:
+    """Delete users' or samples' data from a model that forgets exactly; returns the certificate.
+
+    ``fault(point)`` is called at every step boundary (tests inject crashes there).
+    Returns ``{"noop": True, ...}`` when everything asked for is already deleted.
+
+    Raises:
+        UserError: unknown user / sample, unreadable samples file, a kind that cannot forget exactly.
+        RunError: not a model directory, busy, an unfinished request (finish it with ``--resume`` first), or a
+            failed lineage check.
+    """
+    if (users is None) == (samples_file is None):
+        raise UserError("give exactly one of --users or --samples")
+    sample_ids = read_sample_ids(samples_file) if samples_file is not None else None
+    with _session(run_path) as r:
+        unfinished = r.ledger.unfinished()
+        if unfinished:
+            raise RunError(
+                f"deletion request {unfinished['id']} is unfinished ({unfinished['status']}); "
+                f"finish it first: privrec forget {r.run.path} --resume"
+            )
+        kind, spec = (
+            ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
+        )
+        interactions = resolve_interactions(r.ds, users, sample_ids)
+        old = r.ledger.tombstones()
+        new = [t for t in interactions if (t[0], t[1]) not in old]
+        if not new:
+            return {
+                "noop": True,
+                "message": f"nothing to forget: all {len(interactions)} interactions were "
+                "deleted by earlier requests",
+            }
+        new_set = {(u, i) for u, i, _ in new}
+
+        # which of the run's samples go, and which adapter slot holds each
+        split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in r.splits.get(name)}
+        metas = {k: read_adapter(f) for k, f in r.route.folders().items()}
+        owner = {sid: k for k, (_, meta) in metas.items() for sid in meta.get("sample_ids", [])}
+        removed = []
+        for sid in sorted(set(split_of) | set(owner)):
+            s = r.universe.get(sid)
+            if s is None or not shows_tombstoned(s, new_set) or shows_tombstoned(s, old):
+                continue
+            removed.append(
+                {
+                    "sample_id": sid,
+                    "user_id": s.user_id,
+                    "item_id": s.item_id,
+                    "timestamp": s.timestamp,
+                    "split": split_of.get(sid, "train"),
+                    "shard": owner.get(sid),
+                }
+            )
+        hit = r.route.affected(removed)
+        slots = [
+            {
+                "shard": k,
+                "retrain": k in hit,
+                "before_sha256": tensors_digest(state),
+                "n_before": len(meta.get("sample_ids", [])),
+            }
+            for k, (state, meta) in metas.items()
+        ]
+        rid = r.ledger.record_request(kind, spec, new, removed, slots)
+        r.run.log(
+            f"forget {rid}: {len(new)} interactions deleted, {len(removed)} samples removed, "
+            f"{r.route.name}: {', '.join(r.route.label(k) for k in sorted(hit)) or 'no adapter held them'}"
+        )
+        _fault(fault, "recorded")
+        return _finish(r, rid, progress, fault)
+
+
+def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None) -> dict | None:
+    """Finish the unfinished request of a model, if any; returns its certificate (None: nothing to do)."""
+    with _session(run_path) as r:
+        req = r.ledger.unfinished()
+        if req is None:
+            return None
+        r.run.log(f"forget --resume: {req['id']} from status {req['status']}")
+        return _finish(r, req["id"], progress, fault)
+
+
+def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
+    if r.ledger.request(rid)["status"] == PENDING:
+        seconds = _retrain(r, rid, progress)
+        r.ledger.advance(rid, RETRAINED, retrain_seconds=seconds)
+        _fault(fault, "retrained")
+    if r.ledger.request(rid)["status"] == RETRAINED:
+        _install(r, rid, fault)
+        r.ledger.advance(rid, INSTALLED)
+        _fault(fault, "installed")
+    if r.ledger.request(rid)["status"] == INSTALLED:
+        cert = _certify(r, rid)
+        _fault(fault, "certified")
+        r.ledger.advance(
+            rid, DONE, certificate_sha256=cert["body_sha256"], adapters_seq=r.ledger.adapters_seq()
+        )
+        shutil.rmtree(r.run / STAGING_DIR / rid, ignore_errors=True)
+        r.run.log(
+            f"forget {rid}: done, certificate {cert['body_sha256'][:16]}, retrain "
+            f"{cert['record']['retrain_seconds']:.1f}s"
+        )
+        return cert
+    return read_certificate(r.run / CERTIFICATES_DIR / f"{rid}.json")
+
+
+def _staged(r: _Run, rid: str, k: int) -> Path:
+    return r.run / STAGING_DIR / rid / r.route.folder_of(k).name
+
+
+def _retrain(r: _Run, rid: str, progress: bool) -> float:
+    """Purge the removed samples' derived copies, retrain every affected slot into staging; returns the
+    training seconds of the staged adapters."""
+    removed_ids = {x["sample_id"] for x in r.ledger.removed(rid)}
+    r.run.log(f"forget {rid}: purged {r.route.purge(removed_ids, r.universe)}")
+    tombstones = r.ledger.tombstones()
+    seconds = 0.0
+    for s in r.ledger.request_shards(rid):
+        k = s["shard"]
+        if not s["retrain"]:
+            r.ledger.set_after(rid, k, s["before_sha256"], s["n_before"])
+            continue
+        meta = read_meta(r.route.folders()[k])
+        ids = [i for i in meta["sample_ids"] if i not in removed_ids]
+        staged = _staged(r, rid, k)
+        if not ids:  # every sample of the adapter was deleted: it is retired
+            staged.mkdir(parents=True, exist_ok=True)
+            (staged / RETIRED).write_text(rid)
+            r.ledger.set_after(rid, k, None, 0)
+            continue
+        r.route.retrain(rid, k, ids, r.universe, tombstones, staged, progress)
+        staged_meta = read_meta(staged)
+        seconds += float(staged_meta.get("train_seconds", 0.0))
+        r.ledger.set_after(rid, k, staged_meta["tensors_sha256"], len(staged_meta["sample_ids"]))
+    return seconds
+
+
+def _install(r: _Run, rid: str, fault: Fault | None) -> None:
+    """Swap every staged adapter in; finish a half-done swap; check adapters swapped before a crash."""
+    for s in r.ledger.request_shards(rid):
+        if not s["retrain"]:
+            continue
+        k, after = s["shard"], s["after_sha256"]
+        staged, final = _staged(r, rid, k), r.route.folder_of(k)
+        old = final.with_name(f".{final.name}.old")
+        if staged.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            if (staged / RETIRED).exists():
+                shutil.rmtree(staged)
+            else:
+                os.replace(staged, final)
+        installed = tensors_digest(read_adapter(final)[0]) if final.exists() else None
+        if installed != after:
+            raise RunError(
+                f"{r.route.label(k)} does not hold the adapter staged by {rid}: the model was changed during "
+                "the request; restore it from a backup or train it again"
+            )
+        shutil.rmtree(old, ignore_errors=True)
+        latest = r.ledger.latest_adapters().get(k)
+        if latest is None or latest["origin"] != rid:
+            lineage = read_meta(final)["lineage_sha256"] if final.exists() else None
+            r.ledger.record_adapter(k, after, lineage, s["n_after"] or 0, rid)
+        _fault(fault, f"installed-shard-{k}")
+    r.route.installed()
+    models.refresh(r.run.path)
+
+
+def _check_current(r: _Run) -> list[dict]:
+    """Every current adapter against its privrec.json, the ledger's record, the manifest and the data."""
+    tomb = r.ledger.tombstones() if r.ledger else set()
+    latest = r.ledger.latest_adapters() if r.ledger else {}
+    manifest = {a.path: a for a in models.load(r.run.path).adapters}
+    checks = []
+    for k, f in r.route.folders().items():
+        c = check_adapter(f, r.universe, tomb, (latest.get(k) or {}).get("tensors_sha256"), slot=k)
+        rec = manifest.get(str(f.relative_to(r.run.path)))
+        meta = read_meta(f)
+        if rec is None or rec.tensors_sha256 != c["tensors_sha256"] or rec.sample_ids != meta.get("sample_ids"):
+            c["problems"].append("the manifest (model.json) does not describe this adapter")
+            c["ok"] = False
+        checks.append(c)
+    return checks
+
+
+def _certify(r: _Run, rid: str) -> dict:
+    """Check every adapter, write the certificate; raise if a check failed (the request stays installed)."""
+    req = r.ledger.request(rid)
+    checks = _check_current(r)
+    by_slot = {c["shard"]: c for c in checks}
+    slots = r.ledger.request_shards(rid)
+    for s in slots:  # every adapter holds exactly what this request left: unaffected ones bit-identical
+        c = by_slot.get(s["shard"])
+        now = c["tensors_sha256"] if c else None
+        if now != s["after_sha256"]:
+            what = "retrained" if s["retrain"] else "untouched"
+            problem = f"adapter differs from the {what} adapter this request left"
+            if c is None:
+                checks.append({"shard": s["shard"], "ok": False, "problems": [problem], "tensors_sha256": None,
+                               "lineage_sha256": None, "n_samples": 0})
+            else:
+                c["problems"].append(problem)
+                c["ok"] = False
+    metas = [read_meta(f) for f in r.route.folders().values()]
+    run_info = dict(r.route.run_info(), base_fingerprint=metas[0].get("base_fingerprint") if metas else None)
+    body = build_body(req, r.ledger.interactions(rid), r.ledger.removed(rid), slots, checks, run_info)
+    record = {
+        "created": req["created"],
+        "completed": time.time(),
+        "retrain_seconds": req["retrain_seconds"],
+        "wall_seconds": time.time() - req["created"],
+        "events": r.ledger.events(rid),
+    }
+    cert = make_certificate(body, record)
+    write_certificate(r.run / CERTIFICATES_DIR / f"{rid}.json", cert)
+    if not body["lineage_check"]["passed"]:
+        bad = [f"{r.route.label(c['shard'])}: {'; '.join(c['problems'])}" for c in checks if not c["ok"]]
+        raise RunError(
+            f"{rid}: lineage check failed ({' | '.join(bad)}); certificate written with "
+            "passed=false, request left unfinished"
+        )
+    return cert
+
+
+# --- verification --------------------------------------------------------------------------------------
+def run_verify(run_path: str | Path) -> dict:
+    """Re-check every certificate and every current adapter of a model; ``ok`` is False on any problem.
+
+    Adapters: tensors on disk == privrec.json == the ledger's latest record == the manifest; lineage recomputed
+    from the data == recorded; no lineage sample shows a tombstoned interaction; every adapter the ledger knows
+    exists. Certificates: one per done request, body unaltered (its sha256) and the one the ledger recorded;
+    none of its removed samples is in any current lineage; every adapter it certified still holds the adapter
+    it certified, unless the ledger shows a later install of that slot. A single model that never forgot
+    anything has no ledger: its adapter is checked against its manifest and the data.
+    """
+    with _session(run_path, create_ledger=False) as r:
+        adapters = _check_current(r)
+        latest = r.ledger.latest_adapters() if r.ledger else {}
+        folders = r.route.folders()
+        for c in adapters:
+            if r.ledger is not None and c["shard"] not in latest:
+                c["problems"].append("adapter not recorded in the ledger")
+                c["ok"] = False
+        for k, row in latest.items():
+            if row["tensors_sha256"] is not None and k not in folders:
+                adapters.append({"shard": k, "ok": False, "problems": ["recorded in the ledger but missing"],
+                                 "tensors_sha256": None, "lineage_sha256": None, "n_samples": 0})
+        current = {c["shard"]: c["tensors_sha256"] for c in adapters}
+        owners: dict[str, list[int]] = {}
+        for k, f in folders.items():
+            for i in read_meta(f).get("sample_ids", []):
+                owners.setdefault(i, []).append(k)
+        shared = sorted(i for i, ks in owners.items() if len(ks) > 1)
+        if shared:  # shards are a partition: e.g. an interrupted re-partition left old shards beside new ones
+            adapters.append({"shard": "all", "ok": False, "tensors_sha256": None, "lineage_sha256": None,
+                             "n_samples": len(owners), "problems": [
+                                 f"{len(shared)} samples are in two shards (e.g. {shared[0]}): rerun "
+                                 "shard-train --resume"]})
+        lineage_ids = set(owners)
+
+        certificates = []
+        known = set()
+        for req in r.ledger.requests() if r.ledger else []:
+            rid = req["id"]
+            known.add(f"{rid}.json")
+            path = r.run / CERTIFICATES_DIR / f"{rid}.json"
+            problems = []
+            if req["status"] != DONE:
+                problems.append(f"request unfinished ({req['status']}): run privrec forget MODEL --resume")
+            elif not path.is_file():
+                problems.append("certificate missing")
+            else:
+                cert = read_certificate(path)
+                body = cert.get("body", {})
+                if canonical_sha256(body) != cert.get("body_sha256"):
+                    problems.append("certificate body altered (sha256 mismatch)")
+                if cert.get("body_sha256") != req["certificate_sha256"]:
+                    problems.append("certificate differs from the one recorded in the ledger")
+                held = sorted(
+                    x["sample_id"]
+                    for x in body.get("removed", {}).get("samples", [])
+                    if x["sample_id"] in lineage_ids
+                )
+                if held:
+                    problems.append(f"{len(held)} removed samples are back in a lineage (e.g. {held[0]})")
+                for a in body.get("adapters", []):
+                    k = a["shard"]
+                    if r.ledger.installed_after(k, req["adapters_seq"] or 0):
+                        continue  # re-trained since (a later request or a training command): checked above
+                    if current.get(k) != a["after"]:
+                        problems.append(f"{r.route.label(k)} no longer holds the adapter this certificate covers")
+            certificates.append({"request": rid, "ok": not problems, "problems": problems})
+        cdir = r.run / CERTIFICATES_DIR
+        for p in sorted(cdir.glob("*.json")) if cdir.is_dir() else []:
+            if p.name not in known:
+                certificates.append({"request": p.stem, "ok": False,
+                                     "problems": ["certificate with no request in the ledger"]})
+        ok = all(a["ok"] for a in adapters) and all(c["ok"] for c in certificates)
+        for a in adapters:
+            a["label"] = r.route.label(a["shard"]) if isinstance(a["shard"], int) else "shards"
+        return {"ok": ok, "adapters": adapters, "certificates": certificates,
+                "tombstones": len(r.ledger.tombstones()) if r.ledger else 0}

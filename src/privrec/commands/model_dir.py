@@ -1,0 +1,217 @@
+"""Open a model directory of any kind for the commands that use a model (evaluate, recommend, unlearn): its
+manifest, its config, the data it may still see (minus everything it forgot), and one scorer for its kind.
+
+A scorer answers P(Yes) for like-prompt samples, whatever the kind:
+
+- ``single`` / ``student``: the one adapter (a student with the LoRA it was saved with);
+- ``shards``: the K shard adapters under the model's primary aggregation (METHODS §4: APA(D) / APA(ND)
+  weights from the untuned model's nearest validation samples, uniform, or SISA's mean);
+- ``clients``: each sample scored with the adapter of the client that holds its user (METHODS §2).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privrec import models
+from privrec.config import ExperimentConfig, LoraConfig, apply_overrides, parse_config
+from privrec.data import Dataset, Sample, Splits, load_dataset
+from privrec.errors import RunError, UserError
+from privrec.federated.config import FederatedConfig
+from privrec.model.adapters import install_adapter, load_adapter_state, read_adapter
+from privrec.model.recmodel import RecLM
+from privrec.prepare import build_model, item_stats, setup_data, without_interactions
+from privrec.rundir import RunDir
+from privrec.unlearning.approx.task import UnlearnConfig
+from privrec.unlearning.exact.ledger import deletion_record
+from privrec.unlearning.exact.shards import ApaConfig
+
+CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
+                                                "clients": FederatedConfig, "student": UnlearnConfig}
+
+
+@dataclass
+class ModelDir:
+    """A model directory opened for use: what it is and what it may still see."""
+
+    run: RunDir
+    manifest: models.Manifest
+    cfg: ExperimentConfig
+    tombstones: set[tuple[int, int]] = field(default_factory=set)
+    deleted_by: dict[int, str] = field(default_factory=dict)  # user -> the deletion request that removed them
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    def splits(self) -> Splits:
+        """The protocol's splits of the model's config, minus every sample showing a deleted interaction."""
+        return setup_data(self.cfg, self.tombstones)
+
+    def seen(self, ds: Dataset) -> Dataset:
+        """The dataset without the interactions the model forgot."""
+        return without_interactions(ds, self.tombstones)
+
+    def check_user(self, ds: Dataset, user: int) -> None:
+        """Raises: UserError for a user whose data the model forgot, or one it never had."""
+        if user in self.deleted_by:
+            raise UserError(f"user {user} was forgotten by deletion request {self.deleted_by[user]}: their data "
+                            f"is gone from {self.run.path}, so it recommends nothing for them")
+        if self.kind == "student" and user in self.manifest.forgotten_users:
+            raise UserError(f"user {user} was unlearnt by {self.run.path} (privrec unlearn "
+                            f"--method {self.manifest.method}): it recommends nothing for them")
+        if not (ds.inter["user_id"] == user).any():
+            raise UserError(f"user {user} not found in {ds.name}")
+
+    def adapter_state(self, record: models.AdapterRecord) -> tuple[dict[str, torch.Tensor], dict]:
+        return read_adapter(self.run / record.path)
+
+    def require_adapters(self) -> None:
+        if not self.manifest.adapters:
+            raise RunError(f"{self.run.path} has no adapters left (every sample they held was deleted)")
+
+
+def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir:
+    """The model directory at ``path``, its config (``--set`` overrides applied) and its deletion record.
+
+    Raises:
+        RunError: not a model directory, a bad manifest, or a deletion request still unfinished (the adapters
+            on disk may still hold the data it deletes).
+        ConfigError: a bad override.
+    """
+    manifest = models.load(path)
+    run = RunDir(path, create=False)
+    cls = CONFIG_OF[manifest.kind]
+    cfg = run.load_config(cls=cls)
+    if overrides:
+        cfg = parse_config(apply_overrides(cfg.model_dump(), overrides), cls)
+    md = ModelDir(run, manifest, cfg)
+    rows = deletion_record(run.path)
+    if manifest.kind == "student" and Path(manifest.original).is_dir():  # what its original forgot, it forgot
+        rows += deletion_record(manifest.original)
+    md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
+    if rows:  # a user every one of whose interactions is deleted is forgotten
+        counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
+        deleted = Counter(u for u, _ in md.tombstones)
+        md.deleted_by = {u: max(r["request_id"] for r in rows if r["user_id"] == u)
+                         for u, n in deleted.items() if n >= int(counts.get(u, 0))}
+    return md
+
+
+# --- one scorer per kind -----------------------------------------------------------------------------------
+class OneAdapter:
+    """single / student: the model with its one adapter installed (``model`` scores prompts directly)."""
+
+    def __init__(self, md: ModelDir, splits: Splits):
+        md.require_adapters()
+        record = md.manifest.adapters[0]
+        state, meta = md.adapter_state(record)
+        lora = LoraConfig(**meta["lora"]) if meta.get("lora") else None  # a student keeps its own LoRA
+        self.model = build_model(md.cfg, splits.dataset, lora=lora, stats=item_stats(md.cfg, splits))
+        install_adapter(self.model, md.run / record.path, state, meta, md.cfg.model.name)
+        self.batch_size = md.cfg.train.eval_batch_size
+
+    def model_for(self, user: int) -> RecLM:
+        return self.model
+
+    def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:
+        return self.model.score(self.model.encode(samples), self.batch_size, progress)
+
+
+class ClientAdapters:
+    """clients: one shared model; a sample is scored with the adapter of the client holding its user."""
+
+    def __init__(self, md: ModelDir, splits: Splits):
+        from privrec.federated.runner import build_model as build_federated
+
+        md.require_adapters()
+        self.md = md
+        self.model = build_federated(md.cfg, splits)
+        self.states = {int(a.name.split("-")[1]): md.adapter_state(a)[0] for a in md.manifest.adapters}
+        self.batch_size = md.cfg.train.eval_batch_size
+
+    def client_of(self, user: int) -> int:
+        c = self.md.manifest.clients.get(user)
+        if c is None:
+            raise UserError(f"user {user} belongs to no client of {self.md.run.path} (its clients hold "
+                            f"{len(self.md.manifest.clients)} users)")
+        return c
+
+    def model_for(self, user: int) -> RecLM:
+        """The model holding the adapter of the user's client."""
+        return self._client(self.client_of(user))
+
+    def _client(self, c: int) -> RecLM:
+        load_adapter_state(self.model.model, self.states[c])
+        return self.model
+
+    def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:
+        out = np.zeros(len(samples))
+        by_client: dict[int, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_client.setdefault(self.client_of(s.user_id), []).append(i)
+        for c, idx in sorted(by_client.items()):
+            m = self._client(c)
+            out[idx] = m.score(m.encode([samples[i] for i in idx]), self.batch_size, progress)
+        return out
+
+
+class ShardAggregation:
+    """shards: the K shard adapters under the model's primary aggregation (the neighbour pool of APA(D) /
+    APA(ND) is the model's validation samples, minus deleted ones, as in shard-train)."""
+
+    def __init__(self, md: ModelDir, splits: Splits):
+        from privrec.unlearning.exact.shards import build_model as build_shard_model
+
+        md.require_adapters()
+        self.md, self.cfg, self.splits = md, md.cfg, splits
+        self.model, _ = build_shard_model(md.cfg, splits.dataset)
+        self.states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
+        self.batch_size = md.cfg.train.eval_batch_size
+        self._pool = None
+
+    def pool(self, progress: bool):
+        """(features, per-adapter P(Yes)) of the validation pool, computed once."""
+        from privrec.unlearning.exact.apa import score_each
+        from privrec.unlearning.exact.shards import load_features
+
+        if self._pool is None:
+            va = self.model.encode(self.splits.valid)
+            self._pool = (load_features(self.md.run, self.model, self.cfg, va, progress),
+                          score_each(self.model, va, self.states, self.batch_size, progress))
+        return self._pool
+
+    def score(self, samples: list[Sample], progress: bool = True, aggregation: str | None = None,
+              own_samples: bool = False) -> np.ndarray:
+        """P(Yes) under ``aggregation`` (default: the primary). ``own_samples``: the samples are the model's
+        own (its splits), so their untuned features may come from and go to the run's feature cache; other
+        prompts (a user's candidates) are computed fresh, never cached under a sample id they do not own."""
+        from privrec.unlearning.exact.apa import aggregate, apa_weights
+        from privrec.unlearning.exact.shards import load_features
+
+        name = aggregation or self.md.manifest.primary
+        items = self.model.encode(samples)
+        omega = None
+        if name in ("apa-d", "apa-nd"):
+            f_pool, per_pool = self.pool(progress)
+            if own_samples:
+                f = load_features(self.md.run, self.model, self.cfg, items, progress)
+            else:
+                with self.model.adapter_disabled():
+                    f = self.model.last_hidden(items, self.cfg.shards.features, self.batch_size, progress)
+            s = self.cfg.shards
+            omega = apa_weights(f, f_pool, per_pool, [x.label for x in self.splits.valid], s.neighbours, s.tau,
+                                s.error)
+        return aggregate(self.model, name, items, self.states, omega=omega, batch_size=self.batch_size,
+                         progress=progress)
+
+
+def scorer_of(md: ModelDir, splits: Splits):
+    """The scorer of the model's kind."""
+    return {"single": OneAdapter, "student": OneAdapter, "shards": ShardAggregation,
+            "clients": ClientAdapters}[md.kind](md, splits)

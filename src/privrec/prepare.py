@@ -1,0 +1,179 @@
+"""What every command sets up: the protocol's splits (minus deleted data), the model with its LoRA (built in
+this one place), the metadata saved beside every adapter, and the small pieces of scoring every procedure
+shares (metrics of one split, its predictions file, the machine it ran on).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privrec import baselines
+from privrec.config import DataConfig, ExperimentConfig, LoraConfig
+from privrec.data import (
+    Dataset,
+    ItemStats,
+    Sample,
+    Splits,
+    build_ranking_splits,
+    build_splits,
+    like_splits,
+    load_dataset,
+    windows,
+)
+from privrec.errors import DataError, UserError
+from privrec.metrics import binary_metrics
+from privrec.model.adapters import lineage_of
+from privrec.model.recmodel import Encoded, RecLM
+from privrec.rundir import atomic_write_text
+
+Tombstones = set[tuple[int, int]] | frozenset[tuple[int, int]]
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+def shows_tombstoned(sample: Sample, tombstones: Tombstones) -> bool:
+    """True when the sample's target or any history item is a deleted (user, item) interaction (a later
+    sample's prompt repeats the rating of every history item)."""
+    if (sample.user_id, sample.item_id) in tombstones:
+        return True
+    return any((sample.user_id, item) in tombstones for item, _ in sample.history)
+
+
+def without_tombstoned(splits: Splits, tombstones: Tombstones) -> Splits:
+    """The same splits minus every sample that shows a deleted interaction (the pool too)."""
+    if not tombstones:
+        return splits
+
+    def keep(part: list[Sample]) -> list[Sample]:
+        return [s for s in part if not shows_tombstoned(s, tombstones)]
+
+    return Splits(splits.dataset, keep(splits.train), keep(splits.valid), keep(splits.test), pool=keep(splits.pool),
+                  ranking=splits.ranking)
+
+
+def setup_data(cfg: ExperimentConfig, tombstones: Tombstones = frozenset()) -> Splits:
+    """Load the configured dataset and cut the protocol's splits; with ``tombstones`` (a model's deleted
+    interactions), every sample showing one is dropped from the draw (the draw itself stays the same).
+
+    Raises:
+        DataError / AssetError: missing or malformed data, or the embedded copy cannot be fetched.
+        UserError: no training or no test sample.
+    """
+    ds = load_dataset(cfg.data.source, cfg.data.path)
+    if cfg.task == "ranking":
+        try:
+            rs = build_ranking_splits(ds, cfg.data, cfg.ranking.n_candidates, cfg.ranking.candidate_seed, cfg.seed)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        tr, va, te = like_splits(rs, cfg.ranking.negatives)
+        splits = Splits(ds, tr, va, te, pool=tr, ranking=rs)
+    else:
+        splits = without_tombstoned(build_splits(ds, cfg.data, cfg.seed), tombstones)
+    if not splits.train or not splits.test:
+        raise UserError(f"protocol {cfg.data.protocol} yields {len(splits.train)} train / {len(splits.test)} "
+                        "test samples; need at least one of each")
+    return splits
+
+
+@functools.lru_cache(maxsize=2)
+def _source_data(data_json: str, seed: int) -> tuple[Dataset, dict[str, Sample], Splits]:
+    data = DataConfig.model_validate_json(data_json)
+    ds = load_dataset(data.source, data.path)
+    seqs = windows(ds, data.history_len, data.like_threshold, data.history_gap)
+    universe = {s.sample_id: s for seq in seqs for s in seq}  # every sample the source can give, by id
+    return ds, universe, build_splits(ds, data, seed)
+
+
+def source_data(cfg: ExperimentConfig) -> tuple[Dataset, dict[str, Sample], Splits]:
+    """(dataset, every like-prediction sample the source can give by id, the run's split draw before
+    tombstones), memoised per process: all three are pure functions of the source files and the data config
+    (read-only: never mutate them). What lineages are checked against.
+
+    Raises:
+        DataError / AssetError: missing or malformed data.
+    """
+    return _source_data(cfg.data.model_dump_json(), cfg.seed)
+
+
+def without_interactions(ds: Dataset, tombstones: Tombstones) -> Dataset:
+    """The dataset as a model that forgot ``tombstones`` sees it: those (user, item) interactions gone."""
+    if not tombstones:
+        return ds
+    keys = zip(ds.inter["user_id"].tolist(), ds.inter["item_id"].tolist())
+    keep = np.array([k not in tombstones for k in keys], dtype=bool)
+    return Dataset(ds.name, ds.inter[keep], ds.items, ds.users)
+
+
+def labelled_pool(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
+    """The training labels a run may count beyond its own training samples: the whole training pool of the
+    protocol when ``prompt.item_stats`` is on (the item statistics in the prompts are counted over it), else
+    just the drawn training samples. The run's references learn from the same samples, so no row of the
+    table sees labels another does not. Never a validation or test label."""
+    return splits.pool if cfg.prompt.item_stats and splits.pool else splits.train
+
+
+def item_stats(cfg: ExperimentConfig, splits: Splits) -> ItemStats | None:
+    """What ``prompt.item_stats`` shows: item like counts over :func:`labelled_pool` (None when off)."""
+    return ItemStats.of(labelled_pool(cfg, splits)) if cfg.prompt.item_stats else None
+
+
+def references(cfg: ExperimentConfig, splits: Splits) -> dict:
+    """The references of METHODS §0 on the test samples, learnt from :func:`labelled_pool`."""
+    return baselines.references(splits.dataset, labelled_pool(cfg, splits), splits.test, cfg.data.like_threshold,
+                                cfg.seed)
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+def build_model(cfg: ExperimentConfig, dataset: Dataset, *, lora: LoraConfig | None = None, seed: int | None = None,
+                stats: ItemStats | None = None, cls: type[RecLM] = RecLM,
+                before_lora: Callable[[RecLM], None] | None = None) -> RecLM:
+    """THE place a model is built: the backbone and prompt builder of ``cfg`` with a fresh seeded LoRA.
+
+    ``lora`` / ``seed`` default to the config's (an E2URec student has its own LoRA); ``cls`` and
+    ``before_lora`` let the federated split build its :class:`SplitRecLM` and cut it before LoRA is attached
+    (which sets the frozen-cache cut).
+    """
+    model = cls.from_config(cfg, dataset, item_stats=stats)
+    if before_lora is not None:
+        before_lora(model)
+    model.attach_lora(lora or cfg.lora, cfg.seed if seed is None else seed)
+    return model
+
+
+def setup_model(cfg: ExperimentConfig, splits: Splits) -> RecLM:
+    """The model of a ``train`` run: :func:`build_model` with the item statistics its prompts show."""
+    return build_model(cfg, splits.dataset, stats=item_stats(cfg, splits))
+
+
+def adapter_meta(cfg: ExperimentConfig, model: RecLM, samples: Iterable[Sample], config_digest: str | None = None,
+                 **extra) -> dict:
+    """The ``privrec.json`` of an adapter: base model and its fingerprint, config digest, and its lineage (the
+    ids of the original samples that reached it and :func:`~privrec.model.adapters.lineage_of` over them),
+    plus ``extra`` (which may override the lineage, e.g. an approximate method keeps its original's)."""
+    samples = list(samples)
+    return {"base_model": cfg.model.name, "base_fingerprint": model.fingerprint,
+            "config_digest": config_digest or cfg.digest(), "sample_ids": sorted(s.sample_id for s in samples),
+            "lineage_sha256": lineage_of(samples), **extra}
+
+
+# --- scoring shared by the procedures -------------------------------------------------------------------------
+def evaluate_split(model: RecLM, samples: list[Sample], items: list[Encoded], batch_size: int,
+                   progress: bool = True) -> tuple[dict, np.ndarray]:
+    probs = model.score(items, batch_size, progress)
+    return binary_metrics([s.label for s in samples], probs, [s.user_id for s in samples]), probs
+
+
+def write_predictions(path: Path, samples: list[Sample], probs: np.ndarray) -> None:
+    lines = ["sample_id,user_id,item_id,label,p_yes"]
+    lines += [f"{s.sample_id},{s.user_id},{s.item_id},{s.label},{p:.6f}" for s, p in zip(samples, probs)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    return f"{platform.machine()} {dev}, torch {torch.__version__}"
