@@ -255,3 +255,34 @@ def test_shipped_unlearn_configs_resolve(name, tmp_path):
     if name == "ml100k":
         assert cfg.model.name == "smollm2-135m" and cfg.lora.top_layers == 8 and cfg.data.n_train == 1024
         assert cfg.unlearn.e2urec.alpha == 2.0 and cfg.unlearn.e2urec.beta == 0.4
+
+
+@pytest.mark.parametrize("method", ["e2urec", "neggrad", "bad-teacher"])
+def test_approximate_budgets_scale_with_the_request_not_the_training_set(trained, tmp_path, capsys, method,
+                                                                         _splits_once):
+    """A one-user request sees retain_per_forget retained items per forgotten item and takes steps in
+    proportion to its own size (METHODS §8): far fewer than a ten-user request on the same model."""
+    from privrec.rundir import RunDir
+
+    train_samples = _splits_once(RunDir(trained, create=False).load_config()).train
+    counts = {u: sum(s.user_id == u for s in train_samples) for u in {s.user_id for s in train_samples}}
+    by_size = sorted(counts, key=lambda u: (counts[u], u))
+    requests = {"one": [by_size[0]], "ten": by_size[-10:]}  # an edge user; the ten largest (core) users
+    seen = {}
+    for name, users in requests.items():
+        out = tmp_path / name
+        code, _, err = run_cli(capsys, "unlearn", str(trained), "--method", method, "--out", str(out),
+                               "--config", UNLEARN_TINY, "--set", f"unlearn.forget_users={users}",
+                               "--set", "unlearn.forget_fraction=null",
+                               "--set", "unlearn.retain_per_forget=2")
+        assert code == 0, err
+        m = metrics(out)
+        b = m["budget"]
+        n_forget = sum(counts[u] for u in users)
+        assert b["n_forget"] == m["n_forget"] == n_forget
+        assert m["n_retain_pool"] == b["retain"] == 2 * n_forget  # two retained items per forgotten one
+        steps = m["details"]["student_steps"] if method == "e2urec" else m["details"]["steps"]
+        planned = b["steps"][method]["student"] if method == "e2urec" else b["steps"][method]
+        assert steps == planned  # the methods spend exactly the budget
+        seen[name] = (b["retain"], steps)
+    assert seen["one"][0] * 5 <= seen["ten"][0] and seen["one"][1] < seen["ten"][1]
