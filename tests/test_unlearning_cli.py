@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import run_cli
 
 from privrec.cli import main
 from privrec.config import parse_config
 from privrec.errors import ConfigError
-from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, student_lora
+from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, request_budget, student_lora
 from privrec.unlearning.measures import jensen_shannon, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +268,7 @@ def test_approximate_budgets_scale_with_the_request_not_the_training_set(trained
     train_samples = _splits_once(RunDir(trained, create=False).load_config()).train
     counts = {u: sum(s.user_id == u for s in train_samples) for u in {s.user_id for s in train_samples}}
     by_size = sorted(counts, key=lambda u: (counts[u], u))
-    requests = {"one": [by_size[0]], "ten": by_size[-10:]}  # an edge user; the ten largest (core) users
+    requests = {"one": [by_size[0]], "ten": by_size[1:11]}  # an edge user; ten more (the tiny run has 64 samples)
     seen = {}
     for name, users in requests.items():
         out = tmp_path / name
@@ -280,9 +281,16 @@ def test_approximate_budgets_scale_with_the_request_not_the_training_set(trained
         b = m["budget"]
         n_forget = sum(counts[u] for u in users)
         assert b["n_forget"] == m["n_forget"] == n_forget
-        assert m["n_retain_pool"] == b["retain"] == 2 * n_forget  # two retained items per forgotten one
+        assert m["n_retain_pool"] == b["retain"] == min(2 * n_forget, 64 - n_forget)  # two per forgotten one
         steps = m["details"]["student_steps"] if method == "e2urec" else m["details"]["steps"]
         planned = b["steps"][method]["student"] if method == "e2urec" else b["steps"][method]
         assert steps == planned  # the methods spend exactly the budget
         seen[name] = (b["retain"], steps)
-    assert seen["one"][0] * 5 <= seen["ten"][0] and seen["one"][1] < seen["ten"][1]
+    # retained items scale at once; steps once the request outgrows a batch (E2URec's student batch is 16)
+    assert seen["one"][0] * 5 <= seen["ten"][0] and seen["one"][1] <= seen["ten"][1]
+    cfg = parse_config({**yaml.safe_load((trained / "config.yaml").read_text()),
+                        **yaml.safe_load(Path(UNLEARN_TINY).read_text())}, UnlearnConfig)
+    small, large = request_budget(cfg, 10, 10_000), request_budget(cfg, 100, 10_000)
+    assert large["retain"] == 10 * small["retain"]
+    assert large["steps"]["neggrad"] >= 5 * small["steps"]["neggrad"]
+    assert large["steps"]["e2urec"]["student"] >= 5 * small["steps"]["e2urec"]["student"]
