@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_unlearning import KILL_AT  # the same kill -9 at a fault point
 
 from privrec.cli import main
 from privrec.config import load_config
@@ -183,14 +184,6 @@ def test_a_deletion_in_a_later_slice_restores_the_checkpoint_before_it_and_still
     assert tensors_digest(adapter_state(model.model)) == tensors_digest(installed)  # bit-identical
 
 
-KILL_AT = """
-import os, signal, sys
-from privrec.commands.forget import run_forget
-def fault(point):
-    if point == sys.argv[3]:
-        os.kill(os.getpid(), signal.SIGKILL)
-run_forget(sys.argv[1], users=[int(sys.argv[2])], progress=False, fault=fault)
-"""
 
 
 def test_kill_9_during_a_replay_then_resume_gives_the_same_certificate(
