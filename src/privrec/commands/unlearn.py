@@ -435,6 +435,7 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
     metrics.update(record(cfg, splits, "retrain-shards" if method == "retrain" else method, method == "retrain",
                           run_path, ref_path, ref_seconds, users, forget_s, retain_s))
     metrics.update({"n_retain_pool": len(retain_s), "cache_seconds": 0.0, "score_seconds": score_seconds,
+                    "budget": None,  # exact: the affected shards retrain on all their retained samples
                     "details": dict(details, aggregation=md.manifest.primary)})
     write_predictions(out_run / PREDICTIONS_FORGET, forget_s, probs["forget_eval"])
     write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])
