@@ -86,3 +86,42 @@ def test_partition_refuses_impossible_requests():
         partition("semantic", ids, 2, seed=0)
     with pytest.raises(ValueError, match="at least K"):
         partition("user", ids, 3, seed=0, users=[1, 1, 2])
+
+
+def test_semantic_users_partition_never_splits_a_user_and_stays_balanced_within_one_users_samples():
+    # users drawn around 4 directions, 1..12 samples each (some users bigger than others, as in MovieLens)
+    rng = np.random.default_rng(5)
+    n_users = 48
+    counts = rng.integers(1, 13, size=n_users)
+    users = np.repeat(np.arange(n_users), counts)
+    centres = rng.normal(size=(4, 16)) * 3
+    x = centres[users % 4] + 0.3 * rng.normal(size=(len(users), 16))
+    ids = [f"u{u}-i{i}" for i, u in enumerate(users)]
+    shards = partition("semantic-users", ids, 4, seed=0, features=x, users=users.tolist())
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))  # disjoint and covering
+    owner = {}
+    for k, s in enumerate(shards):
+        for sid in s:
+            u = int(sid.split("-")[0][1:])
+            assert owner.setdefault(u, k) == k, f"user {u} split across shards"
+    t = math.ceil(len(ids) / 4)
+    assert max(len(s) for s in shards) < t + counts.max()  # over t by less than one user's samples
+    # users of one direction land together: the walk is semantic, not a deal
+    assert all(len({int(sid.split("-")[0][1:]) % 4 for sid in s}) <= 2 for s in shards)
+    assert partition("semantic-users", ids, 4, seed=0, features=x, users=users.tolist()) == shards
+    with pytest.raises(ValueError, match="at least K"):
+        partition("semantic-users", ids[:5], 4, seed=0, features=x[:5], users=[1, 1, 2, 2, 3])
+
+
+def test_user_slices_keep_users_whole_oldest_first_and_balanced():
+    from privrec.unlearning.exact.partition import user_slices
+
+    users = [1, 1, 2, 3, 3, 3, 4, 5, 5, 6]
+    joined = {1: 50, 2: 10, 3: 30, 4: 20, 5: 40, 6: 60}  # join order 2, 4, 3, 5, 1, 6
+    labels = user_slices(users, [joined[u] for u in users], 3).tolist()
+    of = {u: lab for u, lab in zip(users, labels)}
+    assert all(of[u] == lab for u, lab in zip(users, labels))  # one slice per user
+    order = sorted(joined, key=joined.get)
+    assert [of[u] for u in order] == sorted(of[u] for u in order)  # newest users in the last slices
+    assert set(labels) == {0, 1, 2} and of[6] == 2 and of[2] == 0

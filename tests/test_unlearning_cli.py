@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import run_cli
 
 from privrec.cli import main
 from privrec.config import parse_config
 from privrec.errors import ConfigError
-from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, student_lora
+from privrec.unlearning.approx.task import UnlearnConfig, choose_forget_users, request_budget, student_lora
 from privrec.unlearning.measures import jensen_shannon, symmetric_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,3 +256,41 @@ def test_shipped_unlearn_configs_resolve(name, tmp_path):
     if name == "ml100k":
         assert cfg.model.name == "smollm2-135m" and cfg.lora.top_layers == 8 and cfg.data.n_train == 1024
         assert cfg.unlearn.e2urec.alpha == 2.0 and cfg.unlearn.e2urec.beta == 0.4
+
+
+@pytest.mark.parametrize("method", ["e2urec", "neggrad", "bad-teacher"])
+def test_approximate_budgets_scale_with_the_request_not_the_training_set(trained, tmp_path, capsys, method,
+                                                                         _splits_once):
+    """A one-user request sees retain_per_forget retained items per forgotten item and takes steps in
+    proportion to its own size (METHODS §8): far fewer than a ten-user request on the same model."""
+    from privrec.rundir import RunDir
+
+    train_samples = _splits_once(RunDir(trained, create=False).load_config()).train
+    counts = {u: sum(s.user_id == u for s in train_samples) for u in {s.user_id for s in train_samples}}
+    by_size = sorted(counts, key=lambda u: (counts[u], u))
+    requests = {"one": [by_size[0]], "ten": by_size[1:11]}  # an edge user; ten more (the tiny run has 64 samples)
+    seen = {}
+    for name, users in requests.items():
+        out = tmp_path / name
+        code, _, err = run_cli(capsys, "unlearn", str(trained), "--method", method, "--out", str(out),
+                               "--config", UNLEARN_TINY, "--set", f"unlearn.forget_users={users}",
+                               "--set", "unlearn.forget_fraction=null",
+                               "--set", "unlearn.retain_per_forget=2")
+        assert code == 0, err
+        m = metrics(out)
+        b = m["budget"]
+        n_forget = sum(counts[u] for u in users)
+        assert b["n_forget"] == m["n_forget"] == n_forget
+        assert m["n_retain_pool"] == b["retain"] == min(2 * n_forget, 64 - n_forget)  # two per forgotten one
+        steps = m["details"]["student_steps"] if method == "e2urec" else m["details"]["steps"]
+        planned = b["steps"][method]["student"] if method == "e2urec" else b["steps"][method]
+        assert steps == planned  # the methods spend exactly the budget
+        seen[name] = (b["retain"], steps)
+    # retained items scale at once; steps once the request outgrows a batch (E2URec's student batch is 16)
+    assert seen["one"][0] * 5 <= seen["ten"][0] and seen["one"][1] <= seen["ten"][1]
+    cfg = parse_config({**yaml.safe_load((trained / "config.yaml").read_text()),
+                        **yaml.safe_load(Path(UNLEARN_TINY).read_text())}, UnlearnConfig)
+    small, large = request_budget(cfg, 10, 10_000), request_budget(cfg, 100, 10_000)
+    assert large["retain"] == 10 * small["retain"]
+    assert large["steps"]["neggrad"] >= 5 * small["steps"]["neggrad"]
+    assert large["steps"]["e2urec"]["student"] >= 5 * small["steps"]["e2urec"]["student"]

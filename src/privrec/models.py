@@ -116,6 +116,7 @@ class ShardsManifest(_Manifest):
     aggregations: list[Literal["uniform", "apa-d", "apa-nd", "sisa"]]
     primary: Literal["uniform", "apa-d", "apa-nd", "sisa"] = Field(
         description="The aggregation that evaluate and recommend use.")
+    slices: int = Field(1, ge=1, description="SISA slices per shard (METHODS §9); 1 = unsliced.")
 
 
 class ClientsManifest(_Manifest):

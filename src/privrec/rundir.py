@@ -34,6 +34,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEDGER_FILE = "ledger.sqlite"
 CERTIFICATES_DIR = "certificates"
 STAGING_DIR = "staging"
+SLICES_DIR = "slices"  # slices/shard-K/stage-S: a sliced shard's checkpoint after stage S (METHODS §9)
 FEATURES_FILE = "features.npz"
 ZERO_SHOT_FILE = "zero_shot.json"
 

@@ -19,6 +19,7 @@ points of the interrupted epoch included: they are recomputed, not kept).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -79,6 +80,7 @@ class TrainResult:
     samples_seen: int = 0
     steps: int = 0
     stopped_early: bool = False
+    optimizer_state: dict | None = None  # AdamW's state at the end (a sliced shard's next stage continues it)
 
     @property
     def samples_per_second(self) -> float:
@@ -127,7 +129,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
           checkpoint_dir: Path | None = None, resume: bool = False, loss_fn: LossFn = bce_loss,
           regularizer: Regularizer | None = None, batch_plan: BatchPlan | None = None,
           lr_scale: float = 1.0, progress: bool = True, on_epoch: Callable[[dict], None] | None = None,
-          ) -> TrainResult:
+          optimizer_state: dict | None = None) -> TrainResult:
     """Train ``model``'s trainable weights on ``data`` with ``cfg`` (a :class:`TrainConfig`).
 
     Args:
@@ -142,6 +144,8 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         batch_plan: ``(epoch, rng, data) -> list of index batches``; default shuffled length-bucketed. It
             is called once per epoch, at the start of the epoch.
         lr_scale: multiplies ``cfg.lr`` (per-client learning-speed scaling).
+        optimizer_state: an AdamW ``state_dict`` to continue from (its moments and step counts; the learning
+            rate still follows this call's own schedule). The state at the end is ``result.optimizer_state``.
 
     Raises:
         TrainingError: no trainable parameters, no training data, or ``select: uauc`` without user ids.
@@ -156,12 +160,15 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         raise TrainingError("train.select=uauc needs the user id of every validation item")
     result = TrainResult()
     if cfg.epochs == 0:
+        result.optimizer_state = optimizer_state
         return result
     model.prepare(data + (valid or []), cfg.eval_batch_size, progress)
 
     plan = batch_plan or (lambda e, rng, d: shuffled_length_batches(len(d), cfg.batch_size, rng, d))
     base_lr = cfg.lr * lr_scale
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
 
     start_epoch, best_state, bad_epochs, best_score = 0, None, 0, float("nan")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
@@ -262,4 +269,5 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             break
     if best_state is not None:
         load_adapter_state(model.model, best_state)
+    result.optimizer_state = copy.deepcopy(opt.state_dict())
     return result

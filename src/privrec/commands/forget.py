@@ -54,13 +54,15 @@ from privrec.rundir import (
     CERTIFICATES_DIR,
     FEATURES_FILE,
     LEDGER_FILE,
+    SHARD_PREFIX,
     SINGLE_ADAPTER,
+    SLICES_DIR,
     STAGING_DIR,
     RunDir,
     atomic_write_text,
     is_adapter,
 )
-from privrec.train import CHECKPOINT_FILE
+from privrec.train import CHECKPOINT_FILE, TrainResult
 from privrec.unlearning.exact.certificate import (
     build_body,
     canonical_sha256,
@@ -80,6 +82,20 @@ from privrec.unlearning.exact.shards import (
     train_shard,
 )
 from privrec.unlearning.exact.shards import build_model as shard_model
+from privrec.unlearning.exact.slices import (
+    check_checkpoints,
+    checkpoint_set,
+    complete,
+    copy_checkpoint,
+    cumulative,
+    first_affected,
+    load_checkpoint,
+    restore,
+    sliced_fields,
+    stage_dir,
+    stage_label,
+    train_sliced,
+)
 
 Fault = Callable[[str], None]
 RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
@@ -93,6 +109,7 @@ class Route:
     is retrained without the data, and what else holds a derived copy of it."""
 
     name = ""
+    fault: Fault | None = None  # called at the route's own step boundaries (a replayed checkpoint; tests crash there)
 
     def __init__(self, run: RunDir, cfg: ExperimentConfig):
         self.run, self.cfg = run, cfg
@@ -124,6 +141,17 @@ class Route:
     def installed(self) -> None:
         """After the swap: drop what still holds the old adapters."""
 
+    def install_slot(self, rid: str, k: int, retired: bool) -> None:
+        """Before slot ``k``'s adapter is swapped in: swap in what goes with it (a sliced shard's checkpoints)."""
+
+    def problems(self, k: int, folder: Path, universe: dict[str, Sample], tombstones: set) -> list[str]:
+        """Problems of what goes with slot ``k``'s adapter (a sliced shard's checkpoints)."""
+        return []
+
+    def stray(self) -> list[str]:
+        """Problems of derived copies no current adapter accounts for."""
+        return []
+
     def run_info(self) -> dict:
         return {"kind": "", "forget": self.name, "base_model": self.cfg.model.name,
                 "config_digest": self.cfg.digest(), "data_source": self.cfg.data.source}
@@ -152,11 +180,69 @@ class RetrainShards(Route):
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         samples = [universe[i] for i in ids]
+        old = read_meta(self.folders()[k])
+        if old.get("slices"):
+            return self._replay(rid, k, ids, universe, old, staged, progress)
         if reusable(staged, self.cfg, samples) is None:
             model, init_state = self._built()
             res = train_shard(model, init_state, samples, self.cfg, k, progress)
             save_adapter(model.model, staged, shard_meta(self.cfg, model, k, samples, rid, res))
             self.run.log(f"forget {rid}: shard {k} retrained on {len(ids)} samples in {res.seconds:.1f}s")
+
+    def _replay(self, rid, k, ids, universe, old, staged, progress):
+        """A sliced shard (METHODS §9): restore the checkpoint before the first slice that lost samples, replay
+        the later stages without them into staging (copying the unaffected checkpoints beside them). A
+        resumed request continues from the last checkpoint it staged."""
+        keep = set(ids)
+        slices = [[i for i in sl if i in keep] for sl in old["slices"]]
+        r, j = len(slices), first_affected(old["slices"], slices)
+        assert j is not None, "an affected shard lost samples"
+        samples = [universe[i] for i in ids]
+        if reusable(staged, self.cfg, samples, slices) is not None:
+            return
+        model, init_state = self._built()
+        here, there = checkpoint_set(self.run.path, k), checkpoint_set(staged.parent, k)
+        for s in range(1, j):  # the unaffected checkpoints are kept: copied beside the replayed ones
+            if not complete(stage_dir(there, s)):
+                copy_checkpoint(stage_dir(here, s), stage_dir(there, s))
+        start = next((s for s in range(r - 1, j - 1, -1) if complete(stage_dir(there, s))
+                      and read_meta(stage_dir(there, s)).get("sample_ids") == cumulative(slices, s)), j - 1)
+        state = restore(there, old, start, init_state) if start < j else load_checkpoint(stage_dir(there, start))[0]
+        base = shard_meta(self.cfg, model, k, samples, rid, TrainResult())
+        seconds = train_sliced(model, state, [[universe[i] for i in sl] for sl in slices], self.cfg, k, start + 1,
+                               there, base, progress, self.fault)
+        replay = {"request": rid, "restored": stage_label(j - 1), "replayed": list(range(j, r + 1)),
+                  "checkpoints_replaced": [stage_label(s) for s in range(j, r)]}
+        meta = dict(shard_meta(self.cfg, model, k, samples, rid, TrainResult(epochs_run=r - start, seconds=seconds)),
+                    **sliced_fields(self.cfg, slices, there), replay=replay)
+        save_adapter(model.model, staged, meta)
+        self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
+                     f"{len(ids)} samples in {seconds:.1f}s")
+
+    def install_slot(self, rid, k, retired):
+        staged, final = checkpoint_set(self.run / STAGING_DIR / rid, k), checkpoint_set(self.run.path, k)
+        old = final.with_name(f".{final.name}.old")
+        if staged.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(staged, final)
+        elif retired:
+            shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoints held the deleted data
+
+    def problems(self, k, folder, universe, tombstones):
+        meta = read_meta(folder)
+        here = checkpoint_set(self.run.path, k)
+        if not meta.get("slices") and not here.exists():
+            return []
+        return check_checkpoints(here, meta, universe, tombstones)
+
+    def stray(self):
+        base = self.run / SLICES_DIR
+        have = {f"{SHARD_PREFIX}{k}" for k in self.folders()}
+        return [f"checkpoints {p.name} belong to no current shard" for p in sorted(base.iterdir())
+                if p.name not in have] if base.is_dir() else []
 
     def purge(self, removed_ids, universe):
         n = purge_features(self.run / FEATURES_FILE, removed_ids)
@@ -454,6 +540,7 @@ def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None 
 
 def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
     if r.ledger.request(rid)["status"] == PENDING:
+        r.route.fault = fault
         seconds = _retrain(r, rid, progress)
         r.ledger.advance(rid, RETRAINED, retrain_seconds=seconds)
         _fault(fault, "retrained")
@@ -515,6 +602,7 @@ def _install(r: _Run, rid: str, fault: Fault | None) -> None:
         k, after = s["shard"], s["after_sha256"]
         staged, final = _staged(r, rid, k), r.route.folder_of(k)
         old = final.with_name(f".{final.name}.old")
+        r.route.install_slot(rid, k, (staged / RETIRED).exists() if staged.exists() else not final.exists())
         if staged.exists():
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -547,6 +635,10 @@ def _check_current(r: _Run) -> list[dict]:
     checks = []
     for k, f in r.route.folders().items():
         c = check_adapter(f, r.universe, tomb, (latest.get(k) or {}).get("tensors_sha256"), slot=k)
+        extra = r.route.problems(k, f, r.universe, tomb)
+        if extra:
+            c["problems"] += extra
+            c["ok"] = False
         rec = manifest.get(str(f.relative_to(r.run.path)))
         meta = read_meta(f)
         if rec is None or rec.tensors_sha256 != c["tensors_sha256"] or rec.sample_ids != meta.get("sample_ids"):
@@ -576,7 +668,14 @@ def _certify(r: _Run, rid: str) -> dict:
                 c["ok"] = False
     metas = [read_meta(f) for f in r.route.folders().values()]
     run_info = dict(r.route.run_info(), base_fingerprint=metas[0].get("base_fingerprint") if metas else None)
-    body = build_body(req, r.ledger.interactions(rid), r.ledger.removed(rid), slots, checks, run_info)
+    replays = {}
+    for s in slots:  # a sliced shard's adapter says which checkpoint it restored and which stages it replayed
+        f = r.route.folders().get(s["shard"])
+        replay = read_meta(f).get("replay") if s["retrain"] and f is not None else None
+        if replay and replay.get("request") == rid:
+            replays[s["shard"]] = {k: v for k, v in replay.items() if k != "request"}
+    body = build_body(req, r.ledger.interactions(rid), r.ledger.removed(rid), slots, checks, run_info,
+                      slices=replays)
     record = {
         "created": req["created"],
         "completed": time.time(),
@@ -630,6 +729,10 @@ def run_verify(run_path: str | Path) -> dict:
                                  f"{len(shared)} samples are in two shards (e.g. {shared[0]}): rerun "
                                  "shard-train --resume"]})
         lineage_ids = set(owners)
+        stray = r.route.stray()
+        if stray:
+            adapters.append({"shard": "all", "ok": False, "tensors_sha256": None, "lineage_sha256": None,
+                             "n_samples": 0, "problems": stray})
 
         certificates = []
         known = set()

@@ -30,7 +30,7 @@ from privrec.metrics import binary_metrics
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
 from privrec.prepare import machine
 from privrec.rundir import LEDGER_FILE, RunDir
-from privrec.train import train
+from privrec.train import TrainResult, train
 from privrec.unlearning.exact.ledger import Ledger, run_lock
 from privrec.unlearning.exact.partition import partition
 from privrec.unlearning.exact.shards import (
@@ -45,6 +45,14 @@ from privrec.unlearning.exact.shards import (
     shard_folders,
     shard_meta,
     train_shard,
+)
+from privrec.unlearning.exact.slices import (
+    StageState,
+    check_checkpoints,
+    checkpoint_set,
+    slice_map,
+    sliced_fields,
+    train_sliced,
 )
 
 
@@ -87,7 +95,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         cache_seconds = time.perf_counter() - t0
 
         # 4. untuned hidden states: train (partition), valid + test (neighbours); only where needed
-        need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user")
+        need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user", "semantic-users")
         need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
         t0 = time.perf_counter()
         f_tr = load_features(run, model, cfg, tr, progress) if need_train else None
@@ -114,7 +122,11 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         for k, ids in enumerate(shards):
             samples = [by_id[i] for i in ids]
             folder = shard_dir(run, k)
-            kept = reusable(folder, cfg, samples) if resume else None
+            slices = slice_map(samples, cfg.shards.slices) if cfg.shards.slices > 1 else None
+            kept = reusable(folder, cfg, samples, slices) if resume else None
+            if kept is not None and slices is not None and check_checkpoints(
+                    checkpoint_set(run.path, k), read_adapter(folder)[1], by_id, tombstones):
+                kept = None  # its checkpoints are not all there: train the shard again
             if kept is not None:
                 run.log(f"shard {k}: kept (resume), {len(samples)} samples")
                 _, meta = read_adapter(folder)
@@ -126,20 +138,19 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 states.append(kept)
                 shard_seconds.append(0.0)
                 continue
-            res = train_shard(model, init_state, samples, cfg, k, progress)
-            save_adapter(model.model, folder, shard_meta(cfg, model, k, samples, origin, res))
+            res = _train_one(run, model, init_state, samples, slices, cfg, k, origin, progress)
             _, meta = read_adapter(folder)
             ledger.record_adapter(k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin)
             states.append(adapter_state(model.model))
             shard_seconds.append(res.seconds)
-            run.log(
-                f"shard {k}: {len(samples)} samples, trained {res.seconds:.1f}s, "
-                f"last loss {res.history[-1]['train_loss']:.4f}"
-            )
+            run.log(f"shard {k}: {len(samples)} samples"
+                    + (f" in {len(slices)} slices of {[len(sl) for sl in slices]}" if slices else "")
+                    + f", trained {res.seconds:.1f}s"
+                    + (f", last loss {res.history[-1]['train_loss']:.4f}" if res.history else ""))
         _retire_extra_shards(run, ledger, cfg.shards.k, origin)
         models.write(run.path, models.build(cfg, run.path, "shards", partition=cfg.shards.partition,
                                             aggregations=cfg.shards.aggregations, primary=cfg.shards.primary,
-                                            forget=["retrain-shards"]))
+                                            slices=cfg.shards.slices, forget=["retrain-shards"]))
 
         # 6. the full-retrain baseline (not kept)
         retrain = None
@@ -164,6 +175,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 "method": cfg.shards.primary,
                 "partition": cfg.shards.partition,
                 "k": cfg.shards.k,
+                "slices": cfg.shards.slices,
                 "shards": [len(s) for s in shards],
                 "retrain": retrain,
                 "n_train": len(splits.train),
@@ -196,10 +208,30 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
 
 
 
+def _train_one(run: RunDir, model, init_state, samples, slices: list[list[str]] | None, cfg: ApaConfig, k: int,
+               origin: str, progress: bool) -> TrainResult:
+    """Train shard k from the common init (sliced: in stages, a checkpoint after each) and save it."""
+    set_dir = checkpoint_set(run.path, k)
+    shutil.rmtree(set_dir, ignore_errors=True)  # checkpoints of an earlier training of this shard
+    if slices is None:
+        res = train_shard(model, init_state, samples, cfg, k, progress)
+        save_adapter(model.model, shard_dir(run, k), shard_meta(cfg, model, k, samples, origin, res))
+        return res
+    by_id = {s.sample_id: s for s in samples}
+    base = shard_meta(cfg, model, k, samples, origin, TrainResult())
+    seconds = train_sliced(model, StageState(init_state, None), [[by_id[i] for i in sl] for sl in slices], cfg, k,
+                           1, set_dir, base, progress)
+    res = TrainResult(epochs_run=cfg.shards.slices, seconds=seconds)
+    save_adapter(model.model, shard_dir(run, k),
+                 dict(shard_meta(cfg, model, k, samples, origin, res), **sliced_fields(cfg, slices, set_dir)))
+    return res
+
+
 def _retire_extra_shards(run: RunDir, ledger: Ledger, k: int, origin: str) -> None:
-    """A re-partition into fewer shards removes the shards it no longer has."""
+    """A re-partition into fewer shards removes the shards it no longer has (and their checkpoints)."""
     for j, folder in shard_folders(run).items():
         if j >= k:
+            shutil.rmtree(checkpoint_set(run.path, j), ignore_errors=True)
             shutil.rmtree(folder)
             ledger.record_adapter(j, None, None, 0, origin)
             run.log(f"shard {j}: removed (run now has K={k})")

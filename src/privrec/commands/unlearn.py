@@ -51,6 +51,7 @@ from privrec.unlearning.approx.task import (
     choose_forget_users,
     draw,
     read_user_file,
+    request_budget,
     split_by_users,
 )
 from privrec.unlearning.exact.ledger import deleted_interactions
@@ -314,8 +315,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     enc = {name: model.encode(s) for name, s in [("forget", forget_s), ("retain", retain_s),
                                                   ("valid", splits.valid), ("test", splits.test),
                                                   ("forget_eval", forget_eval)] + list(mia_s.items())}
-    retain_pool = draw(enc["retain"], round(cfg.unlearn.retain_per_forget * len(enc["forget"])),
-                       [cfg.forget_seed, 17])
+    budget = request_budget(cfg, len(enc["forget"]), len(enc["retain"]))  # in proportion to the request
+    retain_pool = draw(enc["retain"], budget["retain"], [cfg.forget_seed, 17])
     needed = enc["forget"] + retain_pool + enc["test"] + enc["forget_eval"]
     needed += [e for k in mia_s for e in enc[k]]
     if method == "retrain":
@@ -356,7 +357,7 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     metrics.update(mia_info)
     metrics.update(record(cfg, splits, method, exact, run_path, ref_path, ref_seconds, users, forget_s, retain_s))
     metrics.update({"n_retain_pool": len(retain_pool), "cache_seconds": cache_seconds, "score_seconds": score_seconds,
-                    "details": result.details})
+                    "budget": budget, "details": result.details})
     write_predictions(out_run / PREDICTIONS_FORGET, forget_eval, probs["forget_eval"])
     write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])
     out_run.write_metrics(metrics)
@@ -434,6 +435,7 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
     metrics.update(record(cfg, splits, "retrain-shards" if method == "retrain" else method, method == "retrain",
                           run_path, ref_path, ref_seconds, users, forget_s, retain_s))
     metrics.update({"n_retain_pool": len(retain_s), "cache_seconds": 0.0, "score_seconds": score_seconds,
+                    "budget": None,  # exact: the affected shards retrain on all their retained samples
                     "details": dict(details, aggregation=md.manifest.primary)})
     write_predictions(out_run / PREDICTIONS_FORGET, forget_s, probs["forget_eval"])
     write_predictions(out_run / "predictions_test.csv", splits.test, probs["test"])

@@ -124,7 +124,8 @@ class UnlearnSection(_Section):
     forget_seed: int | None = Field(None, description="Seed for drawing the forget users; None = the run's seed.")
     retain_per_forget: float = Field(
         1.0, gt=0, description="Approximate methods see this many retained samples per forget sample "
-        "(drawn once, capped at all retained samples).")
+        "(drawn once, capped at all retained samples): their budget is set by the request, not by the training "
+        "set (METHODS §8; request_budget). A one-user request of 10 samples sees 10 x this many.")
     e2urec: E2URecSection = E2URecSection()
     neggrad: NegGradSection = NegGradSection()
     bad_teacher: BadTeacherSection = BadTeacherSection()
@@ -202,6 +203,26 @@ def draw(items: list, n: int | None, seed: list[int] | int) -> list:
         return list(items)
     idx = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
     return [items[i] for i in idx]
+
+
+# --- the budget of a request (METHODS §8) --------------------------------------------------------------------
+def request_budget(cfg: UnlearnConfig, n_forget: int, n_retain: int) -> dict:
+    """What the approximate methods spend on a request of ``n_forget`` training items, all of it in proportion
+    to the request (never to the training set): ``retain`` = round(retain_per_forget x n_forget) retained items
+    (at most the ``n_retain`` there are), and per method its optimizer steps, epochs x ceil(n_forget /
+    batch_size), every step one batch of batch_size forget items (+ as many retained items in mixed epochs,
+    :func:`paired_plan`). E2URec also tunes the augmented model on the forget items alone. With the
+    ``unlearn`` section's defaults a one-user request of 10 items takes 2 steps per method; 1% of 943 users
+    (~10 users, ~100 items) about 13."""
+    u = cfg.unlearn
+    e, ng, bt = u.e2urec, u.neggrad, u.bad_teacher
+
+    def steps(tc) -> int:
+        return tc.epochs * math.ceil(n_forget / tc.batch_size)
+
+    return {"n_forget": n_forget, "retain": min(n_retain, round(u.retain_per_forget * n_forget)),
+            "steps": {"e2urec": {"augment": steps(e.augment), "student": steps(e.train)},
+                      "neggrad": steps(ng.train), "bad-teacher": steps(bt.train)}}
 
 
 # --- what a method receives and returns --------------------------------------------------------------------

@@ -92,9 +92,13 @@ def build_body(
     shards: list[dict],
     checks: list[dict],
     run_info: dict,
+    slices: dict[int, dict] | None = None,
 ) -> dict:
-    """The deterministic part of a certificate."""
-    return {
+    """The deterministic part of a certificate. ``slices``: per sliced shard that replayed, the checkpoint it
+    restored, the stages it replayed and the checkpoints it replaced (METHODS §9); only those adapters carry a
+    ``slices`` entry, so an unsliced model's certificate is as before."""
+    slices = slices or {}
+    body = {
         "certificate": CERTIFICATE_VERSION,
         "request": {"id": request["id"], "kind": request["kind"], "spec": json.loads(request["spec"])},
         "run": run_info,
@@ -115,6 +119,7 @@ def build_body(
                 "n_before": s["n_before"],
                 "n_after": s["n_after"],
                 "unchanged": s["before_sha256"] == s["after_sha256"],
+                **({"slices": slices[s["shard"]]} if s["shard"] in slices else {}),
             }
             for s in shards
         ],
@@ -132,6 +137,7 @@ def build_body(
             ],
         },
     }
+    return body
 
 
 def make_certificate(body: dict, record: dict) -> dict:

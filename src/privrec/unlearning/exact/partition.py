@@ -15,6 +15,14 @@ deterministic for a given ``seed``. :func:`partition` turns labels into shards o
   without features, users are dealt largest-first to the least-loaded shard. A user never spans two
   shards, so deleting a user retrains exactly one adapter; the price is that shards can exceed
   ``ceil(n / K)`` by less than one user's sample count.
+- ``semantic-users`` (METHODS §9): APA's balanced semantic walk done on users. A user's feature is the mean
+  of their training samples' untuned hidden states; k-means (cosine-sorted walk, as ``semantic``) on the
+  users into K centres; (user, centre) pairs sorted by cosine distance ascending; a user goes to a centre
+  while its shard holds fewer than ``t = ceil(n / K)`` samples, so a shard exceeds t by less than one user's
+  samples. A user never spans two shards: a single-user deletion retrains exactly one shard.
+
+:func:`user_slices` cuts one shard's samples into R ordered slices for SISA slicing (METHODS §9): whole
+users, oldest first.
 
 The first three are balanced: every shard holds at most ``ceil(n / K)`` samples.
 """
@@ -29,8 +37,9 @@ import numpy as np
 
 from privrec.errors import PartitionError
 
-Kind = Literal["semantic", "random", "user", "kmeans-balanced"]
-KINDS: tuple[str, ...] = ("semantic", "random", "user", "kmeans-balanced")
+Kind = Literal["semantic", "random", "user", "kmeans-balanced", "semantic-users"]
+KINDS: tuple[str, ...] = ("semantic", "random", "user", "kmeans-balanced", "semantic-users")
+USER_KINDS: tuple[str, ...] = ("user", "semantic-users")  # a user's samples always land in one shard
 
 
 def capacity(n: int, k: int) -> int:
@@ -38,11 +47,14 @@ def capacity(n: int, k: int) -> int:
     return math.ceil(n / k)
 
 
-def balanced_assign(dist: np.ndarray, cap: int, sizes: np.ndarray | None = None) -> np.ndarray:
+def balanced_assign(dist: np.ndarray, cap: int, sizes: np.ndarray | None = None,
+                    while_below: bool = False) -> np.ndarray:
     """Capacity-bounded greedy walk over (row, centre) pairs sorted by distance, ascending.
 
-    Row i goes to centre c at the first pair (i, c) where i is unassigned and ``load[c] + sizes[i] <= cap``.
-    Rows that fit nowhere (only possible with unequal sizes) go, largest first, to the least-loaded centre.
+    Row i goes to centre c at the first pair (i, c) where i is unassigned and ``load[c] + sizes[i] <= cap``
+    (``while_below``: ``load[c] < cap``, METHODS §9's rule, which lets a centre exceed ``cap`` by less than one
+    row's size and never leaves a row out). Rows that fit nowhere (only possible with unequal sizes) go,
+    largest first, to the least-loaded centre.
 
     Args:
         dist: (n, K) distances. cap: capacity per centre, in units of ``sizes`` (default 1 per row).
@@ -57,7 +69,8 @@ def balanced_assign(dist: np.ndarray, cap: int, sizes: np.ndarray | None = None)
     left = n
     for flat in order:
         i, c = divmod(int(flat), k)
-        if labels[i] >= 0 or load[c] + sizes[i] > cap:
+        full = load[c] >= cap if while_below else load[c] + sizes[i] > cap
+        if labels[i] >= 0 or full:
             continue
         labels[i] = c
         load[c] += sizes[i]
@@ -136,10 +149,7 @@ def user_labels(
             c = int(np.argmin(load))
             ulab[u], load[c] = c, load[c] + counts[u]
         return ulab[inverse]
-    x = np.asarray(features, dtype=np.float64)
-    emb = np.zeros((len(uniq), x.shape[1]))
-    np.add.at(emb, inverse, x)
-    emb /= counts[:, None]
+    _, _, _, emb = user_features(users, features)
     anchors = emb[np.random.default_rng([seed, 19]).choice(len(uniq), size=k, replace=False)]
     ulab = balanced_assign(euclidean_distance(emb, anchors), cap, counts)
     for _ in range(iters):
@@ -149,6 +159,49 @@ def user_labels(
             break
         ulab = new
     return ulab[inverse]
+
+
+def user_features(users: Sequence[int], features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, sample -> user index, samples per user, (U, H) mean feature of each user's samples)."""
+    uniq, inverse, counts = np.unique(np.asarray(users), return_inverse=True, return_counts=True)
+    x = np.asarray(features, dtype=np.float64)
+    emb = np.zeros((len(uniq), x.shape[1]))
+    np.add.at(emb, inverse, x)
+    return uniq, inverse, counts, emb / counts[:, None]
+
+
+def semantic_user_labels(users: Sequence[int], features: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """METHODS §9: k-means on users' mean features, one cosine-sorted walk filling a shard while it holds
+    fewer than ceil(n / K) samples."""
+    from sklearn.cluster import KMeans
+
+    uniq, inverse, counts, emb = user_features(users, features)
+    if len(uniq) < k:
+        raise PartitionError(f"semantic-users partition needs at least K={k} users, got {len(uniq)}")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(emb)
+    ulab = balanced_assign(cosine_distance(emb, km.cluster_centers_), capacity(len(inverse), k), counts,
+                           while_below=True)
+    return ulab[inverse]
+
+
+def user_slices(users: Sequence[int], first_seen: Sequence[int], r: int) -> np.ndarray:
+    """Slice (0..R-1) of each sample of one shard, for SISA slicing (METHODS §9): whole users per slice,
+    users ordered by when they joined (``first_seen``: their earliest timestamp in the shard; ties by user id),
+    the newest users in the last slices, cut where the running sample count crosses s * n / R. A slice may be
+    empty when the shard has fewer users than R or one user holds more than n / R samples.
+    """
+    users = np.asarray(users)
+    n = len(users)
+    joined: dict[int, int] = {}
+    for u, t in zip(users.tolist(), first_seen):
+        joined[u] = min(int(t), joined.get(u, int(t)))
+    order = sorted(joined, key=lambda u: (joined[u], u))
+    counts = {u: int(c) for u, c in zip(*np.unique(users, return_counts=True))}
+    slice_of, before = {}, 0
+    for u in order:
+        slice_of[u] = min(r - 1, (before * r) // max(n, 1))
+        before += counts[u]
+    return np.array([slice_of[u] for u in users.tolist()], dtype=np.int64)
 
 
 def partition(
@@ -172,10 +225,10 @@ def partition(
         raise PartitionError(f"cannot cut {n} samples into K={k} shards")
     if len(set(ids)) != n:
         raise PartitionError("sample ids must be unique to be partitioned")
-    if kind in ("semantic", "kmeans-balanced") and (features is None or len(features) != n):
+    if kind in ("semantic", "kmeans-balanced", "semantic-users") and (features is None or len(features) != n):
         raise PartitionError(f"partition {kind!r} needs one feature row per sample")
-    if kind == "user" and (users is None or len(users) != n):
-        raise PartitionError("partition 'user' needs the user id of every sample")
+    if kind in USER_KINDS and (users is None or len(users) != n):
+        raise PartitionError(f"partition {kind!r} needs the user id of every sample")
     if kind == "random":
         labels = random_labels(n, k, seed)
     elif kind == "semantic":
@@ -184,6 +237,8 @@ def partition(
         labels = kmeans_balanced_labels(features, k, seed, iters)
     elif kind == "user":
         labels = user_labels(users, k, seed, features, iters)
+    elif kind == "semantic-users":
+        labels = semantic_user_labels(users, features, k, seed)
     else:
         raise PartitionError(f"unknown partition {kind!r}; choose one of {', '.join(KINDS)}")
     shards = [sorted(ids[i] for i in np.flatnonzero(labels == c)) for c in range(k)]

@@ -38,6 +38,7 @@ from privrec.rundir import (
 from privrec.train import TrainResult, train
 from privrec.unlearning.exact.apa import aggregate, apa_weights, score_each
 from privrec.unlearning.exact.ledger import excluded_ids
+from privrec.unlearning.exact.slices import slicing_record
 
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
 ADAPTER_SECTIONS = ("seed", "data", "prompt", "model", "lora", "train")
@@ -47,10 +48,23 @@ class ShardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     k: int = Field(4, ge=1, description="Number of shards K, one LoRA adapter each (METHODS §4: K=4).")
-    partition: Literal["semantic", "random", "user", "kmeans-balanced"] = Field(
+    partition: Literal["semantic", "random", "user", "kmeans-balanced", "semantic-users"] = Field(
         "semantic",
         description="semantic: APA's balanced semantic-aware k-means (METHODS §4); random: SISA; "
-        "user: RecEraser-style whole users per shard; kmeans-balanced: GraphEraser-style balanced k-means.",
+        "user: RecEraser-style whole users per shard; kmeans-balanced: GraphEraser-style balanced k-means; "
+        "semantic-users: APA's balanced semantic walk on users (METHODS §9), so a user's samples are in one "
+        "shard and a single-user deletion retrains one shard.",
+    )
+    slices: int = Field(
+        1, ge=1, description="SISA slices R per shard (METHODS §9): a shard's samples cut into R slices of whole "
+        "users (newest users last), trained in R stages on slices 1..s, each stage continuing from the previous "
+        "stage's adapter and optimizer state, a checkpoint kept after every stage; a deletion replays only "
+        "from the first slice it touches. 1 = no slicing (one training of the whole shard).",
+    )
+    slice_epochs: float | None = Field(
+        None, gt=0, description="Passes over its data per stage when slices > 1 (a fraction trains that share of "
+        "one pass, at least one batch); None = train.epochs. SISA's budget-neutral choice is "
+        "2 * train.epochs / (slices + 1): then the R stages cost as much as one unsliced training.",
     )
     features: Literal["final", "cut"] = Field(
         "final",
@@ -102,6 +116,8 @@ class ApaConfig(ExperimentConfig):
             raise ValueError(f"shards.k={s.k} exceeds data.n_train={self.data.n_train}")
         if self.train.epochs < 1:
             raise ValueError("shard adapters need train.epochs >= 1")
+        if s.slices > 1 and self.data.n_train is not None and s.k * s.slices > self.data.n_train:
+            raise ValueError(f"shards.k x shards.slices = {s.k * s.slices} exceeds data.n_train={self.data.n_train}")
         return self
 
 
@@ -309,8 +325,10 @@ def evaluate_shards(
     return Evaluation(metrics, seconds)
 
 
-def reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, torch.Tensor] | None:
-    """The saved adapter of a shard when it holds exactly these samples under the same config."""
+def reusable(folder: Path, cfg: ApaConfig, samples: list[Sample],
+             slices: list[list[str]] | None = None) -> dict[str, torch.Tensor] | None:
+    """The saved adapter of a shard when it holds exactly these samples under the same config (and, sliced,
+    the same slicing and slice map)."""
     if not is_adapter(folder):
         return None
     state, meta = read_adapter(folder)
@@ -318,5 +336,7 @@ def reusable(folder: Path, cfg: ApaConfig, samples: list[Sample]) -> dict[str, t
         meta.get("config_digest") == cfg.digest(*ADAPTER_SECTIONS)
         and meta.get("lineage_sha256") == lineage_of(samples)
         and meta.get("sample_ids") == sorted(s.sample_id for s in samples)
+        and meta.get("slicing") == slicing_record(cfg)
+        and meta.get("slices") == slices
     )
     return state if same else None

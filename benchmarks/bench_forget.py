@@ -1,0 +1,374 @@
+"""Forget one person in seconds (issue 17; METHODS §8, §9): what a single deletion request costs, exactly and
+approximately, on one set of training samples.
+
+Steps (``all`` runs them in order; each is resumable: every result goes into ``RUNS/bench_forget.json`` as it
+is measured and is skipped when there, every training run is a model directory under ``RUNS`` reused when
+finished, an interrupted shard-train continues with ``--resume``):
+
+quality   shard-train runs on the same samples: ``semantic`` K=4 R=1 (today's APA, the reference, with one
+          adapter on all the data: ``shards.full_retrain``), ``semantic-users`` K=4 R=1 and ``semantic-users``
+          K=8 R=4 (plus ``--extra`` runs); test AUC of every aggregation, the single adapter on all data and
+          the references (like-rate counter, logistic regression) on the same test samples.
+exact     >= 20 single-user requests drawn as METHODS §8 says (a third *core*: the most training samples, a
+          third *edge*: the fewest, the rest *random*, seeded), each forgotten on a fresh copy of every run with
+          ``privrec forget``'s own code: time from request to certificate (wall) and the training seconds in
+          it; against a full retrain (one adapter on all training samples) timed in this process on the same
+          cached path, and once cold (building the frozen-layer cache for its prompts too). Median, p95, max.
+approx    a ``privrec train`` original on the same samples (``--original-set``: make it memorise for the
+          attack), then single-user (core, edge, random) and 1%-of-users requests: retrain, E2URec, NegGrad,
+          Bad-Teacher and the original (doing nothing), each with ``privrec unlearn``'s own code: time
+          against retrain, completeness (JSD / symmetric KL from retrain on the forgotten samples, as a
+          fraction of the original's), test AUC, the membership attack.
+
+    python benchmarks/bench_forget.py all --config configs/apa-ml100k.yaml --runs runs/bench_forget \\
+        --unlearn-config configs/unlearn/ml100k.yaml --set data.n_train=4096 --requests 20
+
+Prints markdown tables; ``--out-bench FILE`` also rewrites their marked sections of FILE (docs/benchmarks.md).
+Frozen-layer cache entries a forget purges (the forgotten samples') are linked back after each request, so
+every request and the full retrain see the same warm cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import mdsection
+import numpy as np
+import yaml
+
+from privrec.assets import cache_dir
+from privrec.commands.forget import run_forget
+from privrec.commands.shard_train import run_shard_train
+from privrec.commands.train import run_train
+from privrec.commands.unlearn import load_unlearn_config, run_unlearn
+from privrec.config import load_config
+from privrec.model.adapters import load_adapter_state
+from privrec.model.recmodel import FrozenCache
+from privrec.prepare import machine
+from privrec.rundir import RunDir, atomic_write_json
+from privrec.train import train
+from privrec.unlearning.exact.shards import ApaConfig, build_model, setup_shard_data
+
+RUNS = {  # name -> overrides on top of the config (METHODS §9's runs of issue 17)
+    "semantic-k4": ["shards.partition=semantic", "shards.k=4", "shards.slices=1", "shards.full_retrain=true"],
+    "users-k4": ["shards.partition=semantic-users", "shards.k=4", "shards.slices=1"],
+    "users-k8-r4": ["shards.partition=semantic-users", "shards.k=8", "shards.slices=4"],
+}
+APPROX = ("retrain", "e2urec", "neggrad", "bad-teacher", "original")
+
+
+def log(msg: str) -> None:
+    print(f"[bench_forget {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt(v, nd: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+# --- the record (resumable) --------------------------------------------------------------------------------
+class Record:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, *keys):
+        d = self.data
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    def put(self, value, *keys) -> None:
+        d = self.data
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = value
+        atomic_write_json(self.path, self.data)
+
+
+def runs_of(args) -> dict[str, list[str]]:
+    runs = {k: list(v) for k, v in RUNS.items()}
+    if args.slice_epochs is not None:
+        runs["users-k8-r4"].append(f"shards.slice_epochs={args.slice_epochs}")
+    for spec in args.extra:  # NAME:key=v,key=v
+        name, _, sets = spec.partition(":")
+        runs[name] = [s for s in sets.split(",") if s]
+    return runs
+
+
+def shard_config(args, name: str) -> ApaConfig:
+    return load_config(args.config, args.set + runs_of(args)[name], cls=ApaConfig)
+
+
+# --- quality -----------------------------------------------------------------------------------------------
+def shard_run(args, name: str) -> dict:
+    out = Path(args.runs) / name
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    seed = Path(args.runs) / "semantic-k4" / "features.npz"  # same untuned model and prompts: same features
+    if name != "semantic-k4" and seed.is_file() and not (out / "features.npz").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(seed, out / "features.npz")
+    log(f"{name}: shard-train -> {out}")
+    t0 = time.perf_counter()
+    m = run_shard_train(shard_config(args, name), out, resume=True, progress=not args.no_progress)
+    m["wall_seconds"] = time.perf_counter() - t0
+    RunDir(out).write_metrics(m)
+    gc.collect()
+    return m
+
+
+def step_quality(args, rec: Record) -> str:
+    ms = {name: shard_run(args, name) for name in runs_of(args)}
+    ref = ms["semantic-k4"]
+    aggs = ["apa-nd", "apa-d", "uniform", "sisa"]
+    lines = [f"Model `{shard_config(args, 'semantic-k4').model.name}`, {ref['n_train']} train / {ref['n_valid']} "
+             f"validation / {ref['n_test']} test samples (the same in every run). Machine: {machine()}.", "",
+             "| run | partition | K | R | shard sizes | " + " | ".join(aggs) + " | mean single shard |",
+             "|---|---|---|---|---|" + "---|" * (len(aggs) + 1)]
+    for name, m in ms.items():
+        auc = m["auc_by_aggregation"]
+        sizes = m["shards"]
+        lines.append(f"| {name} | {m['partition']} | {m['k']} | {m.get('slices', 1)} | {min(sizes)}-{max(sizes)} | "
+                     + " | ".join(fmt(auc.get(a)) for a in aggs) + f" | {fmt(m['single_shard_mean_auc'])} |")
+    if ref.get("retrain"):
+        lines.append(f"| one adapter on all data | - | 1 | 1 | {ref['n_train']} | {fmt(ref['retrain']['auc'])} | "
+                     + " | ".join("-" for _ in aggs[1:]) + " | - |")
+    for rname, r in (ref.get("references") or {}).items():
+        lines.append(f"| reference: {rname} | - | - | - | - | {fmt(r.get('auc'))} | "
+                     + " | ".join("-" for _ in aggs[1:]) + " | - |")
+    rec.put({n: m["auc_by_aggregation"] for n, m in ms.items()}, "quality")
+    return "\n".join(lines)
+
+
+# --- exact: single-user requests -----------------------------------------------------------------------------
+def draw_users(args) -> dict[int, str]:
+    """user -> draw (core / edge / random), METHODS §8, over the training samples all runs share."""
+    cfg = shard_config(args, "semantic-k4")
+    train_s = setup_shard_data(cfg, set()).train
+    counts: dict[int, int] = {}
+    for s in train_s:
+        counts[s.user_id] = counts.get(s.user_id, 0) + 1
+    ranked = sorted(counts, key=lambda u: (-counts[u], u))
+    n = args.requests
+    n_core = n_edge = math.ceil(n / 3)
+    out = {u: "core" for u in ranked[:n_core]}
+    out.update({u: "edge" for u in ranked[::-1][:n_edge] if u not in out})
+    rest = [u for u in ranked if u not in out]
+    rng = np.random.default_rng([cfg.seed, 8])
+    out.update({int(u): "random" for u in rng.choice(rest, size=min(len(rest), n - len(out)), replace=False)})
+    return out
+
+
+def full_retrain(args, rec: Record) -> dict:
+    """One adapter on all training samples, timed here: training on the cached path (the frozen-layer cache
+    built first, timed apart) = warm; plus building that cache = cold."""
+    done = rec.get("full_retrain")
+    if done:
+        return done
+    cfg = shard_config(args, "semantic-k4")
+    splits = setup_shard_data(cfg, set())
+    model, init = build_model(cfg, splits.dataset)
+    load_adapter_state(model.model, init)
+    if model.cache is not None:
+        model.cache = FrozenCache(model.cache.namespace, None)  # cold: in memory, nothing from disk
+    items = model.encode(splits.train)
+    t0 = time.perf_counter()
+    model.prepare(items, cfg.train.eval_batch_size, progress=not args.no_progress)
+    cache_s = time.perf_counter() - t0
+    res = train(model, items, cfg.train, cfg.seed, progress=not args.no_progress)
+    out = {"warm_seconds": res.seconds, "cold_seconds": res.seconds + cache_s, "n_train": len(items)}
+    del model
+    gc.collect()
+    rec.put(out, "full_retrain")
+    return out
+
+
+def _cache_files() -> dict[str, Path]:
+    root = cache_dir()
+    return {str(p.relative_to(root)): p for p in root.rglob("*.pt")} if root.is_dir() else {}
+
+
+def forget_once(args, name: str, user: int) -> dict:
+    """Forget ``user`` on a fresh copy of run ``name``; the cache entries it purges are linked back after."""
+    src, dst = Path(args.runs) / name, Path(args.runs) / "copies" / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "staging"))
+    keep = Path(args.runs) / "copies" / ".cache-links"
+    shutil.rmtree(keep, ignore_errors=True)
+    before = _cache_files()
+    for rel, p in before.items():  # hard links: the purged files stay readable here
+        (keep / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(p, keep / rel)
+    t0 = time.perf_counter()
+    cert = run_forget(dst, users=[user], progress=False)
+    wall = time.perf_counter() - t0
+    root = cache_dir()
+    for rel in before:
+        if not (root / rel).exists():
+            os.link(keep / rel, root / rel)
+    shutil.rmtree(keep, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    body = cert["body"]
+    return {"wall_seconds": wall, "retrain_seconds": cert["record"]["retrain_seconds"],
+            "affected": body["affected_shards"],
+            "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
+            "slices": {str(a["shard"]): a["slices"] for a in body["adapters"] if "slices" in a},
+            "passed": body["lineage_check"]["passed"]}
+
+
+def step_exact(args, rec: Record) -> str:
+    for name in runs_of(args):
+        shard_run(args, name)
+    full = full_retrain(args, rec)
+    users = draw_users(args)
+    for name in runs_of(args):
+        for u, how in users.items():
+            if rec.get("exact", name, str(u)) is None:
+                log(f"{name}: forget user {u} ({how})")
+                rec.put(dict(forget_once(args, name, u), draw=how), "exact", name, str(u))
+    lines = [f"{len(users)} single-user requests ({sum(v == 'core' for v in users.values())} core, "
+             f"{sum(v == 'edge' for v in users.values())} edge, {sum(v == 'random' for v in users.values())} "
+             f"random; METHODS §8) on a fresh copy of each run. Full retrain (one adapter on all "
+             f"{full['n_train']} training samples, timed in this process): {full['warm_seconds']:.1f} s on the "
+             f"cached path, {full['cold_seconds']:.1f} s cold. Wall = request to certificate in-process (data, "
+             "model load, purge, retrain or replay, swap, lineage check, certificate). Machine: "
+             f"{machine()}.", "",
+             "| run | shards retrained (mean) | forget wall s: median / p95 / max | retrain s: median / p95 / max "
+             "| full retrain (cached) / wall: median / p95 | full retrain (cold) / wall: median | "
+             "full retrain (cached) / retrain s: median / p95 | all passed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in runs_of(args):
+        rows = [rec.get("exact", name, str(u)) for u in users]
+        wall = np.array([r["wall_seconds"] for r in rows])
+        tr = np.array([r["retrain_seconds"] for r in rows])
+        n_aff = np.mean([len(r["affected"]) for r in rows])
+
+        def q(x, p):
+            return float(np.percentile(x, p))
+
+        lines.append(
+            f"| {name} | {n_aff:.2f} | {q(wall, 50):.1f} / {q(wall, 95):.1f} / {wall.max():.1f} | "
+            f"{q(tr, 50):.1f} / {q(tr, 95):.1f} / {tr.max():.1f} | {full['warm_seconds'] / q(wall, 50):.1f}x / "
+            f"{full['warm_seconds'] / q(wall, 95):.1f}x | {full['cold_seconds'] / q(wall, 50):.1f}x | "
+            f"{full['warm_seconds'] / max(q(tr, 50), 1e-9):.1f}x / "
+            f"{full['warm_seconds'] / max(q(tr, 95), 1e-9):.1f}x | "
+            f"{all(r['passed'] for r in rows)} |")
+    return "\n".join(lines)
+
+
+# --- approximate -------------------------------------------------------------------------------------------
+def original_run(args) -> Path:
+    """A ``privrec train`` model on the same samples (the config without its shards section)."""
+    out = Path(args.runs) / "original"
+    if (out / "metrics.json").is_file():
+        return out
+    raw = yaml.safe_load(Path(args.config).read_text())
+    raw.pop("shards", None)
+    path = Path(args.runs) / "original.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(path, args.set + args.original_set)
+    log(f"original: train -> {out}")
+    run_train(cfg, out, resume=True, progress=not args.no_progress)
+    gc.collect()
+    return out
+
+
+def approx_requests(args, original: Path) -> dict[str, list[int]]:
+    """Single users (core, edge, random) and 1% of the training users (random), as METHODS §8 draws them."""
+    cfg = RunDir(original, create=False).load_config()
+    from privrec.prepare import setup_data
+
+    train_s = setup_data(cfg, set()).train
+    counts: dict[int, int] = {}
+    for s in train_s:
+        counts[s.user_id] = counts.get(s.user_id, 0) + 1
+    ranked = sorted(counts, key=lambda u: (-counts[u], u))
+    rng = np.random.default_rng([cfg.seed, 9])
+    n1 = max(1, round(0.01 * len(ranked)))
+    return {"user-core": [ranked[0]], "user-edge": [ranked[-1]], "user-random": [int(rng.choice(ranked))],
+            "users-1pct": sorted(int(u) for u in rng.choice(ranked, size=n1, replace=False))}
+
+
+def step_approx(args, rec: Record) -> str:
+    original = original_run(args)
+    requests = approx_requests(args, original)
+    for req, users in requests.items():
+        ref = Path(args.runs) / "unlearn" / req / "retrain"
+        for method in APPROX:
+            if rec.get("approx", req, method) is not None:
+                continue
+            out = Path(args.runs) / "unlearn" / req / method
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = load_unlearn_config(original, args.unlearn_config,
+                                      [f"unlearn.forget_users={users}", "unlearn.forget_fraction=null",
+                                       *args.unlearn_set], method=method)
+            log(f"approx {req}: {method} ({len(users)} users)")
+            m = run_unlearn(cfg, original, out, retrained=None if method == "retrain" else ref,
+                            progress=not args.no_progress)
+            rec.put({k: m.get(k) for k in ("unlearn_seconds", "retrain_seconds", "test_auc", "forget_auc",
+                                           "jsd_vs_retrain", "kl_sym_vs_retrain", "mia_loss_accuracy",
+                                           "mia_loss_fit_accuracy", "mia_logistic_accuracy", "n_forget",
+                                           "n_retain_pool", "budget")}, "approx", req, method)
+            gc.collect()
+    om = json.loads((original / "metrics.json").read_text())
+    lines = [f"Original: `privrec train` on the same samples (overrides: {' '.join(args.original_set) or 'none'}), "
+             f"test AUC {fmt(om.get('auc'))}. Completeness = divergence from retrain on the forgotten samples / "
+             "the original's (0 = retrain, 1 = nothing forgotten; METHODS §8). MIA = loss-threshold attack's "
+             "balanced accuracy on the forgotten vs never-seen samples (fit accuracy: on its own fit sets).", "",
+             "| request | users / samples | method | seconds | retrain / seconds | test AUC | forget AUC | JSD | "
+             "completeness (JSD) | completeness (sym. KL) | MIA | MIA fit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for req, users in requests.items():
+        o = rec.get("approx", req, "original")
+        for method in APPROX:
+            m = rec.get("approx", req, method)
+            sec, rs = m["unlearn_seconds"], m["retrain_seconds"]
+            comp = [m[k] / o[k] if m[k] is not None and o[k] else None for k in ("jsd_vs_retrain",
+                                                                                 "kl_sym_vs_retrain")]
+            lines.append(f"| {req} | {len(users)} / {m['n_forget']} | {method} | {fmt(sec, 1)} | "
+                         f"{fmt(rs / sec if rs and sec else None, 1)} | {fmt(m['test_auc'])} | {fmt(m['forget_auc'])} "
+                         f"| {fmt(m['jsd_vs_retrain'], 5)} | {fmt(comp[0], 2)} | {fmt(comp[1], 2)} | "
+                         f"{fmt(m['mia_loss_accuracy'], 3)} | {fmt(m['mia_loss_fit_accuracy'], 3)} |")
+    return "\n".join(lines)
+
+
+STEPS = {"quality": step_quality, "exact": step_exact, "approx": step_approx}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=[*STEPS, "all"])
+    p.add_argument("--config", default="configs/apa-ml100k.yaml", help="the shards config all runs share")
+    p.add_argument("--runs", default="runs/bench_forget", help="where the runs and bench_forget.json go")
+    p.add_argument("--set", action="append", default=[], help="override for every run, e.g. data.n_train=4096")
+    p.add_argument("--requests", type=int, default=20, help="single-user requests per run (exact)")
+    p.add_argument("--slice-epochs", type=float, default=None, help="shards.slice_epochs of the sliced run")
+    p.add_argument("--extra", action="append", default=[], help="another shard run, NAME:key=v,key=v")
+    p.add_argument("--original-set", action="append", default=[], help="override for the approx original only")
+    p.add_argument("--unlearn-config", default="configs/unlearn/ml100k.yaml")
+    p.add_argument("--unlearn-set", action="append", default=[], help="override of the unlearn section")
+    p.add_argument("--out-bench", default=None, help="also rewrite the tables' sections of this markdown file")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    rec = Record(Path(args.runs) / "bench_forget.json")
+    cmd = "python benchmarks/bench_forget.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for step in (list(STEPS) if args.step == "all" else [args.step]):
+        table = STEPS[step](args, rec)
+        mdsection.publish(args.out_bench, f"bench_forget:{step}", f"Command: `{cmd}`\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
