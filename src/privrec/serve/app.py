@@ -54,7 +54,7 @@ class Item(_Body):
     rank: int
     item_id: int
     title: str
-    year: int | None
+    year: int | str | None
     p_yes: float
 
 
@@ -69,7 +69,7 @@ class Recommendations(_Body):
 class Rating(_Body):
     item_id: int
     title: str
-    year: int | None
+    year: int | str | None
     rating: float
     timestamp: int
 
