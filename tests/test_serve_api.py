@@ -8,7 +8,7 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import bearer, copy_model, served_model, tokens, victim_of, wait_done  # noqa: F401
+from serve_helpers import bearer, copy_model, tokens, victim_of, wait_done
 
 from privrec.cli import main
 from privrec.commands.forget import run_forget
@@ -153,9 +153,9 @@ def test_deletions_are_refused_at_once_applied_in_order_and_certified_as_by_the_
     second = next(u for u in range(1, 50) if u != victim)
     bystander = next(u for u in range(1, 50) if u not in (victim, second))
     tok = tokens(model, victim, second, bystander)
-    service = Service(model, candidates=10, precompute=True, store_k=5)
+    service = Service(model, candidates=10, store_k=5)
     with TestClient(create_app(service)) as client:
-        service.precompute_now()
+        assert service.precompute_now(users=[victim, second, bystander]) == 3
         stored = json.loads((model / "serve" / STORE_FILE).read_text())
         assert str(victim) in stored["users"] and str(bystander) in stored["users"]
         r = get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander])
@@ -216,6 +216,8 @@ def test_recommender_refuses_a_forgotten_user_and_cli_flags(served_model, tmp_pa
     assert main(["recommend", str(model), "--user", "3", "--top", "2", "--candidates", "8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
-    assert main(["recommend", str(model), "--user", "3", "--candidates", "8", "--max-candidates", "3"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: mutually exclusive
+        main(["recommend", str(model), "--user", "3", "--candidates", "8", "--max-candidates", "3"])
+    assert e.value.code == 2
     rec = Recommender(model)
     assert len(rec.candidates(3, rec.history(3)[1], 8, None)) == 8

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from serve_helpers import Server, copy_model, served_model, tokens, victim_of  # noqa: F401
+from serve_helpers import Server, copy_model, tokens, victim_of
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

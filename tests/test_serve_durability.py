@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from serve_helpers import Server, bearer, copy_model, served_model, tokens, victim_of, wait_done  # noqa: F401
+from serve_helpers import Server, bearer, copy_model, tokens, victim_of, wait_done
 
 from privrec.commands.forget import run_forget
 from privrec.unlearning.exact.ledger import DONE, Ledger

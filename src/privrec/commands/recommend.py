@@ -103,6 +103,11 @@ class Recommender:
         hist, _, t_last = self.history(user)
         for i in items:
             self.check_item(i)
+        return self.p_yes_given(user, items, hist, t_last, shared_prefix)
+
+    def p_yes_given(self, user: int, items: list[int], hist: tuple[tuple[int, float], ...], t_last: int,
+                    shared_prefix: bool = True) -> np.ndarray:
+        """:meth:`p_yes` with the prompt's history given (e.g. the ranking protocol's, before a held-out item)."""
         samples = [Sample(f"u{user}-i{i}", user, i, t_last, 0.0, 0, hist) for i in items]
         if not samples:
             return np.zeros(0)

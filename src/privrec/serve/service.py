@@ -320,12 +320,13 @@ class Service:
         finally:
             self.worker_state = "idle"
 
-    def _precompute(self) -> None:
-        """Every servable user's top-``store_k`` into the store; stops early for a deletion request."""
+    def _precompute(self, only: list[int] | None = None) -> None:
+        """Every servable user's top-``store_k`` (or those of ``only``) into the store; stops early for a
+        deletion request."""
         self.worker_state = "precomputing"
         rec, key, users = self.rec, self._key(), {}
         try:
-            for u in rec.users():
+            for u in rec.users() if only is None else only:
                 if self._wake.is_set() or self._stop.is_set():
                     return  # a deletion first; the store stays stale and is computed again afterwards
                 if u in self.forgotten:
@@ -337,9 +338,9 @@ class Service:
         finally:
             self.worker_state = "idle"
 
-    def precompute_now(self) -> int:
+    def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
-        self._precompute()
+        self._precompute(users)
         return len(self.store.users)
 
     def pending(self) -> int:
