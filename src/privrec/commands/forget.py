@@ -24,6 +24,11 @@ at any point is finished by ``privrec forget MODEL --resume`` and is never appli
   done       every adapter's lineage is checked against the data and the tombstones, unaffected adapters
              are checked bit-identical, the certificate is written to ``MODEL/certificates/<request>.json``.
 
+``submit_forget`` records a request without applying it (``privrec serve``: its worker applies the recorded
+requests in order with ``run_resume``; a request recorded behind another takes its adapters' state again when
+it starts, and retrains with the tombstones of the requests up to itself, so its certificate is the one the
+requests give run one after the other).
+
 ``run_verify`` re-checks every certificate and every adapter against the ledger, the manifest and the data.
 Kinds that cannot forget exactly (clients, student, a single model whose prompts show other users' labels)
 are refused with one line naming what can.

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from privrec.errors import RunError, UserError
 from privrec.serve.auth import Principal
-from privrec.serve.service import Gone, NotFound, NotReady, Service
+from privrec.serve.service import CannotForget, Gone, NotFound, NotReady, Service
 
 MAX_BODY = 64 * 1024  # bytes; a score batch of MAX_BATCH pairs is ~10 KiB
 MAX_BATCH = 256  # (user, item) pairs per /v1/score request
@@ -122,7 +122,8 @@ class Problem(Exception):
         self.status = status
 
 
-STATUS_OF: list[tuple[type[Exception], int]] = [(NotFound, 404), (Gone, 410), (NotReady, 409), (RunError, 409),
+STATUS_OF: list[tuple[type[Exception], int]] = [(NotFound, 404), (Gone, 410), (NotReady, 409), (CannotForget, 409),
+                                                 (RunError, 409),
                                                  (UserError, 400)]
 
 

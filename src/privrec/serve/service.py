@@ -50,6 +50,10 @@ class NotReady(UserError):
     """A request's certificate before it is done (HTTP 409)."""
 
 
+class CannotForget(UserError):
+    """A model kind that cannot forget exactly (HTTP 409)."""
+
+
 class Metrics:
     """Request counts by (route, status) and latencies of the last ``window`` requests per route."""
 
@@ -235,7 +239,12 @@ class Service:
         with self.plan_lock:
             if user in self.forgotten:
                 return self.request(self.forgotten[user]), False
-            recorded = submit_forget(self.path, [user])
+            try:
+                recorded = submit_forget(self.path, [user])
+            except NotFound:
+                raise
+            except UserError as e:  # e.g. a clients model: it says which model can
+                raise CannotForget(str(e)) from None
             rid = recorded.get("request")
             if rid is None:  # every interaction deleted already (e.g. by privrec forget --samples)
                 rid = self.rec.md.deleted_by.get(user) or self._last_request_of(user)
