@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test test-other-cpu test-slow bench bench-federated bench-unlearn bench-rank results-rank recipes fetch lint clean
+.PHONY: setup browser demo test test-other-cpu test-slow bench bench-federated bench-unlearn bench-rank results-rank recipes fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,12 +25,18 @@ fetch: setup
 demo: fetch
 	$(BIN)/privrec train configs/demo.yaml --out $(RUNS)/demo
 
-test: setup
+# the browser test of privrec serve's page drives Debian's chromium through chromium-driver: installed here when
+# missing and we are root (CI); elsewhere that one test skips and says why
+browser:
+	@if [ ! -x /usr/bin/chromedriver ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q -x
 
 # the suite again with `precision: auto` resolving as on the other CPU kind (bf16 autocast on an AVX2-only
 # machine, fp32 on an AVX512-BF16 one); `pytest --cpu-bf16=yes|no` picks one kind by hand
-test-other-cpu: setup
+test-other-cpu: setup browser
 	$(BIN)/python -m pytest -q -x --cpu-bf16=$$($(BIN)/python -c "import torch; \
 	from privrec.model.backbone import supports_bf16; print('no' if supports_bf16(torch.device('cpu')) else 'yes')")
 

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["serve_helpers"]  # the service tests' one trained tiny model per session
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast here, not wait on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

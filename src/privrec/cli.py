@@ -63,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--user", type=int, required=True)
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--max-candidates", type=int, default=None,
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-candidates", type=int, default=None,
                    help="score only the N most popular unseen items (default: all)")
+    g.add_argument("--candidates", type=int, default=None, metavar="C",
+                   help="two stages (METHODS §11): C unseen items from popularity + matrix factorisation, "
+                   "re-ranked by P(Yes) (as privrec serve does)")
+    p.add_argument("--blend", type=float, default=0.0,
+                   help="with --candidates: order by (1-B) * rank by P(Yes) + B * rank in the candidate list")
 
     p = sub.add_parser("shard-train", help="train one LoRA adapter per shard (APA, SISA, RecEraser-style) "
                        "and score every aggregation")
@@ -104,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrained", metavar="DIR", default=None,
                    help="an `unlearn --method retrain` run on the same forget set: divergence from it and the "
                    "speed-up over it are measured")
+
+    p = sub.add_parser("serve", help="serve recommendations and deletion requests over HTTP (docs/serving.md)")
+    p.add_argument("run", help="model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--candidates", type=int, default=50, metavar="C",
+                   help="the candidate stage's size (0: the LLM scores every unseen item)")
+    p.add_argument("--blend", type=float, default=0.0,
+                   help="order by (1-B) * rank by P(Yes) + B * rank in the candidate list (0: the LLM's order)")
+    p.add_argument("--store-k", type=int, default=20, help="items per user kept in the precomputed store")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--precompute", action="store_true",
+                   help="keep every user's top-k precomputed (at start and after each applied deletion)")
+    g.add_argument("--precompute-only", action="store_true",
+                   help="write every user's top-k into MODEL/serve/recommendations.json and exit")
+
+    p = sub.add_parser("token", help="bearer tokens of privrec serve: create (printed once) or revoke")
+    tsub = p.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    t = tsub.add_parser("create", help="a new token; only its hash is stored in MODEL/serve/tokens.json")
+    t.add_argument("run", help="model directory")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--user", type=int, help="a token that reads and deletes only this user's data")
+    g.add_argument("--admin", action="store_true", help="a token that may do anything")
+    t = tsub.add_parser("revoke", help="revoke a token (a running service sees it on its next request)")
+    t.add_argument("run", help="model directory")
+    t.add_argument("token_id", help="the token's id, its first characters, or the token itself")
 
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
@@ -163,7 +195,8 @@ def _evaluate(args, progress: bool) -> int:
 def _recommend(args, progress: bool) -> int:
     from privrec.commands.recommend import run_recommend
 
-    for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress):
+    for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress, candidates=args.candidates,
+                           blend=args.blend):
         print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
     return 0
 
@@ -254,9 +287,36 @@ def _forget(args, progress: bool) -> int:
     return 0
 
 
+def _serve(args, progress: bool) -> int:
+    from privrec.commands.serve import run_precompute, run_serve
+
+    candidates = args.candidates or None
+    if args.precompute_only:
+        n = run_precompute(args.run, candidates, args.blend, args.store_k, progress=progress)
+        print(f"stored the top {args.store_k} of {n} users in {args.run}/serve/recommendations.json")
+        return 0
+    print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
+    run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute)
+    return 0
+
+
+def _token(args, progress: bool) -> int:
+    from privrec.commands.serve import run_token_create, run_token_revoke
+
+    if args.token_command == "create":
+        token, record = run_token_create(args.run, None if args.admin else args.user)
+        who = "admin" if record["user"] is None else f"user {record['user']}"
+        print(token)
+        print(f"token {record['id']} for {who}: shown once, only its hash is kept", file=sys.stderr)
+    else:
+        record = run_token_revoke(args.run, args.token_id)
+        print(f"token {record['id']} revoked")
+    return 0
+
+
 COMMANDS = {"fetch": _fetch, "report": _report, "train": _train, "baseline": _baseline, "evaluate": _evaluate,
             "recommend": _recommend, "unlearn": _unlearn, "federate": _federate, "shard-train": _shard_train,
-            "forget": _forget}
+            "forget": _forget, "serve": _serve, "token": _token}
 
 
 def main(argv: list[str] | None = None) -> int:

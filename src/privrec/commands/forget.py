@@ -24,6 +24,11 @@ at any point is finished by ``privrec forget MODEL --resume`` and is never appli
   done       every adapter's lineage is checked against the data and the tombstones, unaffected adapters
              are checked bit-identical, the certificate is written to ``MODEL/certificates/<request>.json``.
 
+``submit_forget`` records a request without applying it (``privrec serve``: its worker applies the recorded
+requests in order with ``run_resume``; a request recorded behind another takes its adapters' state again when
+it starts, and retrains with the tombstones of the requests up to itself, so its certificate is the one the
+requests give run one after the other).
+
 ``run_verify`` re-checks every certificate and every adapter against the ledger, the manifest and the data.
 Kinds that cannot forget exactly (clients, student, a single model whose prompts show other users' labels)
 are refused with one line naming what can.
@@ -375,9 +380,10 @@ def _record_trained(run: RunDir, manifest, route: Route, ledger: Ledger) -> None
 
 
 @contextlib.contextmanager
-def _session(run_path: str | Path, create_ledger: bool = True) -> Iterator[_Run]:
-    """The model directory, locked for this command, its ledger closed at the end."""
-    with run_lock(Path(run_path)):
+def _session(run_path: str | Path, create_ledger: bool = True, lock: bool = True) -> Iterator[_Run]:
+    """The model directory, locked for this command (``lock=False``: the caller holds the lock, as the
+    service does for its whole life), its ledger closed at the end."""
+    with run_lock(Path(run_path)) if lock else contextlib.nullcontext():
         r = _open(run_path, create_ledger)
         try:
             yield r
@@ -476,77 +482,108 @@ def run_forget(
                 f"deletion request {unfinished['id']} is unfinished ({unfinished['status']}); "
                 f"finish it first: privrec forget {r.run.path} --resume"
             )
-        kind, spec = (
-            ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
-        )
-        interactions = resolve_interactions(r.ds, users, sample_ids)
-        old = r.ledger.tombstones()
-        new = [t for t in interactions if (t[0], t[1]) not in old]
-        if not new:
-            return {
-                "noop": True,
-                "message": f"nothing to forget: all {len(interactions)} interactions were "
-                "deleted by earlier requests",
-            }
-        new_set = {(u, i) for u, i, _ in new}
-
-        # which of the run's samples go, and which adapter slot holds each
-        split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in r.splits.get(name)}
-        metas = {k: read_adapter(f) for k, f in r.route.folders().items()}
-        owner = {sid: k for k, (_, meta) in metas.items() for sid in meta.get("sample_ids", [])}
-        removed = []
-        for sid in sorted(set(split_of) | set(owner)):
-            s = r.universe.get(sid)
-            if s is None or not shows_tombstoned(s, new_set) or shows_tombstoned(s, old):
-                continue
-            removed.append(
-                {
-                    "sample_id": sid,
-                    "user_id": s.user_id,
-                    "item_id": s.item_id,
-                    "timestamp": s.timestamp,
-                    "split": split_of.get(sid, "train"),
-                    "shard": owner.get(sid),
-                }
-            )
-        hit = r.route.affected(removed)
-        slots = [
-            {
-                "shard": k,
-                "retrain": k in hit,
-                "before_sha256": tensors_digest(state),
-                "n_before": len(meta.get("sample_ids", [])),
-            }
-            for k, (state, meta) in metas.items()
-        ]
-        rid = r.ledger.record_request(kind, spec, new, removed, slots)
-        r.run.log(
-            f"forget {rid}: {len(new)} interactions deleted, {len(removed)} samples removed, "
-            f"{r.route.name}: {', '.join(r.route.label(k) for k in sorted(hit)) or 'no adapter held them'}"
-        )
+        recorded = _record(r, users, sample_ids)
+        if recorded.get("noop"):
+            return recorded
         _fault(fault, "recorded")
-        return _finish(r, rid, progress, fault)
+        return _finish(r, recorded["request"], progress, fault)
 
 
-def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None) -> dict | None:
-    """Finish the unfinished request of a model, if any; returns its certificate (None: nothing to do)."""
-    with _session(run_path) as r:
+def submit_forget(run_path: str | Path, users: list[int]) -> dict:
+    """Record a deletion request of ``users`` and return ``{"request": id}`` without applying it (the service:
+    its worker applies requests in order with :func:`run_resume`). The caller holds the model's run lock.
+
+    A request recorded while an earlier one is unfinished waits for it: its plan (which samples go, which
+    adapters retrain) is made now, its adapters' before-hashes are taken again when it starts (``_replan``).
+    Returns ``{"noop": True, ...}`` when everything asked for is already deleted.
+
+    Raises:
+        UserError: unknown user.
+    """
+    with _session(run_path, lock=False) as r:
+        return _record(r, users, None)
+
+
+def _record(r: _Run, users: list[int] | None, sample_ids: list[str] | None) -> dict:
+    """Write the request into the ledger (status pending): ``{"request": id}``, or ``{"noop": True, ...}``."""
+    kind, spec = (
+        ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
+    )
+    interactions = resolve_interactions(r.ds, users, sample_ids)
+    old = r.ledger.tombstones()
+    new = [t for t in interactions if (t[0], t[1]) not in old]
+    if not new:
+        return {
+            "noop": True,
+            "message": f"nothing to forget: all {len(interactions)} interactions were "
+            "deleted by earlier requests",
+        }
+    new_set = {(u, i) for u, i, _ in new}
+
+    # which of the run's samples go, and which adapter slot holds each
+    split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in r.splits.get(name)}
+    metas = {k: read_adapter(f) for k, f in r.route.folders().items()}
+    owner = {sid: k for k, (_, meta) in metas.items() for sid in meta.get("sample_ids", [])}
+    removed = []
+    for sid in sorted(set(split_of) | set(owner)):
+        s = r.universe.get(sid)
+        if s is None or not shows_tombstoned(s, new_set) or shows_tombstoned(s, old):
+            continue
+        removed.append(
+            {
+                "sample_id": sid,
+                "user_id": s.user_id,
+                "item_id": s.item_id,
+                "timestamp": s.timestamp,
+                "split": split_of.get(sid, "train"),
+                "shard": owner.get(sid),
+            }
+        )
+    hit = r.route.affected(removed)
+    slots = [
+        {
+            "shard": k,
+            "retrain": k in hit,
+            "before_sha256": tensors_digest(state),
+            "n_before": len(meta.get("sample_ids", [])),
+        }
+        for k, (state, meta) in metas.items()
+    ]
+    rid = r.ledger.record_request(kind, spec, new, removed, slots)
+    r.run.log(
+        f"forget {rid}: {len(new)} interactions deleted, {len(removed)} samples removed, "
+        f"{r.route.name}: {', '.join(r.route.label(k) for k in sorted(hit)) or 'no adapter held them'}"
+    )
+    return {"request": rid}
+
+
+def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None, lock: bool = True,
+               swap_guard: contextlib.AbstractContextManager | None = None) -> dict | None:
+    """Finish the first unfinished request of a model, if any; returns its certificate (None: nothing to do).
+
+    ``lock=False``: the caller holds the run lock (the service). ``swap_guard`` is held while adapters are
+    swapped in (the service holds it while it records a request, so a plan never sees a half-done swap).
+    """
+    with _session(run_path, lock=lock) as r:
         req = r.ledger.unfinished()
         if req is None:
             return None
         r.run.log(f"forget --resume: {req['id']} from status {req['status']}")
-        return _finish(r, req["id"], progress, fault)
+        return _finish(r, req["id"], progress, fault, swap_guard)
 
 
-def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
+def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None,
+            swap_guard: contextlib.AbstractContextManager | None = None) -> dict:
     if r.ledger.request(rid)["status"] == PENDING:
+        _replan(r, rid)
         r.route.fault = fault
         seconds = _retrain(r, rid, progress)
         r.ledger.advance(rid, RETRAINED, retrain_seconds=seconds)
         _fault(fault, "retrained")
     if r.ledger.request(rid)["status"] == RETRAINED:
-        _install(r, rid, fault)
-        r.ledger.advance(rid, INSTALLED)
+        with swap_guard or contextlib.nullcontext():
+            _install(r, rid, fault)
+            r.ledger.advance(rid, INSTALLED)
         _fault(fault, "installed")
     if r.ledger.request(rid)["status"] == INSTALLED:
         cert = _certify(r, rid)
@@ -563,6 +600,28 @@ def _finish(r: _Run, rid: str, progress: bool, fault: Fault | None) -> dict:
     return read_certificate(r.run / CERTIFICATES_DIR / f"{rid}.json")
 
 
+def _tombstones_upto(r: _Run, rid: str) -> set[tuple[int, int]]:
+    """The interactions deleted by ``rid`` and every request before it (not by requests queued after it)."""
+    seq = {q["id"]: q["seq"] for q in r.ledger.requests()}
+    return {(t["user_id"], t["item_id"]) for t in r.ledger.tombstone_rows() if seq[t["request_id"]] <= seq[rid]}
+
+
+def _replan(r: _Run, rid: str) -> None:
+    """Take a pending request's adapters' before-hashes again: an earlier request queued before it (the
+    service) may have installed new adapters since it was recorded. A no-op for a request recorded with
+    nothing unfinished (every CLI request)."""
+    folders = r.route.folders()
+    for s in r.ledger.request_shards(rid):
+        f = folders.get(s["shard"])
+        if f is None:  # retired by an earlier request: nothing of this request can be in it
+            r.ledger.set_before(rid, s["shard"], None, 0)
+            continue
+        state, meta = read_adapter(f)
+        digest = tensors_digest(state)
+        if digest != s["before_sha256"]:
+            r.ledger.set_before(rid, s["shard"], digest, len(meta.get("sample_ids", [])))
+
+
 def _staged(r: _Run, rid: str, k: int) -> Path:
     return r.run / STAGING_DIR / rid / r.route.folder_of(k).name
 
@@ -572,7 +631,7 @@ def _retrain(r: _Run, rid: str, progress: bool) -> float:
     training seconds of the staged adapters."""
     removed_ids = {x["sample_id"] for x in r.ledger.removed(rid)}
     r.run.log(f"forget {rid}: purged {r.route.purge(removed_ids, r.universe)}")
-    tombstones = r.ledger.tombstones()
+    tombstones = _tombstones_upto(r, rid)  # not those of a request queued after it (the service)
     seconds = 0.0
     for s in r.ledger.request_shards(rid):
         k = s["shard"]
@@ -627,9 +686,10 @@ def _install(r: _Run, rid: str, fault: Fault | None) -> None:
     models.refresh(r.run.path)
 
 
-def _check_current(r: _Run) -> list[dict]:
-    """Every current adapter against its privrec.json, the ledger's record, the manifest and the data."""
-    tomb = r.ledger.tombstones() if r.ledger else set()
+def _check_current(r: _Run, upto: str | None = None) -> list[dict]:
+    """Every current adapter against its privrec.json, the ledger's record, the manifest and the data (the
+    tombstones of every request, or of ``upto`` and the requests before it)."""
+    tomb = (_tombstones_upto(r, upto) if upto else r.ledger.tombstones()) if r.ledger else set()
     latest = r.ledger.latest_adapters() if r.ledger else {}
     manifest = {a.path: a for a in models.load(r.run.path).adapters}
     checks = []
@@ -651,7 +711,7 @@ def _check_current(r: _Run) -> list[dict]:
 def _certify(r: _Run, rid: str) -> dict:
     """Check every adapter, write the certificate; raise if a check failed (the request stays installed)."""
     req = r.ledger.request(rid)
-    checks = _check_current(r)
+    checks = _check_current(r, upto=rid)
     by_slot = {c["shard"]: c for c in checks}
     slots = r.ledger.request_shards(rid)
     for s in slots:  # every adapter holds exactly what this request left: unaffected ones bit-identical

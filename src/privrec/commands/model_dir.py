@@ -26,9 +26,9 @@ from privrec.federated.config import FederatedConfig
 from privrec.model.adapters import install_adapter, load_adapter_state, read_adapter
 from privrec.model.recmodel import RecLM
 from privrec.prepare import build_model, item_stats, setup_data, without_interactions
-from privrec.rundir import RunDir
+from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
-from privrec.unlearning.exact.ledger import deletion_record
+from privrec.unlearning.exact.ledger import Ledger, deletion_record
 from privrec.unlearning.exact.shards import ApaConfig
 
 CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
@@ -76,12 +76,15 @@ class ModelDir:
             raise RunError(f"{self.run.path} has no adapters left (every sample they held was deleted)")
 
 
-def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir:
+def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok: bool = False) -> ModelDir:
     """The model directory at ``path``, its config (``--set`` overrides applied) and its deletion record.
+
+    ``pending_ok``: open it although deletion requests are unfinished, their interactions counted as deleted
+    (the service, which refuses their users itself while its worker applies them, METHODS §11).
 
     Raises:
         RunError: not a model directory, a bad manifest, or a deletion request still unfinished (the adapters
-            on disk may still hold the data it deletes).
+            on disk may still hold the data it deletes) without ``pending_ok``.
         ConfigError: a bad override.
     """
     manifest = models.load(path)
@@ -91,7 +94,7 @@ def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir
     if overrides:
         cfg = parse_config(apply_overrides(cfg.model_dump(), overrides), cls)
     md = ModelDir(run, manifest, cfg)
-    rows = deletion_record(run.path)
+    rows = accepted_deletions(run.path) if pending_ok else deletion_record(run.path)
     if manifest.kind == "student" and Path(manifest.original).is_dir():  # what its original forgot, it forgot
         rows += deletion_record(manifest.original)
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
@@ -101,6 +104,17 @@ def open_model(path: str | Path, overrides: list[str] | None = None) -> ModelDir
         md.deleted_by = {u: max(r["request_id"] for r in rows if r["user_id"] == u)
                          for u, n in deleted.items() if n >= int(counts.get(u, 0))}
     return md
+
+
+def accepted_deletions(path: str | Path) -> list[dict]:
+    """The tombstone rows of every accepted deletion request, finished or not (none without a ledger)."""
+    if not (Path(path) / LEDGER_FILE).is_file():
+        return []
+    ledger = Ledger(Path(path) / LEDGER_FILE, create=False)
+    try:
+        return ledger.tombstone_rows()
+    finally:
+        ledger.close()
 
 
 # --- one scorer per kind -----------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 A partition is a plain ``{user_id: client}`` dict. Every sample of a user (train, valid and test) lives on
 that user's client only (:func:`client_samples`).
 
-- ``kmeans`` (the paper's protocol): a small torch MF (user/item vectors and biases, squared error on the
-  ratings) is trained on the training interactions (every rating except the evaluated valid/test targets),
-  seeded; the user vectors, L2-normalised, are clustered by k-means into C clients.
+- ``kmeans`` (the paper's protocol): a small torch MF (:mod:`privrec.model.mf`: user/item vectors and biases,
+  squared error on the ratings) is trained on the training interactions (every rating except the evaluated
+  valid/test targets), seeded; the user vectors, L2-normalised, are clustered by k-means into C clients.
 - ``random``: users shuffled with the seed and dealt into C clients of (almost) equal size.
 - ``by-attribute``: one group per value of a user attribute (occupation, age band, gender); when there are
   more groups than clients, groups are assigned largest first to the client with the fewest users so far.
@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
-import torch
 
 from privrec.data import Dataset, Sample
 from privrec.errors import ConfigError
+from privrec.model.mf import fit_mf
 
 AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
 
@@ -48,35 +48,8 @@ def training_interactions(ds: Dataset, held_out: set[tuple[int, int]]) -> tuple[
 def mf_user_embeddings(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int = 16,
                        epochs: int = 60, seed: int = 0, weight_decay: float = 1e-4
                        ) -> dict[int, np.ndarray]:
-    """Biased matrix factorisation r_ui ~ mu + b_u + b_i + p_u . q_i, full-batch Adam on squared error.
-
-    Returns {user_id: p_u}. Seeded and single-threaded for the duration of the fit, so the same
-    interactions give the same embeddings on any machine thread count.
-    """
-    uid, u_idx = np.unique(users, return_inverse=True)
-    _, i_idx = np.unique(items, return_inverse=True)
-    n_items = int(i_idx.max()) + 1
-    g = torch.Generator().manual_seed(seed)
-    P = torch.nn.Parameter(torch.randn(len(uid), dim, generator=g) * 0.1)  # (U, d)
-    Q = torch.nn.Parameter(torch.randn(n_items, dim, generator=g) * 0.1)  # (I, d)
-    bu = torch.nn.Parameter(torch.zeros(len(uid)))
-    bi = torch.nn.Parameter(torch.zeros(n_items))
-    mu = float(ratings.mean())
-    u_t, i_t, r_t = torch.from_numpy(u_idx), torch.from_numpy(i_idx), torch.from_numpy(ratings)
-    opt = torch.optim.Adam([P, Q, bu, bi], lr=0.05, weight_decay=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions in a fixed order: the partition must not depend on the machine
-    try:
-        for _ in range(epochs):
-            pred = mu + bu[u_t] + bi[i_t] + (P[u_t] * Q[i_t]).sum(-1)  # (N,)
-            loss = ((pred - r_t) ** 2).mean() + weight_decay * (P.pow(2).sum() + Q.pow(2).sum())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    emb = P.detach().numpy().astype(np.float64)
-    return {int(u): emb[k] for k, u in enumerate(uid)}
+    """{user_id: p_u} of the biased MF (:func:`privrec.model.mf.fit_mf`), seeded and machine-independent."""
+    return fit_mf(users, items, ratings, dim, epochs, seed, weight_decay).user_vectors()
 
 
 def kmeans_partition(embeddings: dict[int, np.ndarray], n_clients: int, seed: int) -> dict[int, int]:

@@ -223,6 +223,16 @@ class Ledger:
                 (after_sha256, n_after, request_id, shard),
             )
 
+    def set_before(self, request_id: str, shard: int, before_sha256: str | None, n_before: int) -> None:
+        """Re-take a pending request's adapter state (an earlier request installed a new one since it was
+        recorded); ``before_sha256`` None: the adapter was retired since, so the request no longer has it."""
+        with self._tx() as db:
+            if before_sha256 is None:
+                db.execute("DELETE FROM request_shards WHERE request_id=? AND shard=?", (request_id, shard))
+            else:
+                db.execute("UPDATE request_shards SET before_sha256=?, n_before=? WHERE request_id=? AND shard=?",
+                           (before_sha256, n_before, request_id, shard))
+
     def removed(self, request_id: str) -> list[dict]:
         return [
             dict(r)

@@ -1,0 +1,77 @@
+"""``privrec serve MODEL`` and ``privrec token create / revoke MODEL`` (METHODS §11, docs/serving.md).
+
+``serve`` starts the service of :mod:`privrec.serve` on uvicorn (one process: the service's deletion worker
+and its recommender live in it) and stops on Ctrl-C or SIGTERM; ``--precompute-only`` writes every user's
+top-k into the store and exits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privrec.errors import UserError
+
+
+def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, candidates: int | None = 50,
+              blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False) -> None:
+    """Serve ``model`` until interrupted.
+
+    Raises:
+        RunError: not a model directory, another privrec command holds it, an unfinished request that fails.
+    """
+    import uvicorn
+
+    from privrec.serve.app import create_app
+    from privrec.serve.service import Service
+
+    _check(candidates, blend, store_k)
+    service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
+                      progress=progress)
+    try:
+        service.start()
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        service.close()
+
+
+def run_precompute(model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
+                   progress: bool = False) -> int:
+    """Every user's top-``store_k`` into ``MODEL/serve/recommendations.json``; returns how many users."""
+    from privrec.serve.service import Service
+
+    _check(candidates, blend, store_k)
+    service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=True,
+                      progress=progress)
+    try:
+        return service.precompute_now()
+    finally:
+        service.close()
+
+
+def _check(candidates: int | None, blend: float, store_k: int) -> None:
+    if candidates is not None and candidates < 1:
+        raise UserError(f"--candidates must be at least 1 (or 0 for every unseen item), got {candidates}")
+    if not 0.0 <= blend <= 1.0:
+        raise UserError(f"--blend must be in [0, 1], got {blend}")
+    if store_k < 1:
+        raise UserError(f"--store-k must be at least 1, got {store_k}")
+
+
+def run_token_create(model: str | Path, user: int | None) -> tuple[str, dict]:
+    """A new token (user or admin). Raises: RunError (not a model directory), UserError (unknown user)."""
+    from privrec.commands.model_dir import open_model
+    from privrec.data import load_dataset
+    from privrec.serve.auth import create_token
+
+    if user is not None:
+        cfg = open_model(model, pending_ok=True).cfg
+        ds = load_dataset(cfg.data.source, cfg.data.path)
+        if not (ds.inter["user_id"] == user).any():
+            raise UserError(f"user {user} not found in {ds.name}")
+    return create_token(model, user)
+
+
+def run_token_revoke(model: str | Path, token_id: str) -> dict:
+    from privrec.serve.auth import revoke_token
+
+    return revoke_token(model, token_id)

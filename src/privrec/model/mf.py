@@ -1,0 +1,71 @@
+"""Biased matrix factorisation over explicit ratings (METHODS §2 places users into clients with its user
+vectors; METHODS §11 proposes a service's candidates with its scores).
+
+r_ui ~ mu + b_u + b_i + p_u . q_i, fitted full-batch with Adam on squared error, seeded and single-threaded
+for the duration of the fit, so the same interactions give the same factors on any machine thread count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class MF:
+    """Fitted factors; rows follow ``user_ids`` / ``item_ids`` (sorted)."""
+
+    user_ids: np.ndarray  # (U,)
+    item_ids: np.ndarray  # (I,)
+    P: np.ndarray  # (U, d) user vectors
+    Q: np.ndarray  # (I, d) item vectors
+    bu: np.ndarray  # (U,)
+    bi: np.ndarray  # (I,)
+    mu: float
+
+    def user_vectors(self) -> dict[int, np.ndarray]:
+        return {int(u): self.P[k] for k, u in enumerate(self.user_ids)}
+
+    def user_row(self, user: int) -> int | None:
+        k = int(np.searchsorted(self.user_ids, user))
+        return k if k < len(self.user_ids) and int(self.user_ids[k]) == user else None
+
+    def scores(self, user: int) -> dict[int, float]:
+        """Predicted rating of every item the fit saw, for ``user`` (the item terms alone for an unseen user)."""
+        k = self.user_row(user)
+        s = self.mu + self.bi + (self.Q @ self.P[k] + self.bu[k] if k is not None else 0.0)  # (I,)
+        return {int(i): float(v) for i, v in zip(self.item_ids, s)}
+
+
+def fit_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int = 16, epochs: int = 60,
+           seed: int = 0, weight_decay: float = 1e-4) -> MF:
+    """Fit the biased MF on (users, items, ratings) arrays of equal length."""
+    uid, u_idx = np.unique(users, return_inverse=True)
+    iid, i_idx = np.unique(items, return_inverse=True)
+    n_items = int(i_idx.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    P = torch.nn.Parameter(torch.randn(len(uid), dim, generator=g) * 0.1)  # (U, d)
+    Q = torch.nn.Parameter(torch.randn(n_items, dim, generator=g) * 0.1)  # (I, d)
+    bu = torch.nn.Parameter(torch.zeros(len(uid)))
+    bi = torch.nn.Parameter(torch.zeros(n_items))
+    mu = float(ratings.mean())
+    u_t, i_t, r_t = torch.from_numpy(u_idx), torch.from_numpy(i_idx), torch.from_numpy(ratings)
+    opt = torch.optim.Adam([P, Q, bu, bi], lr=0.05, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reductions in a fixed order: the factors must not depend on the machine
+    try:
+        for _ in range(epochs):
+            pred = mu + bu[u_t] + bi[i_t] + (P[u_t] * Q[i_t]).sum(-1)  # (N,)
+            loss = ((pred - r_t) ** 2).mean() + weight_decay * (P.pow(2).sum() + Q.pow(2).sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().numpy().astype(np.float64)
+
+    return MF(uid, iid, arr(P), arr(Q), arr(bu), arr(bi), mu)

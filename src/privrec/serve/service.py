@@ -1,0 +1,364 @@
+"""The state of ``privrec serve MODEL`` (METHODS §11), independent of HTTP.
+
+- The service holds the model directory's run lock for its whole life (no other privrec command changes
+  the model under it) and serves one :class:`~privrec.commands.recommend.Recommender` (the same code as
+  ``privrec recommend``: two stages, popularity + MF candidates re-ranked by P(Yes)).
+- ``forget(user)`` records a deletion request in the model's ledger with ``privrec forget``'s own code
+  (:func:`~privrec.commands.forget.submit_forget`: tombstones, removed samples and the adapters' state in one
+  SQLite transaction, ``synchronous=FULL``) and only then returns its id; from that moment the user is
+  refused (410) and their stored recommendations are purged. Asking again returns the same request.
+- One worker thread applies the ledger's unfinished requests in order with
+  :func:`~privrec.commands.forget.run_resume` (retrain, swap, certify: the CLI's procedure, so a request the
+  service was killed in is finished by the next start, or by ``privrec forget MODEL --resume``). After each
+  one it builds a new recommender off to the side and swaps the reference under a lock: requests in flight
+  finish on the old one, none is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from privrec.commands.forget import run_resume, submit_forget
+from privrec.commands.recommend import Recommender
+from privrec.errors import RunError, UserError
+from privrec.prepare import source_data
+from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
+from privrec.serve.auth import TokenStore
+from privrec.serve.store import RecStore, store_key
+from privrec.unlearning.exact.ledger import DONE, PENDING, Ledger, run_lock
+
+RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
+
+
+class NotFound(UserError):
+    """An unknown user, item or request (HTTP 404)."""
+
+
+class Gone(UserError):
+    """A user with an accepted deletion request (HTTP 410)."""
+
+
+class NotReady(UserError):
+    """A request's certificate before it is done (HTTP 409)."""
+
+
+class CannotForget(UserError):
+    """A model kind that cannot forget exactly (HTTP 409)."""
+
+
+class Metrics:
+    """Request counts by (route, status) and latencies of the last ``window`` requests per route."""
+
+    def __init__(self, window: int = 2000):
+        self._lock = threading.Lock()
+        self.counts: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, deque] = {}
+        self.window = window
+        self.started = time.time()
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.counts[(route, status)] = self.counts.get((route, status), 0) + 1
+            self.latency.setdefault(route, deque(maxlen=self.window)).append(seconds)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            routes: dict[str, dict] = {}
+            for (route, status), n in sorted(self.counts.items()):
+                routes.setdefault(route, {"count": 0, "by_status": {}})
+                routes[route]["count"] += n
+                routes[route]["by_status"][str(status)] = n
+            for route, lat in self.latency.items():
+                x = np.array(lat) * 1000.0
+                routes[route].update(p50_ms=float(np.percentile(x, 50)), p99_ms=float(np.percentile(x, 99)),
+                                     mean_ms=float(x.mean()), window=len(x))
+        return {"uptime_seconds": time.time() - self.started, "routes": routes}
+
+
+class Service:
+    """One served model directory.
+
+    Args:
+        candidates: C, the candidate stage's size (None: the LLM scores every unseen item).
+        blend: see :meth:`Recommender.recommend`.
+        store_k: how many items the precomputed store keeps per user.
+        precompute: the worker computes every user's top-``store_k`` at start (when the store is not current)
+            and after each applied deletion.
+
+    Raises:
+        RunError: not a model directory, or another privrec command holds it.
+    """
+
+    def __init__(self, model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
+                 precompute: bool = False, max_k: int = 100, progress: bool = False):
+        self.path = Path(model)
+        self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
+        self.max_k, self.progress = max_k, progress
+        self._hold = contextlib.ExitStack()
+        self._hold.enter_context(run_lock(self.path))  # for the service's life
+        try:
+            self._finish_interrupted_swap()
+            self.tokens = TokenStore(self.path)
+            self.store = RecStore(self.path)
+            self.metrics = Metrics()
+            self.plan_lock = threading.Lock()  # recording a request vs swapping adapters in
+            self.swap_lock = threading.Lock()  # the recommender reference
+            self.rec = self._build()
+            if self.rec.md.manifest.forget:
+                source_data(self.rec.cfg)  # every sample of the source, memoised: a forget request needs them
+            self.forgotten: dict[int, str] = self._forgotten_users()
+            self.known_users = set(self.rec.splits.dataset.users) | set(
+                int(u) for u in self.rec.splits.dataset.inter["user_id"].unique())
+            self.worker_state = "idle"
+            self.errors: dict[str, str] = {}  # request id -> why its last attempt failed
+            self._wake = threading.Event()
+            self._stop = threading.Event()
+            self._store_stale = precompute and self.store.key != self._key()
+            self._worker = threading.Thread(target=self._work, name="privrec-deletions", daemon=True)
+        except BaseException:
+            self._hold.close()
+            raise
+
+    # --- life ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker: it resumes unfinished requests first."""
+        self._worker.start()
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=600)
+        self._hold.close()
+
+    def _finish_interrupted_swap(self) -> None:
+        """A request killed after its retrain (status retrained / installed) is finished before serving: the
+        adapters on disk may be half swapped. A pending one is left to the worker (the old adapters are
+        whole; its users are refused meanwhile)."""
+        path = self.path / LEDGER_FILE
+        if not path.is_file():
+            return
+        ledger = Ledger(path, create=False)
+        try:
+            req = ledger.unfinished()
+        finally:
+            ledger.close()
+        if req is not None and req["status"] != PENDING:
+            run_resume(self.path, progress=self.progress, lock=False)
+
+    def _build(self) -> Recommender:
+        rec = Recommender(self.path, pending_ok=True, progress=self.progress)
+        if self.candidates:
+            rec.generator  # noqa: B018  (fit the MF here, not in a request thread: it sets torch's thread count)
+        return rec
+
+    def _key(self) -> dict:
+        return store_key(self.rec.digest, self.candidates, self.blend)
+
+    def _forgotten_users(self) -> dict[int, str]:
+        """user -> the request that deletes them: every user named by a users request (pending or done) and
+        every user whose interactions are all deleted."""
+        out = dict(self.rec.md.deleted_by)
+        path = self.path / LEDGER_FILE
+        if path.is_file():
+            ledger = Ledger(path, create=False)
+            try:
+                for req in ledger.requests():
+                    if req["kind"] == "users":
+                        for u in read_spec(req)["users"]:
+                            out.setdefault(int(u), req["id"])
+            finally:
+                ledger.close()
+        return out
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def check_user(self, user: int) -> None:
+        """Raises: NotFound (never in the data), Gone (an accepted deletion request)."""
+        if user not in self.known_users:
+            raise NotFound(f"user {user} not found in {self.rec.ds.name}")
+        if user in self.forgotten:
+            raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]}): nothing "
+                       "is served for them")
+
+    def recommendations(self, user: int, k: int) -> dict:
+        self.check_user(user)
+        rec = self.rec  # one reference for the whole request (a swap does not cut it)
+        items = self.store.get(user, k, self._key())
+        source = "store"
+        if items is None:
+            items, source = rec.recommend(user, k, two_stage=self.candidates, blend=self.blend), "online"
+        if user in self.forgotten:  # accepted while it was being computed
+            raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]})")
+        return {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
+
+    def score(self, pairs: list[tuple[int, int]]) -> list[dict]:
+        rec = self.rec
+        for u, i in pairs:
+            self.check_user(u)
+            if i not in rec.ds.items:
+                raise NotFound(f"item {i} not found in {rec.ds.name}")
+        by_user: dict[int, list[int]] = {}
+        for n, (u, _) in enumerate(pairs):
+            by_user.setdefault(u, []).append(n)
+        out = [0.0] * len(pairs)
+        for u, idx in by_user.items():
+            probs = rec.p_yes(u, [pairs[n][1] for n in idx])
+            for n, p in zip(idx, probs):
+                out[n] = float(p)
+        for u in by_user:
+            self.check_user(u)
+        return [{"user": u, "item": i, "p_yes": p} for (u, i), p in zip(pairs, out)]
+
+    def history(self, user: int) -> list[dict]:
+        """The user's remaining ratings, oldest first."""
+        self.check_user(user)
+        rows = self.rec.ds.inter[self.rec.ds.inter["user_id"] == user]
+        items = self.rec.ds.items
+        return [{"item_id": int(i), "title": items[int(i)].title, "year": items[int(i)].year, "rating": float(r),
+                 "timestamp": int(t)} for i, r, t in zip(rows["item_id"], rows["rating"], rows["timestamp"])]
+
+    # --- deletion requests ----------------------------------------------------------------------------------
+    def forget(self, user: int) -> tuple[dict, bool]:
+        """Record a deletion of every interaction of ``user``; (the request, whether it is new). Returns only
+        once the request is committed to the ledger.
+
+        Raises:
+            NotFound: unknown user. UserError: a model kind that cannot forget exactly.
+        """
+        if user not in self.known_users:
+            raise NotFound(f"user {user} not found in {self.rec.ds.name}")
+        with self.plan_lock:
+            if user in self.forgotten:
+                return self.request(self.forgotten[user]), False
+            try:
+                recorded = submit_forget(self.path, [user])
+            except NotFound:
+                raise
+            except UserError as e:  # e.g. a clients model: it says which model can
+                raise CannotForget(str(e)) from None
+            rid = recorded.get("request")
+            if rid is None:  # every interaction deleted already (e.g. by privrec forget --samples)
+                rid = self.rec.md.deleted_by.get(user) or self._last_request_of(user)
+            self.forgotten[user] = rid
+        self.store.purge(user)
+        self._wake.set()
+        return self.request(rid), recorded.get("request") is not None
+
+    def _last_request_of(self, user: int) -> str:
+        with self._ledger() as ledger:
+            rows = [t["request_id"] for t in ledger.tombstone_rows() if t["user_id"] == user]
+        return max(rows)
+
+    @contextlib.contextmanager
+    def _ledger(self):
+        path = self.path / LEDGER_FILE
+        if not path.is_file():
+            raise NotFound("no deletion request was made on this model")
+        ledger = Ledger(path, create=False)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    def request(self, rid: str) -> dict:
+        """A request's status and its history. Raises: NotFound."""
+        with self._ledger() as ledger:
+            try:
+                req = ledger.request(rid)
+            except RunError:
+                raise NotFound(f"no deletion request {rid}") from None
+            events = ledger.events(rid)
+        spec = read_spec(req)
+        out = {"id": rid, "status": req["status"], "kind": req["kind"], "users": spec.get("users"),
+               "created": req["created"], "updated": req["updated"],
+               "history": [{"status": e["status"], "at": e["at"]} for e in events],
+               "certificate": f"/v1/requests/{rid}/certificate" if req["status"] == DONE else None}
+        if rid in self.errors:
+            out["error"] = self.errors[rid]
+        return out
+
+    def certificate(self, rid: str) -> dict:
+        """Raises: NotFound, NotReady."""
+        req = self.request(rid)
+        if req["status"] != DONE:
+            raise NotReady(f"request {rid} is not done yet ({req['status']}); its certificate follows")
+        return read_json(self.path / CERTIFICATES_DIR / f"{rid}.json")
+
+    # --- the worker ----------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=RETRY_SECONDS)
+            self._wake.clear()
+            while not self._stop.is_set() and self._apply_next():
+                pass
+            if self._store_stale and not self._stop.is_set():
+                self._precompute()
+
+    def _apply_next(self) -> bool:
+        """Apply the first unfinished request, then swap in a recommender built on the new adapters; False
+        when there is none, or it failed (tried again later)."""
+        if not (self.path / LEDGER_FILE).is_file():
+            return False
+        with self._ledger() as ledger:
+            req = ledger.unfinished()
+        if req is None:
+            return False
+        rid = req["id"]
+        self.worker_state = f"applying {rid}"
+        try:
+            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
+            new = self._build()  # off to the side: requests keep using the old one meanwhile
+            with self.swap_lock:
+                self.rec = new
+            self.errors.pop(rid, None)
+            self._store_stale = self.precompute
+            return True
+        except Exception as e:  # the request stays unfinished in the ledger; the service keeps serving
+            self.errors[rid] = " ".join(str(e).split()) or type(e).__name__
+            self.rec.md.run.log(f"serve: request {rid} failed: {traceback.format_exc(limit=3)}", echo=False)
+            return False
+        finally:
+            self.worker_state = "idle"
+
+    def _precompute(self, only: list[int] | None = None) -> None:
+        """Every servable user's top-``store_k`` (or those of ``only``) into the store; stops early for a
+        deletion request."""
+        self.worker_state = "precomputing"
+        rec, key, users = self.rec, self._key(), {}
+        try:
+            for u in rec.users() if only is None else only:
+                if self._wake.is_set() or self._stop.is_set():
+                    return  # a deletion first; the store stays stale and is computed again afterwards
+                if u in self.forgotten:
+                    continue
+                with contextlib.suppress(UserError):
+                    users[u] = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend)
+            self.store.replace(key, self.store_k, {u: v for u, v in users.items() if u not in self.forgotten})
+            self._store_stale = False
+        finally:
+            self.worker_state = "idle"
+
+    def precompute_now(self, users: list[int] | None = None) -> int:
+        """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
+        self._precompute(users)
+        return len(self.store.users)
+
+    def pending(self) -> int:
+        path = self.path / LEDGER_FILE
+        if not path.is_file():
+            return 0
+        with self._ledger() as ledger:
+            return sum(1 for r in ledger.requests() if r["status"] != DONE)
+
+
+def read_spec(req: dict) -> dict:
+    return json.loads(req["spec"])

@@ -1,0 +1,223 @@
+"""privrec serve in-process (FastAPI TestClient) on the tiny model: endpoints, errors as {"error": ...} with
+their 4xx, tokens, the 410 from the moment a deletion is accepted, deletions applied by the worker through
+privrec forget's procedure (the same certificates as the CLI), the store of precomputed recommendations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import bearer, copy_model, tokens, victim_of, wait_done
+
+from privrec.cli import main
+from privrec.commands.forget import run_forget
+from privrec.commands.recommend import Recommender, blended_order, run_recommend
+from privrec.serve.app import MAX_BATCH, create_app
+from privrec.serve.service import Service
+from privrec.serve.store import STORE_FILE
+
+
+@pytest.fixture(scope="module")
+def live(served_model, tmp_path_factory):
+    """A service on a copy of the model, never started (no deletion is applied): for read-only checks."""
+    model = copy_model(served_model, tmp_path_factory.mktemp("api") / "model")
+    victim = victim_of(model)
+    other = next(u for u in range(1, 50) if u != victim)
+    tok = tokens(model, victim, other)
+    service = Service(model, candidates=20)
+    with TestClient(create_app(service)) as client:
+        yield client, tok, victim, other, model
+    service.close()
+
+
+def get(client, path, token=None):
+    return client.get(path, headers=bearer(token) if token else {})
+
+
+def error_of(r, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and body["error"], body
+    return body["error"]
+
+
+def test_recommendations_are_the_two_stage_ranking_of_privrec_recommend(live):
+    client, tok, victim, other, model = live
+    r = get(client, f"/v1/users/{other}/recommendations?k=5", tok[other])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["source"] == "online" and body["candidates"] == 20 and len(body["items"]) == 5
+    cli = run_recommend(model, other, 5, progress=False, candidates=20)
+    assert [x["item_id"] for x in body["items"]] == [x["item_id"] for x in cli]
+    assert [x["p_yes"] for x in body["items"]] == pytest.approx([x["p_yes"] for x in cli])
+    rated = {h["item_id"] for h in get(client, f"/v1/users/{other}/history", tok[other]).json()["ratings"]}
+    assert rated and not rated & {x["item_id"] for x in body["items"]}
+    ps = [x["p_yes"] for x in body["items"]]
+    assert ps == sorted(ps, reverse=True) and all(0 < p < 1 for p in ps)
+
+
+def test_score_matches_recommendations_and_keeps_the_input_order(live):
+    client, tok, victim, other, model = live
+    items = get(client, f"/v1/users/{other}/recommendations?k=3", tok[other]).json()["items"]
+    pairs = [{"user": other, "item": x["item_id"]} for x in reversed(items)]
+    r = client.post("/v1/score", headers=bearer(tok[other]), json={"pairs": pairs})
+    assert r.status_code == 200, r.text
+    got = r.json()["scores"]
+    assert [(s["user"], s["item"]) for s in got] == [(p["user"], p["item"]) for p in pairs]
+    assert [s["p_yes"] for s in got] == pytest.approx([x["p_yes"] for x in reversed(items)], abs=1e-6)
+    mixed = [{"user": other, "item": 1}, {"user": victim, "item": 2}, {"user": other, "item": 3}]
+    r = client.post("/v1/score", headers=bearer(tok["admin"]), json={"pairs": mixed})
+    assert r.status_code == 200 and [s["user"] for s in r.json()["scores"]] == [other, victim, other]
+
+
+def test_tokens_401_403_and_admin(live):
+    client, tok, victim, other, model = live
+    path = f"/v1/users/{other}/recommendations?k=2"
+    assert "missing bearer token" in error_of(get(client, path), 401)
+    assert get(client, path).headers["www-authenticate"] == "Bearer"
+    error_of(client.get(path, headers={"Authorization": "Basic abc"}), 401)
+    error_of(get(client, path, "prv_00000000_forged"), 401)
+    error_of(get(client, path, tok[other][:-2] + "xx"), 401)  # right id, wrong secret
+    assert "cannot read or delete user" in error_of(get(client, path, tok[victim]), 403)
+    error_of(get(client, f"/v1/users/{other}/history", tok[victim]), 403)
+    error_of(client.post(f"/v1/users/{other}/forget", headers=bearer(tok[victim])), 403)
+    error_of(client.post("/v1/score", headers=bearer(tok[victim]), json={"pairs": [{"user": other, "item": 1}]}),
+             403)
+    assert get(client, path, tok["admin"]).status_code == 200
+    assert get(client, "/v1/me", tok[other]).json() == {"token_id": tok[other].split("_")[1], "user": other,
+                                                         "admin": False}
+    error_of(get(client, "/metrics", tok[other]), 403)
+    m = get(client, "/metrics", tok["admin"]).json()
+    assert m["routes"]["GET /v1/users/{user}/recommendations"]["by_status"]["403"] >= 1
+
+
+def test_a_revoked_token_is_refused_without_a_restart(live, capsys):
+    client, tok, victim, other, model = live
+    assert main(["token", "create", str(model), "--user", str(other)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert get(client, "/v1/me", token).status_code == 200
+    assert json.loads((model / "serve" / "tokens.json").read_text())["tokens"][-1]["sha256"] != token
+    assert token not in (model / "serve" / "tokens.json").read_text()  # stored hashed
+    assert main(["token", "revoke", str(model), token.split("_")[1][:6]]) == 0
+    error_of(get(client, "/v1/me", token), 401)
+    assert get(client, "/v1/me", tok[other]).status_code == 200  # the others stay valid
+    assert main(["token", "revoke", str(model), "zzzz"]) == 2  # unknown id: one line, exit 2
+    assert main(["token", "create", str(model), "--user", "999999"]) == 2
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("GET", "/v1/users/{other}/recommendations?k=0", None, 422),
+    ("GET", "/v1/users/{other}/recommendations?k=-3", None, 422),
+    ("GET", "/v1/users/{other}/recommendations?k=100000", None, 422),
+    ("GET", "/v1/users/{other}/recommendations?k=ten", None, 422),
+    ("GET", "/v1/users/abc/recommendations", None, 422),
+    ("GET", "/v1/users/999999/recommendations", None, 404),
+    ("GET", "/v1/users/-1/history", None, 404),
+    ("POST", "/v1/score", b'{"pairs": [', 422),
+    ("POST", "/v1/score", b'{"pairs": []}', 422),
+    ("POST", "/v1/score", b'{"pairs": [{"user": 1}]}', 422),
+    ("POST", "/v1/score", b'{"pairs": [{"user": 1, "item": 1, "x": 2}]}', 422),
+    ("POST", "/v1/score", b'[1, 2]', 422),
+    ("POST", "/v1/score", b'{"pairs": [{"user": 1, "item": 99999}]}', 404),
+    ("POST", "/v1/score", b'{"pairs": [{"user": 99999, "item": 1}]}', 404),
+    ("POST", "/v1/score", json.dumps({"pairs": [{"user": 1, "item": 1}] * (MAX_BATCH + 1)}).encode(), 422),
+    ("POST", "/v1/score", b'{"pairs": "' + b"x" * 70000 + b'"}', 413),
+    ("POST", "/v1/users/999999/forget", None, 404),
+    ("GET", "/v1/requests/r9999", None, 404),
+    ("GET", "/v1/requests/r9999/certificate", None, 404),
+    ("GET", "/v1/nothing", None, 404),
+    ("DELETE", "/v1/score", None, 405),
+])
+def test_bad_input_is_a_4xx_with_an_error_body(live, method, path, body, status):
+    client, tok, victim, other, model = live
+    r = client.request(method, path.format(other=other), headers={**bearer(tok["admin"]),
+                                                                  "Content-Type": "application/json"}, content=body)
+    error_of(r, status)
+
+
+def test_healthz_openapi_and_page(live):
+    client = live[0]
+    assert client.get("/healthz").json()["status"] == "ok"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/users/{user}/recommendations", "/v1/score", "/v1/users/{user}/forget", "/v1/requests/{rid}",
+            "/v1/requests/{rid}/certificate", "/metrics", "/healthz"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "Delete my data" in page.text
+
+
+def test_deletions_are_refused_at_once_applied_in_order_and_certified_as_by_the_cli(served_model, tmp_path):
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    second = next(u for u in range(1, 50) if u != victim)
+    bystander = next(u for u in range(1, 50) if u not in (victim, second))
+    tok = tokens(model, victim, second, bystander)
+    service = Service(model, candidates=10, store_k=5)
+    with TestClient(create_app(service)) as client:
+        assert service.precompute_now(users=[victim, second, bystander]) == 3
+        stored = json.loads((model / "serve" / STORE_FILE).read_text())
+        assert str(victim) in stored["users"] and str(bystander) in stored["users"]
+        r = get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander])
+        assert r.json()["source"] == "store"
+        assert r.json()["items"] == stored["users"][str(bystander)][:3]
+        before = get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander]).json()["items"]
+
+        # two requests accepted before the worker runs: queued in the ledger, refused at once (410), purged
+        first = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim]))
+        assert first.status_code == 202 and first.json()["status"] == "pending", first.text
+        again = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim]))
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]  # idempotent
+        assert client.post(f"/v1/users/{second}/forget", headers=bearer(tok["admin"])).json()["id"] == "r0002"
+        for u in (victim, second):
+            error_of(get(client, f"/v1/users/{u}/recommendations", tok[u]), 410)
+            error_of(get(client, f"/v1/users/{u}/history", tok[u]), 410)
+            error_of(client.post("/v1/score", headers=bearer(tok[u]), json={"pairs": [{"user": u, "item": 1}]}),
+                     410)
+        assert str(victim) not in json.loads((model / "serve" / STORE_FILE).read_text())["users"]
+        error_of(get(client, "/v1/requests/r0001", tok[second]), 403)
+        error_of(get(client, "/v1/requests/r0001/certificate", tok[victim]), 409)  # not done yet
+
+        service.start()
+        done = wait_done(lambda p: get(client, p, tok[victim]), "r0001")
+        assert [e["status"] for e in done["history"]] == ["pending", "retrained", "installed", "done"]
+        wait_done(lambda p: get(client, p, tok["admin"]), "r0002")
+        cert = get(client, "/v1/requests/r0001/certificate", tok[victim])
+        assert cert.status_code == 200 and "attachment" in cert.headers["content-disposition"]
+        certs = [cert.json(), get(client, "/v1/requests/r0002/certificate", tok["admin"]).json()]
+        after = get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander]).json()
+        error_of(get(client, f"/v1/users/{victim}/recommendations", tok[victim]), 410)
+    service.close()
+    assert certs[0]["body"]["affected_shards"] == [0] and certs[0]["body"]["adapters"][0]["retrained"]
+    assert certs[1]["body"]["adapters"][0]["before"] == certs[0]["body"]["adapters"][0]["after"]  # replanned
+    assert after["source"] == "online" and len(after["items"]) == 3  # the store was made with the old adapters
+    assert str(victim) not in json.loads((model / "serve" / STORE_FILE).read_text())["users"]
+    assert before
+
+    # the same two requests through privrec forget, one after the other: the same certificate bodies
+    cli = copy_model(served_model, tmp_path / "cli")
+    reference = [run_forget(cli, users=[victim], progress=False), run_forget(cli, users=[second], progress=False)]
+    for got, want in zip(certs, reference):
+        assert got["body"] == want["body"] and got["body_sha256"] == want["body_sha256"]
+    assert main(["forget", str(model), "--verify"]) == 0
+
+
+def test_blended_order():
+    import numpy as np
+
+    scores = np.array([0.1, 0.9, 0.5])
+    assert blended_order(scores, 0.0).tolist() == [1, 2, 0]  # the LLM's order
+    assert blended_order(scores, 1.0).tolist() == [0, 1, 2]  # the candidate list's order
+    assert blended_order(scores, 0.5).tolist() == [1, 0, 2]  # (1, .5), (0, 1)... keys 1.0, 0.5, 1.5 -> ties by index
+
+
+def test_recommender_refuses_a_forgotten_user_and_cli_flags(served_model, tmp_path, capsys):
+    model = copy_model(served_model, tmp_path / "m")
+    assert main(["recommend", str(model), "--user", "3", "--top", "2", "--candidates", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: mutually exclusive
+        main(["recommend", str(model), "--user", "3", "--candidates", "8", "--max-candidates", "3"])
+    assert e.value.code == 2
+    rec = Recommender(model)
+    assert len(rec.candidates(3, rec.history(3)[1], 8, None)) == 8
