@@ -5,6 +5,7 @@ my data, watch the request reach done, download the certificate."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -19,6 +20,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
     if DRIVER is None or shutil.which(CHROMIUM) is None:
+        if os.environ.get("CI"):  # .ci/run goes through `make test`, which installs them: missing is a failure
+            pytest.fail("CI without chromium / chromedriver: `make browser` did not install them")
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver; "
                     "`make test` does it as root)")
     from selenium.webdriver.chrome.service import Service as DriverService
