@@ -14,7 +14,7 @@ import torch
 from conftest import FP32, make_model, randomise_lora, tiny_config
 
 from privrec.model import prefix_scoring
-from privrec.model.adapters import adapter_state, load_adapter_state
+from privrec.model.adapters import adapter_state
 from privrec.model.encoding import Encoded, prompt_key
 from privrec.model.prefix_scoring import MIN_SHARED_PREFIX, common_prefix
 from privrec.model.recmodel import RecLM
