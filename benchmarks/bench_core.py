@@ -149,7 +149,8 @@ def matmul_gflops(m: RecLM, dtype: torch.dtype, rows: int = 1024, seconds: float
 
 
 def how(per: str | None) -> str:
-    return "whole prompts" if per is None else f"shared prefix run once per {per}"
+    return "whole prompts" if per is None else f"shared prefix run once per {per}" + (
+        " (`model.share_prefix: true`)" if per == "batch" else "")
 
 
 def main() -> None:
@@ -189,7 +190,7 @@ def main() -> None:
     rows.append(("naive: fp32, full-vocabulary logits, unsorted batches, LoRA all layers", naive_train,
                  naive_score))
     for shared, per in ((False, None), (True, "batch")):
-        m.share_prefix = shared
+        m.share_prefix = shared  # True: also under LoRA dropout (one prefix mask per batch; "auto" would not)
         rows.append((f"privrec: last-token Yes/No head, length buckets, LoRA all layers, {how(per)}",
                      time_train(m, tr, args.batch_size, naive=False), float("nan")))
     for shared, per in ((False, None), (True, "call")):

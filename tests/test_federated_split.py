@@ -75,7 +75,6 @@ def test_split_outputs_and_lora_gradients_equal_the_unsplit_models(deep_splits, 
 
 def test_training_through_the_one_loop_matches_the_unsplit_model(deep_splits):
     full, split = pair(deep_splits)
-    full.share_prefix = False  # dropout draws per tensor: the same stream needs the split model's whole prompts
     cfg = deep_config()
     results = []
     for m in (full, split):

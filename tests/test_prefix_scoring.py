@@ -253,3 +253,26 @@ def test_encoded_items_are_unchanged_by_the_split(ml100k, tiny_splits):
     m = _model(ml100k, None)
     e = m.encode(tiny_splits.test[:1])[0]
     assert isinstance(e, Encoded) and e.key == prompt_key(e.ids) and e.prefix + e.suffix == e.ids
+
+
+def test_training_under_lora_dropout_shares_the_prefix_only_when_told(ml100k, tiny_splits):
+    """auto: a training batch with dropout runs whole prompts (the random stream of whole prompts, exactly);
+    true: it shares the prefix anyway (one dropout mask for the prefix per batch)."""
+    cfg = tiny_config(lora={"top_layers": 1, "dropout": 0.1}, train={"epochs": 1, "batch_size": 8, "lr": 5e-3})
+    states = {}
+    for share in ("auto", False, True):
+        m = make_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"share_prefix": share})}),
+                       ml100k)
+        items = m.encode(tiny_splits.train[:16])
+        m.prepare(items, progress=False)
+        m.model.train()
+        with torch.enable_grad():
+            assert (m.collate(items).prefix is not None) == (share is True)
+        m.model.eval()
+        assert (m.collate(items).prefix is not None) == (share is not False)  # scoring: no dropout drawn
+        train(m, items, cfg.train, seed=0, progress=False)
+        states[share] = adapter_state(m.model)
+    for k in states[False]:
+        assert torch.equal(states["auto"][k], states[False][k])  # the same arithmetic and the same draws
+    diff = max((states[True][k] - states[False][k]).abs().max().item() for k in states[False])
+    assert 0 < diff < 0.05  # other dropout draws: two Adam steps of lr 5e-3 apart at most, not another model

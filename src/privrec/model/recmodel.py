@@ -12,8 +12,9 @@ training and scoring then run the top L layers on the cached states (DESIGN.md p
 The token prefix that a batch's prompts all start with (the chat template's system text and the
 instruction: ~57 of ~180 tokens of a like-prompt) runs once per training batch, or once per scoring call,
 through the layers above the cache (every layer without one), and the prompts' remaining tokens run against
-its key-value cache (``model.share_prefix``, on by default; :mod:`privrec.model.prefix_scoring`). Scores and
-gradients equal the whole prompts' to float rounding.
+its key-value cache (``model.share_prefix``; :mod:`privrec.model.prefix_scoring`). Scores and gradients
+equal the whole prompts' to float rounding. Under ``auto`` (the default) a training batch shares its prefix
+only when no dropout is drawn (each row's prefix would draw its own mask); ``true`` shares it there too.
 
 Ranking (METHODS §1) scores many candidates after one shared prompt prefix: :meth:`RecLM.score_groups` runs
 each prefix once, keeps its key-value cache, and scores all the candidates' suffixes in batches against it,
@@ -78,7 +79,7 @@ class RecLM:
     """
 
     def __init__(self, model, tokenizer, builder: PromptBuilder, precision: str = "auto",
-                 max_length: int = 512, cache_dir: Path | None = None, share_prefix: bool = True):
+                 max_length: int = 512, cache_dir: Path | None = None, share_prefix: bool | str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.builder = builder
@@ -93,7 +94,7 @@ class RecLM:
         self._fingerprint: str | None = None
         self._encoded: dict[str, tuple[int, ...]] = {}
         self.lora_config = None
-        # run the token prefix a batch's prompts share once (model.share_prefix; the shared-prefix paths)
+        # run the token prefix a batch's prompts share once: "auto", True or False (model.share_prefix)
         self.share_prefix = share_prefix
         # Called with every batch right before its forward: per-batch state that the layers read, such as
         # per-sample adapter mixture weights (privrec.model.mixture). Empty by default.
@@ -218,11 +219,22 @@ class RecLM:
         finally:
             self.share_prefix = saved
 
+    def _dropout_active(self) -> bool:
+        """Whether a training forward now draws dropout (LoRA dropout, or attention dropout of the decoder)."""
+        if not (self.model.training and torch.is_grad_enabled()):
+            return False
+        return getattr(self._inner().config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(mod, nn.Dropout) and mod.p > 0 for mod in self.model.modules())
+
     def shared_prefix(self, items: list[Encoded]) -> SharedPrefix | None:
         """The token prefix all ``items`` start with, to run once for all of them; None when sharing is off
-        (``model.share_prefix``) or not possible (:attr:`can_share_prefix`), for a single item, or when the
-        common prefix is shorter than MIN_SHARED_PREFIX tokens. Needs the items prepared (cached states)."""
-        if not (self.share_prefix and self.can_share_prefix) or len(items) < 2:
+        (``model.share_prefix: false``), not possible (:attr:`can_share_prefix`), or not exact under
+        ``auto`` (a training forward with dropout: each row's prefix tokens would draw their own mask), for a
+        single item, or when the common prefix is shorter than MIN_SHARED_PREFIX tokens. Needs the items
+        prepared (cached states)."""
+        if self.share_prefix is False or not self.can_share_prefix or len(items) < 2:
+            return None
+        if self.share_prefix == "auto" and self._dropout_active():
             return None
         ids = common_prefix([e.ids for e in items])
         if len(ids) < MIN_SHARED_PREFIX:
@@ -354,8 +366,9 @@ class RecLM:
     def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
                 share_prefix: bool | None = None) -> None:
         """Fill the frozen cache for these prompts (no-op without a cache): computed once per prompt, the
-        token prefix all of them share once and stored once (``share_prefix``, default ``model.share_prefix``;
-        False: every prompt whole). A prompt whose stored prefix piece was discarded gets that piece back."""
+        token prefix all of them share once and stored once (``share_prefix``, default: unless
+        ``model.share_prefix`` is false; False: every prompt whole). A prompt whose stored prefix piece was
+        discarded gets that piece back."""
         if self.cut == 0:
             return
         assert self.cache is not None
@@ -371,7 +384,7 @@ class RecLM:
         was_training = self.model.training
         self.model.eval()
         try:
-            share = self.share_prefix if share_prefix is None else share_prefix
+            share = self.share_prefix is not False if share_prefix is None else share_prefix
             shared = common_prefix([e.ids for e in todo]) if share and len(todo) > 1 else ()
             if len(shared) >= MIN_SHARED_PREFIX:
                 prefix_scoring.fill_after_prefix(self, todo, shared, self.cut, batch_size, progress)
