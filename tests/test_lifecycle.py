@@ -24,7 +24,6 @@ from privrec.commands.model_dir import open_model
 from privrec.config import load_config
 from privrec.data import Sample, build_splits
 from privrec.model.adapters import install_adapter, lineage_of, read_adapter, read_meta, tensors_digest
-from privrec.model.encoding import PrefixGroup
 from privrec.prepare import build_model
 from privrec.unlearning.exact.ledger import Ledger
 
@@ -309,11 +308,9 @@ def test_clients_model_whole_life(ml100k, tmp_path, capsys):
     folder = run / "adapters" / f"client-{client}"
     install_adapter(own, folder, *read_adapter(folder), cfg.model.name)
     p_own = own.score(own.encode(samples), 8, progress=False)
-    # recommend's path (the user's prefix once, its candidates against it) prints 4 decimals; score() shares
-    # another prefix, which under bf16 autocast moves P(Yes) by up to ~1e-3 (test_precision.BF16_ATOL)
-    [z] = own.score_groups([PrefixGroup.of(own.encode(samples))], "yes", prefix_batch=1, progress=False)
-    assert [p for _, p in rows] == pytest.approx((1 / (1 + np.exp(-z))).tolist(), abs=1e-4)
-    assert [p for _, p in rows] == pytest.approx(p_own.tolist(), abs=5e-3)
+    # recommend shares the user's prefix over its 6 candidates, score() the 3 samples' common prefix: under bf16
+    # autocast the two paths round differently (test_precision.BF16_ATOL); under fp32 only the 4 printed decimals
+    assert [p for _, p in rows] == pytest.approx(p_own.tolist(), abs=5e-3 if own.bf16 else 2e-4)
     other = next(c for c in range(3) if c != client)
     folder = run / "adapters" / f"client-{other}"
     install_adapter(own, folder, *read_adapter(folder), cfg.model.name)
