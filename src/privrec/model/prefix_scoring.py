@@ -83,6 +83,7 @@ def cache_from(model: RecLM, kv: KV, rows: int | torch.Tensor):
 def prefix_kv(model: RecLM, prefix: SharedPrefix, start: int) -> KV:
     """The prefix's keys/values in layers [start, N), computed on first use (with grad when it is enabled)
     with the adapter as it is now, and kept in ``prefix.kv``."""
+    assert (prefix.hidden is None) == (start == 0), "states at the cut exactly when the bottom layers are cached"
     if prefix.kv is None:
         past = new_cache(model)
         if prefix.hidden is not None:
