@@ -308,7 +308,9 @@ def test_clients_model_whole_life(ml100k, tmp_path, capsys):
     folder = run / "adapters" / f"client-{client}"
     install_adapter(own, folder, *read_adapter(folder), cfg.model.name)
     p_own = own.score(own.encode(samples), 8, progress=False)
-    assert [p for _, p in rows] == pytest.approx(p_own.tolist(), abs=2e-4)
+    # recommend shares the user's prefix over its 6 candidates, score() the 3 samples' common prefix: under bf16
+    # autocast the two paths round differently (test_precision.BF16_ATOL); under fp32 only the 4 printed decimals
+    assert [p for _, p in rows] == pytest.approx(p_own.tolist(), abs=5e-3 if own.bf16 else 2e-4)
     other = next(c for c in range(3) if c != client)
     folder = run / "adapters" / f"client-{other}"
     install_adapter(own, folder, *read_adapter(folder), cfg.model.name)

@@ -135,3 +135,26 @@ def test_the_environment_overrides_the_cpu_detection(monkeypatch, forced):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setenv(backbone.CPU_BF16_ENV, forced)
     assert backbone.use_bf16("auto", torch.device("cpu")) is (forced == "1")
+
+
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_bf16_shared_prompt_prefix_tracks_whole_prompts(ml100k, tiny_splits, top_layers):
+    from privrec.train import bce_loss
+
+    fp, bf = _pair(ml100k, top_layers, seed=4)
+    items = bf.encode(tiny_splits.test[:24])
+    shared = bf.score(items, batch_size=8, progress=False)
+    with bf.whole_prompts():
+        whole = bf.score(items, batch_size=8, progress=False)
+    reference = fp.score(fp.encode(tiny_splits.test[:24]), batch_size=8, progress=False)
+    bf.model.eval()
+    assert bf.shared_prefix(items) is not None  # the shared path really ran
+    np.testing.assert_allclose(shared, whole, atol=BF16_ATOL)
+    np.testing.assert_allclose(shared, reference, atol=BF16_ATOL)
+    assert spearmanr(shared, reference).statistic > 0.98
+    # one training step's loss: the shared prefix (with grad) against whole prompts, both in bf16
+    losses = []
+    for prefix in ("auto", None):
+        batch = bf.collate(items[:8], prefix)
+        losses.append(bce_loss(bf.logits(batch), batch).item())
+    assert abs(losses[0] - losses[1]) < BF16_ATOL

@@ -118,6 +118,14 @@ class ModelConfig(_Section):
         "fp32 (PRIVREC_CPU_BF16=1|0 overrides the CPU detection); bf16: autocast on any CPU (emulated, slower, "
         "where not native); fp32: never. The Yes/No head is always computed in fp32.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default.")
+    share_prefix: bool | Literal["auto"] = Field(
+        "auto", description="Run the token prefix that prompts share (the system and instruction text of every "
+        "like-prompt) once and reuse its key-value cache, through the layers above the frozen cache (all layers "
+        "without one); the frozen cache stores it once. auto: every scoring call and every cache fill, and a "
+        "training batch when no dropout is active (then loss, gradients and the random stream equal whole "
+        "prompts' to float rounding); true: training batches with LoRA dropout too, the prefix's dropout mask "
+        "drawn once per batch instead of once per row (the same expected gradient, not the same random "
+        "stream); false: every prompt whole (the reference).")
 
 
 class LoraConfig(_Section):

@@ -6,8 +6,15 @@ the hidden state at each prompt's last real token goes through the final norm an
 ``P(Yes) = softmax([z_yes, z_no])[0] = sigmoid(z)``. No vocabulary-sized matrix is ever computed.
 
 With LoRA on the top L layers only, the frozen bottom layers are run once per prompt and their output is
-kept in a :class:`FrozenCache` keyed by (base weights, cut layer, token ids); training and scoring then run
-the top L layers on the cached states (DESIGN.md performance habits).
+kept in a :class:`~privrec.model.frozen_cache.FrozenCache` keyed by (base weights, cut layer, token ids);
+training and scoring then run the top L layers on the cached states (DESIGN.md performance habits).
+
+The token prefix that a batch's prompts all start with (the chat template's system text and the
+instruction: ~57 of ~180 tokens of a like-prompt) runs once per training batch, or once per scoring call,
+through the layers above the cache (every layer without one), and the prompts' remaining tokens run against
+its key-value cache (``model.share_prefix``; :mod:`privrec.model.prefix_scoring`). Scores and gradients
+equal the whole prompts' to float rounding. Under ``auto`` (the default) a training batch shares its prefix
+only when no dropout is drawn (each row's prefix would draw its own mask); ``true`` shares it there too.
 
 Ranking (METHODS §1) scores many candidates after one shared prompt prefix: :meth:`RecLM.score_groups` runs
 each prefix once, keeps its key-value cache, and scores all the candidates' suffixes in batches against it,
@@ -19,134 +26,27 @@ must equal).
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
+import inspect
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from privrec.errors import ModelError, UserError
-from privrec.model import backbone
+from privrec.model import backbone, prefix_scoring
 from privrec.model.backbone import default_threads, fingerprint, load_backbone
+from privrec.model.encoding import Batch, Encoded, PrefixGroup, SharedPrefix, prompt_key
+from privrec.model.frozen_cache import FrozenCache
+from privrec.model.prefix_scoring import MIN_SHARED_PREFIX, common_prefix
 from privrec.progress import track
 from privrec.prompts import PromptBuilder, answer_token_ids
 
-
-@dataclass(frozen=True)
-class Encoded:
-    """A tokenised sample: what the model and the training loop see.
-
-    ``ids = ids(prefix text) + ids(suffix text)`` (prompts.PromptBuilder.split); ``prefix_len`` counts the
-    prefix's tokens, the part every candidate of a user shares."""
-
-    sample_id: str
-    ids: tuple[int, ...]
-    label: float
-    key: str  # content hash of the token ids (cache key part)
-    prefix_len: int = 0
-    user_id: int | None = None  # the sample's user (within-user metrics: UAUC); None when not a user's sample
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def prefix(self) -> tuple[int, ...]:
-        return self.ids[: self.prefix_len]
-
-    @property
-    def suffix(self) -> tuple[int, ...]:
-        return self.ids[self.prefix_len:]
-
-
-@dataclass(frozen=True)
-class PrefixGroup:
-    """Candidates sharing one prompt prefix: candidate i's prompt is ``prefix + suffixes[i]``."""
-
-    prefix: tuple[int, ...]
-    suffixes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, items: list[Encoded]) -> PrefixGroup:
-        """The group of encoded like-prompts of one user's candidates.
-
-        Raises:
-            ValueError: the items do not share their prefix."""
-        if not items:
-            raise ValueError("an empty candidate group")
-        prefix = items[0].prefix
-        if any(e.prefix != prefix for e in items):
-            raise ValueError(f"{items[0].sample_id}: candidates of one group have different prompt prefixes")
-        return cls(prefix, tuple(e.suffix for e in items))
-
-
-@dataclass
-class Batch:
-    items: list[Encoded]
-    input_ids: torch.Tensor | None  # (B, T) right-padded, or None when `hidden` is given
-    hidden: torch.Tensor | None  # (B, T, H) cached states at the cut, or None
-    attention_mask: torch.Tensor  # (B, T)
-    last: torch.Tensor  # (B,) index of each prompt's last real token
-    labels: torch.Tensor  # (B,) float
-
-
-class FrozenCache:
-    """Hidden states after the frozen bottom layers, one (T, H) tensor per prompt, in memory and on disk.
-
-    Keyed by the base-model fingerprint, the cut layer, the compute precision and the prompt's token ids:
-    a different base model, template or sample never reuses a stale entry.
-    """
-
-    def __init__(self, namespace: str, directory: Path | None = None):
-        self.namespace = namespace
-        self.mem: dict[str, torch.Tensor] = {}
-        self.dir = directory / namespace if directory is not None else None
-        self.hits = 0
-        self.computed = 0
-
-    def _path(self, key: str) -> Path:
-        assert self.dir is not None
-        return self.dir / key[:2] / f"{key}.pt"
-
-    def get(self, key: str) -> torch.Tensor | None:
-        t = self.mem.get(key)
-        if t is None and self.dir is not None:
-            p = self._path(key)
-            if p.is_file():
-                try:
-                    t = torch.load(p, weights_only=True)
-                except Exception:  # a torn file from a killed run: recompute it
-                    t = None
-                if t is not None:
-                    self.mem[key] = t
-        if t is not None:
-            self.hits += 1
-        return t
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self.mem[key] = value
-        self.computed += 1
-        if self.dir is not None:
-            p = self._path(key)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
-            torch.save(value, tmp)
-            tmp.replace(p)
-
-    def discard(self, key: str) -> bool:
-        """Drop one prompt's entry from memory and disk (e.g. the prompt of a deleted sample).
-
-        Returns whether anything was removed."""
-        found = self.mem.pop(key, None) is not None
-        if self.dir is not None:
-            p = self._path(key)
-            if p.is_file():
-                p.unlink()
-                found = True
-        return found
+__all__ = ["Batch", "Encoded", "FrozenCache", "PrefixGroup", "RecLM", "SharedPrefix"]
 
 
 @contextlib.contextmanager
@@ -161,21 +61,15 @@ def _layer_window(inner: nn.Module, start: int, end: int):
         inner.layers, inner.norm = layers, norm
 
 
-# a shorter common prefix is not worth a second pass; like-prompts share the system text and the instruction
-MIN_SHARED_PREFIX = 8
+@functools.cache
+def _cache_kwarg_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def _common_prefix(seqs: list[tuple[int, ...]]) -> tuple[int, ...]:
-    """The longest token prefix of every sequence, leaving each at least one token of its own."""
-    first, n = seqs[0], min(len(x) for x in seqs) - 1
-    for x in seqs[1:]:
-        i = 0
-        while i < n and x[i] == first[i]:
-            i += 1
-        n = i
-    return tuple(first[:max(n, 0)])
-
-
+def _cache_kwarg(inner: nn.Module) -> str:
+    """The decoder's name for its key-value cache argument: transformers 5 renames ``past_key_values`` to
+    ``cache`` (and warns on the old name where the new one exists)."""
+    return _cache_kwarg_of(type(inner).forward)
 
 
 class RecLM:
@@ -185,7 +79,7 @@ class RecLM:
     """
 
     def __init__(self, model, tokenizer, builder: PromptBuilder, precision: str = "auto",
-                 max_length: int = 512, cache_dir: Path | None = None):
+                 max_length: int = 512, cache_dir: Path | None = None, share_prefix: bool | str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.builder = builder
@@ -200,6 +94,8 @@ class RecLM:
         self._fingerprint: str | None = None
         self._encoded: dict[str, tuple[int, ...]] = {}
         self.lora_config = None
+        # run the token prefix a batch's prompts share once: "auto", True or False (model.share_prefix)
+        self.share_prefix = share_prefix
         # Called with every batch right before its forward: per-batch state that the layers read, such as
         # per-sample adapter mixture weights (privrec.model.mixture). Empty by default.
         self.batch_hooks: list[Callable[[Batch], None]] = []
@@ -222,7 +118,7 @@ class RecLM:
         model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device)
         builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats)
         return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
-                   cache_dir=assets.cache_dir() / "frozen")
+                   cache_dir=assets.cache_dir() / "frozen", share_prefix=cfg.model.share_prefix)
 
     def _inner(self) -> nn.Module:
         """The decoder stack (embed_tokens, layers, norm) under any peft wrapping."""
@@ -237,8 +133,7 @@ class RecLM:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            self._fingerprint = fingerprint(base)
+            self._fingerprint = fingerprint(self.base_model())
         return self._fingerprint
 
     def attach_lora(self, lora_cfg, seed: int) -> None:
@@ -305,36 +200,83 @@ class RecLM:
             p_ids = self.tokenize(prefix)
             ids = p_ids + self.tokenize(suffix)
             self.check_length(len(ids), f"sample {s.sample_id}")
-            key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-            out.append(Encoded(s.sample_id, ids, float(s.label), key, len(p_ids), s.user_id))
+            out.append(Encoded(s.sample_id, ids, float(s.label), prompt_key(ids), len(p_ids), s.user_id))
         return out
 
     # --- batching ----------------------------------------------------------------------------------
-    def collate(self, items: list[Encoded]) -> Batch:
-        lengths = [len(e) for e in items]
+    @property
+    def can_share_prefix(self) -> bool:
+        """Whether a prompt prefix may run once for many prompts: not when a subclass changes the forward
+        (the split model's channel) or batch hooks need whole prompts (per-sample adapter mixtures)."""
+        return type(self).logits is RecLM.logits and not self.batch_hooks
+
+    @contextlib.contextmanager
+    def whole_prompts(self):
+        """Run every prompt whole inside the block (the reference the shared-prefix paths must equal)."""
+        saved, self.share_prefix = self.share_prefix, False
+        try:
+            yield
+        finally:
+            self.share_prefix = saved
+
+    def _dropout_active(self) -> bool:
+        """Whether a training forward now draws dropout (LoRA dropout, or attention dropout of the decoder)."""
+        if not (self.model.training and torch.is_grad_enabled()):
+            return False
+        return getattr(self._inner().config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(mod, nn.Dropout) and mod.p > 0 for mod in self.model.modules())
+
+    def shared_prefix(self, items: list[Encoded]) -> SharedPrefix | None:
+        """The token prefix all ``items`` start with, to run once for all of them; None when sharing is off
+        (``model.share_prefix: false``), not possible (:attr:`can_share_prefix`), or not exact under
+        ``auto`` (a training forward with dropout: each row's prefix tokens would draw their own mask), for a
+        single item, or when the common prefix is shorter than MIN_SHARED_PREFIX tokens. Needs the items
+        prepared (cached states)."""
+        if self.share_prefix is False or not self.can_share_prefix or len(items) < 2:
+            return None
+        if self.share_prefix == "auto" and self._dropout_active():
+            return None
+        ids = common_prefix([e.ids for e in items])
+        if len(ids) < MIN_SHARED_PREFIX:
+            return None
+        hidden = None
+        if self.cut > 0:
+            assert self.cache is not None
+            states = self.cache.states(items[0].key)
+            assert states is not None, f"frozen cache lacks {items[0].sample_id} (call prepare() first)"
+            hidden = states[: len(ids)].to(self.device)  # (P, H)
+        return SharedPrefix(ids, hidden)
+
+    def collate(self, items: list[Encoded], prefix: SharedPrefix | None | Literal["auto"] = "auto") -> Batch:
+        """Right-padded batch of ``items``: token ids, or their cached states at the cut.
+
+        ``prefix="auto"``: the items' own :meth:`shared_prefix` (training: each batch runs its common prefix
+        once, with grad); a :class:`SharedPrefix`: that one (a scoring call's, shared by all its batches);
+        None: whole prompts. With a prefix the batch holds each prompt's tokens after it."""
+        if isinstance(prefix, str):
+            prefix = self.shared_prefix(items)
+        P = len(prefix) if prefix is not None else 0
+        assert prefix is None or all(e.ids[:P] == prefix.ids for e in items), "items do not share the prefix"
+        lengths = [len(e) - P for e in items]
         T = max(lengths)
-        mask = torch.zeros(len(items), T, dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
+        mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()  # (B, T)
         last = torch.tensor(lengths) - 1
         labels = torch.tensor([e.label for e in items], dtype=torch.float32)
+        dev = self.device
         if self.cut > 0:
             assert self.cache is not None
             H = self._inner().norm.weight.shape[0]
-            states = [self.cache.get(e.key) for e in items]
+            states = [self.cache.states(e.key, P) for e in items]
             missing = [e.sample_id for e, s in zip(items, states) if s is None]
             assert not missing, f"frozen cache lacks {len(missing)} prompts (call prepare() first): {missing[:3]}"
             hidden = torch.zeros(len(items), T, H, dtype=states[0].dtype)
             for i, s in enumerate(states):
                 hidden[i, : s.shape[0]] = s
-            return Batch(items, None, hidden.to(self.device), mask.to(self.device), last.to(self.device),
-                         labels.to(self.device))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(items), T), pad, dtype=torch.long)
+            return Batch(items, None, hidden.to(dev), mask.to(dev), last.to(dev), labels.to(dev), prefix)
+        ids = torch.full((len(items), T), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, e in enumerate(items):
-            ids[i, : len(e)] = torch.tensor(e.ids)
-        return Batch(items, ids.to(self.device), None, mask.to(self.device), last.to(self.device),
-                     labels.to(self.device))
+            ids[i, : lengths[i]] = torch.tensor(e.ids[P:])
+        return Batch(items, ids.to(dev), None, mask.to(dev), last.to(dev), labels.to(dev), prefix)
 
     @staticmethod
     def length_batches(items: list[Encoded], batch_size: int) -> list[list[int]]:
@@ -346,20 +288,27 @@ class RecLM:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def _run_layers(self, start: int, end: int, input_ids=None, hidden=None, attention_mask=None):
+    def base_model(self) -> nn.Module:
+        """The HF causal LM under any peft wrapping."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _run_layers(self, start: int, end: int, input_ids=None, hidden=None, attention_mask=None, cache=None,
+                    position_ids=None) -> torch.Tensor:
+        """Decoder layers [start, end) over token ids or hidden states: (B, T, H) before the final norm.
+
+        With ``cache`` (a DynamicCache, which grows): after the keys/values already in it, ``attention_mask``
+        then covering cache + new tokens and ``position_ids`` continuing after the cached ones."""
         inner = self._inner()
         with _layer_window(inner, start, end), self._autocast():
             out = inner(input_ids=input_ids, inputs_embeds=hidden, attention_mask=attention_mask,
-                        use_cache=False)
-        return out.last_hidden_state  # (B, T, H), before the final norm
+                        position_ids=position_ids, use_cache=cache is not None, **{_cache_kwarg(inner): cache})
+        return out.last_hidden_state
 
     def _head(self, h_last: torch.Tensor, pair: bool = False) -> torch.Tensor:
         """(B, H) last-token states -> (B,) fp32 logit difference z_yes - z_no, or with ``pair`` the (B, 2)
         raw LM-head logits [z_yes, z_no] (what a per-class logit formula such as E2URec's teacher needs)."""
-        inner = self._inner()
-        h = inner.norm(h_last.float())  # (B, H) final norm in fp32
-        out_emb = (self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
-        w = out_emb.get_output_embeddings().weight[[self.yes_id, self.no_id]].float()  # (2, H)
+        h = self._inner().norm(h_last.float())  # (B, H) final norm in fp32
+        w = self.base_model().get_output_embeddings().weight[[self.yes_id, self.no_id]].float()  # (2, H)
         z = h @ w.T  # (B, 2)
         return z if pair else z[:, 0] - z[:, 1]
 
@@ -367,11 +316,11 @@ class RecLM:
         """(B, H) last decoder layer's output at each prompt's last real token (before the final norm)."""
         for hook in self.batch_hooks:
             hook(batch)
-        if batch.hidden is not None:
-            h = self._run_layers(self.cut, self.n_layers, hidden=batch.hidden,
-                                 attention_mask=batch.attention_mask)
+        start = self.cut if batch.hidden is not None else 0
+        if batch.prefix is not None:
+            h = prefix_scoring.run_after_prefix(self, batch, start)
         else:
-            h = self._run_layers(0, self.n_layers, input_ids=batch.input_ids,
+            h = self._run_layers(start, self.n_layers, input_ids=batch.input_ids, hidden=batch.hidden,
                                  attention_mask=batch.attention_mask)
         return h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
 
@@ -399,92 +348,64 @@ class RecLM:
             if self.cut == 0:
                 raise ValueError("at='cut' needs the frozen-layer cache (lora.top_layers with cache_frozen)")
             assert self.cache is not None
-            return np.stack([self.cache.get(e.key)[-1].float().numpy() for e in items]).astype(np.float32)
+            return np.stack([self.cache.states(e.key, len(e) - 1)[0].float().numpy() for e in items])
         was_training = self.model.training
         self.model.eval()
         out = np.zeros((len(items), self._inner().norm.weight.shape[0]), dtype=np.float32)
         try:
+            prefix = self.shared_prefix(items)
             batches = self.length_batches(items, batch_size)
             for idx in track(batches, len(batches), "hidden states", progress):
-                h = self._inner().norm(self._last_state(self.collate([items[i] for i in idx])).float())
-                out[idx] = h.cpu().numpy()
+                h = self._last_state(self.collate([items[i] for i in idx], prefix))
+                out[idx] = self._inner().norm(h.float()).cpu().numpy()
         finally:
             self.model.train(was_training)
         return out
 
     @torch.no_grad()
     def prepare(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
-                share_prefix: bool = True) -> None:
-        """Fill the frozen cache for these prompts (no-op without a cache). Computed once per prompt; the
-        token prefix all of them share runs once (``share_prefix=False``: every prompt whole)."""
+                share_prefix: bool | None = None) -> None:
+        """Fill the frozen cache for these prompts (no-op without a cache): computed once per prompt, the
+        token prefix all of them share once and stored once (``share_prefix``, default: unless
+        ``model.share_prefix`` is false; False: every prompt whole). A prompt whose stored prefix piece was
+        discarded gets that piece back."""
         if self.cut == 0:
             return
         assert self.cache is not None
-        todo, seen = [], set()
+        need: dict[str, Encoded] = {}
         for e in items:
-            if e.key not in seen and self.cache.get(e.key) is None:
-                todo.append(e)
-                seen.add(e.key)
+            piece = self.cache.missing(e.ids, e.key) if e.key not in need else None
+            if piece is not None:
+                ids, key = piece
+                need.setdefault(key, e if key == e.key else Encoded(f"prefix of {e.sample_id}", ids, 0.0, key))
+        todo = list(need.values())
         if not todo:
             return
         was_training = self.model.training
         self.model.eval()
-        saved_cut, self.cut = self.cut, 0  # collate token ids, not cached states
         try:
-            shared = _common_prefix([e.ids for e in todo]) if share_prefix else ()
+            share = self.share_prefix is not False if share_prefix is None else share_prefix
+            shared = common_prefix([e.ids for e in todo]) if share and len(todo) > 1 else ()
             if len(shared) >= MIN_SHARED_PREFIX:
-                self._prepare_after_prefix(todo, shared, saved_cut, batch_size, progress)
+                prefix_scoring.fill_after_prefix(self, todo, shared, self.cut, batch_size, progress)
                 return
             batches = self.length_batches(todo, batch_size)
             for idx in track(batches, len(batches), "caching frozen layers", progress):
-                b = self.collate([todo[i] for i in idx])
-                h = self._run_layers(0, saved_cut, input_ids=b.input_ids, attention_mask=b.attention_mask)
+                ids, mask, lengths = prefix_scoring.padded(self, [todo[i].ids for i in idx])
+                h = self._run_layers(0, self.cut, input_ids=ids, attention_mask=mask).detach().to("cpu")
                 for j, i in enumerate(idx):
-                    n = len(todo[i])
-                    self.cache.put(todo[i].key, h[j, :n].detach().to("cpu").clone())
+                    self.cache.put(todo[i].key, h[j, : lengths[j]].clone())
         finally:
-            self.cut = saved_cut
             self.model.train(was_training)
-
-    def _prepare_after_prefix(self, todo: list[Encoded], prefix: tuple[int, ...], cut: int, batch_size: int,
-                              progress: bool) -> None:
-        """:meth:`prepare` when every prompt starts with the same ``prefix`` (the chat template's system text
-        and the instruction: ~57 of ~180 tokens of a like-prompt): the frozen layers run over the prefix
-        once, and every prompt's remaining tokens run against its key-value cache. Each cache entry is the
-        same (T, H) tensor as from the whole prompt (to float rounding: the attention sums split in two)."""
-        from transformers import DynamicCache
-
-        inner, dev, P = self._inner(), self.device, len(prefix)
-        with _layer_window(inner, 0, cut), self._autocast():
-            past = DynamicCache(config=inner.config)
-            h_prefix = inner(input_ids=torch.tensor([prefix], device=dev), use_cache=True,
-                             past_key_values=past).last_hidden_state[0]  # (P, H)
-            kv = [(layer.keys, layer.values) for layer in past.layers[:cut]]  # per layer (1, kv_heads, P, d)
-            h_prefix = h_prefix.detach().to("cpu")
-            batches = self.length_batches(todo, batch_size)
-            for idx in track(batches, len(batches), "caching frozen layers", progress):
-                B, lengths = len(idx), [len(todo[i]) - P for i in idx]
-                S = max(lengths)
-                ids = torch.full((B, S), self.tokenizer.pad_token_id, dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, : lengths[r]] = torch.tensor(todo[i].ids[P:])
-                smask = (torch.arange(S)[None] < torch.tensor(lengths)[:, None]).long()  # (B, S)
-                cache = DynamicCache(config=inner.config)
-                for layer, (k, v) in enumerate(kv):
-                    cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), layer)
-                h = inner(input_ids=ids.to(dev), attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long),
-                          smask], 1).to(dev), position_ids=(P + torch.arange(S))[None].expand(B, -1).to(dev),
-                          past_key_values=cache, use_cache=True).last_hidden_state  # (B, S, H)
-                h = h.detach().to("cpu")
-                for r, i in enumerate(idx):
-                    self.cache.put(todo[i].key, torch.cat([h_prefix, h[r, : lengths[r]]]).clone())
 
     @torch.no_grad()
     def score_logits(self, items: list[Encoded], batch_size: int = 16, progress: bool = True,
                      pair: bool = False) -> np.ndarray:
         """z_yes - z_no for every item, in input order (the one scorer; eval mode, no dropout).
 
-        ``pair=True``: the (N, 2) raw logits [z_yes, z_no] instead of their difference."""
+        The items' common prompt prefix runs once per call, with the adapter as it is now, and every batch
+        reuses its key-value cache (:meth:`shared_prefix`). ``pair=True``: the (N, 2) raw logits [z_yes, z_no]
+        instead of their difference."""
         if not items:
             return np.zeros((0, 2) if pair else 0)
         self.prepare(items, batch_size, progress)
@@ -492,9 +413,10 @@ class RecLM:
         self.model.eval()
         out = np.zeros((len(items), 2) if pair else len(items), dtype=np.float64)
         try:
+            prefix = self.shared_prefix(items)
             batches = self.length_batches(items, batch_size)
             for idx in track(batches, len(batches), "scoring", progress):
-                z = self.logits(self.collate([items[i] for i in idx]), pair)
+                z = self.logits(self.collate([items[i] for i in idx], prefix), pair)
                 out[idx] = z.double().cpu().numpy()
         finally:
             self.model.train(was_training)
@@ -506,34 +428,6 @@ class RecLM:
         return 1.0 / (1.0 + np.exp(-z))
 
     # --- ranking: many candidates after one shared prefix -------------------------------------------
-    @property
-    def can_share_prefix(self) -> bool:
-        """Whether :meth:`score_groups` may run prefixes once: not when a subclass changes the forward (the
-        split model's channel) or batch hooks need whole prompts (per-sample adapter mixtures)."""
-        return type(self).logits is RecLM.logits and not self.batch_hooks
-
-    def _run_cached(self, input_ids, attention_mask, position_ids, past) -> torch.Tensor:
-        """All decoder layers over ``input_ids`` after the keys/values already in ``past`` (which grows);
-        (B, T, H) last layer's output before the final norm."""
-        inner = self._inner()
-        with _layer_window(inner, 0, self.n_layers), self._autocast():
-            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past, use_cache=True)
-        return out.last_hidden_state
-
-    def _title_logprob(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """sum_t mask * log softmax(lm_head(norm(states[:, t])))[targets[:, t]]: (B, S, H), (B, S), (B, S) -> (B,),
-        in fp32, computed only at the real target positions."""
-        sel = mask.bool()
-        h = self._inner().norm(states[sel].float())  # (N, H) real positions only
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        w = base.get_output_embeddings().weight.float()  # (V, H)
-        logits = h @ w.T  # (N, V)
-        lp = logits.gather(1, targets[sel][:, None])[:, 0] - torch.logsumexp(logits, dim=1)  # (N,)
-        out = torch.zeros(states.shape[0], dtype=torch.float32, device=states.device)
-        rows = torch.arange(states.shape[0], device=states.device)[:, None].expand_as(sel)[sel]
-        return out.index_add_(0, rows, lp)
-
     @torch.no_grad()
     def score_groups(self, groups: list[PrefixGroup], mode: str = "yes", shared: bool = True, prefix_batch: int = 8,
                      max_suffixes: int = 64, batch_size: int = 16, progress: bool = True) -> list[np.ndarray]:
@@ -547,7 +441,8 @@ class RecLM:
         scored in chunks of at most ``max_suffixes``, each chunk against the cache rows of its owners
         (gathered per chunk with ``index_select``), with the attention mask covering the owner's prefix
         (its padding masked) plus the suffix, and position ids continuing after the owner's real prefix
-        length. Otherwise every ``prefix + suffix`` is scored as a full prompt.
+        length (:func:`privrec.model.prefix_scoring.score_shared`). Otherwise every ``prefix + suffix`` is
+        scored as a whole prompt.
         """
         if mode not in ("yes", "title"):
             raise ValueError(f"mode must be 'yes' or 'title', got {mode!r}")
@@ -559,97 +454,10 @@ class RecLM:
         self.model.eval()
         try:
             if shared and self.can_share_prefix:
-                return self._score_shared(groups, mode, prefix_batch, max_suffixes, progress)
-            return self._score_full(groups, mode, batch_size, progress)
+                return prefix_scoring.score_shared(self, groups, mode, prefix_batch, max_suffixes, progress)
+            return prefix_scoring.score_full(self, groups, mode, batch_size, progress)
         finally:
             self.model.train(was_training)
-
-    def _score_shared(self, groups: list[PrefixGroup], mode: str, prefix_batch: int, max_suffixes: int,
-                      progress: bool) -> list[np.ndarray]:
-        from transformers import DynamicCache
-
-        out = [np.zeros(len(g.suffixes), dtype=np.float64) for g in groups]
-        pad, dev = self.tokenizer.pad_token_id, self.device
-        order = sorted(range(len(groups)), key=lambda g: -len(groups[g].prefix))  # similar prefix lengths together
-        blocks = [order[i: i + prefix_batch] for i in range(0, len(order), prefix_batch)]
-        for block in track(blocks, len(blocks), "ranking", progress):
-            # 1. the block's prefixes, once: (U, P) right-padded -> per-layer keys/values (U, kv_heads, P, d)
-            plens = torch.tensor([len(groups[g].prefix) for g in block], device=dev)  # (U,)
-            P = int(plens.max())
-            pids = torch.full((len(block), P), pad, dtype=torch.long, device=dev)
-            for u, g in enumerate(block):
-                pids[u, : plens[u]] = torch.tensor(groups[g].prefix, device=dev)
-            pmask = (torch.arange(P, device=dev)[None] < plens[:, None]).long()  # (U, P)
-            past = DynamicCache(config=self._inner().config)
-            h = self._run_cached(pids, pmask, None, past)  # (U, P, H)
-            p_last = h[torch.arange(len(block), device=dev), plens - 1]  # (U, H) predicts the suffix's 1st token
-            kv = [(layer.keys, layer.values) for layer in past.layers]
-            # 2. every suffix of the block's users, in chunks, against its owner's cache rows
-            jobs = sorted(((u, g, j) for u, g in enumerate(block) for j in range(len(groups[g].suffixes))),
-                          key=lambda t: len(groups[t[1]].suffixes[t[2]]))
-            for c in range(0, len(jobs), max_suffixes):
-                chunk = jobs[c: c + max_suffixes]
-                owner = torch.tensor([u for u, _, _ in chunk], device=dev)  # (B,)
-                sl = torch.tensor([len(groups[g].suffixes[j]) for _, g, j in chunk], device=dev)  # (B,)
-                S = int(sl.max())
-                sids = torch.full((len(chunk), S), pad, dtype=torch.long, device=dev)
-                for b, (_, g, j) in enumerate(chunk):
-                    sids[b, : sl[b]] = torch.tensor(groups[g].suffixes[j], device=dev)
-                smask = (torch.arange(S, device=dev)[None] < sl[:, None]).long()  # (B, S)
-                cache = DynamicCache(config=self._inner().config)
-                for i, (k, v) in enumerate(kv):
-                    cache.update(k.index_select(0, owner), v.index_select(0, owner), i)
-                attn = torch.cat([pmask.index_select(0, owner), smask], dim=1)  # (B, P + S)
-                pos = plens.index_select(0, owner)[:, None] + torch.arange(S, device=dev)[None]  # (B, S)
-                hs = self._run_cached(sids, attn, pos, cache)  # (B, S, H)
-                if mode == "yes":
-                    scores = self._head(hs[torch.arange(len(chunk), device=dev), sl - 1])  # (B,)
-                else:
-                    states = torch.cat([p_last.index_select(0, owner)[:, None], hs[:, :-1]], dim=1)  # (B, S, H)
-                    scores = self._title_logprob(states, sids, smask)
-                vals = scores.double().cpu().numpy()  # one device -> host copy per chunk
-                for b, (_, g, j) in enumerate(chunk):
-                    out[g][j] = vals[b]
-        return out
-
-    def _score_full(self, groups: list[PrefixGroup], mode: str, batch_size: int, progress: bool,
-                    ) -> list[np.ndarray]:
-        """The reference: every candidate's whole prompt through the ordinary forward."""
-        flat = [(g, j) for g in range(len(groups)) for j in range(len(groups[g].suffixes))]
-        out = [np.zeros(len(g.suffixes), dtype=np.float64) for g in groups]
-        items = []
-        for g, j in flat:
-            ids = groups[g].prefix + groups[g].suffixes[j]
-            key = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-            items.append(Encoded(f"g{g}-c{j}", ids, 0.0, key, len(groups[g].prefix)))
-        if mode == "yes":
-            z = self.score_logits(items, batch_size, progress)
-            for (g, j), v in zip(flat, z):
-                out[g][j] = float(v)
-            return out
-        saved_cut, self.cut = self.cut, 0  # token ids through every layer (the frozen cache holds none of these)
-        try:
-            batches = self.length_batches(items, batch_size)
-            for idx in track(batches, len(batches), "ranking (full prompts)", progress):
-                b = self.collate([items[i] for i in idx])
-                h = self._run_layers(0, self.n_layers, input_ids=b.input_ids, attention_mask=b.attention_mask)
-                S = max(len(items[i].suffix) for i in idx)
-                states = torch.zeros(len(idx), S, h.shape[-1], dtype=h.dtype, device=h.device)
-                targets = torch.zeros(len(idx), S, dtype=torch.long, device=h.device)
-                mask = torch.zeros(len(idx), S, dtype=torch.long, device=h.device)
-                for r, i in enumerate(idx):
-                    e = items[i]
-                    n = len(e.suffix)
-                    states[r, :n] = h[r, e.prefix_len - 1: e.prefix_len - 1 + n]  # position t predicts token t+1
-                    targets[r, :n] = torch.tensor(e.suffix, device=h.device)
-                    mask[r, :n] = 1
-                lp = self._title_logprob(states, targets, mask)
-                for r, i in enumerate(idx):
-                    g, j = flat[i]
-                    out[g][j] = float(lp[r])
-        finally:
-            self.cut = saved_cut
-        return out
 
     @contextlib.contextmanager
     def adapter_disabled(self):
