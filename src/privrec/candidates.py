@@ -16,16 +16,14 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from privrec.model.mf import MF, fit_mf
-
-MF_DIM, MF_EPOCHS = 16, 60  # as the federated k-means partition's defaults (FederatedConfig.mf_dim / mf_epochs)
+from privrec.model.mf import DEFAULT_DIM, DEFAULT_EPOCHS, MF, fit_mf
 
 
 class CandidateGenerator:
     """Popularity + MF candidates over one interaction table (columns user_id, item_id, rating)."""
 
-    def __init__(self, inter: pd.DataFrame, items: Iterable[int], seed: int = 0, dim: int = MF_DIM,
-                 epochs: int = MF_EPOCHS):
+    def __init__(self, inter: pd.DataFrame, items: Iterable[int], seed: int = 0, dim: int = DEFAULT_DIM,
+                 epochs: int = DEFAULT_EPOCHS):
         counts = inter["item_id"].value_counts()
         every = sorted(int(i) for i in items)
         self.popularity: dict[int, int] = {i: int(counts.get(i, 0)) for i in every}

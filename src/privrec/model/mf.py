@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# the one default size of the MF: the federated k-means partition (FederatedSection.mf_dim / mf_epochs) and the
+# service's candidate stage (privrec.candidates) both start from it
+DEFAULT_DIM, DEFAULT_EPOCHS = 16, 60
+
 
 @dataclass(frozen=True)
 class MF:
