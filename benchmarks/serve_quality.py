@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--blend", default="0,0.25,0.5,0.75,1", help="values of B, comma-separated")
     ap.add_argument("--all-unseen-users", type=int, default=10,
                     help="users for the LLM over all unseen items (its cost: ~1,600 prompts per user)")
+    ap.add_argument("--valid-users", type=int, default=0,
+                    help="choose C and the blend on this many users outside the test draw (0: do not choose)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
     cs = [int(c) for c in args.candidates.split(",")]
@@ -71,24 +73,46 @@ def main() -> None:
     seen_of = {int(u): set(rows["item_id"].tolist()) for u, rows in train_period.groupby("user_id")}
     print(f"{len(test)} test users, {len(held)} held-out items; setup {time.perf_counter() - t0:.1f}s")
 
-    out: dict = {"users": len(test), "model": str(args.model)}
-    pop_ranks = []
-    for r in test:
-        seen = seen_of.get(r.user_id, set())
-        pop_ranks.append(rank_of([i for i in gen.by_popularity if i not in seen], r.target))
+    train_pairs = {(x.user_id, x.item_id) for x in rec.splits.train}
+    out: dict = {"users": len(test), "model": str(args.model), "test_users": [r.user_id for r in test],
+                 "held_out_in_training": sum((r.user_id, r.target) in train_pairs for r in test)}
+    pop_ranks = [rank_of([i for i in gen.by_popularity if i not in seen_of.get(r.user_id, set())], r.target)
+                 for r in test]
     out["popularity"] = hr_ndcg(pop_ranks)
 
-    for c in cs:
-        t = time.perf_counter()
-        recall, ranks = 0, {b: [] for b in blends}
-        for r in test:
-            cands = gen.candidates(r.user_id, seen_of.get(r.user_id, set()), c)
-            recall += r.target in cands
-            probs = rec.p_yes_given(r.user_id, cands, r.history, r.timestamp)
-            for b in blends:
-                ranks[b].append(rank_of([cands[i] for i in blended_order(probs, b)], r.target))
-        out[f"C={c}"] = {"recall": recall / len(test), "seconds": time.perf_counter() - t,
-                         **{f"blend={b}": hr_ndcg(ranks[b]) for b in blends}}
+    def two_stage(rows) -> dict:
+        """{C: {"recall", "seconds", "blend=B": hr_ndcg}} over ``rows``."""
+        res = {}
+        for c in cs:
+            t = time.perf_counter()
+            recall, ranks = 0, {b: [] for b in blends}
+            for r in rows:
+                cands = gen.candidates(r.user_id, seen_of.get(r.user_id, set()), c)
+                recall += r.target in cands
+                probs = rec.p_yes_given(r.user_id, cands, r.history, r.timestamp)
+                for b in blends:
+                    ranks[b].append(rank_of([cands[i] for i in blended_order(probs, b)], r.target))
+            res[f"C={c}"] = {"recall": recall / max(len(rows), 1), "seconds": time.perf_counter() - t,
+                             **{f"blend={b}": hr_ndcg(ranks[b]) for b in blends}}
+        return res
+
+    if args.valid_users:
+        # (C, B) chosen on users outside the test draw, never on the test users
+        every = build_ranking_splits(ds, cfg.data.model_copy(update={"n_test": None}), cfg.ranking.n_candidates,
+                                     cfg.ranking.candidate_seed, cfg.seed).test
+        outside = [r for r in every if r.user_id not in {t.user_id for t in test}]
+        pick = np.random.default_rng([cfg.seed, 11]).choice(len(outside), size=min(args.valid_users, len(outside)),
+                                                           replace=False)
+        valid = [outside[i] for i in sorted(pick)]
+        out["valid"] = two_stage(valid)
+        out["valid"]["popularity"] = hr_ndcg([rank_of([i for i in gen.by_popularity
+                                                        if i not in seen_of.get(r.user_id, set())], r.target)
+                                               for r in valid])
+        best = max(((c, b) for c in cs for b in blends),
+                   key=lambda cb: (out["valid"][f"C={cb[0]}"][f"blend={cb[1]}"]["ndcg@10"], cb[1]))
+        out["chosen_on_valid"] = {"C": best[0], "blend": best[1], "valid_users": [r.user_id for r in valid]}
+        print(f"chosen on {len(valid)} validation users: C={best[0]}, blend={best[1]}")
+    out.update(two_stage(test))
 
     some = test[: args.all_unseen_users]
     t = time.perf_counter()
@@ -108,6 +132,13 @@ def main() -> None:
             m = out[f"C={c}"][f"blend={b}"]
             print(f"{f'two-stage C={c} blend={b}':<28} {out[f'C={c}']['recall']:>9.3f} {m['hr@10']:>7.3f} "
                   f"{m['ndcg@10']:>8.3f} {m['n']:>4}")
+    if "chosen_on_valid" in out:
+        ch = out["chosen_on_valid"]
+        row = out[f"C={ch['C']}"]
+        m = row[f"blend={ch['blend']}"]
+        print(f"{'chosen on validation':<28} {row['recall']:>9.3f} {m['hr@10']:>7.3f} "
+              f"{m['ndcg@10']:>8.3f} {m['n']:>4}   (C={ch['C']}, blend={ch['blend']})")
+    print(f"held-out items that were a training sample of the model: {out['held_out_in_training']} of {len(test)}")
     m, q = out["llm_all_unseen"], out["llm_all_unseen"]["popularity_same_users"]
     print(f"{'LLM over all unseen':<28} {'':>9} {m['hr@10']:>7.3f} {m['ndcg@10']:>8.3f} {m['n']:>4}"
           f"   (popularity on the same users: {q['hr@10']:.3f} / {q['ndcg@10']:.3f})")

@@ -45,3 +45,26 @@ def test_mf_is_the_partitions_mf_and_scores_its_own_factors():
     k, j = mf.user_row(2), 0
     assert s[5] == mf.mu + mf.bu[k] + mf.bi[j] + float(mf.P[k] @ mf.Q[j])
     assert mf.user_row(99) is None and set(mf.scores(99)) == {5, 6, 7}
+
+
+def test_serve_quality_chooses_the_blend_on_users_outside_the_test_draw(served_model, tmp_path):
+    """benchmarks/serve_quality.py picks C and the blend on validation users, never on the test users."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "q.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_quality.py"
+    r = subprocess.run([sys.executable, str(script), str(served_model), "--users", "4", "--candidates", "3,6",
+                        "--blend", "0,1", "--valid-users", "4", "--all-unseen-users", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    q = json.loads(out.read_text())
+    chosen = q["chosen_on_valid"]
+    assert len(chosen["valid_users"]) == 4 and not set(chosen["valid_users"]) & set(q["test_users"])
+    assert (chosen["C"], chosen["blend"]) in {(c, b) for c in (3, 6) for b in (0.0, 1.0)}
+    best = max(q["valid"][f"C={c}"][f"blend={b}"]["ndcg@10"] for c in (3, 6) for b in (0.0, 1.0))
+    assert q["valid"][f"C={chosen['C']}"][f"blend={chosen['blend']}"]["ndcg@10"] == best
+    assert 0 <= q["C=3"]["recall"] <= q["C=6"]["recall"] <= 1  # the C=3 candidates are a prefix of C=6's
+    assert q["popularity"]["n"] == 4 and q["llm_all_unseen"]["n"] == 1
