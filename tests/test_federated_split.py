@@ -106,7 +106,7 @@ def test_nothing_on_the_channel_is_a_token_id_or_a_label(deep_splits):
                       for i in range(0, len(items), 4) for dt in (np.float32, np.float64)]
     for m in log:
         tensors, meta = decode_message(m.payload)
-        assert set(meta) <= {"train", "needs_grad", "step", "empty"}, meta
+        assert set(meta) <= {"train", "needs_grad", "training", "step", "empty"}, meta
         assert all(v.isdigit() for v in meta.values())
         for name, t in tensors.items():
             if name == "mask":
