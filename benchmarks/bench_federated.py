@@ -322,6 +322,10 @@ def split_table(runs: Path, progress: bool) -> str:
     runs_m = [(row, run_once(d, SPLIT_SIZES + ov, runs, progress)) for d, row, ov in variants]
     whole_mem, client_mem = measure_memory(SPLIT)
     share = memory_shares(whole_mem, client_mem)
+
+    def model_only(m: dict) -> str:
+        return f"{m['rss_before_mb'] - m['base_mb']:.0f} / {m['peak_mb'] - m['base_mb']:.0f}"
+
     s = runs_m[2][1]
     lines = [
         "| | client (split) | whole model | client / whole |", "|---|---|---|---|",
@@ -332,10 +336,8 @@ def split_table(runs: Path, progress: bool) -> str:
         (f"| peak resident memory during {MEMORY_SAMPLES} training samples (MB) | {client_mem['peak_mb']:.0f} | "
         f"{whole_mem['peak_mb']:.0f} | {100 * share['peak_mb']:.0f}% |"),
         (f"| the same two, minus the process before its model is built ({client_mem['base_mb']:.0f} / "
-        f"{whole_mem['base_mb']:.0f} MB: libraries, data) | "
-        f"{client_mem['rss_before_mb'] - client_mem['base_mb']:.0f} / {client_mem['peak_mb'] - client_mem['base_mb']:.0f}"
-        f" | {whole_mem['rss_before_mb'] - whole_mem['base_mb']:.0f} / {whole_mem['peak_mb'] - whole_mem['base_mb']:.0f}"
-        f" | {100 * share['rss_before_mb_model_only']:.0f}% / {100 * share['peak_mb_model_only']:.0f}% |"),
+        f"{whole_mem['base_mb']:.0f} MB: libraries, data) | {model_only(client_mem)} | {model_only(whole_mem)} | "
+        f"{100 * share['rss_before_mb_model_only']:.0f}% / {100 * share['peak_mb_model_only']:.0f}% |"),
         (f"| bytes crossing the split per training sample (hidden states + gradients, fp32) | "
         f"{s['bytes_per_training_sample']:,.0f} | - | - |"),
         "", "| run (in-process, same samples, 1 round) | seconds per round | test AUC | adapter bytes / round |",

@@ -257,3 +257,4 @@ def test_a_source_without_safetensors_is_loaded_whole_then_cut(monkeypatch):
             assert torch.equal(p, whole[n])
         else:
             assert p.device.type == "meta"
+    assert backbone.checkpoint_fingerprint(cut) == backbone.fingerprint(full)  # hashed before the cut

@@ -223,7 +223,9 @@ class SplitRecLM(RecLM):
 
     split_first: int | None = None
     split_last: int | None = None
-    server: SplitServer | None = None
+    server: SplitServer | None = None  # the in-process server; None when the transport reaches a remote one
+    model_config = None  # the config's model section, which an in-process server loads its layers from
+    _loaded_cut: tuple[int, int] | None = None  # the (client_first, client_last) whose tensors were loaded
 
     @classmethod
     def tensors_to_load(cls, cfg) -> Callable[[str], bool]:
@@ -240,7 +242,7 @@ class SplitRecLM(RecLM):
     @classmethod
     def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None) -> SplitRecLM:
         model = super().from_config(cfg, dataset, device, item_stats)
-        model.model_config = cfg.model  # what an in-process server loads its own layers from
+        model.model_config = cfg.model
         model._loaded_cut = (cfg.federated.split.client_first, cfg.federated.split.client_last)
         return model
 
@@ -251,7 +253,7 @@ class SplitRecLM(RecLM):
 
         Raises: UserError when the client's layers leave the server none."""
         check_cut(client_first, client_last, self.n_layers)
-        if getattr(self, "_loaded_cut", (client_first, client_last)) != (client_first, client_last):
+        if self._loaded_cut not in (None, (client_first, client_last)):
             raise ValueError(f"configure_split({client_first}, {client_last}) on a client loaded for the cut "
                              f"{self._loaded_cut}")
         self.split_first, self.split_last = client_first, client_last

@@ -131,7 +131,8 @@ def _load_weights(name: str, path: str, gguf_file: str | None, device: torch.dev
                   keep: Callable[[str], bool] | None) -> torch.nn.Module:
     """The causal LM in fp32; with ``keep``, only the parameters it names are materialised (see the module
     docstring), read one by one from the checkpoint's safetensors files. A source without safetensors files
-    (a GGUF file, a hub id) is loaded whole and the other parameters are then replaced by meta tensors."""
+    (a GGUF file, a hub id) is loaded whole, hashed (:func:`checkpoint_fingerprint` returns that hash) and the
+    other parameters are then replaced by meta tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -139,7 +140,8 @@ def _load_weights(name: str, path: str, gguf_file: str | None, device: torch.dev
     if files is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
         if keep is not None:
-            _drop_to_meta(model, keep)
+            model.whole_fingerprint = fingerprint(model)  # what checkpoint_fingerprint cannot read from a GGUF
+            _keep_only(model, keep, device or torch.device("cpu"))
         return model
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -161,16 +163,20 @@ def _load_weights(name: str, path: str, gguf_file: str | None, device: torch.dev
         with safe_open(str(file), framework="pt") as f:
             for n, ck in pairs:
                 set_module_tensor_to_device(model, n, target, value=f.get_tensor(ck), dtype=torch.float32)
+    for n, _ in list(model.named_buffers()):  # the rotary frequencies, computed at construction
+        set_module_tensor_to_device(model, n, target)
     model.tie_weights()  # re-point the head at the embeddings just read
     return model
 
 
-def _drop_to_meta(model: torch.nn.Module, keep: Callable[[str], bool]) -> None:
+def _keep_only(model: torch.nn.Module, keep: Callable[[str], bool], device: torch.device) -> None:
+    """A whole model cut to what ``keep`` names, on ``device``: every other parameter becomes a meta tensor."""
     from accelerate.utils import set_module_tensor_to_device
 
     for n, _ in list(model.named_parameters()):
-        if not keep(n):
-            set_module_tensor_to_device(model, n, "meta")
+        set_module_tensor_to_device(model, n, device if keep(n) else "meta")
+    for n, _ in list(model.named_buffers()):
+        set_module_tensor_to_device(model, n, device)
     model.tie_weights()
 
 
@@ -244,6 +250,8 @@ def checkpoint_fingerprint(model: torch.nn.Module) -> str:
 
     from privrec import assets
 
+    if getattr(model, "whole_fingerprint", None):  # hashed before the cut (a source without safetensors)
+        return model.whole_fingerprint
     path = str(getattr(model, "name_or_path", ""))
     files = checkpoint_files(path)
     names = sorted(k for k in model.state_dict() if "lora_" not in k)
