@@ -11,10 +11,16 @@ Each method is one ``privrec federate`` run directory under ``--runs``; a method
 holds metrics.json for the same config is not run again (an interrupted benchmark continues).
 
 ``split``: the executed layer split (client: embeddings, first k layers, last m layers, head):
-client parameters vs the whole model; client peak memory during training steps, measured in a process that
-holds only the client's layers and reaches a server process over a pipe, vs a process training the whole
-model; bytes crossing per training sample; seconds per round split vs unsplit (in-process runner, same
-samples). Sizes are printed next to every table.
+client parameters vs the whole model; client resident memory before training and at its peak during training
+steps, measured in a process that loads only the client's tensors and reaches a server process (which loads
+only the middle layers' tensors) over a pipe, vs a process training the whole model, both whole and minus what
+the process holds before its model is built; bytes crossing per training sample; seconds per round split vs
+unsplit (in-process runner, same samples). Sizes are printed next to every table.
+
+    python benchmarks/bench_federated.py memory [--set KEY=VALUE ...]
+
+prints the memory rows alone (JSON: the two processes' measurements, and the client's shares), without the
+runs of the split table.
 """
 
 from __future__ import annotations
@@ -175,6 +181,21 @@ def _reset_peak() -> bool:
         return False
 
 
+def _before_model_kb(cfg) -> int:
+    """VmRSS of this process with the libraries its model needs imported and the data loaded: what a process
+    holds before its model is built (the part of its memory that no split can shrink)."""
+    import peft  # noqa: F401
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from privrec.model.backbone import resolve_model_path
+
+    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), **kwargs))]
+    gc.collect()
+    return _status_kb("VmRSS")
+
+
 def _train_steps(model, cfg, items, seed: int = 0) -> None:
     """One epoch over ``items`` (tokenised beforehand), filling the frozen cache first."""
     from privrec.train import train
@@ -192,6 +213,7 @@ def _whole_worker(cfg_yaml: str, q) -> None:
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
     splits = setup_data(cfg)
+    base = _before_model_kb(cfg)
     model = build_model(cfg, splits)
     items = model.encode(splits.train[:MEMORY_SAMPLES])
     del splits
@@ -199,18 +221,25 @@ def _whole_worker(cfg_yaml: str, q) -> None:
     ok = _reset_peak()
     rss0 = _status_kb("VmRSS")
     _train_steps(model, cfg, items)
-    q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok})
+    q.put({"base_mb": base / 1024, "rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+           "reset": ok, "parameters_held": sum(p.numel() for p in model.model.parameters())})
 
 
 def _server_worker(cfg_yaml: str, conn) -> None:
+    """The server alone: it loads only the middle layers' tensors, with the same seeded LoRA init."""
+    import torch
     import yaml
 
     from privrec.config import parse_config
-    from privrec.federated.runner import build_model
-    from privrec.prepare import setup_data
+    from privrec.federated.split import SplitServer
+    from privrec.model.backbone import default_threads, layer_count
 
     cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
-    server = build_model(cfg, setup_data(cfg)).server  # the same seeded LoRA init as the client's
+    default_threads(cfg.model.threads)
+    split, n = cfg.federated.split, layer_count(cfg.model.name, cfg.model.gguf_file)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    server = SplitServer.load(cfg.model, split.client_first, n - split.client_last, device)
+    server.attach_lora(cfg.lora, cfg.seed)
     conn.send("ready")
     while (msg := conn.recv()) is not None:
         kind, payload = msg
@@ -218,38 +247,45 @@ def _server_worker(cfg_yaml: str, conn) -> None:
 
 
 def _client_worker(cfg_yaml: str, conn, q) -> None:
-    """The client alone: the server's layers are dropped here and reached over the pipe."""
-    import torch
+    """The client alone: it loads only its own tensors (the middle layers stay meta) and reaches the server
+    over the pipe."""
     import yaml
 
     from privrec.config import parse_config
-    from privrec.federated.runner import build_model
-    from privrec.prepare import setup_data
-
-    cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
-    splits = setup_data(cfg)
-    model = build_model(cfg, splits)
-    items = model.encode(splits.train[:MEMORY_SAMPLES])
-    del splits
-    inner = model._inner()
-    for i in range(model.split_first, model.n_layers - model.split_last):
-        inner.layers[i] = torch.nn.Identity()  # the middle layers live on the server only
-    model.server = None
+    from privrec.federated.split import SplitRecLM
+    from privrec.prepare import build_model, setup_data
 
     def over_pipe(kind: str, payload: bytes) -> bytes:
         conn.send((kind, payload))
         return conn.recv()
 
-    model.channel.handler = over_pipe
+    cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
+    splits = setup_data(cfg)
+    base = _before_model_kb(cfg)
+    split = cfg.federated.split
+    model = build_model(cfg, splits.dataset, cls=SplitRecLM, before_lora=lambda m: m.configure_split(
+        split.client_first, split.client_last, handler=over_pipe))
+    items = model.encode(splits.train[:MEMORY_SAMPLES])
+    del splits
     assert conn.recv() == "ready"
     gc.collect()
     ok = _reset_peak()
     rss0 = _status_kb("VmRSS")
-    held = sum(p.numel() for p in model.model.parameters())
+    held = sum(p.numel() for p in model.model.parameters() if p.device.type != "meta")
     _train_steps(model, cfg, items)
     conn.send(None)
-    q.put({"rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024, "reset": ok,
-           "parameters_held": held, "bytes": model.channel.total_bytes})
+    q.put({"base_mb": base / 1024, "rss_before_mb": rss0 / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+           "reset": ok, "parameters_held": held, "bytes": model.channel.total_bytes})
+
+
+def memory_shares(whole: dict, client: dict) -> dict:
+    """Client / whole model, of the resident memory before training and at the peak, each whole and minus
+    what the process held before its model was built."""
+    out = {}
+    for key in ("rss_before_mb", "peak_mb"):
+        out[key] = client[key] / whole[key]
+        out[key + "_model_only"] = (client[key] - client["base_mb"]) / (whole[key] - whole["base_mb"])
+    return out
 
 
 def measure_memory(split_overrides: list[str]) -> tuple[dict, dict]:
@@ -285,15 +321,23 @@ def split_table(runs: Path, progress: bool) -> str:
     ]
     runs_m = [(row, run_once(d, SPLIT_SIZES + ov, runs, progress)) for d, row, ov in variants]
     whole_mem, client_mem = measure_memory(SPLIT)
+    share = memory_shares(whole_mem, client_mem)
+
+    def model_only(m: dict) -> str:
+        return f"{m['rss_before_mb'] - m['base_mb']:.0f} / {m['peak_mb'] - m['base_mb']:.0f}"
+
     s = runs_m[2][1]
     lines = [
         "| | client (split) | whole model | client / whole |", "|---|---|---|---|",
         (f"| parameters (base + LoRA) | {s['client_parameters']:,} | {s['total_parameters']:,} | "
         f"{100 * s['client_parameter_share']:.1f}% |"),
         (f"| resident memory before training steps (MB) | {client_mem['rss_before_mb']:.0f} | "
-        f"{whole_mem['rss_before_mb']:.0f} | {100 * client_mem['rss_before_mb'] / whole_mem['rss_before_mb']:.0f}% |"),
+        f"{whole_mem['rss_before_mb']:.0f} | {100 * share['rss_before_mb']:.0f}% |"),
         (f"| peak resident memory during {MEMORY_SAMPLES} training samples (MB) | {client_mem['peak_mb']:.0f} | "
-        f"{whole_mem['peak_mb']:.0f} | {100 * client_mem['peak_mb'] / whole_mem['peak_mb']:.0f}% |"),
+        f"{whole_mem['peak_mb']:.0f} | {100 * share['peak_mb']:.0f}% |"),
+        (f"| the same two, minus the process before its model is built ({client_mem['base_mb']:.0f} / "
+        f"{whole_mem['base_mb']:.0f} MB: libraries, data) | {model_only(client_mem)} | {model_only(whole_mem)} | "
+        f"{100 * share['rss_before_mb_model_only']:.0f}% / {100 * share['peak_mb_model_only']:.0f}% |"),
         (f"| bytes crossing the split per training sample (hidden states + gradients, fp32) | "
         f"{s['bytes_per_training_sample']:,.0f} | - | - |"),
         "", "| run (in-process, same samples, 1 round) | seconds per round | test AUC | adapter bytes / round |",
@@ -305,7 +349,8 @@ def split_table(runs: Path, progress: bool) -> str:
     sizes = (f"Sizes: {cfg.data.n_train} training samples over {cfg.federated.clients} k-means clients, 1 round x "
              f"{cfg.train.epochs} local epoch, batch {cfg.train.batch_size}, LoRA r={cfg.lora.r} on the top "
              f"{cfg.lora.top_layers} layers, {cfg.data.n_test} test samples. Memory: separate processes; the "
-             f"client process drops the server's layers and talks to a server process over a pipe; peak = "
+             f"client process loads only its own layers' tensors (the middle layers stay on the meta device) "
+             f"and talks to a server process, which loads only the middle layers', over a pipe; peak = "
              "VmHWM reset after loading (reset "
              f"{'ok' if client_mem['reset'] else 'unavailable: peak includes loading'})"
              f", {MEMORY_SAMPLES} samples; the client process held {client_mem['parameters_held']:,} parameters "
@@ -318,7 +363,7 @@ def split_table(runs: Path, progress: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["table", "split", "all"])
+    ap.add_argument("what", choices=["table", "split", "memory", "all"])
     ap.add_argument("--runs", default="runs/federated", help="run directories (reused when complete)")
     ap.add_argument("--config", default=str(ARGS.config), help="base config (default configs/pplr-ml100k.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
@@ -330,6 +375,10 @@ def main() -> None:
     if args.what in ("table", "all"):
         body = results_table(runs, args.progress)
         publish(Path(args.docs) / "results.md", "bench_federated_table", body)
+    if args.what == "memory":
+        whole, client = measure_memory(SPLIT)
+        print(json.dumps({"whole": whole, "client": client, "client_share": memory_shares(whole, client)},
+                         indent=1))
     if args.what in ("split", "all"):
         body = split_table(runs, args.progress)
         publish(Path(args.docs) / "benchmarks.md", "bench_federated_split", body)

@@ -72,7 +72,85 @@ def _cache_kwarg(inner: nn.Module) -> str:
     return _cache_kwarg_of(type(inner).forward)
 
 
-class RecLM:
+def lora_model(model: nn.Module, lora_cfg, seed: int, n_layers: int) -> nn.Module:
+    """``model`` wrapped with a fresh peft LoRA adapter, initialised from ``seed`` without moving the global
+    random stream. With ``lora_cfg.top_layers`` = L, LoRA goes on layers[N-L:] only. The initial weights of a
+    layer do not depend on which other layers are materialised: peft creates every LoRA weight on the CPU in
+    module order, and moves those of a meta-device layer to the meta device afterwards.
+
+    Raises:
+        UserError: top_layers above the model's layer count, or target modules the model does not have.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if lora_cfg.top_layers is not None and lora_cfg.top_layers > n_layers:
+        raise UserError(f"lora.top_layers={lora_cfg.top_layers} but the model has {n_layers} layers")
+    layers = None
+    if lora_cfg.top_layers is not None:
+        layers = list(range(n_layers - lora_cfg.top_layers, n_layers))
+    pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
+                      layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates in favour
+        # of `is_activation_checkpointing`: a FutureWarning about peft's code, not ours (no checkpointing here)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, pcfg)
+        except ValueError as e:
+            raise UserError(f"lora: {str(e).splitlines()[0]}") from None
+
+
+class LayerStack:
+    """What runs decoder layers of ``self.model`` (an HF causal LM, peft-wrapped or not) on ``self.device``
+    with bf16 autocast when ``self.bf16``: the recommender, and the federated split's server (which holds only
+    its own layers)."""
+
+    model: nn.Module
+    device: torch.device
+    bf16: bool
+
+    def _inner(self) -> nn.Module:
+        """The decoder stack (embed_tokens, layers, norm) under any peft wrapping."""
+        m = self.model
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        inner = getattr(m, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+            raise ModelError(f"{type(m).__name__}: expected a decoder with .model.layers and .model.norm")
+        return inner
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def base_model(self) -> nn.Module:
+        """The HF causal LM under any peft wrapping."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _run_layers(self, start: int, end: int, input_ids=None, hidden=None, attention_mask=None, cache=None,
+                    position_ids=None) -> torch.Tensor:
+        """Decoder layers [start, end) over token ids or hidden states: (B, T, H) before the final norm.
+
+        With ``cache`` (a DynamicCache, which grows): after the keys/values already in it, ``attention_mask``
+        then covering cache + new tokens and ``position_ids`` continuing after the cached ones."""
+        inner = self._inner()
+        with _layer_window(inner, start, end), self._autocast():
+            out = inner(input_ids=input_ids, inputs_embeds=hidden, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=cache is not None, **{_cache_kwarg(inner): cache})
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the untuned base model (zero-shot) while a LoRA adapter is attached."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
+class RecLM(LayerStack):
     """A causal LM read as a Yes/No recommender, with optional LoRA and a frozen-layer cache.
 
     Build it with :meth:`from_config`. ``self.model`` is the (peft-wrapped once LoRA is attached) HF model.
@@ -115,20 +193,15 @@ class RecLM:
 
         default_threads(cfg.model.threads)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device)
+        model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device, keep=cls.tensors_to_load(cfg))
         builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats)
         return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
                    cache_dir=assets.cache_dir() / "frozen", share_prefix=cfg.model.share_prefix)
 
-    def _inner(self) -> nn.Module:
-        """The decoder stack (embed_tokens, layers, norm) under any peft wrapping."""
-        m = self.model
-        if hasattr(m, "get_base_model"):
-            m = m.get_base_model()
-        inner = getattr(m, "model", None)
-        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
-            raise ModelError(f"{type(m).__name__}: expected a decoder with .model.layers and .model.norm")
-        return inner
+    @classmethod
+    def tensors_to_load(cls, cfg) -> Callable[[str], bool] | None:
+        """Which of the checkpoint's parameters :meth:`from_config` materialises (None: all of them)."""
+        return None
 
     @property
     def fingerprint(self) -> str:
@@ -140,28 +213,10 @@ class RecLM:
         """Wrap the model with a fresh peft LoRA adapter (METHODS §0: r=8, alpha=16, q/v by default).
 
         With ``lora_cfg.top_layers`` = L, LoRA goes on layers[N-L:] only, and with ``cache_frozen`` the
-        bottom N-L layers are cached. Initialisation is seeded.
+        bottom N-L layers are cached. Initialisation is seeded (:func:`lora_model`).
         """
-        from peft import LoraConfig, get_peft_model
-
-        if lora_cfg.top_layers is not None and lora_cfg.top_layers > self.n_layers:
-            raise UserError(f"lora.top_layers={lora_cfg.top_layers} but the model has {self.n_layers} layers")
-        layers = None
-        if lora_cfg.top_layers is not None:
-            layers = list(range(self.n_layers - lora_cfg.top_layers, self.n_layers))
         _ = self.fingerprint  # hash the base weights before peft adds its own
-        pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                          target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
-                          layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates in favour
-            # of `is_activation_checkpointing`: a FutureWarning about peft's code, not ours (no checkpointing here)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            torch.manual_seed(seed)
-            try:
-                self.model = get_peft_model(self.model, pcfg)
-            except ValueError as e:
-                raise UserError(f"lora: {str(e).splitlines()[0]}") from None
+        self.model = lora_model(self.model, lora_cfg, seed, self.n_layers)
         self.lora_config = lora_cfg
         if lora_cfg.top_layers is not None and lora_cfg.cache_frozen:
             self.enable_cache(self.n_layers - lora_cfg.top_layers)
@@ -285,25 +340,6 @@ class RecLM:
         return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
     # --- forward -----------------------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def base_model(self) -> nn.Module:
-        """The HF causal LM under any peft wrapping."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-    def _run_layers(self, start: int, end: int, input_ids=None, hidden=None, attention_mask=None, cache=None,
-                    position_ids=None) -> torch.Tensor:
-        """Decoder layers [start, end) over token ids or hidden states: (B, T, H) before the final norm.
-
-        With ``cache`` (a DynamicCache, which grows): after the keys/values already in it, ``attention_mask``
-        then covering cache + new tokens and ``position_ids`` continuing after the cached ones."""
-        inner = self._inner()
-        with _layer_window(inner, start, end), self._autocast():
-            out = inner(input_ids=input_ids, inputs_embeds=hidden, attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=cache is not None, **{_cache_kwarg(inner): cache})
-        return out.last_hidden_state
-
     def _head(self, h_last: torch.Tensor, pair: bool = False) -> torch.Tensor:
         """(B, H) last-token states -> (B,) fp32 logit difference z_yes - z_no, or with ``pair`` the (B, 2)
         raw LM-head logits [z_yes, z_no] (what a per-class logit formula such as E2URec's teacher needs)."""
@@ -458,12 +494,3 @@ class RecLM:
             return prefix_scoring.score_full(self, groups, mode, batch_size, progress)
         finally:
             self.model.train(was_training)
-
-    @contextlib.contextmanager
-    def adapter_disabled(self):
-        """Run the untuned base model (zero-shot) while a LoRA adapter is attached."""
-        if hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield
-        else:
-            yield
