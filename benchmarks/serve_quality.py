@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("model", help="a model directory (privrec train, shard-train, federate)")
     ap.add_argument("--users", type=int, default=None, help="at most this many test users (default: the draw's)")
     ap.add_argument("--candidates", default="20,50,100", help="values of C, comma-separated")
+    ap.add_argument("--sources", default="mix", help="candidate sources, comma-separated (mix, popularity, mf)")
     ap.add_argument("--blend", default="0,0.25,0.5,0.75,1", help="values of B, comma-separated")
     ap.add_argument("--all-unseen-users", type=int, default=10,
                     help="users for the LLM over all unseen items (its cost: ~1,600 prompts per user)")
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
     cs = [int(c) for c in args.candidates.split(",")]
+    srcs = args.sources.split(",")
     blends = [float(b) for b in args.blend.split(",")]
 
     t0 = time.perf_counter()
@@ -80,21 +82,28 @@ def main() -> None:
                  for r in test]
     out["popularity"] = hr_ndcg(pop_ranks)
 
+    stages = [(src, c) for src in srcs for c in cs]
+
+    def key(src: str, c: int) -> str:
+        return f"C={c}" if src == "mix" else f"C={c},{src}"
+
     def two_stage(rows) -> dict:
-        """{C: {"recall", "seconds", "blend=B": hr_ndcg}} over ``rows``."""
-        res = {}
-        for c in cs:
-            t = time.perf_counter()
-            recall, ranks = 0, {b: [] for b in blends}
-            for r in rows:
-                cands = gen.candidates(r.user_id, seen_of.get(r.user_id, set()), c)
-                recall += r.target in cands
-                probs = rec.p_yes_given(r.user_id, cands, r.history, r.timestamp)
+        """{key(source, C): {"recall", "blend=B": hr_ndcg}} over ``rows``; each user's candidates of every
+        stage are scored once, together."""
+        hits = {st: 0 for st in stages}
+        ranks = {(st, b): [] for st in stages for b in blends}
+        for r in rows:
+            seen = seen_of.get(r.user_id, set())
+            cands = {st: gen.candidates(r.user_id, seen, st[1], st[0]) for st in stages}
+            union = sorted({i for cs_ in cands.values() for i in cs_})
+            p_of = dict(zip(union, rec.p_yes_given(r.user_id, union, r.history, r.timestamp)))
+            for st, items in cands.items():
+                hits[st] += r.target in items
+                probs = np.array([p_of[i] for i in items])
                 for b in blends:
-                    ranks[b].append(rank_of([cands[i] for i in blended_order(probs, b)], r.target))
-            res[f"C={c}"] = {"recall": recall / max(len(rows), 1), "seconds": time.perf_counter() - t,
-                             **{f"blend={b}": hr_ndcg(ranks[b]) for b in blends}}
-        return res
+                    ranks[st, b].append(rank_of([items[i] for i in blended_order(probs, b)], r.target))
+        return {key(*st): {"recall": hits[st] / max(len(rows), 1),
+                           **{f"blend={b}": hr_ndcg(ranks[st, b]) for b in blends}} for st in stages}
 
     if args.valid_users:
         # (C, B) chosen on users outside the test draw, never on the test users
@@ -108,10 +117,11 @@ def main() -> None:
         out["valid"]["popularity"] = hr_ndcg([rank_of([i for i in gen.by_popularity
                                                         if i not in seen_of.get(r.user_id, set())], r.target)
                                                for r in valid])
-        best = max(((c, b) for c in cs for b in blends),
-                   key=lambda cb: (out["valid"][f"C={cb[0]}"][f"blend={cb[1]}"]["ndcg@10"], cb[1]))
-        out["chosen_on_valid"] = {"C": best[0], "blend": best[1], "valid_users": [r.user_id for r in valid]}
-        print(f"chosen on {len(valid)} validation users: C={best[0]}, blend={best[1]}")
+        best = max(((st, b) for st in stages for b in blends),
+                   key=lambda sb: (out["valid"][key(*sb[0])][f"blend={sb[1]}"]["ndcg@10"], sb[1]))
+        (src, c), b = best
+        out["chosen_on_valid"] = {"C": c, "source": src, "blend": b, "valid_users": [r.user_id for r in valid]}
+        print(f"chosen on {len(valid)} validation users: C={c}, source {src}, blend={b}")
     out.update(two_stage(test))
 
     some = test[: args.all_unseen_users]
@@ -127,17 +137,17 @@ def main() -> None:
     print(f"{'':<28} {'recall@C':>9} {'HR@10':>7} {'NDCG@10':>8}   n")
     p = out["popularity"]
     print(f"{'popularity (all unseen)':<28} {'':>9} {p['hr@10']:>7.3f} {p['ndcg@10']:>8.3f} {p['n']:>4}")
-    for c in cs:
+    for st in stages:
         for b in blends:
-            m = out[f"C={c}"][f"blend={b}"]
-            print(f"{f'two-stage C={c} blend={b}':<28} {out[f'C={c}']['recall']:>9.3f} {m['hr@10']:>7.3f} "
+            m = out[key(*st)][f"blend={b}"]
+            print(f"{f'{st[0]} C={st[1]} blend={b}':<28} {out[key(*st)]['recall']:>9.3f} {m['hr@10']:>7.3f} "
                   f"{m['ndcg@10']:>8.3f} {m['n']:>4}")
     if "chosen_on_valid" in out:
         ch = out["chosen_on_valid"]
-        row = out[f"C={ch['C']}"]
+        row = out[key(ch["source"], ch["C"])]
         m = row[f"blend={ch['blend']}"]
         print(f"{'chosen on validation':<28} {row['recall']:>9.3f} {m['hr@10']:>7.3f} "
-              f"{m['ndcg@10']:>8.3f} {m['n']:>4}   (C={ch['C']}, blend={ch['blend']})")
+              f"{m['ndcg@10']:>8.3f} {m['n']:>4}   (C={ch['C']}, {ch['source']}, blend={ch['blend']})")
     print(f"held-out items that were a training sample of the model: {out['held_out_in_training']} of {len(test)}")
     m, q = out["llm_all_unseen"], out["llm_all_unseen"]["popularity_same_users"]
     print(f"{'LLM over all unseen':<28} {'':>9} {m['hr@10']:>7.3f} {m['ndcg@10']:>8.3f} {m['n']:>4}"

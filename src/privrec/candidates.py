@@ -18,6 +18,8 @@ import pandas as pd
 
 from privrec.model.mf import DEFAULT_DIM, DEFAULT_EPOCHS, MF, fit_mf
 
+SOURCES = ("mix", "popularity", "mf")
+
 
 class CandidateGenerator:
     """Popularity + MF candidates over one interaction table (columns user_id, item_id, rating)."""
@@ -42,14 +44,19 @@ class CandidateGenerator:
         known = sorted(s, key=lambda i: (-s[i], i))
         return known + [i for i in self.by_popularity if i not in s]
 
-    def candidates(self, user: int, seen: set[int], n: int | None) -> list[int]:
-        """Up to ``n`` items the user has not seen (all of them when ``n`` is None), interleaving MF and
-        popularity."""
+    def candidates(self, user: int, seen: set[int], n: int | None, source: str = "mix") -> list[int]:
+        """Up to ``n`` items the user has not seen (all of them when ``n`` is None): ``mix`` interleaves MF and
+        popularity (MF first); ``popularity`` or ``mf`` takes that ranking alone, so that the candidate
+        order itself is popularity's (or MF's) and a blend of B = 1 serves exactly it."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown candidate source {source!r} (one of {', '.join(SOURCES)})")
         unseen = len(self.items) - len(seen & set(self.items))
         n = unseen if n is None else min(n, unseen)
         out: list[int] = []
         taken = set(seen)
-        sources = [iter(self.mf_ranking(user)), iter(self.by_popularity)]
+        rankings = {"mix": lambda: [self.mf_ranking(user), self.by_popularity],
+                    "mf": lambda: [self.mf_ranking(user)], "popularity": lambda: [self.by_popularity]}
+        sources = [iter(r) for r in rankings[source]()]
         while len(out) < n:
             for src in sources:
                 for i in src:
