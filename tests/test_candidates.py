@@ -34,6 +34,9 @@ def test_candidates_interleave_mf_and_popularity_unseen_only():
     assert c[0] == mf[0] and c[1] == (pop[0] if pop[0] != mf[0] else pop[1])
     assert set(gen.candidates(3, seen, None)) == set(range(1, 41)) - seen  # C = all unseen
     assert gen.candidates(3, seen, 1000) == gen.candidates(3, seen, None)
+    # one source alone: its own ranking, unseen items only (B = 1 then serves exactly popularity's order)
+    assert gen.candidates(3, seen, 10, "popularity") == pop[:10] and gen.candidates(3, seen, 10, "mf") == mf[:10]
+    assert gen.candidates(3, seen, 10, "popularity") != c
 
 
 def test_mf_is_the_partitions_mf_and_scores_its_own_factors():
