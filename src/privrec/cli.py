@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--runner", choices=["in-process", "flower"], default="in-process",
                    help="in-process (default) or a Flower simulation (needs the `federated` extra)")
+    p.add_argument("--client-data", metavar="DIR", default=None,
+                   help="with --runner flower: the client folders of `privrec federate-split-data` with this "
+                   "config, one per simulated node (default: split into a temp folder)")
+
+    p = sub.add_parser("federate-split-data", help="client-local data for a Flower deployment: one folder per "
+                       "client of `privrec federate`'s partition (only its users' rows) and the operator's "
+                       "user -> client assignment (docs/federated.md)")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="new folder: client-0 .. client-{C-1} (one per SuperNode's "
+                   "--node-config data=...), assignment.json and config.yaml (the operator's, never a node's)")
 
     p = sub.add_parser("unlearn", help="forget users from a trained run (E2URec or a baseline) and measure it")
     p.add_argument("run", help="a run directory made by `privrec train`")
@@ -219,6 +229,8 @@ def _federate(args, progress: bool) -> int:
     from privrec.federated.runner import render_summary
 
     cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
+    if args.client_data is not None and args.runner != "flower":
+        raise UserError("--client-data gives the simulated Flower nodes their folders: add --runner flower")
     if args.runner == "flower":
         from privrec.federated.flower_app import check_flower_config
 
@@ -228,12 +240,27 @@ def _federate(args, progress: bool) -> int:
         except ImportError as e:
             raise UserError(f"--runner flower needs the federated extra (pip install -e '.[federated]'): "
                             f"{e}") from None
-        m = run_flower_simulation(cfg, args.out, progress)
+        m = run_flower_simulation(cfg, args.out, progress, client_data=args.client_data)
     else:
         from privrec.federated.runner import run_federate
 
         m = run_federate(cfg, args.out, progress=progress)
     print(render_summary(m))
+    return 0
+
+
+def _federate_split_data(args, progress: bool) -> int:
+    from privrec.config import load_config
+    from privrec.federated.client_data import ASSIGNMENT, split_data
+    from privrec.federated.config import FederatedConfig
+
+    content = split_data(load_config(args.config, args.overrides, cls=FederatedConfig), args.out)
+    sizes = {}
+    for c in content["assignment"].values():
+        sizes[c] = sizes.get(c, 0) + 1
+    for c, folder in sorted(content["folders"].items(), key=lambda kv: int(kv[0])):
+        print(f"client {c}: {os.path.join(args.out, folder)} ({sizes.get(int(c), 0)} users)")
+    print(f"assignment (keep it; give each node only its folder): {os.path.join(args.out, ASSIGNMENT)}")
     return 0
 
 
@@ -315,7 +342,8 @@ def _token(args, progress: bool) -> int:
 
 
 COMMANDS = {"fetch": _fetch, "report": _report, "train": _train, "baseline": _baseline, "evaluate": _evaluate,
-            "recommend": _recommend, "unlearn": _unlearn, "federate": _federate, "shard-train": _shard_train,
+            "recommend": _recommend, "unlearn": _unlearn, "federate": _federate,
+            "federate-split-data": _federate_split_data, "shard-train": _shard_train,
             "forget": _forget, "serve": _serve, "token": _token}
 
 

@@ -65,6 +65,15 @@ _ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "
                   "Sci-Fi", "Thriller", "War", "Western"]
 
 
+# Each source's files as (name, field separator, header lines): interactions, users, items. The user id is
+# the first field of every interaction and user row (what `privrec federate-split-data` filters by).
+SOURCE_FILES: dict[str, tuple[tuple[str, str, int], ...]] = {
+    "ml-100k": (("ml-100k.inter", "\t", 1), ("ml-100k.user", "\t", 1), ("ml-100k.item", "\t", 1)),
+    "ml-100k-grouplens": (("u.data", "\t", 0), ("u.user", "|", 0), ("u.item", "|", 0)),
+    "ml-1m": (("ratings.dat", "::", 0), ("users.dat", "::", 0), ("movies.dat", "::", 0)),
+}
+
+
 def clean_title(raw: str) -> tuple[str, str]:
     """'Usual Suspects, The (1995)' -> ('The Usual Suspects', '1995'); the year is '' when absent."""
     title, year = raw.strip(), ""

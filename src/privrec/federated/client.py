@@ -18,6 +18,7 @@ import torch
 from privrec.data import Sample
 from privrec.federated.fedabc import fedabc_plan
 from privrec.federated.strategies import Instructions, State, Update
+from privrec.metrics import binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
 from privrec.train import bce_loss, train
@@ -36,6 +37,32 @@ class Predictions:
     probs: np.ndarray  # (n,) P(Yes)
     labels: np.ndarray  # (n,) 0/1
     users: np.ndarray  # (n,) user ids
+
+
+@dataclass
+class ClientMetrics:
+    """A client's metrics of one split, computed on the client from its own scores (:func:`split_metrics`): what
+    a Flower evaluation reply carries unless ``federated.pooled_scores`` asks for the scores themselves."""
+
+    values: dict[str, float]
+
+
+def split_metrics(p: Predictions, ranked: bool = False) -> dict[str, float]:
+    """AUC, LogLoss, accuracy, positive rate and ``n``; UAUC with ``uauc_users`` (the users with both labels
+    it averages over); with ``ranked``, HR@K / NDCG@K of the users' rankings, ``n_ranked`` (the rankings they
+    average over) and ``n_test_users``. The counts let the server combine clients' means exactly
+    (:func:`privrec.federated.runner.overall_from_clients`)."""
+    if not len(p.labels):
+        out = {"auc": float("nan"), "n": 0}
+    else:
+        out = binary_metrics(p.labels, p.probs, p.users)
+        _, inv = np.unique(p.users, return_inverse=True)
+        pos, count = np.bincount(inv, weights=p.labels), np.bincount(inv)
+        out["uauc_users"] = int(((pos > 0) & (pos < count)).sum())
+    if ranked:
+        ranks = ranks_by_group(p.users, p.labels, p.probs)
+        out.update(ranking_metrics(ranks), n_ranked=len(ranks), n_test_users=len(set(p.users.tolist())))
+    return out
 
 
 def proximal_term(model: RecLM, mu: float):

@@ -57,6 +57,13 @@ class FederatedSection(_Section):
         None, description="Flexible storage, executed: the client keeps the embeddings, the first "
         "`client_first` and last `client_last` decoder layers and the head; a server object runs the middle "
         "layers. None: the client holds the whole model.")
+    pooled_scores: bool = Field(
+        False, description="Flower runner: evaluation replies carry every sample's P(Yes), label and user id, and "
+        "the server pools them (overall AUC and UAUC as the in-process runner computes them). Off: each client "
+        "replies with its own metrics only (AUC, LogLoss, accuracy, UAUC; HR@K / NDCG@K for ranking) and "
+        "metrics.json's overall is computed from them (`overall_kind: client-weighted`): LogLoss, accuracy, "
+        "UAUC, HR@K and NDCG@K equal the pooled values, AUC (and each round's valid_auc) is the sample-weighted "
+        "mean of the client AUCs. The in-process runner holds every score and always pools.")
     valid_every_round: bool = Field(True, description="Score every client's validation samples after each "
                                     "round (the `rounds` record's overall valid AUC).")
 

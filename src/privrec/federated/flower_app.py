@@ -2,19 +2,22 @@
 
 The ServerApp runs :func:`privrec.federated.runner.run_federate` with a :class:`FlowerDispatcher`: the
 rounds, the strategy classes, the metrics and the adapters are the in-process runner's own code; only the
-transport differs. Each round the ServerApp sends every client a ``train`` message (its LoRA state as an
-``ArrayRecord``, the round's instructions, the run's resolved config and, in this simulation protocol, the
-ids of the users whose data the client holds); the ClientApp runs
+transport differs. Every node holds its own client's data, a folder of ``privrec federate-split-data``
+(:mod:`privrec.federated.client_data`; a SuperNode's ``--node-config 'data="PATH"'``), and builds its samples
+from it alone. A ``query`` asks each node which client it is (it answers from its folder). Each round the
+ServerApp sends every client a ``train`` message (its LoRA state as an ``ArrayRecord``, the round's
+instructions and the run's resolved config: no user id, no sample); the ClientApp runs
 :meth:`~privrec.federated.client.FederatedClient.fit` and replies with its new state, loss and sample
-count. ``evaluate`` messages ask a client to score its own validation or test samples and reply with
-P(Yes) and the labels (what the pooled overall AUC needs). A client whose ClientApp raises sends an error
+count. ``evaluate`` messages ask a client to score its own validation or test samples; it replies with its
+metrics (:func:`~privrec.federated.client.split_metrics`), or with P(Yes), labels and user ids when
+``federated.pooled_scores`` asks for the pooled overall AUC. A client whose ClientApp raises sends an error
 reply; it is left out of that round's aggregation and the run goes on, as in-process.
 
-- Simulation: :func:`run_flower_simulation` (``flwr.simulation.run_simulation``); ``privrec federate CONFIG
-  --out DIR --runner flower``.
+- Simulation: :func:`run_flower_simulation` (``flwr.simulation.run_simulation``; each virtual node reads its
+  own split folder); ``privrec federate CONFIG --out DIR --runner flower [--client-data SPLIT]``.
 - Across machines: ``privrec.federated.flower_deploy:server_app`` / ``:client_app`` are what
   ``flower/pyproject.toml`` names for ``flwr run``; see docs/federated.md (SuperLink, SuperNodes, what
-  crosses the network).
+  crosses the network) and ``flower/run_local.py`` (all of it on one machine's loopback).
 
 The executed layer split and the centralised reference run in-process only (see ``check_flower_config``).
 """
@@ -31,8 +34,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from privrec.errors import RunError, UserError
-from privrec.federated.client import FederatedClient, FitResult, Predictions
+from privrec.data import Splits
+from privrec.errors import DataError, RunError, UserError
+from privrec.federated.client import ClientMetrics, FederatedClient, FitResult, Predictions, split_metrics
+from privrec.federated.client_data import (
+    CLIENT_DIR,
+    client_folders,
+    ids_sha256,
+    load_client_data,
+    read_meta,
+    sample_ids,
+    samples_fingerprint,
+    split_data,
+)
 from privrec.federated.config import FederatedConfig
 from privrec.federated.strategies import Instructions, State, Update
 
@@ -50,35 +64,55 @@ def check_flower_config(cfg: FederatedConfig) -> None:
 
 
 # --- client side ----------------------------------------------------------------------------------------
-_RUNTIME: dict[str, tuple] = {}  # per ClientApp process: config digest -> (cfg, splits, model)
-_CLIENTS: dict[tuple[str, int], FederatedClient] = {}
+_MODELS: dict[str, tuple] = {}  # per ClientApp process: config digest -> (cfg, model), built once per config
+_CLIENTS: dict[tuple[str, Path], FederatedClient] = {}  # (config digest, data folder) -> its client
 
 
-def _runtime(cfg_yaml: str):
-    """The config, samples and model of this process, built once per config (a process serves many clients)."""
+def node_folder(context, data_root: str | Path | None = None) -> Path:
+    """The node's data folder: its ``--node-config 'data="PATH"'``, or in the simulation (``data_root``, one
+    folder of ``privrec federate-split-data``) ``data_root/client-{partition-id}``.
+
+    Raises:
+        DataError: a SuperNode started without a data folder.
+    """
+    data = context.node_config.get("data")
+    if data:
+        return Path(str(data)).expanduser()
+    if data_root is not None and "partition-id" in context.node_config:
+        return Path(data_root) / CLIENT_DIR.format(int(context.node_config["partition-id"]))
+    raise DataError("this SuperNode has no data folder: start it with --node-config 'data=\"/path/client-C\"' "
+                    "(one folder of privrec federate-split-data)")
+
+
+def _client_for(msg, folder: Path) -> tuple[FederatedClient, FederatedConfig]:
+    """The client of this node's folder under the config the server sent, built once per process: its samples
+    come from the folder alone (:func:`~privrec.federated.client_data.load_client_data`)."""
+    conf = msg.content["config"]
+    cfg_yaml = str(conf["yaml"])
     key = hashlib.sha256(cfg_yaml.encode()).hexdigest()
-    if key not in _RUNTIME:
+    data = None
+    if key not in _MODELS:
         from privrec.config import parse_config
         from privrec.federated.runner import build_model
-        from privrec.prepare import setup_data
 
         cfg = parse_config(yaml.safe_load(cfg_yaml), FederatedConfig)
-        splits = setup_data(cfg)
-        _RUNTIME.clear()
+        data = load_client_data(folder, cfg)
+        _MODELS.clear()
         _CLIENTS.clear()
-        _RUNTIME[key] = (cfg, splits, build_model(cfg, splits))
-    return key, _RUNTIME[key]
+        _MODELS[key] = (cfg, build_model(cfg, Splits(data.dataset, data.train, data.valid, data.test)))
+    cfg, model = _MODELS[key]
+    if (key, folder) not in _CLIENTS:
+        from privrec.prompts import PromptBuilder
 
-
-def _client_for(msg) -> FederatedClient:
-    conf = msg.content["config"]
-    key, (cfg, splits, model) = _runtime(str(conf["yaml"]))
-    cid = int(conf["client"])
-    if (key, cid) not in _CLIENTS:
-        users = {int(u) for u in conf["users"]}
-        parts = [[s for s in part if s.user_id in users] for part in (splits.train, splits.valid, splits.test)]
-        _CLIENTS[(key, cid)] = FederatedClient(cid, model, *parts, cfg, progress=False)
-    return _CLIENTS[(key, cid)]
+        data = data or load_client_data(folder, cfg)
+        if data.client != int(conf["client"]):
+            raise DataError(f"{folder} holds client {data.client}'s data; the server sent client {conf['client']} "
+                            "a request")
+        # a process may serve several nodes (the simulation): each client's prompts read its own records
+        model.builder = PromptBuilder(data.dataset, cfg.prompt, cfg.data.like_threshold)
+        _CLIENTS[(key, folder)] = FederatedClient(data.client, model, data.train, data.valid, data.test, cfg,
+                                                  progress=False)
+    return _CLIENTS[(key, folder)], cfg
 
 
 def _state_from(record) -> State:
@@ -87,10 +121,10 @@ def _state_from(record) -> State:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in zip(record.keys(), record.to_numpy_ndarrays())}
 
 
-def _client_train(msg, context):
+def _client_train(msg, folder: Path):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    client = _client_for(msg)
+    client, _ = _client_for(msg, folder)
     conf = msg.content["config"]
     ins = Instructions(rnd=int(conf["round"]), seed=int(conf["seed"]), mu=float(conf["mu"]),
                        lr_scale=float(conf["lr_scale"]))
@@ -100,50 +134,81 @@ def _client_train(msg, context):
     return Message(RecordDict({"adapter": ArrayRecord(res.update.state), "metrics": metrics}), reply_to=msg)
 
 
-def _client_evaluate(msg, context):
+def _client_evaluate(msg, folder: Path):
+    """P(Yes), labels and user ids of the node's samples with ``federated.pooled_scores``; else only the
+    metrics the node computes from them (:func:`~privrec.federated.client.split_metrics`)."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    client = _client_for(msg)
+    client, cfg = _client_for(msg, folder)
     p = client.predict(_state_from(msg.content["adapter"]), str(msg.content["config"]["split"]))
+    if not cfg.federated.pooled_scores:
+        return Message(RecordDict({"metrics": MetricRecord(split_metrics(p, cfg.task == "ranking"))}), reply_to=msg)
     rec = MetricRecord({"probs": [float(x) for x in p.probs], "labels": [int(x) for x in p.labels],
                         "users": [int(x) for x in p.users]})
     return Message(RecordDict({"predictions": rec}), reply_to=msg)
 
 
-def _client_query(msg, context):
-    from flwr.app import Message, MetricRecord, RecordDict
+def _client_query(msg, folder: Path):
+    """Which client this node is, read from its folder: the client id, the fingerprint of the config it was
+    split with and the hash of its sample ids (the server checks both against its own plan)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
 
-    return Message(RecordDict({"node": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}),
-                   reply_to=msg)
+    meta = read_meta(folder)
+    node = ConfigRecord({"client": int(meta["client"]), "fingerprint": str(meta["fingerprint"]),
+                         "samples_sha256": ids_sha256(meta["samples"])})
+    return Message(RecordDict({"node": node}), reply_to=msg)
 
 
-def make_client_app():
-    """A ClientApp with the three handlers; every piece of its work is :class:`FederatedClient`'s."""
+def make_client_app(data_root: str | Path | None = None):
+    """A ClientApp with the three handlers; every piece of its work is :class:`FederatedClient`'s. Each node
+    reads its own folder (:func:`node_folder`; ``data_root``: the simulation's split folders)."""
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
-    app.train()(_client_train)
-    app.evaluate()(_client_evaluate)
-    app.query()(_client_query)
+
+    @app.train()
+    def train(msg, context):
+        return _client_train(msg, node_folder(context, data_root))
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return _client_evaluate(msg, node_folder(context, data_root))
+
+    @app.query()
+    def query(msg, context):
+        return _client_query(msg, node_folder(context, data_root))
+
     return app
 
 
 # --- server side ----------------------------------------------------------------------------------------
 class FlowerDispatcher:
-    """The runner's dispatcher over a Flower ``Grid``: one message per client per request."""
+    """The runner's dispatcher over a Flower ``Grid``: one message per client per request.
 
-    def __init__(self, grid, fed, timeout: float = 600.0):
-        self.grid, self.fed, self.timeout = grid, fed, timeout
+    What it sends a node: the LoRA state to start from or score with (``ArrayRecord``) and a ``ConfigRecord``
+    with the run's resolved config, the client index and the round's instructions (or the split to score);
+    never a user id or a sample. ``record``: a list that receives every message sent (the tests check it).
+    """
+
+    def __init__(self, grid, fed, timeout: float = 600.0, record: list | None = None):
+        self.grid, self.fed, self.timeout, self.record = grid, fed, timeout, record
         self.cfg_yaml = fed.cfg.to_yaml()
-        self.users = {c: sorted(u for u, cc in fed.assignment.items() if cc == c) for c in fed.clients}
         self.node_of = self._discover(len(fed.clients))
         self.client_of = {n: c for c, n in self.node_of.items()}
 
+    def _send(self, messages) -> list:
+        if self.record is not None:
+            self.record.extend(messages)
+        return list(self.grid.send_and_receive(messages, timeout=self.timeout))
+
     def _discover(self, n: int) -> dict[int, int]:
-        """client id -> node id, from each node's ``partition-id``.
+        """client id -> node id, from what each node reads in its own folder (``query``): its client id, the
+        fingerprint of the config its folder was split with and the hash of its sample ids, checked against
+        this run's partition.
 
         Raises:
-            RunError: fewer nodes than clients connected within the timeout.
+            RunError: fewer nodes than clients connected within the timeout; a node that cannot read its folder,
+                holds a folder of another config or other samples, or holds the same client as another node.
         """
         from flwr.app import Message, RecordDict
 
@@ -154,29 +219,37 @@ class FlowerDispatcher:
             nodes = list(self.grid.get_node_ids())
         if len(nodes) < n:
             raise RunError(f"only {len(nodes)} Flower nodes connected; federated.clients={n}")
-        replies = self.grid.send_and_receive([Message(RecordDict(), dst_node_id=nd, message_type=QUERY)
-                                              for nd in nodes], timeout=self.timeout)
-        out = {}
-        for r in replies:
-            if not r.has_error():
-                pid = int(r.content["node"]["partition-id"])
-                if pid < n:
-                    out[pid] = r.metadata.src_node_id
+        fingerprint = samples_fingerprint(self.fed.cfg)
+        expected = {c: ids_sha256(sample_ids(self.fed, c)) for c in range(n)}
+        out: dict[int, int] = {}
+        for r in self._send([Message(RecordDict(), dst_node_id=nd, message_type=QUERY) for nd in nodes]):
+            nd = r.metadata.src_node_id
+            if r.has_error():
+                raise RunError(f"Flower node {nd}: {' '.join(str(r.error.reason).split())}"[:500])
+            rec = r.content["node"]
+            c = int(rec["client"])
+            if str(rec["fingerprint"]) != fingerprint:
+                raise RunError(f"Flower node {nd}'s data folder was split for another config (its data, seed, task, "
+                               "ranking or partition settings differ): split the data with this config")
+            if c not in expected or str(rec["samples_sha256"]) != expected[c]:
+                raise RunError(f"Flower node {nd} holds other samples than client {c} of this run's partition")
+            if c in out:
+                raise RunError(f"Flower nodes {out[c]} and {nd} both hold client {c}'s data")
+            out[c] = nd
         missing = [c for c in range(n) if c not in out]
         if missing:
-            raise RunError(f"no Flower node reports partition-id(s) {missing}")
+            raise RunError(f"no Flower node holds the data of client(s) {missing}")
         return out
 
     def _message(self, cid: int, kind: str, state: State, extra: dict, group: str):
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        conf = ConfigRecord({"yaml": self.cfg_yaml, "client": cid, "users": self.users[cid], **extra})
+        conf = ConfigRecord({"yaml": self.cfg_yaml, "client": cid, **extra})
         return Message(RecordDict({"adapter": ArrayRecord(state), "config": conf}), dst_node_id=self.node_of[cid],
                        message_type=kind, group_id=group)
 
     def _exchange(self, messages) -> dict[int, object]:
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        return {self.client_of[r.metadata.src_node_id]: r for r in replies}
+        return {self.client_of[r.metadata.src_node_id]: r for r in self._send(messages)}
 
     def fit(self, rnd: int, tasks: dict[int, tuple[State, Instructions]]) -> dict[int, FitResult | str]:
         msgs = [self._message(c, TRAIN, st, {"round": ins.rnd, "seed": ins.seed, "mu": float(ins.mu),
@@ -205,14 +278,19 @@ class FlowerDispatcher:
             if r is None or r.has_error():
                 raise RunError(f"client {c} could not score its {split} samples: "
                                f"{r.error.reason if r is not None else 'no reply'}")
+            if not self.fed.cfg.federated.pooled_scores:
+                out[c] = ClientMetrics(dict(r.content["metrics"]))
+                continue
             p = r.content["predictions"]
             out[c] = Predictions(np.asarray(p["probs"], dtype=np.float64), np.asarray(p["labels"], dtype=np.float64),
                                  np.asarray(p["users"], dtype=np.int64))
         return out
 
 
-def make_server_app(cfg: FederatedConfig, out: str | Path, progress: bool = False, result: dict | None = None):
-    """A ServerApp that runs the federate procedure with this config, writing the run directory ``out``."""
+def make_server_app(cfg: FederatedConfig, out: str | Path, progress: bool = False, result: dict | None = None,
+                    record: list | None = None):
+    """A ServerApp that runs the federate procedure with this config, writing the run directory ``out``
+    (``record``: every message it sends is appended there)."""
     from flwr.serverapp import ServerApp
 
     from privrec.federated.runner import run_federate
@@ -222,22 +300,29 @@ def make_server_app(cfg: FederatedConfig, out: str | Path, progress: bool = Fals
     @app.main()
     def main(grid, context) -> None:
         metrics = run_federate(cfg, out, progress, runner="flower",
-                               make_dispatcher=lambda fed, model, strategy: FlowerDispatcher(grid, fed))
+                               make_dispatcher=lambda fed, model, strategy: FlowerDispatcher(grid, fed, record=record))
         if result is not None:
             result.update(metrics)
 
     return app
 
 
-def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool = False) -> dict:
+def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool = False,
+                          client_data: str | Path | None = None, record: list | None = None) -> dict:
     """The Flower simulation (Ray backend, one virtual SuperNode per client) of the federate procedure.
 
-    Ray's temp folder (and FLWR_HOME, unless set) go to a fresh temp folder, removed afterwards.
+    Every virtual node reads its own client folder, as a deployed SuperNode does: ``client_data`` (the output of
+    ``privrec federate-split-data`` with this config), or, when None, folders split into the temp folder.
+    Ray's temp folder (and FLWR_HOME, unless set) go to a fresh temp folder, removed afterwards. ``record``:
+    every message the ServerApp sends is appended there.
 
     Raises:
-        UserError: a setting the Flower app does not run; RunError: the simulation ended without metrics.
+        UserError: a setting the Flower app does not run, ``client_data`` missing or split for another config;
+            RunError: the simulation ended without metrics.
     """
     check_flower_config(cfg)
+    if client_data is not None:
+        client_folders(client_data, cfg)
     from flwr.simulation import run_simulation
 
     tmp = tempfile.mkdtemp(prefix="privrec-flwr-")  # short: Ray's socket paths must stay under 108 chars
@@ -248,9 +333,12 @@ def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool 
     result: dict = {}
     threads = cfg.model.threads or os.cpu_count() or 1
     try:
+        if client_data is None:
+            client_data = Path(tmp) / "clients"
+            split_data(cfg, client_data)
         run_simulation(
-            server_app=make_server_app(cfg, out, progress, result),
-            client_app=make_client_app(),
+            server_app=make_server_app(cfg, out, progress, result, record),
+            client_app=make_client_app(client_data),
             num_supernodes=cfg.federated.clients,
             backend_config={"init_args": {"_temp_dir": os.path.join(tmp, "ray"), "num_cpus": threads,
                                           "include_dashboard": False, "log_to_driver": False},

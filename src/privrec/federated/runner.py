@@ -26,7 +26,7 @@ import numpy as np
 
 from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
-from privrec.federated.client import FederatedClient, FitResult, Predictions
+from privrec.federated.client import ClientMetrics, FederatedClient, FitResult, Predictions, split_metrics
 from privrec.federated.config import FederatedConfig
 from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
@@ -131,10 +131,35 @@ def state_bytes(state: State) -> int:
     return len(encode_message(state)) if state else 0
 
 
-def pooled_auc(preds: dict[int, Predictions]) -> float:
+def pooled_auc(preds: dict[int, Predictions | ClientMetrics]) -> float:
+    """AUC over every client's samples pooled; from per-client metrics only (no scores sent), the
+    sample-weighted mean of the client AUCs (:func:`overall_from_clients`)."""
+    if any(isinstance(p, ClientMetrics) for p in preds.values()):
+        return overall_from_clients([p.values for p in preds.values()])["auc"]
     labels = np.concatenate([p.labels for p in preds.values()]) if preds else np.zeros(0)
     probs = np.concatenate([p.probs for p in preds.values()]) if preds else np.zeros(0)
     return auc(labels, probs) if len(labels) else float("nan")
+
+
+def _weighted_mean(rows: list[dict], key: str, weight: str) -> float:
+    pairs = [(r[key], r[weight]) for r in rows if key in r and r.get(weight) and not np.isnan(r[key])]
+    w = sum(n for _, n in pairs)
+    return float(sum(v * n for v, n in pairs) / w) if w else float("nan")
+
+
+def overall_from_clients(rows: list[dict], ranked: bool = False) -> dict:
+    """``overall`` from the clients' own metrics (:func:`~privrec.federated.client.split_metrics`) when no
+    per-sample score was sent: LogLoss, accuracy and the positive rate weighted by each client's ``n``, UAUC by
+    its ``uauc_users`` and HR@K / NDCG@K by its ``n_ranked`` equal the pooled values (each is a mean over samples,
+    users or rankings that live on one client); AUC is the sample-weighted mean of the client AUCs (clients
+    with both labels), which is not the pooled AUC."""
+    out = {"n": int(sum(r.get("n", 0) for r in rows))}
+    for key in ("auc", "logloss", "accuracy", "positive_rate"):
+        out[key] = _weighted_mean(rows, key, "n")
+    out["uauc"] = _weighted_mean(rows, "uauc", "uauc_users")
+    if ranked:
+        out.update({k: _weighted_mean(rows, k, "n_ranked") for k in rows[0] if k.startswith(("hr@", "ndcg@"))})
+    return out
 
 
 def eval_states(fed: Federation, strategy: Strategy, states: dict[int, State]) -> dict[int, State]:
@@ -196,33 +221,35 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
 
 
 # --- metrics --------------------------------------------------------------------------------------------
-def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
+def summarise(fed: Federation, preds: dict[int, Predictions | ClientMetrics]) -> dict:
     """``overall`` (pooled over every client's test samples), ``clients`` and ``balance`` (METHODS §2).
+
+    When the clients sent their metrics only (:class:`~privrec.federated.client.ClientMetrics`), ``overall``
+    is :func:`overall_from_clients` and ``overall_kind`` says ``client-weighted`` (else ``pooled``).
 
     With ``task: ranking`` a client's test samples are its users' candidates (one like-prompt each, label 1
     for the true item), so ``overall`` and every client row also carry ``hr@K`` / ``ndcg@K``: each user's
     rank of the true item by P(Yes) among its candidates, and ``ranking_balance`` spreads ``ndcg@10``."""
     cids = sorted(preds)
-    labels = np.concatenate([preds[c].labels for c in cids])
-    probs = np.concatenate([preds[c].probs for c in cids])
-    users = np.concatenate([preds[c].users for c in cids])
-    overall = binary_metrics(labels, probs, users)
     ranked = fed.cfg.task == "ranking"
-    if ranked:
-        overall.update(ranking_metrics(ranks_by_group(users, labels, probs)))
+    scores = {c: p.values if isinstance(p, ClientMetrics) else split_metrics(p, ranked) for c, p in preds.items()}
+    pooled = not any(isinstance(p, ClientMetrics) for p in preds.values())
+    if pooled:
+        labels = np.concatenate([preds[c].labels for c in cids])
+        probs = np.concatenate([preds[c].probs for c in cids])
+        users = np.concatenate([preds[c].users for c in cids])
+        overall = binary_metrics(labels, probs, users)
+        if ranked:
+            overall.update(ranking_metrics(ranks_by_group(users, labels, probs)))
+    else:
+        overall = overall_from_clients([scores[c] for c in cids], ranked)
     clients = []
     for c in cids:
         tr, va, te = fed.samples(c)
-        p = preds[c]
         row = {"client": c, "n_users": len({s.user_id for s in tr + va + te}), "n_train": len(tr),
                "n_valid": len(va), "n_test": len(te),
                "train_positive_rate": float(np.mean([s.label for s in tr])) if tr else None}
-        if len(p.labels):
-            row.update({k: v for k, v in binary_metrics(p.labels, p.probs).items() if k != "n"})
-        else:
-            row.update({"auc": float("nan")})
-        if ranked:
-            row.update(ranking_metrics(ranks_by_group(p.users, p.labels, p.probs)), n_test_users=len(set(p.users)))
+        row.update({k: v for k, v in scores[c].items() if k not in ("n", "uauc", "uauc_users", "n_ranked")})
         clients.append(row)
     aucs = np.array([r["auc"] for r in clients if not np.isnan(r["auc"])])  # clients with both labels
     balance = {"std": float(aucs.std()) if len(aucs) else float("nan"),
@@ -230,7 +257,8 @@ def summarise(fed: Federation, preds: dict[int, Predictions]) -> dict:
                "max": float(aucs.max()) if len(aucs) else float("nan"),
                "gap": float(aucs.max() - aucs.min()) if len(aucs) else float("nan"),
                "clients_with_auc": len(aucs)}
-    out = {"overall": overall, "clients": clients, "balance": balance}
+    out = {"overall": overall, "overall_kind": "pooled" if pooled else "client-weighted",
+           "clients": clients, "balance": balance}
     if ranked:
         v = np.array([r["ndcg@10"] for r in clients if not np.isnan(r["ndcg@10"])])
         out["ranking_balance"] = {"metric": "ndcg@10", "std": float(v.std()) if len(v) else float("nan"),

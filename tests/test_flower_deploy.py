@@ -1,0 +1,37 @@
+"""A real Flower deployment on loopback (flower/run_local.py): a SuperLink and one SuperNode per client folder
+as separate processes, each node holding only its own folder, give the in-process metrics. Minutes (every
+message starts a ClientApp process that loads the model): marked slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from fed_helpers import restore_threads  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FED = str(ROOT / "configs" / "pplr-tiny.yaml")
+
+
+def test_superlink_and_supernodes_on_loopback_give_the_in_process_metrics(tmp_path):
+    pytest.importorskip("flwr")
+    if not (Path(sys.executable).parent / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    from privrec.cli import main as privrec
+
+    spec = importlib.util.spec_from_file_location("run_local", ROOT / "flower" / "run_local.py")
+    run_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_local)
+    pooled = ["--set", "federated.pooled_scores=true"]
+    assert privrec(["--no-progress", "federate", TINY_FED, "--out", str(tmp_path / "in-process"), *pooled]) == 0
+    assert run_local.main([TINY_FED, "--out", str(tmp_path / "dep"), *pooled, "--port", "8300", "--timeout", "1500",
+                           "--compare", str(tmp_path / "in-process")]) == 0
+    m = json.loads((tmp_path / "dep" / "run" / "metrics.json").read_text())
+    assert m["runner"] == "flower" and m["overall_kind"] == "pooled" and not m["failures"]
+    for c in range(3):  # each node was started with its own folder only
+        log = (tmp_path / "dep" / "logs" / f"supernode-{c}.log").read_text()
+        assert "Receiving: train message" in log
