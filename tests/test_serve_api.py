@@ -221,3 +221,9 @@ def test_recommender_refuses_a_forgotten_user_and_cli_flags(served_model, tmp_pa
     assert e.value.code == 2
     rec = Recommender(model)
     assert len(rec.candidates(3, rec.history(3)[1], 8, None)) == 8
+    seen = rec.history(3)[1]  # the default source is popularity's order; B = 1 serves it as it is
+    assert rec.candidates(3, seen, 8, None) == [i for i in rec.generator.by_popularity if i not in seen][:8]
+    top = [r["item_id"] for r in rec.recommend(3, 4, two_stage=8, blend=1.0)]
+    assert top == rec.candidates(3, seen, 8, None)[:4]
+    assert main(["recommend", str(model), "--user", "3", "--candidates", "8", "--candidate-source", "nope"]) == 2
+    assert "--candidate-source must be one of" in capsys.readouterr().err

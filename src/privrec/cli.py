@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "re-ranked by P(Yes) (as privrec serve does)")
     p.add_argument("--blend", type=float, default=0.0,
                    help="with --candidates: order by (1-B) * rank by P(Yes) + B * rank in the candidate list")
+    p.add_argument("--candidate-source", default="popularity", metavar="SOURCE",
+                   help="the candidate stage's order (METHODS §11): popularity (the default, chosen on "
+                   "validation users, docs/serving.md), mf, or mix (MF and popularity interleaved)")
 
     p = sub.add_parser("shard-train", help="train one LoRA adapter per shard (APA, SISA, RecEraser-style) "
                        "and score every aggregation")
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the candidate stage's size (0: the LLM scores every unseen item)")
     p.add_argument("--blend", type=float, default=0.0,
                    help="order by (1-B) * rank by P(Yes) + B * rank in the candidate list (0: the LLM's order)")
+    p.add_argument("--candidate-source", default="popularity", metavar="SOURCE",
+                   help="the candidate stage's order (METHODS §11): popularity (the default, chosen on "
+                   "validation users, docs/serving.md), mf, or mix (MF and popularity interleaved)")
     p.add_argument("--store-k", type=int, default=20, help="items per user kept in the precomputed store")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--precompute", action="store_true",
@@ -206,7 +212,7 @@ def _recommend(args, progress: bool) -> int:
     from privrec.commands.recommend import run_recommend
 
     for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress, candidates=args.candidates,
-                           blend=args.blend):
+                           blend=args.blend, source=args.candidate_source):
         print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
     return 0
 
@@ -319,11 +325,13 @@ def _serve(args, progress: bool) -> int:
 
     candidates = args.candidates or None
     if args.precompute_only:
-        n = run_precompute(args.run, candidates, args.blend, args.store_k, progress=progress)
+        n = run_precompute(args.run, candidates, args.blend, args.store_k, progress=progress,
+                           source=args.candidate_source)
         print(f"stored the top {args.store_k} of {n} users in {args.run}/serve/recommendations.json")
         return 0
     print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
-    run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute)
+    run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute,
+              source=args.candidate_source)
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privrec.candidates import CandidateGenerator
+from privrec.candidates import SOURCES, CandidateGenerator
 from privrec.commands.model_dir import open_model, scorer_of
 from privrec.data import Sample
 from privrec.errors import UserError
@@ -79,11 +79,13 @@ class Recommender:
         hist = tuple((int(i), float(r)) for i, r in zip(rows["item_id"].tail(n), rows["rating"].tail(n)))
         return hist, set(rows["item_id"].tolist()), int(rows["timestamp"].max())
 
-    def candidates(self, user: int, seen: set[int], two_stage: int | None, max_candidates: int | None) -> list[int]:
-        """Two stages: the generator's ``two_stage`` items; else every unseen item, most popular first (the
+    def candidates(self, user: int, seen: set[int], two_stage: int | None, max_candidates: int | None,
+                   source: str = "popularity") -> list[int]:
+        """Two stages: the generator's ``two_stage`` items from ``source`` (:data:`privrec.candidates.SOURCES`);
+        else every unseen item, most popular first (the
         ``max_candidates`` most popular of them)."""
         if two_stage:
-            return self.generator.candidates(user, seen, two_stage)
+            return self.generator.candidates(user, seen, two_stage, source)
         popularity = self.ds.inter["item_id"].value_counts()
         ranked = [int(i) for i in popularity.index if int(i) not in seen]
         ranked += sorted(i for i in self.ds.items if i not in seen and i not in set(ranked))
@@ -121,7 +123,7 @@ class Recommender:
             return np.asarray(self.scorer.score(samples, self.progress))
 
     def recommend(self, user: int, top: int = 10, two_stage: int | None = None, max_candidates: int | None = None,
-                  blend: float = 0.0, shared_prefix: bool = True) -> list[dict]:
+                  blend: float = 0.0, shared_prefix: bool = True, source: str = "popularity") -> list[dict]:
         """The user's ``top`` items: candidates (see :meth:`candidates`) ordered by P(Yes).
 
         ``blend`` (two stages only) in [0, 1] orders by ``(1 - blend) * rank by P(Yes) + blend * rank in the
@@ -133,7 +135,7 @@ class Recommender:
         if top < 1:
             raise UserError(f"top must be at least 1, got {top}")
         _, seen, _ = self.history(user)
-        items = self.candidates(user, seen, two_stage, max_candidates)
+        items = self.candidates(user, seen, two_stage, max_candidates, source)
         probs = self.p_yes(user, items, shared_prefix)
         order = blended_order(probs, blend if two_stage else 0.0)[:top]
         return [{"rank": r + 1, "item_id": items[i], "title": self.ds.items[items[i]].title,
@@ -151,7 +153,7 @@ def blended_order(scores: np.ndarray, blend: float) -> np.ndarray:
 
 def run_recommend(run_path: str | Path, user: int, top: int = 10, max_candidates: int | None = None,
                   progress: bool = True, shared_prefix: bool = True, candidates: int | None = None,
-                  blend: float = 0.0) -> list[dict]:
+                  blend: float = 0.0, source: str = "popularity") -> list[dict]:
     """Rank the user's unrated items by P(Yes) given the user's latest history (see :class:`Recommender`).
 
     ``candidates``: two stages, C items from popularity + MF re-ranked by P(Yes) (METHODS §11).
@@ -162,6 +164,13 @@ def run_recommend(run_path: str | Path, user: int, top: int = 10, max_candidates
     """
     if max_candidates and candidates:
         raise UserError("give --max-candidates or --candidates, not both")
+    check_source(source)
     rec = Recommender(run_path, progress=progress)
     return rec.recommend(user, top, two_stage=candidates, max_candidates=max_candidates, blend=blend,
-                         shared_prefix=shared_prefix)
+                         shared_prefix=shared_prefix, source=source)
+
+
+def check_source(source: str) -> None:
+    """Raises: UserError for a candidate source that does not exist."""
+    if source not in SOURCES:
+        raise UserError(f"--candidate-source must be one of {', '.join(SOURCES)}, got {source!r}")

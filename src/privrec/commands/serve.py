@@ -13,7 +13,8 @@ from privrec.errors import UserError
 
 
 def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, candidates: int | None = 50,
-              blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False) -> None:
+              blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False,
+              source: str = "popularity") -> None:
     """Serve ``model`` until interrupted.
 
     Raises:
@@ -24,9 +25,9 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
     from privrec.serve.app import create_app
     from privrec.serve.service import Service
 
-    _check(candidates, blend, store_k)
+    _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
-                      progress=progress)
+                      progress=progress, source=source)
     try:
         service.start()
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
@@ -35,20 +36,23 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
 
 def run_precompute(model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
-                   progress: bool = False) -> int:
+                   progress: bool = False, source: str = "popularity") -> int:
     """Every user's top-``store_k`` into ``MODEL/serve/recommendations.json``; returns how many users."""
     from privrec.serve.service import Service
 
-    _check(candidates, blend, store_k)
+    _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=True,
-                      progress=progress)
+                      progress=progress, source=source)
     try:
         return service.precompute_now()
     finally:
         service.close()
 
 
-def _check(candidates: int | None, blend: float, store_k: int) -> None:
+def _check(candidates: int | None, blend: float, store_k: int, source: str) -> None:
+    from privrec.commands.recommend import check_source
+
+    check_source(source)
     if candidates is not None and candidates < 1:
         raise UserError(f"--candidates must be at least 1 (or 0 for every unseen item), got {candidates}")
     if not 0.0 <= blend <= 1.0:

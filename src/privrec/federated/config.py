@@ -30,8 +30,10 @@ class FederatedSection(_Section):
         "users dealt evenly at random; by-attribute: one group per value of `attribute`.")
     attribute: Literal["occupation", "age", "gender"] = Field(
         "occupation", description="by-attribute: the user field that groups users (age is banded).")
-    mf_dim: int = Field(DEFAULT_DIM, ge=2, description="kmeans: user/item embedding size of the matrix factorisation.")
-    mf_epochs: int = Field(DEFAULT_EPOCHS, ge=1, description="kmeans: full-batch Adam epochs of the matrix factorisation.")
+    mf_dim: int = Field(DEFAULT_DIM, ge=2,
+                        description="kmeans: user/item embedding size of the matrix factorisation.")
+    mf_epochs: int = Field(DEFAULT_EPOCHS, ge=1,
+                           description="kmeans: full-batch Adam epochs of the matrix factorisation.")
     strategy: Literal["local", "fedavg", "fedprox", "pplr", "centralised"] = Field(
         "pplr", description="local: no aggregation; fedavg: sample-weighted mean; fedprox: fedavg + proximal "
         "term `mu`; pplr: similarity x curriculum-heating aggregation, one adapter per client (METHODS §2); "

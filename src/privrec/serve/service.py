@@ -98,10 +98,10 @@ class Service:
     """
 
     def __init__(self, model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
-                 precompute: bool = False, max_k: int = 100, progress: bool = False):
+                 precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity"):
         self.path = Path(model)
         self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
-        self.max_k, self.progress = max_k, progress
+        self.max_k, self.progress, self.source = max_k, progress, source
         self._hold = contextlib.ExitStack()
         self._hold.enter_context(run_lock(self.path))  # for the service's life
         try:
@@ -162,7 +162,7 @@ class Service:
         return rec
 
     def _key(self) -> dict:
-        return store_key(self.rec.digest, self.candidates, self.blend)
+        return store_key(self.rec.digest, self.candidates, self.blend, self.source)
 
     def _forgotten_users(self) -> dict[int, str]:
         """user -> the request that deletes them: every user named by a users request (pending or done) and
@@ -195,7 +195,8 @@ class Service:
         items = self.store.get(user, k, self._key())
         source = "store"
         if items is None:
-            items, source = rec.recommend(user, k, two_stage=self.candidates, blend=self.blend), "online"
+            items, source = rec.recommend(user, k, two_stage=self.candidates, blend=self.blend,
+                                          source=self.source), "online"
         if user in self.forgotten:  # accepted while it was being computed
             raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]})")
         return {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
@@ -341,7 +342,8 @@ class Service:
                 if u in self.forgotten:
                     continue
                 with contextlib.suppress(UserError):
-                    users[u] = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend)
+                    users[u] = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
+                                             source=self.source)
             self.store.replace(key, self.store_k, {u: v for u, v in users.items() if u not in self.forgotten})
             self._store_stale = False
         finally:

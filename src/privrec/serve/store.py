@@ -17,9 +17,9 @@ from privrec.serve import SERVE_DIR
 STORE_FILE = "recommendations.json"
 
 
-def store_key(digest: str, candidates: int | None, blend: float) -> dict:
+def store_key(digest: str, candidates: int | None, blend: float, source: str = "popularity") -> dict:
     """What a stored list depends on: the installed adapters and the two-stage settings."""
-    return {"adapters": digest, "candidates": candidates, "blend": blend}
+    return {"adapters": digest, "candidates": candidates, "blend": blend, "source": source}
 
 
 class RecStore:
