@@ -3,12 +3,21 @@
     python benchmarks/bench_federated.py table [--runs runs/federated]   # -> docs/results.md, docs/img/
     python benchmarks/bench_federated.py split [--runs runs/federated]   # -> docs/benchmarks.md
     python benchmarks/bench_federated.py all                             # both
+    python benchmarks/bench_federated.py forget [--runs runs/federated]  # -> docs/federated.md
 
 ``table``: centralised, local, FedAvg, FedProx, PPLR and PPLR + FedABC on exactly the same samples and the
 same C = 5 k-means clients (configs/pplr-ml100k.yaml): overall AUC, per-client AUC, std / min / gap, the
 history like-rate reference per client on the same test samples, and a plot of per-client AUC by method.
 Each method is one ``privrec federate`` run directory under ``--runs``; a method whose run directory already
 holds metrics.json for the same config is not run again (an interrupted benchmark continues).
+
+``forget``: federated forgetting (METHODS §10) on the mixture and PPLR runs of the table (the same clients
+and samples): their quality side by side with the like-rate reference; then, each on a fresh copy of its run
+with ``privrec forget``'s own code, single-user requests drawn as METHODS §8 says (core: the most training
+samples, edge: the fewest, random: seeded; PPLR, whose every request is a full federated retrain, only the
+random one) and one client leaving (the client of the random user), against a full federated retrain of the
+mixture without the random user timed in the same process; certificate and ``--verify`` for each. Results go
+into ``RUNS/forget.json`` as they are measured (an interrupted benchmark continues).
 
 ``split``: the executed layer split (client: embeddings, first k layers, last m layers, head):
 client parameters vs the whole model; client resident memory before training and at its peak during training
@@ -54,6 +63,7 @@ METHODS = [  # (row name, --set overrides on top of the config)
     ("FedProx", ["federated.strategy=fedprox"]),
     ("PPLR", ["federated.strategy=pplr"]),
     ("PPLR + FedABC", ["federated.strategy=pplr", "federated.loss=fedabc"]),
+    ("mixture", ["federated.strategy=mixture"]),
 ]
 # The split table: a smaller sample, one round, k = 2 client layers at the bottom, m = 1 at the top.
 SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federated.rounds=1",
@@ -361,9 +371,108 @@ def split_table(runs: Path, progress: bool) -> str:
         f"{time.perf_counter() - t0:.0f}s."), "", sizes, "", *lines])
 
 
+# --- federated forgetting (METHODS §10) ------------------------------------------------------------------
+def _forget_on_copy(run: Path, **kw) -> dict:
+    import shutil
+
+    from privrec.commands.forget import run_forget, run_verify
+
+    copy = run.parent / "copies" / run.name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy)
+    t0 = time.perf_counter()
+    cert = run_forget(copy, progress=False, **kw)
+    wall = time.perf_counter() - t0
+    ok = run_verify(copy)["ok"]
+    shutil.rmtree(copy, ignore_errors=True)
+    body = cert["body"]
+    return {"wall_seconds": wall, "retrain_seconds": cert["record"]["retrain_seconds"],
+            "affected": body["affected_shards"], "removed": len(body["removed"]["samples"]),
+            "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
+            "passed": body["lineage_check"]["passed"], "verified": ok}
+
+
+def forget_users(cfg) -> dict[str, int]:
+    """core / edge / random user by training samples (METHODS §8), over the run's training samples."""
+    fed = plan_federation(cfg)
+    counts: dict[int, int] = {}
+    for s_ in fed.splits.train:
+        counts[s_.user_id] = counts.get(s_.user_id, 0) + 1
+    ranked = sorted(counts, key=lambda u: (-counts[u], u))
+    rng = np.random.default_rng([cfg.seed, 10])
+    return {"core": ranked[0], "edge": ranked[-1], "random": int(rng.choice(ranked[1:-1]))}
+
+
+def forget_table(runs: Path, progress: bool) -> str:
+    from privrec import models
+    from privrec.commands.forget import resolve_interactions
+
+    path = runs / "forget.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+
+    def put(key, value):
+        rec[key] = value
+        path.write_text(json.dumps(rec, indent=1))
+
+    ms = {name: run_once(name, ov, runs, progress) for name, ov in METHODS if name in ("mixture", "PPLR")}
+    cfg = config(dict(METHODS)["mixture"])
+    users = forget_users(cfg)
+    mix_run, pplr_run = runs / "mixture", runs / "pplr"
+    assignment = models.load(mix_run).clients
+    for how, u in users.items():
+        if f"mixture:{how}" not in rec:
+            print(f"mixture: forget user {u} ({how})", file=sys.stderr)
+            put(f"mixture:{how}", dict(_forget_on_copy(mix_run, users=[u]), user=u, client=assignment[u]))
+    leaving = assignment[users["random"]]
+    if "mixture:client" not in rec:
+        print(f"mixture: client {leaving} leaves", file=sys.stderr)
+        put("mixture:client", dict(_forget_on_copy(mix_run, clients=[leaving]), client=leaving))
+    if "mixture:full" not in rec:  # the same strategy trained again without the random user, timed here
+        print("mixture: full federated retrain without the random user", file=sys.stderr)
+        tomb = {(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [users["random"]])}
+        t0 = time.perf_counter()
+        m = run_federate(cfg, runs / "copies" / "mixture-full", progress=progress, tombstones=tomb,
+                         assignment=assignment)
+        put("mixture:full", {"wall_seconds": time.perf_counter() - t0, "train_seconds": m["train_seconds"]})
+    if "pplr:random" not in rec:
+        print(f"PPLR: forget user {users['random']} (random): a full federated retrain", file=sys.stderr)
+        put("pplr:random", dict(_forget_on_copy(pplr_run, users=[users["random"]], retrain_federation=True),
+                                user=users["random"]))
+    ref, _ = like_rate_reference(cfg)
+    lines = [f"Model `{cfg.model.name}`, {cfg.federated.clients} {cfg.federated.partition} clients, "
+             f"{ms['mixture']['n_train']} train / {ms['mixture']['n_test']} test samples ({ARGS.config}), "
+             f"{cfg.federated.rounds} rounds x {cfg.train.epochs} local epoch. Machine: {machine()}.", "",
+             "| method | overall AUC | per-client AUC | std | min | gap |", "|---|---|---|---|---|---|"]
+    for name in ("mixture", "PPLR"):
+        m = ms[name]
+        per = ", ".join(fmt(c["auc"]) for c in m["clients"])
+        b = m["balance"]
+        lines.append(f"| {name} | {fmt(m['auc'])} | {per} | {fmt(b['std'])} | {fmt(b['min'])} | {fmt(b['gap'])} |")
+    lines.append(f"| history like-rate (reference) | {fmt(ref)} | | | | |")
+    own = ", ".join(f"{c['mixture_own_weight']:.2f}" for c in ms["mixture"]["clients"])
+    lines += ["", f"Mixture: mean weight each client's test prompts give its own adapter: {own}.", "",
+              "| request | model | user (draw) / client | samples removed (train) | adapters retrained | "
+              "forget wall s | retrain s | full retrain / wall | certificate | --verify |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    full = rec["mixture:full"]["wall_seconds"]
+    for key, label in [("mixture:core", "one user"), ("mixture:edge", "one user"), ("mixture:random", "one user"),
+                       ("mixture:client", "one client leaves"), ("pplr:random", "one user")]:
+        r = rec[key]
+        who = (f"{r['user']} ({key.split(':')[1]}) / {r.get('client', '-')}" if "user" in r
+               else f"- / {r['client']}")
+        model = "PPLR (--retrain-federation)" if key.startswith("pplr") else "mixture"
+        lines.append(f"| {label} | {model} | {who} | {r['removed']} ({r['removed_train']}) | {r['affected']} | "
+                     f"{r['wall_seconds']:.1f} | {r['retrain_seconds']:.1f} | {full / r['wall_seconds']:.1f}x | "
+                     f"{'passed' if r['passed'] else 'FAILED'} | {'ok' if r['verified'] else 'FAILED'} |")
+    lines.append(f"| full federated retrain of the mixture without the random user (timed here) | mixture | "
+                 f"{users['random']} | - | all | {full:.1f} | {rec['mixture:full']['train_seconds']:.1f} | 1.0x | - "
+                 "| - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["table", "split", "memory", "all"])
+    ap.add_argument("what", choices=["table", "split", "memory", "forget", "all"])
     ap.add_argument("--runs", default="runs/federated", help="run directories (reused when complete)")
     ap.add_argument("--config", default=str(ARGS.config), help="base config (default configs/pplr-ml100k.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
@@ -375,6 +484,9 @@ def main() -> None:
     if args.what in ("table", "all"):
         body = results_table(runs, args.progress)
         publish(Path(args.docs) / "results.md", "bench_federated_table", body)
+    if args.what == "forget":
+        body = forget_table(runs, args.progress)
+        publish(Path(args.docs) / "federated.md", "bench_federated_forget", body)
     if args.what == "memory":
         whole, client = measure_memory(SPLIT)
         print(json.dumps({"whole": whole, "client": client, "client_share": memory_shares(whole, client)},

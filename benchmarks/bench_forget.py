@@ -95,18 +95,23 @@ class Record:
         atomic_write_json(self.path, self.data)
 
 
-def runs_of(args) -> dict[str, list[str]]:
+def runs_of(args, *, only: bool = True) -> dict[str, list[str]]:
     runs = {k: list(v) for k, v in RUNS.items()}
     if args.slice_epochs is not None:
         runs["users-k8-r4"].append(f"shards.slice_epochs={args.slice_epochs}")
     for spec in args.extra:  # NAME:key=v,key=v
         name, _, sets = spec.partition(":")
         runs[name] = [s for s in sets.split(",") if s]
+    if only and args.only:
+        unknown = set(args.only) - set(runs)
+        if unknown:
+            raise SystemExit(f"bench_forget: --only names no run: {sorted(unknown)} (runs: {sorted(runs)})")
+        runs = {k: v for k, v in runs.items() if k in args.only}
     return runs
 
 
 def shard_config(args, name: str) -> ApaConfig:
-    return load_config(args.config, args.set + runs_of(args)[name], cls=ApaConfig)
+    return load_config(args.config, args.set + runs_of(args, only=False)[name], cls=ApaConfig)
 
 
 # --- quality -----------------------------------------------------------------------------------------------
@@ -129,7 +134,7 @@ def shard_run(args, name: str) -> dict:
 
 def step_quality(args, rec: Record) -> str:
     ms = {name: shard_run(args, name) for name in runs_of(args)}
-    ref = ms["semantic-k4"]
+    ref = ms.get("semantic-k4") or next(iter(ms.values()))
     aggs = ["apa-nd", "apa-d", "uniform", "sisa"]
     lines = [f"Model `{shard_config(args, 'semantic-k4').model.name}`, {ref['n_train']} train / {ref['n_valid']} "
              f"validation / {ref['n_test']} test samples (the same in every run). Machine: {machine()}.", "",
@@ -146,7 +151,8 @@ def step_quality(args, rec: Record) -> str:
     for rname, r in (ref.get("references") or {}).items():
         lines.append(f"| reference: {rname} | - | - | - | - | {fmt(r.get('auc'))} | "
                      + " | ".join("-" for _ in aggs[1:]) + " | - |")
-    rec.put({n: m["auc_by_aggregation"] for n, m in ms.items()}, "quality")
+    for n, m in ms.items():
+        rec.put(m["auc_by_aggregation"], "quality", n)
     return "\n".join(lines)
 
 
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20, help="single-user requests per run (exact)")
     p.add_argument("--slice-epochs", type=float, default=None, help="shards.slice_epochs of the sliced run")
     p.add_argument("--extra", action="append", default=[], help="another shard run, NAME:key=v,key=v")
+    p.add_argument("--only", action="append", default=[], help="run only this run (repeatable; quality and exact "
+                   "steps): what one CPU queue can finish, the rest measured later into the same record")
     p.add_argument("--original-set", action="append", default=[], help="override for the approx original only")
     p.add_argument("--unlearn-config", default="configs/unlearn/ml100k.yaml")
     p.add_argument("--unlearn-set", action="append", default=[], help="override of the unlearn section")

@@ -11,6 +11,10 @@ Separate processes, as on separate machines:
    the ServerApp, as on the SuperLink machine);
 5. every process it started is stopped (its process group: SIGTERM, then SIGKILL), whatever happened.
 
+``--forget-user U``: then a deletion request on the run (a second ``flwr run`` with ``forget-users=U``: strategy
+local or mixture), routed by the ServerApp to the one SuperNode that holds the user, which retrains its client
+alone; the certificate lands in DIR/run/certificates/.
+
 ``--compare RUN``: compare DIR/run/metrics.json with an in-process run's (``privrec federate CONFIG --out RUN``
 with the same config and ``--set federated.pooled_scores=true`` on both sides); exit 1 when they differ.
 Logs: DIR/logs/{superlink,supernode-C,flwr-run}.log. Exit 0 when the run wrote its metrics (and, with
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000, help="the SuperLink's port; SuperNode c uses port+10+c")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds the whole run may take")
     ap.add_argument("--compare", default=None, metavar="RUN", help="an in-process run directory to compare with")
+    ap.add_argument("--forget-user", type=int, default=None, metavar="U",
+                    help="after the run, delete user U through the SuperNode that holds them (local / mixture)")
     args = ap.parse_args(argv)
 
     from privrec.config import load_config
@@ -153,6 +159,29 @@ def main(argv: list[str] | None = None) -> int:
         if not metrics.is_file():
             print(f"run_local: no {metrics} after {args.timeout}s; see {logs}", file=sys.stderr)
             return 1
+        if args.forget_user is not None:
+            flwr.wait(timeout=max(1, args.timeout - (time.monotonic() - t0)))
+            t1 = time.monotonic()
+            certs = out / "run" / "certificates"
+            rc = run_config + f" forget-users={json.dumps(str(args.forget_user))}"
+            forget = _start([str(BIN / "flwr"), "run", "flower", "local", "--stream", "--run-config", rc],
+                            logs / "flwr-forget.log", env)
+            procs.append(forget)
+            while not any(certs.glob("*.json")) and time.monotonic() - t0 < args.timeout:
+                if forget.poll() is not None:
+                    time.sleep(2)
+                    if not any(certs.glob("*.json")):
+                        print(f"run_local: the deletion request ended (exit {forget.returncode}) without a "
+                              f"certificate; see {logs}/flwr-forget.log", file=sys.stderr)
+                        return 1
+                time.sleep(1)
+            if not any(certs.glob("*.json")):
+                print(f"run_local: no certificate after {args.timeout}s; see {logs}", file=sys.stderr)
+                return 1
+            cert = json.loads(next(iter(sorted(certs.glob("*.json")))).read_text())
+            print(f"run_local: user {args.forget_user} forgotten through their SuperNode in "
+                  f"{time.monotonic() - t1:.0f}s (clients retrained: {cert['body']['affected_shards']}, lineage check "
+                  f"{'passed' if cert['body']['lineage_check']['passed'] else 'FAILED'})")
     finally:
         _stop(procs[::-1])
     m = json.loads(metrics.read_text())

@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 
 # what a server -> client ConfigRecord may hold: the run's config, the client index, the round's instructions,
 # the split to score
-CONFIG_KEYS = {"yaml", "client", "round", "seed", "mu", "lr_scale", "split"}
+CONFIG_KEYS = {"yaml", "client", "round", "seed", "mu", "lr_scale", "split", "mixture"}
 
 
 def _comparable(m: dict) -> dict:
@@ -49,7 +49,8 @@ def server_to_client_problems(messages, cfg, lora: dict[str, tuple]) -> list[str
         for name, rec in m.content.items():
             if isinstance(rec, ArrayRecord):
                 shapes = {k: tuple(a.shape) for k, a in zip(rec.keys(), rec.to_numpy_ndarrays())}
-                if name != "adapter" or shapes != lora:
+                every = {f"c{c}/{k}": v for c in range(cfg.federated.clients) for k, v in lora.items()}
+                if name != "adapter" or (shapes != lora and not (rec_is_mixture(m) and shapes == every)):
                     problems.append(f"{kind}: array record {name!r} is not the LoRA state")
             elif isinstance(rec, ConfigRecord):
                 if set(rec) - CONFIG_KEYS:
@@ -64,6 +65,11 @@ def server_to_client_problems(messages, cfg, lora: dict[str, tuple]) -> list[str
             else:
                 problems.append(f"{kind}: a {type(rec).__name__} {name!r}")
     return problems
+
+
+def rec_is_mixture(m) -> bool:
+    """A strategy-mixture evaluation: it carries every client's adapter (METHODS §10), nothing else."""
+    return m.metadata.message_type == "evaluate" and bool(m.content["config"].get("mixture", False))
 
 
 def test_flower_simulation_gives_the_in_process_metrics(tmp_path, monkeypatch):
@@ -224,6 +230,66 @@ def test_client_local_protocol_sends_no_user_and_replies_only_client_metrics(tmp
     assert m["overall"]["auc"] == pytest.approx(weighted, rel=1e-12)
     assert m["overall"]["auc"] != pytest.approx(local["overall"]["auc"], abs=1e-6)  # not the pooled AUC
     assert np.isfinite(m["rounds"][-1]["valid_auc"])
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_mixture_on_flower_gives_the_in_process_metrics(tmp_path, task_identity, pooled):
+    """Strategy mixture on Flower: every node trains alone (no adapter travels in training), the test
+    evaluation sends each node every client's adapter and nothing else, and the node weighs them on its own
+    validation samples: the in-process metrics (per client exactly; overall pooled, or the client-weighted
+    mean without pooled scores) and bit-identical adapters."""
+    from privrec.federated.runner import run_federate
+    from privrec.model.adapters import read_adapter
+
+    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture", "pooled_scores": pooled})
+    sent: list = []
+    m = _run_on(_FakeGrid(_split(cfg, tmp_path / "split")), cfg, tmp_path / "flower", sent)
+    local = run_federate(cfg, tmp_path / "in-process", progress=False)
+    assert server_to_client_problems(sent, cfg, _lora_shapes(cfg)) == []
+    assert sum(rec_is_mixture(x) for x in sent) == 3
+    for a, b in zip(m["clients"], local["clients"]):
+        assert a == pytest.approx(b, rel=1e-9, nan_ok=True)
+    assert all("mixture_own_weight" in c for c in m["clients"])
+    if pooled:
+        assert m["overall"] == pytest.approx(local["overall"], rel=1e-9, nan_ok=True)
+    for c in range(3):
+        assert (read_adapter(tmp_path / "flower" / "adapters" / f"client-{c}")[1]["tensors_sha256"]
+                == read_adapter(tmp_path / "in-process" / "adapters" / f"client-{c}")[1]["tensors_sha256"])
+
+
+def test_a_deletion_reaches_only_the_node_that_holds_the_user(tmp_path, task_identity):
+    """privrec forget on a mixture model deployed on Flower: the nodes are asked which client they are (no user
+    id), then one message, to the node holding the user, names the user; that node retrains its client alone
+    and the model gets the adapter an in-process forget gives (bit-identical), certified and verified."""
+    import shutil
+
+    from privrec import models
+    from privrec.commands.forget import run_forget, run_verify
+    from privrec.federated.flower_app import FORGET, flower_retrain
+
+    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture"})
+    grid = _FakeGrid(_split(cfg, tmp_path / "split"))
+    _run_on(grid, cfg, tmp_path / "flower")
+    shutil.copytree(tmp_path / "flower", tmp_path / "here")
+    manifest = models.load(tmp_path / "flower")
+    user = next(u for u, c in sorted(manifest.clients.items()) if c == 1)
+
+    sent: list = []
+    grid.replies.clear()
+    cert = run_forget(tmp_path / "flower", users=[user], progress=False,
+                      remote=flower_retrain(grid, cfg, dict(manifest.clients), timeout=5, record=sent))
+    here = run_forget(tmp_path / "here", users=[user], progress=False)
+    assert cert["body"]["affected_shards"] == [1] and cert["body"]["lineage_check"]["passed"]
+    assert cert["body"]["adapters"] == here["body"]["adapters"]  # the node's retrain is the in-process one
+    assert run_verify(tmp_path / "flower")["ok"]
+
+    kinds = [(m.metadata.message_type, m.metadata.dst_node_id) for m in sent]
+    node_of_1 = {m.metadata.dst_node_id for m in sent if m.metadata.message_type == FORGET}
+    assert kinds.count((FORGET, next(iter(node_of_1)))) == 1 and len(node_of_1) == 1
+    assert all(t == "query" for t, _ in kinds if t != FORGET)  # the other nodes only say who they are
+    assert all(not m.content for m in sent if m.metadata.message_type == "query")
+    forget_msg = next(m for m in sent if m.metadata.message_type == FORGET)
+    assert list(forget_msg.content["config"]["users"]) == [user] and forget_msg.content["config"]["client"] == 1
 
 
 def test_a_node_without_its_data_stops_the_run_with_one_line(tmp_path, task_identity):

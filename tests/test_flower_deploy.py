@@ -35,3 +35,31 @@ def test_superlink_and_supernodes_on_loopback_give_the_in_process_metrics(tmp_pa
     for c in range(3):  # each node was started with its own folder only
         log = (tmp_path / "dep" / "logs" / f"supernode-{c}.log").read_text()
         assert "Receiving: train message" in log
+
+
+def test_a_deletion_on_a_deployed_mixture_reaches_only_its_supernode(tmp_path):
+    """A mixture federation deployed on loopback, then `flwr run` with forget-users: only the SuperNode holding
+    the user receives the deletion; the certificate passes and privrec forget --verify agrees."""
+    pytest.importorskip("flwr")
+    if not (Path(sys.executable).parent / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    from privrec import models
+    from privrec.commands.forget import run_verify
+    from privrec.config import load_config
+    from privrec.federated.config import FederatedConfig
+    from privrec.federated.runner import plan_federation
+
+    spec = importlib.util.spec_from_file_location("run_local", ROOT / "flower" / "run_local.py")
+    run_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_local)
+    mix = ["--set", "federated.strategy=mixture"]
+    fed = plan_federation(load_config(TINY_FED, ["federated.strategy=mixture"], cls=FederatedConfig))
+    user = next(u for s in fed.splits.train for u in [s.user_id] if fed.assignment[u] == 2)
+    assert run_local.main([TINY_FED, "--out", str(tmp_path / "dep"), *mix, "--port", "8400", "--timeout", "1500",
+                           "--forget-user", str(user)]) == 0
+    run = tmp_path / "dep" / "run"
+    [cert] = [json.loads(p.read_text()) for p in (run / "certificates").glob("*.json")]
+    assert cert["body"]["affected_shards"] == [2] and cert["body"]["lineage_check"]["passed"]
+    assert run_verify(run)["ok"] and models.load(run).strategy == "mixture"
+    logs = {c: (tmp_path / "dep" / "logs" / f"supernode-{c}.log").read_text() for c in range(3)}
+    assert "train.forget" in logs[2] and not any("train.forget" in logs[c] for c in (0, 1))

@@ -64,7 +64,7 @@ def test_every_training_command_writes_its_kind_with_lineage(runs, ml100k):
     fed = build_splits(ml100k, load_config(PPLR_TINY, cls=FederatedConfig).data, 0)
     assert [x.name for x in clients.adapters] == ["client-0", "client-1", "client-2"]
     assert clients.strategy == "pplr" and clients.scoring == "client-of-user"
-    assert clients.forget == [] and clients.strategy_allows == ["retrain-federation"]
+    assert clients.forget == ["retrain-federation"] and clients.strategy_allows == ["retrain-federation"]
     assert set(clients.clients) == {s.user_id for s in fed.train + fed.valid + fed.test}
     assert set(clients.clients.values()) == {0, 1, 2}
     assert all(x.lineage_sha256 == lineage_of(fed.train) for x in clients.adapters)  # PPLR mixes everyone
@@ -172,6 +172,6 @@ def test_report_takes_every_kind(runs, capsys):
             or " | shard-train" in line or " | federate" in line or " | unlearn" in line}
     assert "| single | 1 | 64 | retrain-all, approximate | train |" in rows["single"]
     assert "| shards | 4 | 64 | retrain-shards | shard-train |" in rows["shards"]
-    assert "| clients | 3 | 120 | - (strategy allows retrain-federation) | federate |" in rows["clients"]
+    assert "| clients | 3 | 120 | retrain-federation | federate |" in rows["clients"]
     assert "| student | 1 | 64 | - | unlearn |" in rows["student"]
     assert "| shards: apa-nd |" in out and "| clients: federated pplr |" in out  # their metrics rows too

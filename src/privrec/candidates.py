@@ -6,8 +6,8 @@ nothing): item **popularity** (interaction count, ties by item id) and the score
 **matrix factorisation** (:mod:`privrec.model.mf`, the same MF that places users into clients, METHODS §2).
 The candidates follow one source's ranking (``popularity``, the service's default, chosen on validation in
 docs/serving.md; or ``mf``) or interleave the two (``mix``, MF first: the user's best unseen item by MF, the
-most popular unseen item, the next by MF, ... skipping repeats), until C items are drawn. Every unseen item can be drawn,
-so the candidate list of a user at C = all unseen items is the whole catalogue minus what they rated.
+most popular unseen item, the next by MF, ... skipping repeats), until C items are drawn. Every unseen item
+can be drawn, so the candidate list of a user at C = all unseen items is the whole catalogue minus what they rated.
 """
 
 from __future__ import annotations

@@ -82,13 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
 
     p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a model (shard-train: "
-                       "retrain the shards that held them; train: retrain its adapter from scratch)")
-    p.add_argument("run", help="model directory (privrec shard-train or privrec train)")
+                       "retrain the shards that held them; train: retrain its adapter from scratch; federate: "
+                       "retrain the client that held them, or the whole federation with --retrain-federation)")
+    p.add_argument("run", help="model directory (privrec shard-train, train or federate)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--users", help="comma-separated user ids, e.g. 12,40")
     g.add_argument("--samples", metavar="FILE", help="file with one sample id (u<user>-i<item>) per line")
+    g.add_argument("--clients", help="a federate model: comma-separated client ids that leave it with all their "
+                   "users' data (local / mixture: their adapters are dropped)")
     g.add_argument("--resume", action="store_true", help="finish an interrupted request")
     g.add_argument("--verify", action="store_true", help="re-check every certificate against the adapters")
+    p.add_argument("--retrain-federation", action="store_true", help="a pplr / fedavg / fedprox / centralised "
+                   "federate model: exact forgetting retrains the whole federation without the data (all rounds, "
+                   "every client; as slow as training it): asked for explicitly")
 
     p = sub.add_parser("federate", help="federated LoRA tuning: PPLR, FedAvg, FedProx, local, centralised; "
                        "FedABC loss; executed layer split")
@@ -304,16 +310,23 @@ def _forget(args, progress: bool) -> int:
             return 0
     else:
         users = forget.parse_users(args.users) if args.users is not None else None
-        cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress)
+        clients = forget.parse_clients(args.clients) if args.clients is not None else None
+        cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress,
+                                 clients=clients, retrain_federation=args.retrain_federation)
         if cert.get("noop"):
             print(cert["message"])
             return 0
     print(json.dumps(cert, indent=1))
     body, rec = cert["body"], cert["record"]
-    if body["run"].get("forget") == "retrain-all":
-        what = "retrained its adapter from scratch" if body["affected_shards"] else "no adapter held them"
+    way, hit = body["run"].get("forget"), body["affected_shards"]
+    if way == "retrain-all":
+        what = "retrained its adapter from scratch" if hit else "no adapter held them"
+    elif way == "retrain-federation":
+        what = f"retrained the federation (clients {hit})" if hit else "no adapter held them"
+    elif way == "retrain-client":
+        what = f"retrained or dropped clients {hit}" if hit else "no adapter held them"
     else:
-        what = f"retrained shards {body['affected_shards']}"
+        what = f"retrained shards {hit}"
     print(f"request {body['request']['id']}: removed {len(body['removed']['samples'])} samples, {what} in "
           f"{rec['retrain_seconds']:.1f}s (request to certificate {rec['wall_seconds']:.1f}s); certificate "
           f"{args.run}/certificates/{body['request']['id']}.json", file=sys.stderr)

@@ -25,9 +25,10 @@ says what the model can do to forget with a privrec command today:
 - ``approximate``: E2URec / NegGrad / Bad-Teacher on its one adapter (``privrec unlearn``).
 
 A ``clients`` model also names what its strategy leaves open (``strategy_allows``: ``retrain-client``
-when every client adapter saw only its own users, ``retrain-all`` for the pooled reference,
-``retrain-federation`` when aggregation mixed every client into every adapter); no privrec command runs
-those yet.
+when every client adapter saw only its own users (local, mixture), ``retrain-all`` for the pooled reference,
+``retrain-federation`` when aggregation mixed every client into every adapter). ``privrec forget`` runs
+``retrain-client`` (``forget``: the client that held the data retrains alone; a client can leave) and, asked
+with ``--retrain-federation``, a full federated retrain without the data for the others (METHODS §10).
 
 The manifest is versioned and validated on load; a bad one is refused with one line. A directory written
 before manifests existed is read by inferring its manifest from its files (:func:`infer`), or refused with
@@ -121,10 +122,12 @@ class ShardsManifest(_Manifest):
 
 class ClientsManifest(_Manifest):
     kind: Literal["clients"] = "clients"
-    strategy: Literal["local", "fedavg", "fedprox", "pplr", "centralised"]
+    strategy: Literal["local", "fedavg", "fedprox", "pplr", "mixture", "centralised"]
     loss: Literal["bce", "fedabc"]
-    scoring: Literal["client-of-user"] = Field(
-        "client-of-user", description="A user's prompts are scored with the adapter of the client holding them.")
+    scoring: Literal["client-of-user", "mixture"] = Field(
+        "client-of-user", description="client-of-user: a user's prompts are scored with the adapter of the client "
+        "holding them; mixture: with the APA mixture of every client's adapter, weighted on that client's "
+        "validation samples (METHODS §10).")
     split: dict[str, int] | None = Field(None, description="federated.split (client_first, client_last), if any.")
     clients: dict[int, int] = Field(description="user id -> the client that holds the user's data.")
     strategy_allows: list[Forgetting] = Field(description="The exact forgetting the strategy leaves open.")
@@ -177,7 +180,15 @@ def single_forgetting(cfg) -> list[str]:
 
 def strategy_allows(strategy: str) -> list[str]:
     """The exact forgetting a federated strategy leaves open (which adapters a user's data reached)."""
-    return {"local": ["retrain-client"], "centralised": ["retrain-all"]}.get(strategy, ["retrain-federation"])
+    return {"local": ["retrain-client"], "mixture": ["retrain-client"],
+            "centralised": ["retrain-all"]}.get(strategy, ["retrain-federation"])
+
+
+def clients_forgetting(strategy: str) -> list[str]:
+    """What ``privrec forget`` does on a clients model of ``strategy``: retrain the client that held the data
+    (local, mixture: every client adapter saw only its own users), or retrain the whole federation without it
+    (every other strategy, the pooled reference included: asked for with ``--retrain-federation``)."""
+    return ["retrain-client"] if strategy_allows(strategy) == ["retrain-client"] else ["retrain-federation"]
 
 
 # --- writing ------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def model_rows(paths: list[str | Path]) -> list[list[str]]:
             continue
         samples = {i for a in m.adapters for i in a.sample_ids}
         ways = ", ".join(m.forget) or "-"
-        if m.kind == "clients":
+        if m.kind == "clients" and not m.forget:  # written before privrec forget took federated models
             ways += f" (strategy allows {', '.join(m.strategy_allows)})"
         rows.append([Path(p).name, m.kind + (" (inferred)" if m.inferred else ""), str(len(m.adapters)),
                      str(len(samples)), ways, models.TRAINED_BY[m.kind]])

@@ -4,8 +4,9 @@
   adapter serves both tasks); writes ``eval_{split}.json`` and ``predictions_{split}.csv``.
 - ``shards``: every single shard and every aggregation, the primary one at the top (as shard-train scores
   them); writes ``eval_{split}.json``.
-- ``clients``: each client's samples with its own adapter; ``overall``, per-client rows and their balance (as
-  federate scores them); writes ``eval_{split}.json``.
+- ``clients``: each client's samples with its own adapter (strategy ``mixture``: with the mixture of every
+  client's adapter weighted on its own validation samples, METHODS §10); ``overall``, per-client rows and their
+  balance (as federate scores them), for the clients that are still in the model; writes ``eval_{split}.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from privrec import ranking
-from privrec.commands.model_dir import ClientAdapters, ModelDir, OneAdapter, open_model
+from privrec.commands.model_dir import ModelDir, OneAdapter, open_model, scorer_of
 from privrec.errors import UserError
 from privrec.prepare import evaluate_split, write_predictions
 from privrec.rundir import atomic_write_text
@@ -80,8 +81,11 @@ def _clients(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict
     from privrec.federated.client import Predictions
     from privrec.federated.runner import Federation, summarise
 
-    fed = Federation(md.cfg, splits, dict(md.manifest.clients))
-    scorer = ClientAdapters(md, splits)
+    md.require_adapters()
+    have = {int(a.name.split("-")[1]) for a in md.manifest.adapters}
+    fed = Federation(md.cfg, splits, dict(md.manifest.clients),
+                     frozenset(c for c in range(md.cfg.federated.clients) if c not in have))  # clients that left
+    scorer = scorer_of(md, splits)
     preds = {}
     for c in fed.clients:
         samples = fed.samples(c)[("train", "valid", "test").index(split)]

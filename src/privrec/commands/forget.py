@@ -37,6 +37,7 @@ are refused with one line naming what can.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -52,11 +53,12 @@ from privrec.config import ExperimentConfig
 from privrec.data import Dataset, Sample, Splits
 from privrec.data.idfiles import read_id_file
 from privrec.errors import RunError, UserError
-from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
+from privrec.model.adapters import ADAPTER_META, read_adapter, read_meta, save_adapter, tensors_digest
 from privrec.prepare import build_model, shows_tombstoned, source_data
 from privrec.rundir import (
     ADAPTERS_DIR,
     CERTIFICATES_DIR,
+    CLIENT_PREFIX,
     FEATURES_FILE,
     LEDGER_FILE,
     SHARD_PREFIX,
@@ -105,7 +107,7 @@ from privrec.unlearning.exact.slices import (
 Fault = Callable[[str], None]
 RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
 _SAMPLE_ID = re.compile(r"^u(\d+)-i(\d+)$")
-EXACT = ("retrain-shards", "retrain-all")
+EXACT = ("retrain-shards", "retrain-all", "retrain-client", "retrain-federation")
 
 
 # --- each kind's exact route ---------------------------------------------------------------------------------
@@ -114,6 +116,7 @@ class Route:
     is retrained without the data, and what else holds a derived copy of it."""
 
     name = ""
+    disjoint = True  # every sample reaches at most one slot (a partition); else every slot holds the union
     fault: Fault | None = None  # called at the route's own step boundaries (a replayed checkpoint; tests crash there)
 
     def __init__(self, run: RunDir, cfg: ExperimentConfig):
@@ -293,7 +296,130 @@ class RetrainAll(Route):
         return dict(super().run_info(), kind="single")
 
 
-ROUTES: dict[str, type[Route]] = {"retrain-shards": RetrainShards, "retrain-all": RetrainAll}
+class _ClientSlots(Route):
+    """A ``clients`` model (``privrec federate``): slot C is client C's adapter (``adapters/client-C``)."""
+
+    def __init__(self, run, cfg):
+        super().__init__(run, cfg)
+        self._model = None
+
+    def folders(self):
+        return {int(f.name[len(CLIENT_PREFIX):]): f for f in models.adapter_folders(self.run.path, CLIENT_PREFIX)}
+
+    def folder_of(self, k):
+        return self.run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{k}"
+
+    def label(self, k):
+        return f"client {k}"
+
+    def _built(self):
+        """(the model, its seeded initial adapter: what every client of the run started from)."""
+        if self._model is None:
+            from privrec.federated.runner import build_model as federated_model
+            from privrec.model.adapters import adapter_state
+
+            splits = source_data(self.cfg)[2]
+            model = federated_model(self.cfg, splits)
+            self._model = (model, adapter_state(model.model))
+        return self._model
+
+    def purge(self, removed_ids, universe):
+        lora = self.cfg.lora
+        model = self._built()[0] if lora.top_layers and lora.cache_frozen else None
+        return _purge_common(self.run, model, removed_ids, universe)
+
+    def run_info(self):
+        manifest = models.load(self.run.path)
+        return dict(super().run_info(), kind="clients", strategy=manifest.strategy)
+
+
+class RetrainClient(_ClientSlots):
+    """local / mixture (METHODS §10): a client adapter saw only its own users' samples, so forgetting a user
+    retrains their client's adapter alone, from the run's initial adapter, with the run's rounds and seeds on
+    the samples it has left (in the run's order); a client whose samples are all deleted (``--clients``) has
+    left: its adapter is dropped. Every other client's adapter stays bit-identical."""
+
+    name = "retrain-client"
+    # where the client's data lives: None = here (the model's data source); a Flower deployment sets
+    # remote(client, users, init_state) -> (state, n_train, seconds): the node holding the client retrains
+    remote = None
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        from privrec.federated.client import FederatedClient
+        from privrec.federated.runner import round_seed
+        from privrec.federated.strategies import Instructions
+        from privrec.model.adapters import load_adapter_state
+        from privrec.prepare import adapter_meta
+
+        if is_adapter(staged):
+            return
+        keep = set(ids)
+        samples = [s for s in source_data(self.cfg)[2].train if s.sample_id in keep]  # the run's order
+        model, init = self._built()
+        manifest = models.load(self.run.path)
+        if self.remote is not None:  # only the node holding client k learns who is deleted
+            users = sorted({u for u, _ in tombstones if manifest.clients.get(u) == k})
+            state, n, seconds = self.remote(k, users, init)
+            if n != len(samples):
+                raise RunError(f"the node of client {k} retrained on {n} samples; this model's data leaves "
+                               f"{len(samples)}: the node's folder and the model's data differ")
+        else:
+            client = FederatedClient(k, model, samples, [], [], self.cfg)
+            state, seconds = init, 0.0
+            for rnd in range(self.cfg.federated.rounds):
+                res = client.fit(state, Instructions(rnd=rnd, seed=round_seed(self.cfg.seed, rnd)))
+                state, seconds = res.update.state, seconds + res.seconds
+        load_adapter_state(model.model, state)
+        save_adapter(model.model, staged, adapter_meta(
+            self.cfg, model, samples, client=k, strategy=manifest.strategy, rounds=self.cfg.federated.rounds,
+            trained_on_clients=[k], train_seconds=seconds, request=rid))
+        self.run.log(f"forget {rid}: client {k} retrained alone on {len(samples)} samples in {seconds:.1f}s")
+
+
+class RetrainFederation(_ClientSlots):
+    """pplr / fedavg / fedprox / centralised (METHODS §10): aggregation mixed every client into every adapter,
+    so exact forgetting retrains the whole federation without the data (every round, every client; users stay
+    on their clients, a client with no sample left has left), with ``privrec federate``'s own code, into
+    ``staging/<request>/federation``; each slot then takes its client's new adapter. Honest, and as slow as
+    training the federation again (``--retrain-federation`` asks for it)."""
+
+    name = "retrain-federation"
+    disjoint = False  # every adapter's lineage holds every contributing client's samples
+
+    def affected(self, removed):
+        return set(self.folders()) if any(x["shard"] is not None for x in removed) else set()
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        from privrec.federated.runner import run_federate
+
+        if staged.exists():
+            return
+        fed = staged.parent / "federation"
+        if not (fed / "metrics.json").is_file():
+            shutil.rmtree(fed, ignore_errors=True)
+            manifest = models.load(self.run.path)
+            m = run_federate(self.cfg, fed, progress=progress, tombstones=frozenset(tombstones),
+                             assignment=dict(manifest.clients))
+            self.run.log(f"forget {rid}: the federation retrained without the data ({m['strategy']}, "
+                         f"{len(m['rounds'])} rounds) in {m['train_seconds']:.1f}s")
+        seconds = RunDir(fed, create=False).read_metrics()["train_seconds"]
+        src = fed / ADAPTERS_DIR / staged.name
+        tmp = staged.with_name(f".{staged.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_adapter(src):  # the client left the federation: no adapter of it any more
+            tmp.mkdir(parents=True)
+            (tmp / RETIRED).write_text(rid)
+        else:
+            shutil.copytree(src, tmp)
+            meta = read_meta(tmp)  # the federation's training time goes to the first slot, once
+            first = min(self.folders())
+            meta.update(train_seconds=seconds if k == first else 0.0, federation_train_seconds=seconds, request=rid)
+            atomic_write_text(tmp / ADAPTER_META, json.dumps(meta, indent=1))
+        os.replace(tmp, staged)
+
+
+ROUTES: dict[str, type[Route]] = {"retrain-shards": RetrainShards, "retrain-all": RetrainAll,
+                                  "retrain-client": RetrainClient, "retrain-federation": RetrainFederation}
 
 
 def _purge_common(run: RunDir, model, removed_ids: set[str], universe: dict[str, Sample]) -> str:
@@ -314,10 +440,6 @@ def _purge_common(run: RunDir, model, removed_ids: set[str], universe: dict[str,
 
 def refusal(manifest, cfg: ExperimentConfig, path) -> str:
     """The one line refusing ``forget`` on a model that cannot forget exactly, naming what can."""
-    if manifest.kind == "clients":
-        return (f"{path} is {manifest.describe()}, strategy {manifest.strategy}: no privrec command forgets from "
-                f"it yet (the strategy allows {', '.join(manifest.strategy_allows)}; federated unlearning is its own "
-                "issue); to forget a user, train a single or shards model (privrec train / privrec shard-train)")
     if manifest.kind == "student":
         return (f"{path} is {manifest.describe()}: forget from the model it was unlearnt from, privrec forget "
                 f"{manifest.original} --users ...")
@@ -349,14 +471,15 @@ def _open(run_path: str | Path, create_ledger: bool) -> _Run:
     manifest = models.load(run_path)
     run = RunDir(run_path, create=False)
     cfg = run.load_config(cls=CONFIG_OF[manifest.kind])
-    way = next((w for w in manifest.forget if w in EXACT), None)
+    ways = models.clients_forgetting(manifest.strategy) if manifest.kind == "clients" else manifest.forget
+    way = next((w for w in ways if w in EXACT), None)
     if way is None:
         raise UserError(refusal(manifest, cfg, run.path))
     route = ROUTES[way](run, cfg)
     ds, universe, splits = source_data(cfg)
     ledger = None
     if (run / LEDGER_FILE).is_file() or create_ledger or way == "retrain-shards":
-        ledger = Ledger(run / LEDGER_FILE, create=way == "retrain-all")
+        ledger = Ledger(run / LEDGER_FILE, create=way != "retrain-shards")
         ledger.bind_source(cfg.data.source, cfg.data.path)
         if not ledger.latest_adapters():  # the first request on a model whose command kept no ledger
             _record_trained(run, manifest, route, ledger)
@@ -461,28 +584,46 @@ def run_forget(
     samples_file: str | Path | None = None,
     progress: bool = True,
     fault: Fault | None = None,
+    clients: list[int] | None = None,
+    retrain_federation: bool = False,
+    remote=None,
 ) -> dict:
-    """Delete users' or samples' data from a model that forgets exactly; returns the certificate.
+    """Delete users', samples' or (a ``clients`` model) whole clients' data from a model that forgets exactly;
+    returns the certificate.
 
+    ``clients``: every user those clients hold leaves the model (under local / mixture their adapters are
+    dropped). ``retrain_federation``: consent to the full federated retrain a pplr / fedavg / fedprox /
+    centralised model needs (METHODS §10); without it such a model is refused with its cost.
+    ``remote``: a retrain-client model deployed on Flower, the client's retrain runs on the node holding its data
+    (:func:`privrec.federated.flower_app.flower_retrain`).
     ``fault(point)`` is called at every step boundary (tests inject crashes there).
     Returns ``{"noop": True, ...}`` when everything asked for is already deleted.
 
     Raises:
-        UserError: unknown user / sample, unreadable samples file, a kind that cannot forget exactly.
+        UserError: unknown user / sample / client, unreadable samples file, a kind that cannot forget exactly,
+            a federated retrain not asked for.
         RunError: not a model directory, busy, an unfinished request (finish it with ``--resume`` first), or a
             failed lineage check.
     """
-    if (users is None) == (samples_file is None):
-        raise UserError("give exactly one of --users or --samples")
+    if sum(x is not None for x in (users, samples_file, clients)) != 1:
+        raise UserError("give exactly one of --users, --samples or --clients")
     sample_ids = read_sample_ids(samples_file) if samples_file is not None else None
     with _session(run_path) as r:
+        _check_consent(r, retrain_federation)
+        if remote is not None:
+            if r.route.name != "retrain-client":
+                raise UserError(f"a deletion routed to a Flower node retrains one client; {r.run.path} forgets with "
+                                f"{r.route.name}")
+            r.route.remote = remote
         unfinished = r.ledger.unfinished()
         if unfinished:
             raise RunError(
                 f"deletion request {unfinished['id']} is unfinished ({unfinished['status']}); "
                 f"finish it first: privrec forget {r.run.path} --resume"
             )
-        recorded = _record(r, users, sample_ids)
+        if clients is not None:
+            users = users_of_clients(r, clients)
+        recorded = _record(r, users, sample_ids, clients)
         if recorded.get("noop"):
             return recorded
         _fault(fault, "recorded")
@@ -501,14 +642,67 @@ def submit_forget(run_path: str | Path, users: list[int]) -> dict:
         UserError: unknown user.
     """
     with _session(run_path, lock=False) as r:
+        _check_consent(r, False)
         return _record(r, users, None)
 
 
-def _record(r: _Run, users: list[int] | None, sample_ids: list[str] | None) -> dict:
+def _check_consent(r: _Run, retrain_federation: bool) -> None:
+    """Raises: UserError for a model whose exact forgetting is a full federated retrain not asked for (with
+    what it costs), or for ``--retrain-federation`` on one that needs none."""
+    federation = r.route.name == "retrain-federation"
+    if federation and not retrain_federation:
+        m = r.manifest
+        cost = ""
+        with contextlib.suppress(RunError, OSError, KeyError, ValueError):
+            cost = f", about {r.run.read_metrics()['train_seconds']:.0f}s as it trained"
+        raise UserError(
+            f"{r.run.path} is {m.describe()}, strategy {m.strategy}: its aggregation mixed every client into every "
+            f"adapter, so exact forgetting retrains the whole federation without the data ("
+            f"{r.cfg.federated.rounds} rounds x {len(r.route.folders())} clients{cost}); ask for it with "
+            "--retrain-federation, or train with federated.strategy=mixture (forgets by retraining one client)")
+    if retrain_federation and not federation:
+        raise UserError(f"--retrain-federation is for federated models whose aggregation mixed the clients; "
+                        f"{r.run.path} forgets with {r.route.name}")
+
+
+def users_of_clients(r: _Run, clients: list[int]) -> list[int]:
+    """Every user a ``clients`` model's clients hold.
+
+    Raises:
+        UserError: not a clients model, or a client it does not have."""
+    if r.manifest.kind != "clients":
+        raise UserError(f"--clients is for federated models (privrec federate); {r.run.path} is "
+                        f"{r.manifest.describe()}")
+    have = set(r.manifest.clients.values())
+    unknown = sorted(set(clients) - have)
+    if unknown:
+        raise UserError(f"client {unknown[0]} is not a client of {r.run.path} (clients {sorted(have)})")
+    return sorted(u for u, c in r.manifest.clients.items() if c in set(clients))
+
+
+def parse_clients(text: str) -> list[int]:
+    """``"0,3"`` -> [0, 3].
+
+    Raises:
+        UserError: empty or not a comma-separated list of integers."""
+    try:
+        out = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise UserError(f"--clients expects comma-separated client ids, got {text!r}") from None
+    if not out:
+        raise UserError("--clients is empty")
+    return out
+
+
+def _record(r: _Run, users: list[int] | None, sample_ids: list[str] | None,
+            clients: list[int] | None = None) -> dict:
     """Write the request into the ledger (status pending): ``{"request": id}``, or ``{"noop": True, ...}``."""
-    kind, spec = (
-        ("users", {"users": users}) if users is not None else ("samples", {"samples": sample_ids})
-    )
+    if clients is not None:
+        kind, spec = "clients", {"clients": clients}
+    elif users is not None:
+        kind, spec = "users", {"users": users}
+    else:
+        kind, spec = "samples", {"samples": sample_ids}
     interactions = resolve_interactions(r.ds, users, sample_ids)
     old = r.ledger.tombstones()
     new = [t for t in interactions if (t[0], t[1]) not in old]
@@ -647,6 +841,9 @@ def _retrain(r: _Run, rid: str, progress: bool) -> float:
             r.ledger.set_after(rid, k, None, 0)
             continue
         r.route.retrain(rid, k, ids, r.universe, tombstones, staged, progress)
+        if (staged / RETIRED).exists():  # the route dropped it (a client that left a federated retrain)
+            r.ledger.set_after(rid, k, None, 0)
+            continue
         staged_meta = read_meta(staged)
         seconds += float(staged_meta.get("train_seconds", 0.0))
         r.ledger.set_after(rid, k, staged_meta["tensors_sha256"], len(staged_meta["sample_ids"]))
@@ -782,7 +979,7 @@ def run_verify(run_path: str | Path) -> dict:
         for k, f in folders.items():
             for i in read_meta(f).get("sample_ids", []):
                 owners.setdefault(i, []).append(k)
-        shared = sorted(i for i, ks in owners.items() if len(ks) > 1)
+        shared = sorted(i for i, ks in owners.items() if len(ks) > 1) if r.route.disjoint else []
         if shared:  # shards are a partition: e.g. an interrupted re-partition left old shards beside new ones
             adapters.append({"shard": "all", "ok": False, "tensors_sha256": None, "lineage_sha256": None,
                              "n_samples": len(owners), "problems": [

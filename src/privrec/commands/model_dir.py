@@ -6,7 +6,9 @@ A scorer answers P(Yes) for like-prompt samples, whatever the kind:
 - ``single`` / ``student``: the one adapter (a student with the LoRA it was saved with);
 - ``shards``: the K shard adapters under the model's primary aggregation (METHODS §4: APA(D) / APA(ND)
   weights from the untuned model's nearest validation samples, uniform, or SISA's mean);
-- ``clients``: each sample scored with the adapter of the client that holds its user (METHODS §2).
+- ``clients``: each sample scored with the adapter of the client that holds its user (METHODS §2); under
+  strategy ``mixture``, with the APA mixture of every client's adapter weighted on that client's own
+  validation samples (METHODS §10).
 """
 
 from __future__ import annotations
@@ -137,14 +139,14 @@ class OneAdapter:
         return self.model.score(self.model.encode(samples), self.batch_size, progress)
 
 
-class ClientAdapters:
-    """clients: one shared model; a sample is scored with the adapter of the client holding its user."""
+class _Clients:
+    """clients: one shared model, every client's adapter, and which client holds which user."""
 
     def __init__(self, md: ModelDir, splits: Splits):
         from privrec.federated.runner import build_model as build_federated
 
         md.require_adapters()
-        self.md = md
+        self.md, self.splits = md, splits
         self.model = build_federated(md.cfg, splits)
         self.states = {int(a.name.split("-")[1]): md.adapter_state(a)[0] for a in md.manifest.adapters}
         self.batch_size = md.cfg.train.eval_batch_size
@@ -156,6 +158,45 @@ class ClientAdapters:
                             f"{len(self.md.manifest.clients)} users)")
         return c
 
+    def by_client(self, samples: list[Sample]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for i, s in enumerate(samples):
+            out.setdefault(self.client_of(s.user_id), []).append(i)
+        return dict(sorted(out.items()))
+
+
+class ClientMixture(_Clients):
+    """clients, strategy mixture (METHODS §10): a user's prompts are scored with the APA mixture of every
+    remaining client's adapter, weighted on the validation samples of the user's client (minus deleted ones)."""
+
+    def __init__(self, md: ModelDir, splits: Splits):
+        super().__init__(md, splits)
+        self._pools: dict[int, object] = {}
+
+    def pool(self, c: int, progress: bool):
+        from privrec.federated.mixture import client_pool
+
+        if c not in self._pools:
+            valid = [s for s in self.splits.valid if self.md.manifest.clients.get(s.user_id) == c]
+            self._pools[c] = client_pool(self.model, self.model.encode(valid), list(self.states.values()),
+                                         self.batch_size, progress)
+        return self._pools[c]
+
+    def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:
+        from privrec.federated.mixture import mixture_scores
+
+        out = np.zeros(len(samples))
+        states = list(self.states.values())  # in client order (the manifest's adapters are sorted)
+        for c, idx in self.by_client(samples).items():
+            items = self.model.encode([samples[i] for i in idx])
+            out[idx] = mixture_scores(self.model, items, self.pool(c, progress), states, self.md.cfg.federated,
+                                      self.batch_size, progress)[0]
+        return out
+
+
+class ClientAdapters(_Clients):
+    """clients: a sample is scored with the adapter of the client holding its user."""
+
     def model_for(self, user: int) -> RecLM:
         """The model holding the adapter of the user's client."""
         return self._client(self.client_of(user))
@@ -166,10 +207,7 @@ class ClientAdapters:
 
     def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:
         out = np.zeros(len(samples))
-        by_client: dict[int, list[int]] = {}
-        for i, s in enumerate(samples):
-            by_client.setdefault(self.client_of(s.user_id), []).append(i)
-        for c, idx in sorted(by_client.items()):
+        for c, idx in self.by_client(samples).items():
             m = self._client(c)
             out[idx] = m.score(m.encode([samples[i] for i in idx]), self.batch_size, progress)
         return out
@@ -227,5 +265,7 @@ class ShardAggregation:
 
 def scorer_of(md: ModelDir, splits: Splits):
     """The scorer of the model's kind."""
+    if md.kind == "clients" and md.manifest.scoring == "mixture":
+        return ClientMixture(md, splits)
     return {"single": OneAdapter, "student": OneAdapter, "shards": ShardAggregation,
             "clients": ClientAdapters}[md.kind](md, splits)

@@ -113,6 +113,25 @@ class FederatedClient:
         return FitResult(Update(adapter_state(m.model), float(loss), self.n_train), seconds, res.samples_seen,
                          _channel_bytes(m) - before)
 
+    def predict_mixture(self, states: dict[int, State], split: str) -> tuple[Predictions, np.ndarray]:
+        """P(Yes) of this client's ``split`` samples under the APA mixture of every client's adapter in ``states``,
+        weighted on this client's own validation samples (METHODS §10); with the (n, K) weights, K in sorted
+        client order. The untuned features are computed once per client."""
+        from privrec.federated.mixture import client_pool, mixture_scores, untuned_features
+
+        items, bs = self.items[split], self.cfg.train.eval_batch_size
+        labels = np.array([e.label for e in items], dtype=np.float64)
+        users = np.array([s.user_id for s in self.samples[split]], dtype=np.int64)
+        order = [states[c] for c in sorted(states)]
+        feats = self.__dict__.setdefault("_features", {})
+        for name in ("valid", split):
+            if name not in feats:
+                feats[name] = untuned_features(self.model, self.items[name], bs, self.progress)
+        pool = client_pool(self.model, self.items["valid"], order, bs, self.progress, feats["valid"])
+        probs, omega = mixture_scores(self.model, items, pool, order, self.cfg.federated, bs, self.progress,
+                                      feats[split])
+        return Predictions(probs, labels, users), omega
+
     def predict(self, state: State, split: str) -> Predictions:
         """P(Yes) of this client's ``split`` samples under ``state`` (empty when it has none)."""
         items = self.items[split]

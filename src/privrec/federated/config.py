@@ -34,10 +34,18 @@ class FederatedSection(_Section):
                         description="kmeans: user/item embedding size of the matrix factorisation.")
     mf_epochs: int = Field(DEFAULT_EPOCHS, ge=1,
                            description="kmeans: full-batch Adam epochs of the matrix factorisation.")
-    strategy: Literal["local", "fedavg", "fedprox", "pplr", "centralised"] = Field(
+    strategy: Literal["local", "fedavg", "fedprox", "pplr", "mixture", "centralised"] = Field(
         "pplr", description="local: no aggregation; fedavg: sample-weighted mean; fedprox: fedavg + proximal "
         "term `mu`; pplr: similarity x curriculum-heating aggregation, one adapter per client (METHODS §2); "
+        "mixture: clients train only on their own data, each scores with an APA mixture of all clients' "
+        "adapters weighted on its own validation samples (METHODS §10: forgets exactly by construction); "
         "centralised: one adapter trained on the union of the clients' data (the reference).")
+    mixture_neighbours: int = Field(20, ge=1, description="mixture: n nearest validation samples of the client "
+                                    "whose errors weigh each adapter (METHODS §4).")
+    mixture_tau: float = Field(1000.0, ge=0, description="mixture: softmax temperature of the weights "
+                               "softmax(-tau * error) (0 = uniform).")
+    mixture_aggregation: Literal["apa-nd", "apa-d"] = Field(
+        "apa-nd", description="mixture: mix the adapters' updates B_k A_k x (apa-nd) or their A and B (apa-d).")
     rounds: int = Field(3, ge=1, description="Communication rounds; each runs train.epochs local epochs.")
     mu: float = Field(0.01, ge=0, description="fedprox: weight of mu/2 * ||theta - theta_global||^2.")
     alpha: float = Field(0.7, gt=0, description="pplr: curriculum heating w_i = tanh(alpha / l~_i^(t + 1/beta)).")
@@ -85,6 +93,11 @@ class FederatedConfig(ExperimentConfig):
             raise ValueError("federated.split needs clients; the centralised reference has none")
         if f.partition == "by-attribute" and f.attribute == "gender" and f.clients > 2:
             raise ValueError(f"federated.attribute=gender gives 2 groups; federated.clients={f.clients}")
+        if f.strategy == "mixture" and f.split is not None:
+            raise ValueError("federated.strategy=mixture with federated.split is not built (the mixture scores "
+                             "every client adapter in one forward, on the whole model); remove federated.split")
+        if f.strategy == "mixture" and self.task != "like-prediction":
+            raise ValueError("federated.strategy=mixture scores like-prompts (task: like-prediction)")
         if f.lr_scale and f.strategy != "pplr":
             raise ValueError("federated.lr_scale is PPLR's learning-speed option: set federated.strategy=pplr")
         return self

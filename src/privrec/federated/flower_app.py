@@ -1,17 +1,19 @@
 """The Flower app (flwr 1.41, Message API): a ServerApp and a ClientApp around the same classes.
 
-The ServerApp runs :func:`privrec.federated.runner.run_federate` with a :class:`FlowerDispatcher`: the
-rounds, the strategy classes, the metrics and the adapters are the in-process runner's own code; only the
-transport differs. Every node holds its own client's data, a folder of ``privrec federate-split-data``
+The ServerApp runs :func:`privrec.federated.runner.run_federate` with a :class:`FlowerDispatcher`: the rounds,
+the strategy classes, the metrics and the adapters are the in-process runner's own code; only the transport
+differs. Every node holds its own client's data, a folder of ``privrec federate-split-data``
 (:mod:`privrec.federated.client_data`; a SuperNode's ``--node-config 'data="PATH"'``), and builds its samples
 from it alone. A ``query`` asks each node which client it is (it answers from its folder). Each round the
 ServerApp sends every client a ``train`` message (its LoRA state as an ``ArrayRecord``, the round's
 instructions and the run's resolved config: no user id, no sample); the ClientApp runs
-:meth:`~privrec.federated.client.FederatedClient.fit` and replies with its new state, loss and sample
-count. ``evaluate`` messages ask a client to score its own validation or test samples; it replies with its
-metrics (:func:`~privrec.federated.client.split_metrics`), or with P(Yes), labels and user ids when
-``federated.pooled_scores`` asks for the pooled overall AUC. A client whose ClientApp raises sends an error
-reply; it is left out of that round's aggregation and the run goes on, as in-process.
+:meth:`~privrec.federated.client.FederatedClient.fit` and replies with its new state, loss and sample count.
+``evaluate`` messages ask a client to score its own validation or test samples; it replies with its metrics
+(:func:`~privrec.federated.client.split_metrics`), or with P(Yes), labels and user ids when
+``federated.pooled_scores`` asks for the pooled overall AUC. Under strategy ``mixture`` the test evaluation
+carries every client's adapter (METHODS §10) and the node weighs them on its own validation samples. A client
+whose ClientApp raises sends an error reply; it is left out of that round's aggregation and the run goes on,
+as in-process.
 
 - Simulation: :func:`run_flower_simulation` (``flwr.simulation.run_simulation``; each virtual node reads its
   own split folder); ``privrec federate CONFIG --out DIR --runner flower [--client-data SPLIT]``.
@@ -48,9 +50,10 @@ from privrec.federated.client_data import (
     split_data,
 )
 from privrec.federated.config import FederatedConfig
+from privrec.federated.mixture import own_weight
 from privrec.federated.strategies import Instructions, State, Update
 
-TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
+TRAIN, EVALUATE, QUERY, FORGET = "train", "evaluate", "query", "train.forget"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is first imported; no usage pings
 
 
@@ -140,12 +143,83 @@ def _client_evaluate(msg, folder: Path):
     from flwr.app import Message, MetricRecord, RecordDict
 
     client, cfg = _client_for(msg, folder)
-    p = client.predict(_state_from(msg.content["adapter"]), str(msg.content["config"]["split"]))
+    conf = msg.content["config"]
+    split, extra = str(conf["split"]), {}
+    if conf.get("mixture", False):  # strategy mixture: every client's adapter came, weighed on this node's samples
+        states = unpack_states(_state_from(msg.content["adapter"]))
+        p, omega = client.predict_mixture(states, split)
+        extra = {"mixture_own_weight": own_weight(omega, sorted(states), client.cid)}
+    else:
+        p = client.predict(_state_from(msg.content["adapter"]), split)
     if not cfg.federated.pooled_scores:
-        return Message(RecordDict({"metrics": MetricRecord(split_metrics(p, cfg.task == "ranking"))}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord(dict(split_metrics(p, cfg.task == "ranking"), **extra))}),
+                       reply_to=msg)
     rec = MetricRecord({"probs": [float(x) for x in p.probs], "labels": [int(x) for x in p.labels],
-                        "users": [int(x) for x in p.users]})
+                        "users": [int(x) for x in p.users], **extra})
     return Message(RecordDict({"predictions": rec}), reply_to=msg)
+
+
+def _client_forget(msg, folder: Path):
+    """A deletion request routed to the one node holding the users (METHODS §10, strategy local / mixture):
+    the node drops every sample of its own that shows one of their interactions, trains its client's adapter
+    alone from the initial adapter the server sent, with the run's rounds and seeds, and replies with it. The
+    request names only this node's users and reaches no other node."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    from privrec.federated.runner import round_seed
+    from privrec.prepare import shows_tombstoned
+
+    client, cfg = _client_for(msg, folder)
+    users = {int(u) for u in msg.content["config"]["users"]}
+    inter = load_client_data(folder, cfg).dataset.inter
+    gone = {(int(u), int(i)) for u, i in zip(inter["user_id"], inter["item_id"]) if int(u) in users}
+    keep = [s for s in client.samples["train"] if not shows_tombstoned(s, gone)]
+    alone = FederatedClient(client.cid, client.model, keep, [], [], cfg)
+    state, seconds = _state_from(msg.content["adapter"]), 0.0
+    for rnd in range(cfg.federated.rounds):
+        res = alone.fit(state, Instructions(rnd=rnd, seed=round_seed(cfg.seed, rnd)))
+        state, seconds = res.update.state, seconds + res.seconds
+    metrics = MetricRecord({"n_train": len(keep), "seconds": seconds})
+    return Message(RecordDict({"adapter": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeout: float = 3600.0,
+                   record: list | None = None):
+    """``remote`` for :class:`~privrec.commands.forget.RetrainClient`: finds which node holds which client (the
+    nodes' own ``query`` answers, as a federate run does) and sends a deletion only to the node holding it.
+    Returns ``retrain(client, users, init_state) -> (state, n_train, seconds)``."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from privrec.federated.runner import Federation
+    from privrec.prepare import setup_data
+
+    dispatcher = FlowerDispatcher(grid, Federation(cfg, setup_data(cfg), assignment), timeout, record)
+
+    def retrain(client: int, users: list[int], init: State):
+        conf = ConfigRecord({"yaml": dispatcher.cfg_yaml, "client": client, "users": [int(u) for u in users]})
+        msg = Message(RecordDict({"adapter": ArrayRecord(init), "config": conf}),
+                      dst_node_id=dispatcher.node_of[client], message_type=FORGET, group_id=f"forget-{client}")
+        [r] = dispatcher._send([msg]) or [None]
+        if r is None or r.has_error():
+            raise RunError(f"the Flower node of client {client} did not retrain: "
+                           f"{r.error.reason if r is not None else 'no reply'}")
+        m = r.content["metrics"]
+        return _state_from(r.content["adapter"]), int(m["n_train"]), float(m["seconds"])
+
+    return retrain
+
+
+def pack_states(states: dict[int, State]) -> State:
+    """Several clients' adapters as one tensor dict (``c{client}/{tensor}``), for one message."""
+    return {f"c{c}/{k}": v for c, st in states.items() for k, v in st.items()}
+
+
+def unpack_states(packed: State) -> dict[int, State]:
+    out: dict[int, State] = {}
+    for key, v in packed.items():
+        c, _, name = key.partition("/")
+        out.setdefault(int(c[1:]), {})[name] = v
+    return out
 
 
 def _client_query(msg, folder: Path):
@@ -177,6 +251,10 @@ def make_client_app(data_root: str | Path | None = None):
     @app.query()
     def query(msg, context):
         return _client_query(msg, node_folder(context, data_root))
+
+    @app.train("forget")
+    def forget(msg, context):
+        return _client_forget(msg, node_folder(context, data_root))
 
     return app
 
@@ -272,19 +350,29 @@ class FlowerDispatcher:
     def predict(self, split: str, states: dict[int, State]) -> dict[int, Predictions]:
         replies = self._exchange([self._message(c, EVALUATE, st, {"split": split}, f"eval-{split}")
                                   for c, st in sorted(states.items())])
+        return {c: self._predictions(replies.get(c), c, split)[0] for c in sorted(states)}
+
+    def predict_mixture(self, split: str, states: dict[int, State]):
+        """Strategy mixture: every node receives every client's adapter and weighs them on its own samples."""
+        packed = pack_states(states)
+        replies = self._exchange([self._message(c, EVALUATE, packed, {"split": split, "mixture": True},
+                                                f"eval-mixture-{split}") for c in sorted(states)])
         out = {}
         for c in sorted(states):
-            r = replies.get(c)
-            if r is None or r.has_error():
-                raise RunError(f"client {c} could not score its {split} samples: "
-                               f"{r.error.reason if r is not None else 'no reply'}")
-            if not self.fed.cfg.federated.pooled_scores:
-                out[c] = ClientMetrics(dict(r.content["metrics"]))
-                continue
-            p = r.content["predictions"]
-            out[c] = Predictions(np.asarray(p["probs"], dtype=np.float64), np.asarray(p["labels"], dtype=np.float64),
-                                 np.asarray(p["users"], dtype=np.int64))
+            p, rec = self._predictions(replies.get(c), c, split)
+            out[c] = (p, float(rec["mixture_own_weight"]))
         return out
+
+    def _predictions(self, r, c: int, split: str):
+        if r is None or r.has_error():
+            raise RunError(f"client {c} could not score its {split} samples: "
+                           f"{r.error.reason if r is not None else 'no reply'}")
+        if not self.fed.cfg.federated.pooled_scores:
+            m = r.content["metrics"]
+            return ClientMetrics({k: v for k, v in dict(m).items() if k != "mixture_own_weight"}), m
+        p = r.content["predictions"]
+        return Predictions(np.asarray(p["probs"], dtype=np.float64), np.asarray(p["labels"], dtype=np.float64),
+                           np.asarray(p["users"], dtype=np.int64)), p
 
 
 def make_server_app(cfg: FederatedConfig, out: str | Path, progress: bool = False, result: dict | None = None,
@@ -358,7 +446,9 @@ def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool 
 
 # The apps `flwr run` loads (docs/federated.md) are instantiated in privrec.federated.flower_deploy, so
 # importing this module does not need flwr. The ServerApp reads the config path, `;`-separated overrides,
-# output folder and reply timeout from the run config ([tool.flwr.app.config] in flower/pyproject.toml).
+# output folder and reply timeout from the run config ([tool.flwr.app.config] in flower/pyproject.toml); with
+# `forget-users` (comma-separated ids) it runs that deletion request on the run directory `out` instead, routed
+# to the node holding the users (strategy local / mixture).
 def server_app_from_run_config():
     from flwr.serverapp import ServerApp
 
@@ -370,6 +460,16 @@ def server_app_from_run_config():
     @app.main()
     def main(grid, context) -> None:
         rc = context.run_config
+        if str(rc.get("forget-users", "")).strip():  # a deletion request on the run directory `out`
+            from privrec.commands.forget import parse_users, run_forget
+            from privrec.models import load as load_manifest
+            from privrec.rundir import RunDir
+
+            out = str(rc.get("out", "runs/federate-flower"))
+            cfg = RunDir(out, create=False).load_config(cls=FederatedConfig)
+            remote = flower_retrain(grid, cfg, dict(load_manifest(out).clients), float(rc.get("timeout", 3600)))
+            run_forget(out, users=parse_users(str(rc["forget-users"])), progress=False, remote=remote)
+            return
         overrides = [s for s in str(rc.get("overrides", "")).split(";") if s.strip()]
         cfg = load_config(str(rc["config"]), overrides, cls=FederatedConfig)
         check_flower_config(cfg)

@@ -28,6 +28,7 @@ from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
 from privrec.federated.client import ClientMetrics, FederatedClient, FitResult, Predictions, split_metrics
 from privrec.federated.config import FederatedConfig
+from privrec.federated.mixture import own_weight
 from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
@@ -48,10 +49,11 @@ class Federation:
     cfg: FederatedConfig
     splits: Splits
     assignment: dict[int, int]
+    left: frozenset[int] = frozenset()  # clients that left the federation (a federated retrain without them)
 
     @property
     def clients(self) -> list[int]:
-        return list(range(self.cfg.federated.clients))
+        return [c for c in range(self.cfg.federated.clients) if c not in self.left]
 
     def samples(self, cid: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
         """(train, valid, test) of client ``cid`` (POOLED: everyone's)."""
@@ -64,16 +66,22 @@ class Federation:
         return [POOLED] if strategy.pooled else self.clients
 
 
-def plan_federation(cfg: FederatedConfig, splits: Splits | None = None) -> Federation:
-    """Cut the protocol's samples and assign users to clients.
+def plan_federation(cfg: FederatedConfig, splits: Splits | None = None,
+                    assignment: dict[int, int] | None = None) -> Federation:
+    """Cut the protocol's samples and assign users to clients (``assignment``: a model's own, kept as it was:
+    a federated retrain without deleted data keeps every remaining user on their client, and a client left
+    with no training sample has left the federation).
 
     Raises:
         UserError: bad data, or a partition that leaves a client without training samples.
     """
     splits = splits or setup_data(cfg)
-    assignment = partition_users(splits.dataset, splits.train, splits.valid + splits.test, cfg.federated,
-                                 cfg.seed)
-    return Federation(cfg, splits, assignment)
+    if assignment is None:
+        assignment = partition_users(splits.dataset, splits.train, splits.valid + splits.test, cfg.federated,
+                                     cfg.seed)
+        return Federation(cfg, splits, assignment)
+    have = {assignment[s.user_id] for s in splits.train}
+    return Federation(cfg, splits, assignment, frozenset(c for c in range(cfg.federated.clients) if c not in have))
 
 
 def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> RecLM:
@@ -101,6 +109,11 @@ class Dispatcher(Protocol):
 
     def predict(self, split: str, states: dict[int, State]) -> dict[int, Predictions]: ...
 
+    def predict_mixture(self, split: str, states: dict[int, State]) -> dict[int, tuple[Predictions | ClientMetrics,
+                                                                                      float]]:
+        """Every client's ``split`` under the mixture of all ``states`` (strategy ``mixture``), with the mean
+        weight its prompts gave its own adapter."""
+
 
 class InProcessDispatcher:
     """Runs every client in this process, one after another, on one shared model."""
@@ -123,6 +136,13 @@ class InProcessDispatcher:
 
     def predict(self, split, states):
         return {cid: self.clients[cid].predict(states[cid], split) for cid in sorted(states)}
+
+    def predict_mixture(self, split, states):
+        out = {}
+        for cid in sorted(states):
+            p, omega = self.clients[cid].predict_mixture(states, split)
+            out[cid] = (p, own_weight(omega, sorted(states), cid))
+        return out
 
 
 # --- rounds ---------------------------------------------------------------------------------------------
@@ -177,7 +197,7 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
     states: dict[int, State] = {c: init for c in cids}
     last_losses: dict[int, float] = {}
     rounds, failures = [], []
-    exchanges = strategy.name not in ("local", "centralised")
+    exchanges = strategy.mixes
 
     def wire(state: State) -> State:  # what travels for aggregation (the client part under a split)
         return {k: v for k, v in state.items() if is_client_tensor is None or is_client_tensor(k)}
@@ -278,7 +298,7 @@ def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy
     cfg = fed.cfg
     for c, state in sorted(eval_states(fed, strategy, states).items()):
         load_adapter_state(model.model, state)
-        trained_on = sorted(contributors) if strategy.name != "local" else [c]
+        trained_on = sorted(contributors) if strategy.mixes or strategy.pooled else [c]
         samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
         save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", prepare.adapter_meta(
             cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
@@ -294,14 +314,19 @@ def make_in_process(fed: Federation, model: RecLM, strategy: Strategy, progress:
 
 def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
                  make_dispatcher: Callable[[Federation, RecLM, Strategy], Dispatcher] | None = None,
-                 runner: str = "in-process") -> dict:
-    """Federated LoRA tuning (METHODS §2, §3); returns metrics.json's content.
+                 runner: str = "in-process", tombstones: frozenset | set = frozenset(),
+                 assignment: dict[int, int] | None = None) -> dict:
+    """Federated LoRA tuning (METHODS §2, §3, §10); returns metrics.json's content.
+
+    ``tombstones`` and ``assignment``: a model's deleted interactions and its users -> clients, for a federated
+    retrain without the data (``privrec forget --retrain-federation``): the same draw minus the deleted samples,
+    every user on the client they were on.
 
     Raises:
         UserError: bad data, model or config; a partition that leaves a client without training samples.
     """
     # 1. samples and clients, then the model: all before the run directory is touched
-    fed = plan_federation(cfg)
+    fed = plan_federation(cfg, setup_data(cfg, tombstones) if tombstones else None, assignment)
     strategy = make_strategy(cfg.federated)
     model = build_model(cfg, fed.splits)
     is_client_tensor = client_tensor_predicate(model)
@@ -329,13 +354,23 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
 
     # 4. every client's test samples scored with the adapter it ends with
     final = eval_states(fed, strategy, states)
-    preds = dispatcher.predict("test", final)
+    own = {}
+    if strategy.name == "mixture":  # every client's test samples under the mixture of all adapters (METHODS §10)
+        mixed = dispatcher.predict_mixture("test", final)
+        preds, own = {c: p for c, (p, _) in mixed.items()}, {c: w for c, (_, w) in mixed.items()}
+    else:
+        preds = dispatcher.predict("test", final)
     metrics = summarise(fed, preds)
+    for row in metrics["clients"]:
+        if row["client"] in own:
+            row["mixture_own_weight"] = own[row["client"]]  # mean weight its test prompts give its own adapter
     contributors = {c for c in fed.train_clients(strategy)
                     if any(c not in r["failed"] for r in rounds)}
     save_adapters(model, run, fed, strategy, states, contributors)
     models.write(run.path, models.build(
-        cfg, run.path, "clients", strategy=f.strategy, loss=f.loss, clients=fed.assignment, forget=[],
+        cfg, run.path, "clients", strategy=f.strategy, loss=f.loss, clients=fed.assignment,
+        forget=models.clients_forgetting(f.strategy),
+        scoring="mixture" if f.strategy == "mixture" else "client-of-user",
         split=f.split.model_dump() if f.split else None, strategy_allows=models.strategy_allows(f.strategy)))
 
     # 5. costs and references

@@ -137,11 +137,14 @@ class Strategy:
 
     ``personalised``: one adapter per client (else all clients share one global state after aggregation).
     ``pooled``: training runs on one client holding the union of the data (the centralised reference).
+    ``mixes``: aggregation puts other clients' weights into a client's adapter (its lineage is every
+    contributing client's samples; else only its own).
     """
 
     name: ClassVar[str] = ""
     personalised: ClassVar[bool] = False
     pooled: ClassVar[bool] = False
+    mixes: ClassVar[bool] = True
 
     def __init__(self, fcfg=None):
         self.cfg = fcfg
@@ -157,7 +160,7 @@ class Strategy:
 class Local(Strategy):
     """No aggregation: every client keeps what it trained."""
 
-    name, personalised = "local", True
+    name, personalised, mixes = "local", True, False
 
     def aggregate(self, rnd, states, updates):
         return {c: (updates[c].state if c in updates else states[c]) for c in states}
@@ -167,6 +170,13 @@ class Centralised(Local):
     """The reference: one adapter trained on the union of the clients' data (the runner pools the data)."""
 
     name, personalised, pooled = "centralised", False, True
+
+
+class Mixture(Local):
+    """METHODS §10: train like ``local`` (no weights mixed, ever); every client scores with an APA mixture of
+    all clients' adapters weighted on its own validation samples (:mod:`privrec.federated.mixture`)."""
+
+    name = "mixture"
 
 
 class FedAvg(Strategy):
@@ -218,7 +228,7 @@ class PPLR(Strategy):
         return Instructions(rnd=rnd, seed=seed, lr_scale=scale)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Local, Centralised, FedAvg, FedProx, PPLR)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Local, Centralised, Mixture, FedAvg, FedProx, PPLR)}
 
 
 def make_strategy(fcfg) -> Strategy:
