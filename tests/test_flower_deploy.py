@@ -17,15 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_FED = str(ROOT / "configs" / "pplr-tiny.yaml")
 
 
-def test_superlink_and_supernodes_on_loopback_give_the_in_process_metrics(tmp_path):
+def _run_local():
+    """flower/run_local.py as a module (skips where Flower's deployment binaries are missing)."""
     pytest.importorskip("flwr")
     if not (Path(sys.executable).parent / "flower-superlink").exists():
         pytest.skip("flower-superlink is not installed beside this Python")
+    spec = importlib.util.spec_from_file_location("run_local", ROOT / "flower" / "run_local.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_superlink_and_supernodes_on_loopback_give_the_in_process_metrics(tmp_path):
     from privrec.cli import main as privrec
 
-    spec = importlib.util.spec_from_file_location("run_local", ROOT / "flower" / "run_local.py")
-    run_local = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_local)
+    run_local = _run_local()
     pooled = ["--set", "federated.pooled_scores=true"]
     assert privrec(["--no-progress", "federate", TINY_FED, "--out", str(tmp_path / "in-process"), *pooled]) == 0
     assert run_local.main([TINY_FED, "--out", str(tmp_path / "dep"), *pooled, "--port", "8300", "--timeout", "1500",
@@ -40,21 +46,16 @@ def test_superlink_and_supernodes_on_loopback_give_the_in_process_metrics(tmp_pa
 def test_a_deletion_on_a_deployed_mixture_reaches_only_its_supernode(tmp_path):
     """A mixture federation deployed on loopback, then `flwr run` with forget-users: only the SuperNode holding
     the user receives the deletion; the certificate passes and privrec forget --verify agrees."""
-    pytest.importorskip("flwr")
-    if not (Path(sys.executable).parent / "flower-superlink").exists():
-        pytest.skip("flower-superlink is not installed beside this Python")
     from privrec import models
     from privrec.commands.forget import run_verify
     from privrec.config import load_config
     from privrec.federated.config import FederatedConfig
     from privrec.federated.runner import plan_federation
 
-    spec = importlib.util.spec_from_file_location("run_local", ROOT / "flower" / "run_local.py")
-    run_local = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_local)
+    run_local = _run_local()
     mix = ["--set", "federated.strategy=mixture"]
     fed = plan_federation(load_config(TINY_FED, ["federated.strategy=mixture"], cls=FederatedConfig))
-    user = next(u for s in fed.splits.train for u in [s.user_id] if fed.assignment[u] == 2)
+    user = next(s.user_id for s in fed.splits.train if fed.assignment[s.user_id] == 2)
     assert run_local.main([TINY_FED, "--out", str(tmp_path / "dep"), *mix, "--port", "8400", "--timeout", "1500",
                            "--forget-user", str(user)]) == 0
     run = tmp_path / "dep" / "run"

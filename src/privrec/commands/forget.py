@@ -515,18 +515,26 @@ def _session(run_path: str | Path, create_ledger: bool = True, lock: bool = True
                 r.ledger.close()
 
 
-def parse_users(text: str) -> list[int]:
-    """``"12,40"`` -> [12, 40].
+def parse_ids(text: str, option: str = "--users", what: str = "user") -> list[int]:
+    """``"12,40"`` -> [12, 40] (the ids of ``--users`` or ``--clients``).
 
     Raises:
         UserError: empty or not a comma-separated list of integers."""
     try:
-        users = sorted({int(u) for u in text.split(",") if u.strip()})
+        ids = sorted({int(u) for u in text.split(",") if u.strip()})
     except ValueError:
-        raise UserError(f"--users expects comma-separated user ids, got {text!r}") from None
-    if not users:
-        raise UserError("--users is empty")
-    return users
+        raise UserError(f"{option} expects comma-separated {what} ids, got {text!r}") from None
+    if not ids:
+        raise UserError(f"{option} is empty")
+    return ids
+
+
+def parse_users(text: str) -> list[int]:
+    return parse_ids(text)
+
+
+def parse_clients(text: str) -> list[int]:
+    return parse_ids(text, "--clients", "client")
 
 
 def read_sample_ids(path: str | Path) -> list[str]:
@@ -678,20 +686,6 @@ def users_of_clients(r: _Run, clients: list[int]) -> list[int]:
     if unknown:
         raise UserError(f"client {unknown[0]} is not a client of {r.run.path} (clients {sorted(have)})")
     return sorted(u for u, c in r.manifest.clients.items() if c in set(clients))
-
-
-def parse_clients(text: str) -> list[int]:
-    """``"0,3"`` -> [0, 3].
-
-    Raises:
-        UserError: empty or not a comma-separated list of integers."""
-    try:
-        out = sorted({int(c) for c in text.split(",") if c.strip()})
-    except ValueError:
-        raise UserError(f"--clients expects comma-separated client ids, got {text!r}") from None
-    if not out:
-        raise UserError("--clients is empty")
-    return out
 
 
 def _record(r: _Run, users: list[int] | None, sample_ids: list[str] | None,
