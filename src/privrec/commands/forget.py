@@ -6,10 +6,14 @@ can forget exactly, through ONE ledger (:mod:`privrec.unlearning.exact.ledger`) 
   deleted data (APA / SISA: the others stay bit-identical);
 - a ``single`` model (``retrain-all``) retrains its one adapter from scratch, with ``privrec train``'s own
   code and seed, on the same draw of samples minus the deleted ones (exact, honest, slow).
+- a ``clients`` model (``privrec federate``, METHODS §10) under ``local`` / ``mixture`` (``retrain-client``)
+  retrains only the adapter of the client that held the data, alone (``--clients``: the client leaves, its
+  adapter is dropped); under ``pplr`` / ``fedavg`` / ``fedprox`` / ``centralised`` (``retrain-federation``,
+  asked for with ``--retrain-federation``) it trains the whole federation again without the data.
 
-In the ledger and the certificates an adapter is a numbered *slot*: shard K is slot K, a single model's one
-adapter is slot 0. A request moves through the ledger's statuses, each step idempotent, so a request killed
-at any point is finished by ``privrec forget MODEL --resume`` and is never applied twice:
+In the ledger and the certificates an adapter is a numbered *slot*: shard K is slot K, client C is slot C, a
+single model's one adapter is slot 0. A request moves through the ledger's statuses, each step idempotent, so a
+request killed at any point is finished by ``privrec forget MODEL --resume`` and is never applied twice:
 
   pending    the request, its tombstones, the samples it removes and every adapter's hash are committed in
              one SQLite transaction before any model work;
@@ -30,8 +34,8 @@ it starts, and retrains with the tombstones of the requests up to itself, so its
 requests give run one after the other).
 
 ``run_verify`` re-checks every certificate and every adapter against the ledger, the manifest and the data.
-Kinds that cannot forget exactly (clients, student, a single model whose prompts show other users' labels)
-are refused with one line naming what can.
+Kinds that cannot forget exactly (student, a single model whose prompts show other users' labels) are refused
+with one line naming what can.
 """
 
 from __future__ import annotations

@@ -86,8 +86,9 @@ def unlearnable(run_path: str | Path):
         raise UserError(f"{run_path} is an unlearning run ({m.describe()}, method {m.method}); unlearn from the "
                         f"model it came from: privrec unlearn {m.original} --out DIR")
     if m.kind == "clients":
-        raise UserError(f"{run_path} is {m.describe()}: no privrec command unlearns from per-client adapters yet "
-                        "(federated unlearning is its own issue); privrec unlearn takes a privrec train model")
+        raise UserError(f"{run_path} is {m.describe()}: the approximate methods act on one adapter, not on "
+                        f"per-client adapters; forget from it exactly with privrec forget {run_path} --users ... "
+                        "(docs/federated.md), or unlearn from a privrec train model")
     why = ("it was written before lineage hashes covered sample content" if m.inferred
            else "its prompts show other users' labels (prompt.item_stats) or it is a ranking model")
     raise UserError(f"{run_path} is {m.describe()} that cannot be unlearnt: {why}; train it again with privrec train")
