@@ -69,6 +69,11 @@ def log(msg: str) -> None:
     print(f"[bench_forget {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def ratio(a: float, b: float) -> str:
+    """``a / b`` as ``12.3x``; ``no training`` when b is 0 (a replay that restored a checkpoint and trained nothing)."""
+    return f"{a / b:.1f}x" if b > 1e-6 else "no training"
+
+
 def fmt(v, nd: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
 
@@ -233,16 +238,26 @@ def forget_once(args, name: str, user: int) -> dict:
 
 
 def step_exact(args, rec: Record) -> str:
-    for name in runs_of(args):
-        shard_run(args, name)
-    full = full_retrain(args, rec)
-    users = draw_users(args)
-    for name in runs_of(args):
-        for u, how in users.items():
-            if rec.get("exact", name, str(u)) is None:
-                log(f"{name}: forget user {u} ({how})")
-                rec.put(dict(forget_once(args, name, u), draw=how), "exact", name, str(u))
-    lines = [f"{len(users)} single-user requests ({sum(v == 'core' for v in users.values())} core, "
+    drawn = draw_users(args)
+    if args.report_only:  # what the record holds so far; nothing is run
+        full = rec.get("full_retrain")
+        if not full:
+            raise SystemExit("bench_forget: --report-only: the record has no full retrain yet")
+        done = set.intersection(*[set(rec.get("exact", n) or {}) for n in runs_of(args)])
+        users = {u: how for u, how in drawn.items() if str(u) in done}
+    else:
+        for name in runs_of(args):
+            shard_run(args, name)
+        full = full_retrain(args, rec)
+        users = drawn
+        for name in runs_of(args):
+            for u, how in users.items():
+                if rec.get("exact", name, str(u)) is None:
+                    log(f"{name}: forget user {u} ({how})")
+                    rec.put(dict(forget_once(args, name, u), draw=how), "exact", name, str(u))
+    partial = (f"**Partial: {len(users)} of the {len(drawn)} drawn requests measured so far** (the same command "
+               "without --report-only measures the rest into the same record). ") if len(users) < len(drawn) else ""
+    lines = [partial + f"{len(users)} single-user requests ({sum(v == 'core' for v in users.values())} core, "
              f"{sum(v == 'edge' for v in users.values())} edge, {sum(v == 'random' for v in users.values())} "
              f"random; METHODS §8) on a fresh copy of each run. Full retrain (one adapter on all "
              f"{full['n_train']} training samples, timed in this process): {full['warm_seconds']:.1f} s on the "
@@ -266,8 +281,7 @@ def step_exact(args, rec: Record) -> str:
             f"| {name} | {n_aff:.2f} | {q(wall, 50):.1f} / {q(wall, 95):.1f} / {wall.max():.1f} | "
             f"{q(tr, 50):.1f} / {q(tr, 95):.1f} / {tr.max():.1f} | {full['warm_seconds'] / q(wall, 50):.1f}x / "
             f"{full['warm_seconds'] / q(wall, 95):.1f}x | {full['cold_seconds'] / q(wall, 50):.1f}x | "
-            f"{full['warm_seconds'] / max(q(tr, 50), 1e-9):.1f}x / "
-            f"{full['warm_seconds'] / max(q(tr, 95), 1e-9):.1f}x | "
+            f"{ratio(full['warm_seconds'], q(tr, 50))} / {ratio(full['warm_seconds'], q(tr, 95))} | "
             f"{all(r['passed'] for r in rows)} |")
     return "\n".join(lines)
 
@@ -367,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unlearn-config", default="configs/unlearn/ml100k.yaml")
     p.add_argument("--unlearn-set", action="append", default=[], help="override of the unlearn section")
     p.add_argument("--out-bench", default=None, help="also rewrite the tables' sections of this markdown file")
+    p.add_argument("--report-only", action="store_true", help="exact: print the table of the requests the record "
+                   "holds so far, running nothing")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
