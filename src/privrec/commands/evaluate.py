@@ -81,11 +81,9 @@ def _clients(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict
     from privrec.federated.client import Predictions
     from privrec.federated.runner import Federation, summarise
 
-    md.require_adapters()
-    have = {int(a.name.split("-")[1]) for a in md.manifest.adapters}
-    fed = Federation(md.cfg, splits, dict(md.manifest.clients),
-                     frozenset(c for c in range(md.cfg.federated.clients) if c not in have))  # clients that left
     scorer = scorer_of(md, splits)
+    fed = Federation(md.cfg, splits, dict(md.manifest.clients),  # the clients that left have no adapter
+                     frozenset(c for c in range(md.cfg.federated.clients) if c not in scorer.states))
     preds = {}
     for c in fed.clients:
         samples = fed.samples(c)[("train", "valid", "test").index(split)]

@@ -350,8 +350,6 @@ class RetrainClient(_ClientSlots):
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         from privrec.federated.client import FederatedClient
-        from privrec.federated.runner import round_seed
-        from privrec.federated.strategies import Instructions
         from privrec.model.adapters import load_adapter_state
         from privrec.prepare import adapter_meta
 
@@ -368,11 +366,7 @@ class RetrainClient(_ClientSlots):
                 raise RunError(f"the node of client {k} retrained on {n} samples; this model's data leaves "
                                f"{len(samples)}: the node's folder and the model's data differ")
         else:
-            client = FederatedClient(k, model, samples, [], [], self.cfg)
-            state, seconds = init, 0.0
-            for rnd in range(self.cfg.federated.rounds):
-                res = client.fit(state, Instructions(rnd=rnd, seed=round_seed(self.cfg.seed, rnd)))
-                state, seconds = res.update.state, seconds + res.seconds
+            state, seconds = FederatedClient(k, model, samples, [], [], self.cfg).train_alone(init)
         load_adapter_state(model.model, state)
         save_adapter(model.model, staged, adapter_meta(
             self.cfg, model, samples, client=k, strategy=manifest.strategy, rounds=self.cfg.federated.rounds,

@@ -65,6 +65,11 @@ def split_metrics(p: Predictions, ranked: bool = False) -> dict[str, float]:
     return out
 
 
+def round_seed(seed: int, rnd: int) -> int:
+    """Every client of round t trains with the same seed (identical clients stay identical)."""
+    return seed * 1000 + rnd
+
+
 def proximal_term(model: RecLM, mu: float):
     """FedProx: mu/2 * ||theta - theta_global||^2 over the trainable (LoRA) weights, theta_global = now."""
     params = model.trainable_parameters()
@@ -89,6 +94,7 @@ class FederatedClient:
         self.cid, self.model, self.cfg, self.progress = cid, model, cfg, progress
         self.samples = {"train": train_samples, "valid": valid, "test": test}
         self.items = {k: model.encode(v) for k, v in self.samples.items()}
+        self._features: dict[str, np.ndarray] = {}  # split -> untuned features (the mixture's, computed once)
 
     @property
     def n_train(self) -> int:
@@ -113,6 +119,16 @@ class FederatedClient:
         return FitResult(Update(adapter_state(m.model), float(loss), self.n_train), seconds, res.samples_seen,
                          _channel_bytes(m) - before)
 
+    def train_alone(self, init: State) -> tuple[State, float]:
+        """Every round of the run on this client's own samples, from ``init``, with the run's round seeds and no
+        aggregation (what a ``local`` / ``mixture`` client does): (the final state, training seconds). A
+        deletion retrains a client this way (METHODS §10), here or on the Flower node holding it."""
+        state, seconds = init, 0.0
+        for rnd in range(self.cfg.federated.rounds):
+            res = self.fit(state, Instructions(rnd=rnd, seed=round_seed(self.cfg.seed, rnd)))
+            state, seconds = res.update.state, seconds + res.seconds
+        return state, seconds
+
     def predict_mixture(self, states: dict[int, State], split: str) -> tuple[Predictions, np.ndarray]:
         """P(Yes) of this client's ``split`` samples under the APA mixture of every client's adapter in ``states``,
         weighted on this client's own validation samples (METHODS §10); with the (n, K) weights, K in sorted
@@ -123,7 +139,7 @@ class FederatedClient:
         labels = np.array([e.label for e in items], dtype=np.float64)
         users = np.array([s.user_id for s in self.samples[split]], dtype=np.int64)
         order = [states[c] for c in sorted(states)]
-        feats = self.__dict__.setdefault("_features", {})
+        feats = self._features
         for name in ("valid", split):
             if name not in feats:
                 feats[name] = untuned_features(self.model, self.items[name], bs, self.progress)

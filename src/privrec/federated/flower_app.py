@@ -166,7 +166,6 @@ def _client_forget(msg, folder: Path):
     request names only this node's users and reaches no other node."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from privrec.federated.runner import round_seed
     from privrec.prepare import shows_tombstoned
 
     client, cfg = _client_for(msg, folder)
@@ -175,10 +174,7 @@ def _client_forget(msg, folder: Path):
     gone = {(int(u), int(i)) for u, i in zip(inter["user_id"], inter["item_id"]) if int(u) in users}
     keep = [s for s in client.samples["train"] if not shows_tombstoned(s, gone)]
     alone = FederatedClient(client.cid, client.model, keep, [], [], cfg)
-    state, seconds = _state_from(msg.content["adapter"]), 0.0
-    for rnd in range(cfg.federated.rounds):
-        res = alone.fit(state, Instructions(rnd=rnd, seed=round_seed(cfg.seed, rnd)))
-        state, seconds = res.update.state, seconds + res.seconds
+    state, seconds = alone.train_alone(_state_from(msg.content["adapter"]))
     metrics = MetricRecord({"n_train": len(keep), "seconds": seconds})
     return Message(RecordDict({"adapter": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 

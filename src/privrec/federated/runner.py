@@ -26,7 +26,14 @@ import numpy as np
 
 from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
-from privrec.federated.client import ClientMetrics, FederatedClient, FitResult, Predictions, split_metrics
+from privrec.federated.client import (
+    ClientMetrics,
+    FederatedClient,
+    FitResult,
+    Predictions,
+    round_seed,
+    split_metrics,
+)
 from privrec.federated.config import FederatedConfig
 from privrec.federated.mixture import own_weight
 from privrec.federated.partition import client_samples, partition_users
@@ -91,11 +98,6 @@ def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> R
         return prepare.build_model(cfg, splits.dataset)
     return prepare.build_model(cfg, splits.dataset, cls=SplitRecLM,
                        before_lora=lambda m: m.configure_split(split.client_first, split.client_last, record=record))
-
-
-def round_seed(seed: int, rnd: int) -> int:
-    """Every client of round t trains with the same seed (identical clients stay identical)."""
-    return seed * 1000 + rnd
 
 
 def client_tensor_predicate(model: RecLM) -> Callable[[str], bool] | None:
