@@ -16,8 +16,11 @@ and samples): their quality side by side with the like-rate reference; then, eac
 with ``privrec forget``'s own code, single-user requests drawn as METHODS §8 says (core: the most training
 samples, edge: the fewest, random: seeded; PPLR, whose every request is a full federated retrain, only the
 random one) and one client leaving (the client of the random user), against a full federated retrain of the
-mixture without the random user timed in the same process; certificate and ``--verify`` for each. Results go
-into ``RUNS/forget.json`` as they are measured (an interrupted benchmark continues).
+mixture without the random user timed in the same process; then the same users on a mixture whose clients are
+cut into 4 slices (``federated.slices=4``, METHODS §9: a request replays from the checkpoint before the user's
+slice), against that model's own full retrain; certificate and ``--verify`` for each. Results go into
+``RUNS/forget.json`` as they are measured (an interrupted benchmark continues; ``--part sliced`` /
+``unsliced`` runs one half).
 
 ``split``: the executed layer split (client: embeddings, first k layers, last m layers, head):
 client parameters vs the whole model; client resident memory before training and at its peak during training
@@ -65,6 +68,7 @@ METHODS = [  # (row name, --set overrides on top of the config)
     ("PPLR + FedABC", ["federated.strategy=pplr", "federated.loss=fedabc"]),
     ("mixture", ["federated.strategy=mixture"]),
 ]
+SLICED = ("mixture, 4 slices", ["federated.strategy=mixture", "federated.slices=4"])  # forget: METHODS §9 in a client
 # The split table: a smaller sample, one round, k = 2 client layers at the bottom, m = 1 at the top.
 SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federated.rounds=1",
                "federated.valid_every_round=false", "federated.strategy=pplr"]
@@ -386,7 +390,9 @@ def _forget_on_copy(run: Path, **kw) -> dict:
     ok = run_verify(copy)["ok"]
     shutil.rmtree(copy, ignore_errors=True)
     body = cert["body"]
+    replay = [a["slices"] for a in body["adapters"] if "slices" in a]
     return {"wall_seconds": wall, "retrain_seconds": cert["record"]["retrain_seconds"],
+            "replay": replay[0] if replay else None,
             "affected": body["affected_shards"], "removed": len(body["removed"]["samples"]),
             "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
             "passed": body["lineage_check"]["passed"], "verified": ok}
@@ -403,7 +409,9 @@ def forget_users(cfg) -> dict[str, int]:
     return {"core": ranked[0], "edge": ranked[-1], "random": int(rng.choice(ranked[1:-1]))}
 
 
-def forget_table(runs: Path, progress: bool) -> str:
+def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
+    """``part``: ``unsliced`` (the mixture and PPLR requests), ``sliced`` (the 4-slice mixture's) or ``all``; the
+    table shows what ``RUNS/forget.json`` holds."""
     from privrec import models
     from privrec.commands.forget import resolve_interactions
 
@@ -414,65 +422,97 @@ def forget_table(runs: Path, progress: bool) -> str:
         rec[key] = value
         path.write_text(json.dumps(rec, indent=1))
 
-    ms = {name: run_once(name, ov, runs, progress) for name, ov in METHODS if name in ("mixture", "PPLR")}
     cfg = config(dict(METHODS)["mixture"])
     users = forget_users(cfg)
-    mix_run, pplr_run = runs / "mixture", runs / "pplr"
-    assignment = models.load(mix_run).clients
-    for how, u in users.items():
-        if f"mixture:{how}" not in rec:
-            print(f"mixture: forget user {u} ({how})", file=sys.stderr)
-            put(f"mixture:{how}", dict(_forget_on_copy(mix_run, users=[u]), user=u, client=assignment[u]))
-    leaving = assignment[users["random"]]
-    if "mixture:client" not in rec:
-        print(f"mixture: client {leaving} leaves", file=sys.stderr)
-        put("mixture:client", dict(_forget_on_copy(mix_run, clients=[leaving]), client=leaving))
-    if "mixture:full" not in rec:  # the same strategy trained again without the random user, timed here
-        print("mixture: full federated retrain without the random user", file=sys.stderr)
-        tomb = {(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [users["random"]])}
-        t0 = time.perf_counter()
-        m = run_federate(cfg, runs / "copies" / "mixture-full", progress=progress, tombstones=tomb,
-                         assignment=assignment)
-        put("mixture:full", {"wall_seconds": time.perf_counter() - t0, "train_seconds": m["train_seconds"]})
-    if "pplr:random" not in rec:
-        print(f"PPLR: forget user {users['random']} (random): a full federated retrain", file=sys.stderr)
-        put("pplr:random", dict(_forget_on_copy(pplr_run, users=[users["random"]], retrain_federation=True),
-                                user=users["random"]))
+    tomb = {(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [users["random"]])}
+
+    def requests(key: str, run: Path, full_cfg) -> None:
+        """core / edge / random users on ``run``, then the same strategy trained again without the random user."""
+        assignment = models.load(run).clients
+        for how, u in users.items():
+            if f"{key}:{how}" not in rec:
+                print(f"{key}: forget user {u} ({how})", file=sys.stderr)
+                put(f"{key}:{how}", dict(_forget_on_copy(run, users=[u]), user=u, client=assignment[u]))
+        if f"{key}:full" not in rec:  # the same strategy trained again without the random user, timed here
+            print(f"{key}: full federated retrain without the random user", file=sys.stderr)
+            t0 = time.perf_counter()
+            m = run_federate(full_cfg, runs / "copies" / f"{key}-full", progress=progress, tombstones=tomb,
+                             assignment=assignment)
+            put(f"{key}:full", {"wall_seconds": time.perf_counter() - t0, "train_seconds": m["train_seconds"]})
+
+    ms = {}
+    if part in ("unsliced", "all"):
+        ms = {name: run_once(name, ov, runs, progress) for name, ov in METHODS if name in ("mixture", "PPLR")}
+        mix_run, pplr_run = runs / "mixture", runs / "pplr"
+        assignment = models.load(mix_run).clients
+        leaving = assignment[users["random"]]
+        requests("mixture", mix_run, cfg)
+        if "mixture:client" not in rec:
+            print(f"mixture: client {leaving} leaves", file=sys.stderr)
+            put("mixture:client", dict(_forget_on_copy(mix_run, clients=[leaving]), client=leaving))
+        if "pplr:random" not in rec:
+            print(f"PPLR: forget user {users['random']} (random): a full federated retrain", file=sys.stderr)
+            put("pplr:random", dict(_forget_on_copy(pplr_run, users=[users["random"]], retrain_federation=True),
+                                    user=users["random"]))
+    if part in ("sliced", "all"):
+        name, ov = SLICED
+        ms[name] = run_once(name, ov, runs, progress)
+        requests("sliced", runs / "mixture-4-slices", config(ov))
+    for name, ov in [*METHODS, SLICED]:  # the quality rows of every run this table has
+        out = runs / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        if name in ("mixture", "PPLR", SLICED[0]) and name not in ms and (out / METRICS_FILE).is_file():
+            ms[name] = json.loads((out / METRICS_FILE).read_text())
     ref, _ = like_rate_reference(cfg)
+    any_m = next(iter(ms.values()))
     lines = [f"Model `{cfg.model.name}`, {cfg.federated.clients} {cfg.federated.partition} clients, "
-             f"{ms['mixture']['n_train']} train / {ms['mixture']['n_test']} test samples ({ARGS.config}), "
+             f"{any_m['n_train']} train / {any_m['n_test']} test samples ({ARGS.config}), "
              f"{cfg.federated.rounds} rounds x {cfg.train.epochs} local epoch. Machine: {machine()}.", "",
              "| method | overall AUC | per-client AUC | std | min | gap |", "|---|---|---|---|---|---|"]
-    for name in ("mixture", "PPLR"):
+    for name in ("mixture", SLICED[0], "PPLR"):
+        if name not in ms:
+            continue
         m = ms[name]
         per = ", ".join(fmt(c["auc"]) for c in m["clients"])
         b = m["balance"]
         lines.append(f"| {name} | {fmt(m['auc'])} | {per} | {fmt(b['std'])} | {fmt(b['min'])} | {fmt(b['gap'])} |")
     lines.append(f"| history like-rate (reference) | {fmt(ref)} | | | | |")
-    own = ", ".join(f"{c['mixture_own_weight']:.2f}" for c in ms["mixture"]["clients"])
-    lines += ["", f"Mixture: mean weight each client's test prompts give its own adapter: {own}.", "",
-              "| request | model | user (draw) / client | samples removed (train) | adapters retrained | "
-              "forget wall s | retrain s | same strategy's full retrain (training s) / forget wall | certificate | "
-              "--verify |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    if "mixture" in ms:
+        own = ", ".join(f"{c['mixture_own_weight']:.2f}" for c in ms["mixture"]["clients"])
+        lines += ["", f"Mixture: mean weight each client's test prompts give its own adapter: {own}."]
+    lines += ["", "| request | model | user (draw) / client | samples removed (train) | adapters retrained | "
+              "restored / rounds replayed | forget wall s | retrain s | same model's full retrain (training s) / "
+              "forget wall | certificate | --verify |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     # PPLR's forget is itself the full federated retrain: against its own training seconds
-    full = {"mixture": rec["mixture:full"]["train_seconds"], "pplr": rec["pplr:random"]["retrain_seconds"]}
+    full = {k: rec[f"{k}:full"]["train_seconds"] for k in ("mixture", "sliced") if f"{k}:full" in rec}
+    if "pplr:random" in rec:
+        full["pplr"] = rec["pplr:random"]["retrain_seconds"]
+    models_of = {"mixture": "mixture", "sliced": SLICED[0], "pplr": "PPLR (--retrain-federation)"}
     for key, label in [("mixture:core", "one user"), ("mixture:edge", "one user"), ("mixture:random", "one user"),
-                       ("mixture:client", "one client leaves"), ("pplr:random", "one user")]:
-        r = rec[key]
+                       ("mixture:client", "one client leaves"), ("sliced:core", "one user"),
+                       ("sliced:edge", "one user"), ("sliced:random", "one user"), ("pplr:random", "one user")]:
+        r, kind = rec.get(key), key.split(":")[0]
+        if r is None:
+            continue
         who = (f"{r['user']} ({key.split(':')[1]}) / {r.get('client', '-')}" if "user" in r
                else f"- / {r['client']}")
-        model = "PPLR (--retrain-federation)" if key.startswith("pplr") else "mixture"
-        lines.append(f"| {label} | {model} | {who} | {r['removed']} ({r['removed_train']}) | {r['affected']} | "
-                     f"{r['wall_seconds']:.1f} | {r['retrain_seconds']:.1f} | "
-                     f"{full[key.split(':')[0]] / r['wall_seconds']:.1f}x | "
+        rp = r.get("replay")
+        replay = f"{rp['restored']} / {rp['replayed_rounds']}" if rp else "-"
+        ratio = f"{full[kind] / r['wall_seconds']:.1f}x" if kind in full else "-"
+        lines.append(f"| {label} | {models_of[kind]} | {who} | {r['removed']} ({r['removed_train']}) | "
+                     f"{r['affected']} | {replay} | {r['wall_seconds']:.1f} | {r['retrain_seconds']:.1f} | {ratio} | "
                      f"{'passed' if r['passed'] else 'FAILED'} | {'ok' if r['verified'] else 'FAILED'} |")
-    f = rec["mixture:full"]
-    lines += ["", f"Full federated retrain of the mixture without the random user, timed in this process: "
-              f"{f['train_seconds']:.1f} s of training ({f['wall_seconds']:.1f} s with the model build and the "
-              f"test scoring); PPLR's request is its full federated retrain ({full['pplr']:.1f} s of training). "
-              "Forget wall = request to certificate "
-              "in-process (data, model build, purge, retrain, swap, lineage check, certificate)."]
+    notes = []
+    for kind, what in (("mixture", "the mixture"), ("sliced", f"the {SLICED[0]} mixture")):
+        f = rec.get(f"{kind}:full")
+        if f:
+            notes.append(f"{what} trained again without the random user, timed in this benchmark: "
+                         f"{f['train_seconds']:.1f} s of training ({f['wall_seconds']:.1f} s with the model build "
+                         "and the test scoring)")
+    if "pplr" in full:
+        notes.append(f"PPLR's request is its full federated retrain ({full['pplr']:.1f} s of training)")
+    lines += ["", "Full retrains: " + "; ".join(notes) + ". Forget wall = request to certificate in-process (data, "
+              "model build, purge, retrain or replay, swap, lineage check, certificate)."]
     return "\n".join(lines)
 
 
@@ -483,6 +523,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ARGS.config), help="base config (default configs/pplr-ml100k.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md / benchmarks.md / img/ are")
+    ap.add_argument("--part", choices=["all", "unsliced", "sliced"], default="all",
+                    help="forget: only the mixture and PPLR requests, or only the 4-slice mixture's")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     ARGS.config, ARGS.set, ARGS.docs = args.config, args.set, args.docs
@@ -491,7 +533,7 @@ def main() -> None:
         body = results_table(runs, args.progress)
         publish(Path(args.docs) / "results.md", "bench_federated_table", body)
     if args.what == "forget":
-        body = forget_table(runs, args.progress)
+        body = forget_table(runs, args.progress, args.part)
         publish(Path(args.docs) / "federated.md", "bench_federated_forget", body)
     if args.what == "memory":
         whole, client = measure_memory(SPLIT)

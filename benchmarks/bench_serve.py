@@ -9,6 +9,8 @@ posts one deletion (a user with training samples) and loads the service until th
 
     python benchmarks/bench_serve.py runs/mine --concurrency 4 --seconds 60       # SmolLM2 model directory
     python benchmarks/bench_serve.py runs/tiny --concurrency 2 --seconds 5         # smoke test (tiny model)
+    privrec serve runs/mine --precompute-only --candidates 20                      # the store, then:
+    python benchmarks/bench_serve.py runs/mine --precompute --candidates 20 --concurrency 4 --seconds 60
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def free_port() -> int:
 def start(model: Path, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "privrec.cli", "--no-progress", "serve", str(model), "--port", str(port),
-           "--candidates", str(args.candidates)]
+           "--candidates", str(args.candidates)] + (["--precompute"] if args.precompute else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(model / "serve.err", "w"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -72,8 +74,10 @@ def load(url: str, token: str, users: list[int], items: list[int], concurrency: 
                     name, r = "score", http.post("/v1/score", json={"pairs": pairs})
                 else:
                     name, r = "recommendations", http.get(f"/v1/users/{u}/recommendations", params={"k": 10})
+                took = time.perf_counter() - t
+                src = r.json().get("source") if name == "recommendations" and r.status_code == 200 else None
                 with lock:
-                    results[name].append((time.perf_counter() - t, r.status_code))
+                    results[name].append((took, r.status_code, src))
                 n += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
@@ -87,19 +91,22 @@ def load(url: str, token: str, users: list[int], items: list[int], concurrency: 
 def summary(results: dict, seconds: float) -> dict:
     out = {}
     for name, rows in results.items():
-        lat = np.array([s for s, _ in rows]) * 1000 if rows else np.zeros(1)
+        lat = np.array([s for s, _, _ in rows]) * 1000 if rows else np.zeros(1)
         out[name] = {"requests": len(rows), "per_second": len(rows) / seconds,
                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                     "errors": sum(1 for _, code in rows if code != 200)}
+                     "errors": sum(1 for _, code, _ in rows if code != 200)}
+        if name == "recommendations":  # how many were answered from the precomputed store
+            out[name]["from_store"] = sum(1 for _, _, src in rows if src == "store")
     return out
 
 
 def show(title: str, s: dict, seconds: float) -> None:
     print(f"{title} ({seconds:.0f}s)")
-    print(f"  {'endpoint':<16} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"  {'endpoint':<16} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+          f"{'from store':>10}")
     for name, m in s.items():
         print(f"  {name:<16} {m['requests']:>8} {m['per_second']:>7.2f} {m['p50_ms']:>8.0f} {m['p99_ms']:>8.0f} "
-              f"{m['errors']:>6}")
+              f"{m['errors']:>6} {m.get('from_store', '-'):>10}")
 
 
 def main() -> None:
@@ -112,6 +119,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=200, help="how many users the clients draw from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-deletion", action="store_true", help="phase 1 only")
+    ap.add_argument("--precompute", action="store_true",
+                    help="serve with --precompute (the store MODEL/serve/recommendations.json is used when current "
+                    "for these --candidates; an applied deletion makes it stale until the worker recomputes it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -128,7 +138,7 @@ def main() -> None:
             rng = np.random.default_rng(args.seed)
             users = sorted(int(u) for u in rng.choice(cfg_users, min(args.users, len(cfg_users)), replace=False))
             items = list(range(1, 1683))
-            out = {"concurrency": args.concurrency, "candidates": args.candidates}
+            out = {"concurrency": args.concurrency, "candidates": args.candidates, "precompute": args.precompute}
             t0 = time.time()
             res = load(url, token, users, items, args.concurrency, lambda: time.time() - t0 > args.seconds, args.seed)
             took = time.time() - t0

@@ -257,22 +257,28 @@ def test_mixture_on_flower_gives_the_in_process_metrics(tmp_path, task_identity,
                 == read_adapter(tmp_path / "in-process" / "adapters" / f"client-{c}")[1]["tensors_sha256"])
 
 
-def test_a_deletion_reaches_only_the_node_that_holds_the_user(tmp_path, task_identity):
+@pytest.mark.parametrize("slices", [1, 2])
+def test_a_deletion_reaches_only_the_node_that_holds_the_user(tmp_path, task_identity, slices):
     """privrec forget on a mixture model deployed on Flower: the nodes are asked which client they are (no user
     id), then one message, to the node holding the user, names the user; that node retrains its client alone
-    and the model gets the adapter an in-process forget gives (bit-identical), certified and verified."""
+    and the model gets the adapter an in-process forget gives (bit-identical), certified and verified. With
+    ``federated.slices`` the node cuts its slices from its own samples, replays from the checkpoint the server
+    sent (a user of the last slice: the last round only) and returns the replayed checkpoints."""
     import shutil
 
     from privrec import models
     from privrec.commands.forget import run_forget, run_verify
     from privrec.federated.flower_app import FORGET, flower_retrain
+    from privrec.model.adapters import read_meta
 
-    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture"})
+    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture", "slices": slices})
     grid = _FakeGrid(_split(cfg, tmp_path / "split"))
     _run_on(grid, cfg, tmp_path / "flower")
     shutil.copytree(tmp_path / "flower", tmp_path / "here")
     manifest = models.load(tmp_path / "flower")
     user = next(u for u, c in sorted(manifest.clients.items()) if c == 1)
+    if slices > 1:  # a user of client 1's last slice
+        user = int(read_meta(tmp_path / "flower" / "adapters" / "client-1")["slices"][-1][0].split("-")[0][1:])
 
     sent: list = []
     grid.replies.clear()
@@ -290,6 +296,11 @@ def test_a_deletion_reaches_only_the_node_that_holds_the_user(tmp_path, task_ide
     assert all(not m.content for m in sent if m.metadata.message_type == "query")
     forget_msg = next(m for m in sent if m.metadata.message_type == FORGET)
     assert list(forget_msg.content["config"]["users"]) == [user] and forget_msg.content["config"]["client"] == 1
+    assert forget_msg.content["config"]["first"] == slices - 1  # the round it replays from
+    assert sorted(p.relative_to(tmp_path / "flower") for p in (tmp_path / "flower").rglob("*.safetensors")) == \
+        sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*.safetensors"))
+    for p in (tmp_path / "here" / "slices").rglob("*.safetensors"):  # the checkpoints, bit-identical
+        assert (tmp_path / "flower" / p.relative_to(tmp_path / "here")).read_bytes() == p.read_bytes()
 
 
 def test_a_node_without_its_data_stops_the_run_with_one_line(tmp_path, task_identity):

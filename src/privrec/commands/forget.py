@@ -169,7 +169,54 @@ class Route:
                 "config_digest": self.cfg.digest(), "data_source": self.cfg.data.source}
 
 
-class RetrainShards(Route):
+class _Checkpointed(Route):
+    """Slots whose adapter may come with SISA checkpoints (METHODS §9): ``slices/{prefix}K/stage-S``."""
+
+    prefix = SHARD_PREFIX
+
+    def checkpoints(self, root, k: int) -> Path:
+        return checkpoint_set(root, k, self.prefix)
+
+    def install_slot(self, rid, k, retired):
+        staged, final = self.checkpoints(self.run / STAGING_DIR / rid, k), self.checkpoints(self.run.path, k)
+        old = final.with_name(f".{final.name}.old")
+        if staged.exists():
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(staged, final)
+        elif retired:
+            shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoints held the deleted data
+
+    def problems(self, k, folder, universe, tombstones):
+        meta = read_meta(folder)
+        here = self.checkpoints(self.run.path, k)
+        if not meta.get("slices") and not here.exists():
+            return []
+        return check_checkpoints(here, meta, universe, tombstones)
+
+    def stray(self):
+        base = self.run / SLICES_DIR
+        have = {f"{self.prefix}{k}" for k in self.folders()}
+        return [f"checkpoints {p.name} belong to no current {self.prefix.rstrip('-')}" for p in sorted(base.iterdir())
+                if p.name not in have] if base.is_dir() else []
+
+    def resume_point(self, there: Path, old: dict, slices: list[list[str]], j: int) -> int:
+        """The stage a replay of a slot whose first affected slice is ``j`` continues after: the last checkpoint
+        this request already staged with the right samples (a resumed request), else ``j - 1``."""
+        r = len(slices)
+        return next((s for s in range(r - 1, j - 1, -1) if complete(stage_dir(there, s))
+                     and read_meta(stage_dir(there, s)).get("sample_ids") == cumulative(slices, s)), j - 1)
+
+    def stage_unaffected(self, here: Path, there: Path, j: int) -> None:
+        """The checkpoints before slice ``j`` are kept: copied beside the replayed ones in staging."""
+        for s in range(1, j):
+            if not complete(stage_dir(there, s)):
+                copy_checkpoint(stage_dir(here, s), stage_dir(there, s))
+
+
+class RetrainShards(_Checkpointed):
     name = "retrain-shards"
 
     def __init__(self, run, cfg):
@@ -213,12 +260,9 @@ class RetrainShards(Route):
         if reusable(staged, self.cfg, samples, slices) is not None:
             return
         model, init_state = self._built()
-        here, there = checkpoint_set(self.run.path, k), checkpoint_set(staged.parent, k)
-        for s in range(1, j):  # the unaffected checkpoints are kept: copied beside the replayed ones
-            if not complete(stage_dir(there, s)):
-                copy_checkpoint(stage_dir(here, s), stage_dir(there, s))
-        start = next((s for s in range(r - 1, j - 1, -1) if complete(stage_dir(there, s))
-                      and read_meta(stage_dir(there, s)).get("sample_ids") == cumulative(slices, s)), j - 1)
+        here, there = self.checkpoints(self.run.path, k), self.checkpoints(staged.parent, k)
+        self.stage_unaffected(here, there, j)
+        start = self.resume_point(there, old, slices, j)
         state = restore(there, old, start, init_state) if start < j else load_checkpoint(stage_dir(there, start))[0]
         base = shard_meta(self.cfg, model, k, samples, rid, TrainResult())
         seconds = train_sliced(model, state, [[universe[i] for i in sl] for sl in slices], self.cfg, k, start + 1,
@@ -230,31 +274,6 @@ class RetrainShards(Route):
         save_adapter(model.model, staged, meta)
         self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
                      f"{len(ids)} samples in {seconds:.1f}s")
-
-    def install_slot(self, rid, k, retired):
-        staged, final = checkpoint_set(self.run / STAGING_DIR / rid, k), checkpoint_set(self.run.path, k)
-        old = final.with_name(f".{final.name}.old")
-        if staged.exists():
-            if final.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(staged, final)
-        elif retired:
-            shutil.rmtree(final, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)  # the replaced checkpoints held the deleted data
-
-    def problems(self, k, folder, universe, tombstones):
-        meta = read_meta(folder)
-        here = checkpoint_set(self.run.path, k)
-        if not meta.get("slices") and not here.exists():
-            return []
-        return check_checkpoints(here, meta, universe, tombstones)
-
-    def stray(self):
-        base = self.run / SLICES_DIR
-        have = {f"{SHARD_PREFIX}{k}" for k in self.folders()}
-        return [f"checkpoints {p.name} belong to no current shard" for p in sorted(base.iterdir())
-                if p.name not in have] if base.is_dir() else []
 
     def purge(self, removed_ids, universe):
         n = purge_features(self.run / FEATURES_FILE, removed_ids)
@@ -300,12 +319,14 @@ class RetrainAll(Route):
         return dict(super().run_info(), kind="single")
 
 
-class _ClientSlots(Route):
+class _ClientSlots(_Checkpointed):
     """A ``clients`` model (``privrec federate``): slot C is client C's adapter (``adapters/client-C``)."""
 
     def __init__(self, run, cfg):
         super().__init__(run, cfg)
         self._model = None
+
+    prefix = CLIENT_PREFIX
 
     def folders(self):
         return {int(f.name[len(CLIENT_PREFIX):]): f for f in models.adapter_folders(self.run.path, CLIENT_PREFIX)}
@@ -339,16 +360,20 @@ class _ClientSlots(Route):
 
 class RetrainClient(_ClientSlots):
     """local / mixture (METHODS §10): a client adapter saw only its own users' samples, so forgetting a user
-    retrains their client's adapter alone, from the run's initial adapter, with the run's rounds and seeds on
-    the samples it has left (in the run's order); a client whose samples are all deleted (``--clients``) has
-    left: its adapter is dropped. Every other client's adapter stays bit-identical."""
+    retrains their client's adapter alone, with the run's rounds and seeds on the samples it has left (in the
+    run's order): from the run's initial adapter, or, for a sliced client (``federated.slices``, METHODS §9),
+    from the checkpoint before the first round that saw the slice holding them (the later rounds replayed, their
+    checkpoints written again); a client whose samples are all deleted (``--clients``) has left: its adapter
+    and checkpoints are dropped. Every other client's adapter stays bit-identical."""
 
     name = "retrain-client"
     # where the client's data lives: None = here (the model's data source); a Flower deployment sets
-    # remote(client, users, init_state) -> (state, n_train, seconds): the node holding the client retrains
+    # remote(client, users, start_state, first_round) -> (state, n_train, seconds, {stage: checkpoint state}):
+    # the node holding the client replays its rounds from first_round
     remote = None
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        from privrec.federated import slicing
         from privrec.federated.client import FederatedClient
         from privrec.model.adapters import load_adapter_state
         from privrec.prepare import adapter_meta
@@ -359,19 +384,53 @@ class RetrainClient(_ClientSlots):
         samples = [s for s in source_data(self.cfg)[2].train if s.sample_id in keep]  # the run's order
         model, init = self._built()
         manifest = models.load(self.run.path)
+        old = read_meta(self.folders()[k])
+        meta = adapter_meta(self.cfg, model, samples, client=k, strategy=manifest.strategy,
+                            rounds=self.cfg.federated.rounds, trained_on_clients=[k], request=rid)
+        rounds, slices, replay = self.cfg.federated.rounds, None, {}
+        start, first = init, 0
+        there = self.checkpoints(staged.parent, k)
+        if old.get("slices"):
+            slices = [[i for i in sl if i in keep] for sl in old["slices"]]
+            r, j = len(slices), first_affected(old["slices"], slices)
+            assert j is not None, "an affected client lost samples"
+            self.stage_unaffected(self.checkpoints(self.run.path, k), there, j)
+            done = self.resume_point(there, old, slices, j)
+            start = (restore(there, old, done, init) if done < j else load_checkpoint(stage_dir(there, done))[0]).adapter
+            first = slicing.first_round(done + 1, r, rounds)
+            replay = {"request": rid, "restored": stage_label(j - 1), "replayed_rounds": list(range(
+                slicing.first_round(j, r, rounds) + 1, rounds + 1)), "checkpoints_replaced": [
+                stage_label(s) for s in range(j, r)]}
+
+        def saved(s: int, state) -> None:  # a replayed round's checkpoint, into the request's staging folder
+            load_adapter_state(model.model, state)
+            slicing.save_client_checkpoint(model, staged.parent, k, s, slicing.in_slices(samples, slices, s), meta)
+            if self.fault is not None:
+                self.fault(f"checkpoint-client-{k}-stage-{s}")
+
         if self.remote is not None:  # only the node holding client k learns who is deleted
             users = sorted({u for u, _ in tombstones if manifest.clients.get(u) == k})
-            state, n, seconds = self.remote(k, users, init)
+            state, n, seconds, ckpts = self.remote(k, users, start, first)
             if n != len(samples):
                 raise RunError(f"the node of client {k} retrained on {n} samples; this model's data leaves "
                                f"{len(samples)}: the node's folder and the model's data differ")
+            for s, st in sorted(ckpts.items()):
+                saved(s, st)
         else:
-            state, seconds = FederatedClient(k, model, samples, [], [], self.cfg).train_alone(init)
+            def on_round(rnd, state):
+                s = slicing.checkpoint_after(rnd, len(slices), rounds) if slices else None
+                if s is not None:
+                    saved(s, state)
+
+            client = FederatedClient(k, model, samples, [], [], self.cfg, slices=slices)
+            state, seconds = client.train_alone(start, first, on_round)
         load_adapter_state(model.model, state)
-        save_adapter(model.model, staged, adapter_meta(
-            self.cfg, model, samples, client=k, strategy=manifest.strategy, rounds=self.cfg.federated.rounds,
-            trained_on_clients=[k], train_seconds=seconds, request=rid))
-        self.run.log(f"forget {rid}: client {k} retrained alone on {len(samples)} samples in {seconds:.1f}s")
+        meta.update(train_seconds=seconds)
+        if slices is not None:
+            meta.update(slicing.sliced_fields(self.cfg, k, slices, staged.parent), replay=replay)
+        save_adapter(model.model, staged, meta)
+        self.run.log(f"forget {rid}: client {k} retrained alone on {len(samples)} samples in {seconds:.1f}s"
+                     + (f" (restored {replay['restored']}, replayed rounds {first + 1}..{rounds})" if replay else ""))
 
 
 class RetrainFederation(_ClientSlots):

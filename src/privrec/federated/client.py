@@ -1,7 +1,8 @@
 """One client's update: its own samples through the shared training loop (DESIGN.md: one trainer).
 
 A client holds only its users' samples (METHODS §2). A round loads the state the strategy gave it into
-the model's one LoRA adapter, runs ``train.epochs`` local epochs of :func:`privrec.train.train` (with
+the model's one LoRA adapter, runs ``train.epochs`` local epochs of :func:`privrec.train.train` on the
+round's samples (all of them; with ``federated.slices``, the slices that round sees: :mod:`.slicing`) (with
 FedProx's proximal term as the loop's ``regularizer`` and FedABC's balanced batches as its ``batch_plan``),
 and reports the new state, the last epoch's mean training loss and its sample count. Scoring uses the one
 scorer. Both the in-process runner and the Flower ClientApp call exactly these methods.
@@ -10,6 +11,7 @@ scorer. Both the in-process runner and the Flower ClientApp call exactly these m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 
 from privrec.data import Sample
 from privrec.federated.fedabc import fedabc_plan
+from privrec.federated.slicing import client_slices, in_slices, slices_seen
 from privrec.federated.strategies import Instructions, State, Update
 from privrec.metrics import binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state
@@ -87,22 +90,40 @@ def _channel_bytes(model: RecLM) -> int:
 
 
 class FederatedClient:
-    """A client: an id, its samples (tokenised once) and the shared model it borrows for its turn."""
+    """A client: an id, its samples (tokenised once) and the shared model it borrows for its turn.
+
+    ``slices``: its slice map under ``federated.slices`` (default: cut from ``train_samples``; a deletion's
+    replay passes the model's map without the deleted samples)."""
 
     def __init__(self, cid: int, model: RecLM, train_samples: list[Sample], valid: list[Sample],
-                 test: list[Sample], cfg, progress: bool = False):
+                 test: list[Sample], cfg, progress: bool = False, slices: list[list[str]] | None = None):
         self.cid, self.model, self.cfg, self.progress = cid, model, cfg, progress
         self.samples = {"train": train_samples, "valid": valid, "test": test}
         self.items = {k: model.encode(v) for k, v in self.samples.items()}
         self._features: dict[str, np.ndarray] = {}  # split -> untuned features (the mixture's, computed once)
+        fed = getattr(cfg, "federated", None)
+        self.slices = slices if slices is not None else client_slices(train_samples, fed.slices if fed else 1)
 
     @property
     def n_train(self) -> int:
         return len(self.items["train"])
 
+    def round_items(self, rnd: int) -> list:
+        """The encoded training samples round ``rnd`` trains on (all, or its slices)."""
+        if self.slices is None:
+            return self.items["train"]
+        f = self.cfg.federated
+        keep = {s.sample_id for s in in_slices(self.samples["train"], self.slices,
+                                               slices_seen(rnd, len(self.slices), f.rounds))}
+        return [e for e, s in zip(self.items["train"], self.samples["train"]) if s.sample_id in keep]
+
     def fit(self, state: State, ins: Instructions) -> FitResult:
-        """Local epochs from ``state``; returns the new state and the last epoch's mean loss."""
+        """Local epochs from ``state`` on the round's samples; returns the new state and the last epoch's mean
+        loss (a round with no sample, a slice emptied by deletions, leaves the state as it was)."""
         m, f = self.model, self.cfg.federated
+        items = self.round_items(ins.rnd)
+        if not items:
+            return FitResult(Update(state, float("nan"), 0), 0.0, 0, 0)
         load_adapter_state(m.model, state)
         regularizer = proximal_term(m, ins.mu) if ins.mu > 0 else None
         plan = None
@@ -112,21 +133,26 @@ class FederatedClient:
         tcfg = self.cfg.train.model_copy(update={"checkpoint": False})
         before = _channel_bytes(m)
         t0 = time.perf_counter()
-        res = train(m, self.items["train"], tcfg, ins.seed, valid=None, loss_fn=bce_loss, regularizer=regularizer,
+        res = train(m, items, tcfg, ins.seed, valid=None, loss_fn=bce_loss, regularizer=regularizer,
                     batch_plan=plan, lr_scale=ins.lr_scale, progress=self.progress)
         seconds = time.perf_counter() - t0
         loss = res.history[-1]["train_loss"] if res.history else float("nan")
-        return FitResult(Update(adapter_state(m.model), float(loss), self.n_train), seconds, res.samples_seen,
+        return FitResult(Update(adapter_state(m.model), float(loss), len(items)), seconds, res.samples_seen,
                          _channel_bytes(m) - before)
 
-    def train_alone(self, init: State) -> tuple[State, float]:
-        """Every round of the run on this client's own samples, from ``init``, with the run's round seeds and no
-        aggregation (what a ``local`` / ``mixture`` client does): (the final state, training seconds). A
-        deletion retrains a client this way (METHODS §10), here or on the Flower node holding it."""
+    def train_alone(self, init: State, first: int = 0,
+                    on_round: Callable[[int, State], None] | None = None) -> tuple[State, float]:
+        """Rounds ``first``.. of the run on this client's own samples, from ``init`` (the state before round
+        ``first``), with the run's round seeds and no aggregation (what a ``local`` / ``mixture`` client does):
+        (the final state, training seconds); ``on_round(rnd, state)`` after each round. A deletion retrains a
+        client this way (METHODS §10; from the checkpoint before the first round that saw the deleted slice),
+        here or on the Flower node holding it."""
         state, seconds = init, 0.0
-        for rnd in range(self.cfg.federated.rounds):
+        for rnd in range(first, self.cfg.federated.rounds):
             res = self.fit(state, Instructions(rnd=rnd, seed=round_seed(self.cfg.seed, rnd)))
             state, seconds = res.update.state, seconds + res.seconds
+            if on_round is not None:
+                on_round(rnd, state)
         return state, seconds
 
     def predict_mixture(self, states: dict[int, State], split: str) -> tuple[Predictions, np.ndarray]:

@@ -47,6 +47,12 @@ class FederatedSection(_Section):
     mixture_aggregation: Literal["apa-nd", "apa-d"] = Field(
         "apa-nd", description="mixture: mix the adapters' updates B_k A_k x (apa-nd) or their A and B (apa-d).")
     rounds: int = Field(3, ge=1, description="Communication rounds; each runs train.epochs local epochs.")
+    slices: int = Field(
+        1, ge=1, description="SISA slices R inside each client (METHODS §9, §10; local and mixture only, R <= "
+        "rounds): the client's training samples cut into R slices of whole users, oldest users first; round t "
+        "(from 0) trains on slices 1..ceil((t + 1) R / rounds), and the adapter before the first round that sees "
+        "slice s + 1 is kept as checkpoint stage-s (MODEL/slices/client-C/stage-S, with its own lineage), so a "
+        "user's deletion replays only the rounds from the first one that saw their slice. 1 = unsliced.")
     mu: float = Field(0.01, ge=0, description="fedprox: weight of mu/2 * ||theta - theta_global||^2.")
     alpha: float = Field(0.7, gt=0, description="pplr: curriculum heating w_i = tanh(alpha / l~_i^(t + 1/beta)).")
     beta: float = Field(1.0, gt=0, description="pplr: heating speed (paper: 1..5); 1/beta is added to the "
@@ -98,6 +104,12 @@ class FederatedConfig(ExperimentConfig):
                              "every client adapter in one forward, on the whole model); remove federated.split")
         if f.strategy == "mixture" and self.task != "like-prediction":
             raise ValueError("federated.strategy=mixture scores like-prompts (task: like-prediction)")
+        if f.slices > 1 and f.strategy not in ("local", "mixture"):
+            raise ValueError(f"federated.slices needs a strategy that never mixes clients' weights (local, mixture), "
+                             f"not {f.strategy}: aggregation carries every slice into every adapter")
+        if f.slices > f.rounds:
+            raise ValueError(f"federated.slices={f.slices} exceeds federated.rounds={f.rounds} (each slice enters at "
+                             "the start of a round)")
         if f.lr_scale and f.strategy != "pplr":
             raise ValueError("federated.lr_scale is PPLR's learning-speed option: set federated.strategy=pplr")
         return self

@@ -162,28 +162,42 @@ def _client_evaluate(msg, folder: Path):
 def _client_forget(msg, folder: Path):
     """A deletion request routed to the one node holding the users (METHODS §10, strategy local / mixture):
     the node drops every sample of its own that shows one of their interactions, trains its client's adapter
-    alone from the initial adapter the server sent, with the run's rounds and seeds, and replies with it. The
+    alone with the run's rounds and seeds from the state the server sent (the initial adapter, or for a sliced
+    client the checkpoint before round ``first``: its slice map is cut from the node's own samples as in
+    training, without the dropped ones), and replies with it and the checkpoints of the rounds it replayed. The
     request names only this node's users and reaches no other node."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+    from privrec.federated import slicing
     from privrec.prepare import shows_tombstoned
 
     client, cfg = _client_for(msg, folder)
-    users = {int(u) for u in msg.content["config"]["users"]}
+    conf = msg.content["config"]
+    users, first = {int(u) for u in conf["users"]}, int(conf.get("first", 0))
     inter = load_client_data(folder, cfg).dataset.inter
     gone = {(int(u), int(i)) for u, i in zip(inter["user_id"], inter["item_id"]) if int(u) in users}
     keep = [s for s in client.samples["train"] if not shows_tombstoned(s, gone)]
-    alone = FederatedClient(client.cid, client.model, keep, [], [], cfg)
-    state, seconds = alone.train_alone(_state_from(msg.content["adapter"]))
+    ids = {s.sample_id for s in keep}
+    slices = None if client.slices is None else [[i for i in sl if i in ids] for sl in client.slices]
+    alone = FederatedClient(client.cid, client.model, keep, [], [], cfg, slices=slices)
+    ckpts: dict[int, State] = {}
+
+    def on_round(rnd: int, state: State) -> None:
+        s = slicing.checkpoint_after(rnd, len(slices), cfg.federated.rounds) if slices else None
+        if s is not None:
+            ckpts[s] = state
+
+    state, seconds = alone.train_alone(_state_from(msg.content["adapter"]), first, on_round)
     metrics = MetricRecord({"n_train": len(keep), "seconds": seconds})
-    return Message(RecordDict({"adapter": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"adapter": ArrayRecord(state), "checkpoints": ArrayRecord(pack_states(ckpts)),
+                               "metrics": metrics}), reply_to=msg)
 
 
 def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeout: float = 3600.0,
                    record: list | None = None):
     """``remote`` for :class:`~privrec.commands.forget.RetrainClient`: finds which node holds which client (the
     nodes' own ``query`` answers, as a federate run does) and sends a deletion only to the node holding it.
-    Returns ``retrain(client, users, init_state) -> (state, n_train, seconds)``."""
+    Returns ``retrain(client, users, start_state, first_round) -> (state, n_train, seconds, {stage: state})``."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
     from privrec.federated.runner import Federation
@@ -191,16 +205,18 @@ def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeo
 
     dispatcher = FlowerDispatcher(grid, Federation(cfg, setup_data(cfg), assignment), timeout, record)
 
-    def retrain(client: int, users: list[int], init: State):
-        conf = ConfigRecord({"yaml": dispatcher.cfg_yaml, "client": client, "users": [int(u) for u in users]})
-        msg = Message(RecordDict({"adapter": ArrayRecord(init), "config": conf}),
+    def retrain(client: int, users: list[int], start: State, first: int = 0):
+        conf = ConfigRecord({"yaml": dispatcher.cfg_yaml, "client": client, "users": [int(u) for u in users],
+                             "first": int(first)})
+        msg = Message(RecordDict({"adapter": ArrayRecord(start), "config": conf}),
                       dst_node_id=dispatcher.node_of[client], message_type=FORGET, group_id=f"forget-{client}")
         [r] = dispatcher._send([msg]) or [None]
         if r is None or r.has_error():
             raise RunError(f"the Flower node of client {client} did not retrain: "
                            f"{r.error.reason if r is not None else 'no reply'}")
         m = r.content["metrics"]
-        return _state_from(r.content["adapter"]), int(m["n_train"]), float(m["seconds"])
+        ckpts = unpack_states(_state_from(r.content["checkpoints"])) if "checkpoints" in r.content else {}
+        return _state_from(r.content["adapter"]), int(m["n_train"]), float(m["seconds"]), ckpts
 
     return retrain
 

@@ -15,6 +15,7 @@ aggregation, metrics, saving — is this module's, shared by both.
 from __future__ import annotations
 
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +35,10 @@ from privrec.federated.client import (
     round_seed,
     split_metrics,
 )
+from privrec.federated import slicing
 from privrec.federated.config import FederatedConfig
 from privrec.federated.mixture import own_weight
+from privrec.federated.slicing import client_slices
 from privrec.federated.partition import client_samples, partition_users
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
@@ -43,7 +46,7 @@ from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
 from privrec.prepare import machine, setup_data
-from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, RunDir
+from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, SLICES_DIR, RunDir
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data
 
@@ -191,9 +194,11 @@ def eval_states(fed: Federation, strategy: Strategy, states: dict[int, State]) -
 
 def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init: State,
                is_client_tensor: Callable[[str], bool] | None = None,
-               log: Callable[[str], None] = lambda m: None) -> tuple[dict[int, State], list[dict], list[dict]]:
-    """All rounds: instructions -> client updates -> aggregation -> validation. Returns (the states the
-    clients end with, one record per round, one record per failure)."""
+               log: Callable[[str], None] = lambda m: None,
+               on_round: Callable[[int, dict[int, State]], None] | None = None,
+               ) -> tuple[dict[int, State], list[dict], list[dict]]:
+    """All rounds: instructions -> client updates -> aggregation -> validation (-> ``on_round(rnd, states)``).
+    Returns (the states the clients end with, one record per round, one record per failure)."""
     f = fed.cfg.federated
     cids = fed.train_clients(strategy)
     states: dict[int, State] = {c: init for c in cids}
@@ -220,7 +225,7 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
         last_losses.update({c: u.loss for c, u in updates.items()})
 
         n = sum(u.n_train for u in updates.values())
-        mean_loss = sum(u.loss * u.n_train for u in updates.values()) / n if n else float("nan")
+        mean_loss = sum(u.loss * u.n_train for u in updates.values() if u.n_train) / n if n else float("nan")
         adapters = 0
         if exchanges:
             adapters = sum(state_bytes(wire(tasks[c][0])) for c in cids) + \
@@ -236,6 +241,8 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
         if f.valid_every_round:
             record["valid_auc"] = pooled_auc(dispatcher.predict("valid", eval_states(fed, strategy, states)))
         rounds.append(record)
+        if on_round is not None:
+            on_round(rnd, states)
         log(f"round {rnd + 1}/{f.rounds}: mean train loss {mean_loss:.4f}"
             + (f", valid AUC {record['valid_auc']:.4f}" if "valid_auc" in record else "")
             + f", {seconds:.1f}s" + (f", failed {record['failed']}" if record["failed"] else ""))
@@ -294,17 +301,44 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+def client_meta(fed: Federation, model: RecLM, strategy: Strategy, c: int, trained_on: list[int]) -> dict:
+    cfg = fed.cfg
+    samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
+    return prepare.adapter_meta(cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
+                                trained_on_clients=trained_on)
+
+
 def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy, states: dict[int, State],
                   contributors: set[int]) -> None:
-    """One peft adapter folder per client under ``adapters/client-{c}`` with its lineage."""
-    cfg = fed.cfg
+    """One peft adapter folder per client under ``adapters/client-{c}`` with its lineage (a sliced client's
+    also with its slice map and checkpoint records: :mod:`.slicing`)."""
     for c, state in sorted(eval_states(fed, strategy, states).items()):
         load_adapter_state(model.model, state)
         trained_on = sorted(contributors) if strategy.mixes or strategy.pooled else [c]
-        samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
-        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", prepare.adapter_meta(
-            cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
-            trained_on_clients=trained_on))
+        meta = client_meta(fed, model, strategy, c, trained_on)
+        slices = client_slices(fed.samples(c)[0], fed.cfg.federated.slices)
+        if slices is not None:
+            meta.update(slicing.sliced_fields(fed.cfg, c, slices, run.path))
+        save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", meta)
+
+
+def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy):
+    """``on_round`` of a sliced run: after the last round before a new slice enters, every client's state is
+    saved as its checkpoint of that stage (lineage: its slices 1..s)."""
+    f = fed.cfg.federated
+    maps = {c: client_slices(fed.samples(c)[0], f.slices) for c in fed.clients}
+
+    def save(rnd: int, states: dict[int, State]) -> None:
+        s = slicing.checkpoint_after(rnd, f.slices, f.rounds)
+        if s is None:
+            return
+        for c in sorted(states):
+            load_adapter_state(model.model, states[c])
+            own = fed.samples(c)[0]
+            slicing.save_client_checkpoint(model, run.path, c, s, slicing.in_slices(own, maps[c], s),
+                                           client_meta(fed, model, strategy, c, [c]))
+
+    return save
 
 
 # --- the procedure --------------------------------------------------------------------------------------
@@ -350,8 +384,10 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
 
     # 3. rounds: every client starts from the same initial adapter
     t0 = time.perf_counter()
+    shutil.rmtree(run / SLICES_DIR, ignore_errors=True)  # a run trained again keeps no older checkpoint
+    saver = checkpoint_saver(model, run, fed, strategy) if f.slices > 1 else None
     states, rounds, failures = run_rounds(fed, strategy, dispatcher, adapter_state(model.model), is_client_tensor,
-                                          run.log)
+                                          run.log, saver)
     train_seconds = time.perf_counter() - t0
 
     # 4. every client's test samples scored with the adapter it ends with

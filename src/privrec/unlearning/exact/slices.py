@@ -141,9 +141,10 @@ def run_stages(model: RecLM, start: StageState, slices: list[list[Sample]], cfg,
 
 
 # --- checkpoints on disk -------------------------------------------------------------------------------------
-def checkpoint_set(root: Path, k: int) -> Path:
-    """The folder of shard k's checkpoints under a run (or a request's staging folder)."""
-    return Path(root) / SLICES_DIR / f"{SHARD_PREFIX}{k}"
+def checkpoint_set(root: Path, k: int, prefix: str = SHARD_PREFIX) -> Path:
+    """The folder of shard k's (``prefix`` client-: client k's) checkpoints under a run (or a request's staging
+    folder)."""
+    return Path(root) / SLICES_DIR / f"{prefix}{k}"
 
 
 def stage_dir(set_dir: Path, s: int) -> Path:
@@ -205,9 +206,9 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def stage_meta(base: dict, s: int, samples: list[Sample]) -> dict:
-    """A checkpoint's ``privrec.json``: the shard's adapter metadata with this stage's own lineage."""
-    return dict(base, kind="shard-checkpoint", stage=s, sample_ids=sorted(x.sample_id for x in samples),
+def stage_meta(base: dict, s: int, samples: list[Sample], kind: str = "shard-checkpoint") -> dict:
+    """A checkpoint's ``privrec.json``: the shard's (client's) adapter metadata with this stage's own lineage."""
+    return dict(base, kind=kind, stage=s, sample_ids=sorted(x.sample_id for x in samples),
                 lineage_sha256=lineage_of(samples), n_samples=len(samples))
 
 
@@ -252,8 +253,8 @@ def restore(set_dir: Path, meta: dict, s: int, init_state: dict[str, torch.Tenso
     folder = stage_dir(set_dir, s)
     rec = next((c for c in meta.get("checkpoints") or [] if c["stage"] == s), None)
     if rec is None or not complete(folder):
-        raise RunError(f"{folder}: the checkpoint to replay from is missing; train the shard again "
-                       "(privrec shard-train --resume)")
+        raise RunError(f"{folder}: the checkpoint to replay from is missing; train the model again (privrec "
+                       "shard-train --resume, or privrec federate)")
     state, _ = load_checkpoint(folder)
     if tensors_digest(state.adapter) != rec["tensors_sha256"]:
         raise RunError(f"{folder}: the checkpoint differs from the one its shard recorded")
