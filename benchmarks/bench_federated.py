@@ -458,7 +458,7 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
         name, ov = SLICED
         ms[name] = run_once(name, ov, runs, progress)
         requests("sliced", runs / "mixture-4-slices", config(ov))
-    for name, ov in [*METHODS, SLICED]:  # the quality rows of every run this table has
+    for name, _ in [*METHODS, SLICED]:  # the quality rows of every run this table has
         out = runs / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         if name in ("mixture", "PPLR", SLICED[0]) and name not in ms and (out / METRICS_FILE).is_file():
             ms[name] = json.loads((out / METRICS_FILE).read_text())

@@ -396,7 +396,8 @@ class RetrainClient(_ClientSlots):
             assert j is not None, "an affected client lost samples"
             self.stage_unaffected(self.checkpoints(self.run.path, k), there, j)
             done = self.resume_point(there, old, slices, j)
-            start = (restore(there, old, done, init) if done < j else load_checkpoint(stage_dir(there, done))[0]).adapter
+            restored = restore(there, old, done, init) if done < j else load_checkpoint(stage_dir(there, done))[0]
+            start = restored.adapter
             first = slicing.first_round(done + 1, r, rounds)
             replay = {"request": rid, "restored": stage_label(j - 1), "replayed_rounds": list(range(
                 slicing.first_round(j, r, rounds) + 1, rounds + 1)), "checkpoints_replaced": [

@@ -27,6 +27,7 @@ import numpy as np
 
 from privrec import baselines, models, prepare, ranking
 from privrec.data import Sample, Splits
+from privrec.federated import slicing
 from privrec.federated.client import (
     ClientMetrics,
     FederatedClient,
@@ -35,11 +36,10 @@ from privrec.federated.client import (
     round_seed,
     split_metrics,
 )
-from privrec.federated import slicing
 from privrec.federated.config import FederatedConfig
 from privrec.federated.mixture import own_weight
-from privrec.federated.slicing import client_slices
 from privrec.federated.partition import client_samples, partition_users
+from privrec.federated.slicing import client_slices
 from privrec.federated.split import SplitRecLM, encode_message, parameter_counts
 from privrec.federated.strategies import Instructions, State, Strategy, Update, aggregate_parts, make_strategy
 from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
