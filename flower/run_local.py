@@ -11,9 +11,11 @@ Separate processes, as on separate machines:
    the ServerApp, as on the SuperLink machine);
 5. every process it started is stopped (its process group: SIGTERM, then SIGKILL), whatever happened.
 
-``--forget-user U``: then a deletion request on the run (a second ``flwr run`` with ``forget-users=U``: strategy
-local or mixture), routed by the ServerApp to the one SuperNode that holds the user, which retrains its client
-alone; the certificate lands in DIR/run/certificates/.
+``--forget-user U``: then a deletion request on the run (a second ``flwr run`` with ``forget-users=U``): under
+local or mixture routed by the ServerApp to the one SuperNode that holds the user, which retrains its client
+alone; under pplr / fedavg / fedprox, with ``--retrain-federation``, the whole federation trains again on the
+SuperNodes, and only the node that held the user is sent its deleted interactions. The certificate lands in
+DIR/run/certificates/.
 
 ``--compare RUN``: compare DIR/run/metrics.json with an in-process run's (``privrec federate CONFIG --out RUN``
 with the same config and ``--set federated.pooled_scores=true`` on both sides); exit 1 when they differ.
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", default=None, metavar="RUN", help="an in-process run directory to compare with")
     ap.add_argument("--forget-user", type=int, default=None, metavar="U",
                     help="after the run, delete user U through the SuperNode that holds them (local / mixture)")
+    ap.add_argument("--retrain-federation", action="store_true",
+                    help="with --forget-user on a pplr / fedavg / fedprox run: the whole federation trains again on "
+                    "the SuperNodes (only the node holding the user is told what was deleted)")
     args = ap.parse_args(argv)
 
     from privrec.config import load_config
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             flwr.wait(timeout=max(1, args.timeout - (time.monotonic() - t0)))
             t1 = time.monotonic()
             certs = out / "run" / "certificates"
-            rc = run_config + f" forget-users={json.dumps(str(args.forget_user))}"
+            rc = run_config + f" forget-users={json.dumps(str(args.forget_user))}" + (
+                " retrain-federation=true" if args.retrain_federation else "")
             forget = _start([str(BIN / "flwr"), "run", "flower", "local", "--stream", "--run-config", rc],
                             logs / "flwr-forget.log", env)
             procs.append(forget)

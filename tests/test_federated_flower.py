@@ -202,7 +202,7 @@ def test_client_local_protocol_sends_no_user_and_replies_only_client_metrics(tmp
 
     # each node's client holds exactly its own users' samples, built from its own folder
     fed = plan_federation(cfg)
-    held = {c.cid: c for (_, folder), c in flower_app._CLIENTS.items() if folder in folders}
+    held = {c.cid: c for (_, folder, _), c in flower_app._CLIENTS.items() if folder in folders}
     assert sorted(held) == [0, 1, 2]
     for c, client in held.items():
         users = {u for u, cc in fed.assignment.items() if cc == c}
@@ -328,3 +328,50 @@ def test_a_node_without_its_data_stops_the_run_with_one_line(tmp_path, task_iden
     bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(UserError, match="no data folder: start it with --node-config"):
         node_folder(bare)
+
+
+def test_a_pplr_retrain_on_flower_tells_only_the_holding_node_what_was_deleted(tmp_path, task_identity):
+    """privrec forget --retrain-federation on a PPLR model deployed on Flower: the whole federation trains again
+    on the nodes; the deleted interactions travel only in the messages to the node that held them (``drop``),
+    every other node is sent exactly what a federate run sends it (no user id, no sample); the adapters are
+    those of the in-process federated retrain (bit-identical), certified and verified."""
+    import shutil
+
+    from privrec import models
+    from privrec.commands.forget import run_forget, run_verify
+    from privrec.federated.flower_app import flower_retrain
+
+    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "pplr"})
+    grid = _FakeGrid(_split(cfg, tmp_path / "split"))
+    _run_on(grid, cfg, tmp_path / "flower")
+    shutil.copytree(tmp_path / "flower", tmp_path / "here")
+    manifest = models.load(tmp_path / "flower")
+    user = next(u for u, c in sorted(manifest.clients.items()) if c == 1)
+
+    sent: list = []
+    with pytest.raises(UserError, match="--retrain-federation"):  # still asked for by name
+        run_forget(tmp_path / "flower", users=[user], progress=False,
+                   remote=flower_retrain(grid, cfg, dict(manifest.clients), timeout=5))
+    cert = run_forget(tmp_path / "flower", users=[user], progress=False, retrain_federation=True,
+                      remote=flower_retrain(grid, cfg, dict(manifest.clients), timeout=5, record=sent))
+    here = run_forget(tmp_path / "here", users=[user], progress=False, retrain_federation=True)
+    assert cert["body"]["affected_shards"] == [0, 1, 2] and cert["body"]["lineage_check"]["passed"]
+    assert cert["body"]["adapters"] == here["body"]["adapters"]  # the nodes' retrain is the in-process one
+    assert run_verify(tmp_path / "flower")["ok"]
+
+    node_of_1 = next(m.metadata.dst_node_id for m in sent if m.content and "config" in m.content
+                     and m.content["config"]["client"] == 1)
+    carrying = [m for m in sent if "config" in m.content and "drop" in m.content["config"]]
+    assert carrying and {m.metadata.dst_node_id for m in carrying} == {node_of_1}
+    flat = list(carrying[0].content["config"]["drop"])
+    assert set(flat[::2]) == {user} and len(flat) // 2 == len([i for u, i in manifest_interactions(cfg, user)])
+    others = [m for m in sent if m.metadata.dst_node_id != node_of_1]
+    assert others and server_to_client_problems(others, cfg, _lora_shapes(cfg)) == []
+    assert {m.metadata.message_type for m in sent} >= {"query", "train", "evaluate"}
+
+
+def manifest_interactions(cfg, user: int) -> list[tuple[int, int]]:
+    from privrec.commands.forget import resolve_interactions
+    from privrec.federated.runner import plan_federation
+
+    return [(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [user])]

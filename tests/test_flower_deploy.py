@@ -64,3 +64,35 @@ def test_a_deletion_on_a_deployed_mixture_reaches_only_its_supernode(tmp_path):
     assert run_verify(run)["ok"] and models.load(run).strategy == "mixture"
     logs = {c: (tmp_path / "dep" / "logs" / f"supernode-{c}.log").read_text() for c in range(3)}
     assert "train.forget" in logs[2] and not any("train.forget" in logs[c] for c in (0, 1))
+
+
+def test_a_pplr_retrain_on_a_deployment_runs_on_the_supernodes(tmp_path):
+    """A PPLR federation deployed on loopback, then `flwr run` with forget-users and retrain-federation: the
+    whole federation trains again on the SuperNodes (every node trains again), the certificate passes, the
+    adapters are those of the in-process retrain without the user, and privrec forget --verify agrees."""
+    from privrec import models
+    from privrec.cli import main as privrec
+    from privrec.commands.forget import run_forget, run_verify
+    from privrec.config import load_config
+    from privrec.federated.config import FederatedConfig
+    from privrec.federated.runner import plan_federation
+
+    run_local = _run_local()
+    fed = plan_federation(load_config(TINY_FED, [], cls=FederatedConfig))
+    assert fed.cfg.federated.strategy == "pplr"
+    user = next(s.user_id for s in fed.splits.train if fed.assignment[s.user_id] == 1)
+    assert run_local.main([TINY_FED, "--out", str(tmp_path / "dep"), "--port", "8500", "--timeout", "1500",
+                           "--forget-user", str(user), "--retrain-federation"]) == 0
+    run = tmp_path / "dep" / "run"
+    [cert] = [json.loads(p.read_text()) for p in (run / "certificates").glob("*.json")]
+    assert cert["body"]["affected_shards"] == [0, 1, 2] and cert["body"]["run"]["forget"] == "retrain-federation"
+    assert cert["body"]["lineage_check"]["passed"] and run_verify(run)["ok"]
+    for c in range(3):  # every node trained again: two train phases in its log
+        log = (tmp_path / "dep" / "logs" / f"supernode-{c}.log").read_text()
+        assert log.count("Receiving: train message") >= 2 * fed.cfg.federated.rounds
+
+    assert privrec(["--no-progress", "federate", TINY_FED, "--out", str(tmp_path / "here")]) == 0
+    here = run_forget(tmp_path / "here", users=[user], progress=False, retrain_federation=True)
+    assert cert["body"]["adapters"] == here["body"]["adapters"]
+    assert {a.name: a.tensors_sha256 for a in models.load(run).adapters} == \
+        {a.name: a.tensors_sha256 for a in models.load(tmp_path / "here").adapters}

@@ -443,6 +443,8 @@ class RetrainFederation(_ClientSlots):
 
     name = "retrain-federation"
     disjoint = False  # every adapter's lineage holds every contributing client's samples
+    # a Flower deployment sets remote(out, tombstones, assignment, progress) -> metrics: the nodes retrain
+    remote = None
 
     def affected(self, removed):
         return set(self.folders()) if any(x["shard"] is not None for x in removed) else set()
@@ -456,8 +458,11 @@ class RetrainFederation(_ClientSlots):
         if not (fed / "metrics.json").is_file():
             shutil.rmtree(fed, ignore_errors=True)
             manifest = models.load(self.run.path)
-            m = run_federate(self.cfg, fed, progress=progress, tombstones=frozenset(tombstones),
-                             assignment=dict(manifest.clients))
+            if self.remote is not None:
+                m = self.remote(fed, frozenset(tombstones), dict(manifest.clients), progress)
+            else:
+                m = run_federate(self.cfg, fed, progress=progress, tombstones=frozenset(tombstones),
+                                 assignment=dict(manifest.clients))
             self.run.log(f"forget {rid}: the federation retrained without the data ({m['strategy']}, "
                          f"{len(m['rounds'])} rounds) in {m['train_seconds']:.1f}s")
         seconds = RunDir(fed, create=False).read_metrics()["train_seconds"]
@@ -660,8 +665,9 @@ def run_forget(
     ``clients``: every user those clients hold leaves the model (under local / mixture their adapters are
     dropped). ``retrain_federation``: consent to the full federated retrain a pplr / fedavg / fedprox /
     centralised model needs (METHODS §10); without it such a model is refused with its cost.
-    ``remote``: a retrain-client model deployed on Flower, the client's retrain runs on the node holding its data
-    (:func:`privrec.federated.flower_app.flower_retrain`).
+    ``remote``: a model deployed on Flower (:class:`privrec.federated.flower_app.FlowerForget`): a client's
+    retrain runs on the node holding its data; a federated retrain runs on every node, the deleted interactions
+    sent only to the nodes that held them.
     ``fault(point)`` is called at every step boundary (tests inject crashes there).
     Returns ``{"noop": True, ...}`` when everything asked for is already deleted.
 
@@ -677,10 +683,12 @@ def run_forget(
     with _session(run_path) as r:
         _check_consent(r, retrain_federation)
         if remote is not None:
-            if r.route.name != "retrain-client":
-                raise UserError(f"a deletion routed to a Flower node retrains one client; {r.run.path} forgets with "
-                                f"{r.route.name}")
-            r.route.remote = remote
+            if r.route.name == "retrain-client":
+                r.route.remote = remote
+            elif r.route.name == "retrain-federation" and hasattr(remote, "federation"):
+                r.route.remote = remote.federation
+            else:
+                raise UserError(f"a deletion on Flower retrains clients; {r.run.path} forgets with {r.route.name}")
         unfinished = r.ledger.unfinished()
         if unfinished:
             raise RunError(

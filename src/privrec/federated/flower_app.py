@@ -68,7 +68,7 @@ def check_flower_config(cfg: FederatedConfig) -> None:
 
 # --- client side ----------------------------------------------------------------------------------------
 _MODELS: dict[str, tuple] = {}  # per ClientApp process: config digest -> (cfg, model), built once per config
-_CLIENTS: dict[tuple[str, Path], FederatedClient] = {}  # (config digest, data folder) -> its client
+_CLIENTS: dict[tuple, FederatedClient] = {}  # (config digest, data folder, interactions dropped) -> its client
 
 
 def node_folder(context, data_root: str | Path | None = None) -> Path:
@@ -104,7 +104,10 @@ def _client_for(msg, folder: Path) -> tuple[FederatedClient, FederatedConfig]:
         _CLIENTS.clear()
         _MODELS[key] = (cfg, build_model(cfg, Splits(data.dataset, data.train, data.valid, data.test)))
     cfg, model = _MODELS[key]
-    if (key, folder) not in _CLIENTS:
+    flat = [int(x) for x in conf.get("drop", [])]
+    drop = frozenset(zip(flat[::2], flat[1::2]))  # a federated retrain without deleted data: this node's own
+    if (key, folder, drop) not in _CLIENTS:
+        from privrec.prepare import shows_tombstoned
         from privrec.prompts import PromptBuilder
 
         data = data or load_client_data(folder, cfg)
@@ -113,9 +116,9 @@ def _client_for(msg, folder: Path) -> tuple[FederatedClient, FederatedConfig]:
                             "a request")
         # a process may serve several nodes (the simulation): each client's prompts read its own records
         model.builder = PromptBuilder(data.dataset, cfg.prompt, cfg.data.like_threshold)
-        _CLIENTS[(key, folder)] = FederatedClient(data.client, model, data.train, data.valid, data.test, cfg,
-                                                  progress=False)
-    return _CLIENTS[(key, folder)], cfg
+        parts = [[x for x in part if not shows_tombstoned(x, drop)] for part in (data.train, data.valid, data.test)]
+        _CLIENTS[(key, folder, drop)] = FederatedClient(data.client, model, *parts, cfg, progress=False)
+    return _CLIENTS[(key, folder, drop)], cfg
 
 
 def _state_from(record) -> State:
@@ -193,24 +196,35 @@ def _client_forget(msg, folder: Path):
                                "metrics": metrics}), reply_to=msg)
 
 
-def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeout: float = 3600.0,
-                   record: list | None = None):
-    """``remote`` for :class:`~privrec.commands.forget.RetrainClient`: finds which node holds which client (the
-    nodes' own ``query`` answers, as a federate run does) and sends a deletion only to the node holding it.
-    Returns ``retrain(client, users, start_state, first_round) -> (state, n_train, seconds, {stage: state})``."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+class FlowerForget:
+    """``remote`` of ``privrec forget`` on a model deployed on Flower (METHODS §10). The nodes are found as a
+    federate run finds them (their own ``query`` answers, checked against the data as they hold it); then
 
-    from privrec.federated.runner import Federation
-    from privrec.prepare import setup_data
+    - called as ``(client, users, start_state, first_round)`` (``retrain-client``: local / mixture), a deletion
+      goes only to the node holding the client, which replays its rounds alone; returns ``(state, n_train,
+      seconds, {stage: checkpoint state})``;
+    - :meth:`federation` (``retrain-federation``: pplr / fedavg / fedprox) trains the whole federation again
+      on the nodes, every round, every client; the deleted interactions travel only to the nodes that held
+      them (``drop`` in their messages), every other node is sent what a federate run sends it.
+    """
 
-    dispatcher = FlowerDispatcher(grid, Federation(cfg, setup_data(cfg), assignment), timeout, record)
+    def __init__(self, grid, cfg: FederatedConfig, assignment: dict[int, int], timeout: float = 3600.0,
+                 record: list | None = None):
+        from privrec.federated.runner import Federation
+        from privrec.prepare import setup_data
 
-    def retrain(client: int, users: list[int], start: State, first: int = 0):
-        conf = ConfigRecord({"yaml": dispatcher.cfg_yaml, "client": client, "users": [int(u) for u in users],
+        self.grid, self.cfg, self.assignment, self.timeout, self.record = grid, cfg, assignment, timeout, record
+        self.dispatcher = FlowerDispatcher(grid, Federation(cfg, setup_data(cfg), assignment), timeout, record)
+
+    def __call__(self, client: int, users: list[int], start: State, first: int = 0):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        d = self.dispatcher
+        conf = ConfigRecord({"yaml": d.cfg_yaml, "client": client, "users": [int(u) for u in users],
                              "first": int(first)})
         msg = Message(RecordDict({"adapter": ArrayRecord(start), "config": conf}),
-                      dst_node_id=dispatcher.node_of[client], message_type=FORGET, group_id=f"forget-{client}")
-        [r] = dispatcher._send([msg]) or [None]
+                      dst_node_id=d.node_of[client], message_type=FORGET, group_id=f"forget-{client}")
+        [r] = d._send([msg]) or [None]
         if r is None or r.has_error():
             raise RunError(f"the Flower node of client {client} did not retrain: "
                            f"{r.error.reason if r is not None else 'no reply'}")
@@ -218,7 +232,25 @@ def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeo
         ckpts = unpack_states(_state_from(r.content["checkpoints"])) if "checkpoints" in r.content else {}
         return _state_from(r.content["adapter"]), int(m["n_train"]), float(m["seconds"]), ckpts
 
-    return retrain
+    def federation(self, out: str | Path, tombstones: frozenset, assignment: dict[int, int],
+                   progress: bool = False) -> dict:
+        """``run_federate`` without ``tombstones`` on the nodes, into ``out``; returns its metrics."""
+        from privrec.federated.runner import run_federate
+
+        drop: dict[int, set[tuple[int, int]]] = {}
+        for u, i in tombstones:
+            if u in assignment:
+                drop.setdefault(assignment[u], set()).add((int(u), int(i)))
+        node_of = self.dispatcher.node_of
+        return run_federate(self.cfg, out, progress, runner="flower", tombstones=tombstones, assignment=assignment,
+                            make_dispatcher=lambda fed, model, strategy: FlowerDispatcher(
+                                self.grid, fed, self.timeout, self.record, drop=drop, node_of=node_of))
+
+
+def flower_retrain(grid, cfg: FederatedConfig, assignment: dict[int, int], timeout: float = 3600.0,
+                   record: list | None = None) -> FlowerForget:
+    """The ``remote`` of ``privrec forget`` for a model deployed on Flower (:class:`FlowerForget`)."""
+    return FlowerForget(grid, cfg, assignment, timeout, record)
 
 
 def pack_states(states: dict[int, State]) -> State:
@@ -278,12 +310,18 @@ class FlowerDispatcher:
     What it sends a node: the LoRA state to start from or score with (``ArrayRecord``) and a ``ConfigRecord``
     with the run's resolved config, the client index and the round's instructions (or the split to score);
     never a user id or a sample. ``record``: a list that receives every message sent (the tests check it).
+
+    A federated retrain without deleted data (``drop``: client -> its deleted (user, item) interactions) adds
+    ``drop`` to the messages of the clients that held them, and to no other; ``node_of``: the nodes an earlier
+    discovery found (against the data as the nodes hold it, before the deletion).
     """
 
-    def __init__(self, grid, fed, timeout: float = 600.0, record: list | None = None):
+    def __init__(self, grid, fed, timeout: float = 600.0, record: list | None = None,
+                 drop: dict[int, set[tuple[int, int]]] | None = None, node_of: dict[int, int] | None = None):
         self.grid, self.fed, self.timeout, self.record = grid, fed, timeout, record
         self.cfg_yaml = fed.cfg.to_yaml()
-        self.node_of = self._discover(len(fed.clients))
+        self.drop = {c: [x for pair in sorted(v) for x in pair] for c, v in (drop or {}).items() if v}
+        self.node_of = dict(node_of) if node_of is not None else self._discover(len(fed.clients))
         self.client_of = {n: c for c, n in self.node_of.items()}
 
     def _send(self, messages) -> list:
@@ -334,7 +372,8 @@ class FlowerDispatcher:
     def _message(self, cid: int, kind: str, state: State, extra: dict, group: str):
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        conf = ConfigRecord({"yaml": self.cfg_yaml, "client": cid, **extra})
+        drop = {"drop": self.drop[cid]} if cid in self.drop else {}
+        conf = ConfigRecord({"yaml": self.cfg_yaml, "client": cid, **drop, **extra})
         return Message(RecordDict({"adapter": ArrayRecord(state), "config": conf}), dst_node_id=self.node_of[cid],
                        message_type=kind, group_id=group)
 
@@ -460,7 +499,8 @@ def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool 
 # importing this module does not need flwr. The ServerApp reads the config path, `;`-separated overrides,
 # output folder and reply timeout from the run config ([tool.flwr.app.config] in flower/pyproject.toml); with
 # `forget-users` (comma-separated ids) it runs that deletion request on the run directory `out` instead, routed
-# to the node holding the users (strategy local / mixture).
+# to the node holding the users (strategy local / mixture); a pplr / fedavg / fedprox model also needs
+# `retrain-federation=true` (the whole federation trains again on the nodes).
 def server_app_from_run_config():
     from flwr.serverapp import ServerApp
 
@@ -480,7 +520,8 @@ def server_app_from_run_config():
             out = str(rc.get("out", "runs/federate-flower"))
             cfg = RunDir(out, create=False).load_config(cls=FederatedConfig)
             remote = flower_retrain(grid, cfg, dict(load_manifest(out).clients), float(rc.get("timeout", 3600)))
-            run_forget(out, users=parse_users(str(rc["forget-users"])), progress=False, remote=remote)
+            run_forget(out, users=parse_users(str(rc["forget-users"])), progress=False, remote=remote,
+                       retrain_federation=str(rc.get("retrain-federation", "false")).lower() == "true")
             return
         overrides = [s for s in str(rc.get("overrides", "")).split(";") if s.strip()]
         cfg = load_config(str(rc["config"]), overrides, cls=FederatedConfig)
