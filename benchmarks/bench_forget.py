@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -43,8 +42,8 @@ from pathlib import Path
 import mdsection
 import numpy as np
 import yaml
+from cachekeep import kept_cache
 
-from privrec.assets import cache_dir
 from privrec.commands.forget import run_forget
 from privrec.commands.shard_train import run_shard_train
 from privrec.commands.train import run_train
@@ -204,30 +203,15 @@ def full_retrain(args, rec: Record) -> dict:
     return out
 
 
-def _cache_files() -> dict[str, Path]:
-    root = cache_dir()
-    return {str(p.relative_to(root)): p for p in root.rglob("*.pt")} if root.is_dir() else {}
-
-
 def forget_once(args, name: str, user: int) -> dict:
     """Forget ``user`` on a fresh copy of run ``name``; the cache entries it purges are linked back after."""
     src, dst = Path(args.runs) / name, Path(args.runs) / "copies" / name
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock", "staging"))
-    keep = Path(args.runs) / "copies" / ".cache-links"
-    shutil.rmtree(keep, ignore_errors=True)
-    before = _cache_files()
-    for rel, p in before.items():  # hard links: the purged files stay readable here
-        (keep / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.link(p, keep / rel)
-    t0 = time.perf_counter()
-    cert = run_forget(dst, users=[user], progress=False)
-    wall = time.perf_counter() - t0
-    root = cache_dir()
-    for rel in before:
-        if not (root / rel).exists():
-            os.link(keep / rel, root / rel)
-    shutil.rmtree(keep, ignore_errors=True)
+    with kept_cache(Path(args.runs) / "copies"):
+        t0 = time.perf_counter()
+        cert = run_forget(dst, users=[user], progress=False)
+        wall = time.perf_counter() - t0
     shutil.rmtree(dst, ignore_errors=True)
     body = cert["body"]
     return {"wall_seconds": wall, "retrain_seconds": cert["record"]["retrain_seconds"],
