@@ -505,7 +505,7 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
                      f"{r['affected']} | {replay} | {r['wall_seconds']:.1f} | {r['retrain_seconds']:.1f} | {ratio} | "
                      f"{'passed' if r['passed'] else 'FAILED'} | {'ok' if r['verified'] else 'FAILED'} |")
     notes = []
-    for kind, what in (("mixture", "the mixture"), ("sliced", f"the {SLICED[0]} mixture")):
+    for kind, what in (("mixture", "the mixture"), ("sliced", "the mixture with 4 slices")):
         f = rec.get(f"{kind}:full")
         if f:
             notes.append(f"{what} trained again without the random user, timed in this benchmark: "
