@@ -1,5 +1,6 @@
 """A bounded load test of `privrec serve` on loopback (METHODS §11): a fixed number of concurrent clients for a
-fixed time, stopping by itself; then the same while a deletion request is being applied.
+fixed time, stopping by itself; then the same while a deletion request is being applied, and for the same time
+right after it was applied.
 
 The service runs on a copy of MODEL (the deletion changes it) in its own process; each client loops over
 seeded random users: GET /v1/users/{u}/recommendations?k=10, and every fourth request POST /v1/score with 10
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from cachekeep import kept_cache
 
 from privrec.commands.serve import run_token_create
 from privrec.model.adapters import read_meta
@@ -125,7 +127,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, kept_cache(Path(tmp)):
         model = Path(tmp) / "model"
         shutil.copytree(args.model, model, ignore=shutil.ignore_patterns(".lock", "staging"))
         ids = read_meta(next((model / "adapters").iterdir()))["sample_ids"]
@@ -167,6 +169,14 @@ def main() -> None:
                 out["deletion_seconds"] = state.get("applied_s")
                 show(f"while deleting user {victim} ({rid}, applied in {state.get('applied_s') or 0:.0f}s)",
                      out["during_deletion"], took)
+                # phase 3: right after the deletion is applied (with --precompute the store is stale until the
+                # worker has computed it again with the new adapters: requests are answered online meanwhile)
+                t2 = time.time()
+                res = load(url, token, users, items, args.concurrency, lambda: time.time() - t2 > args.seconds,
+                           args.seed + 2)
+                took = time.time() - t2
+                out["after_deletion"] = summary(res, took)
+                show("after the deletion was applied", out["after_deletion"], took)
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -227,3 +227,42 @@ def test_recommender_refuses_a_forgotten_user_and_cli_flags(served_model, tmp_pa
     assert top == rec.candidates(3, seen, 8, None)[:4]
     assert main(["recommend", str(model), "--user", "3", "--candidates", "8", "--candidate-source", "nope"]) == 2
     assert "--candidate-source must be one of" in capsys.readouterr().err
+
+
+def test_a_request_is_done_only_once_its_new_adapters_serve(served_model, tmp_path, monkeypatch):
+    """The ledger says done before the service has built the recommender on the new adapters; until that one
+    serves, the request reads as installed (no certificate link), and the first answer after done comes from
+    the new adapters (online: the store was made with the old ones), never from the old store."""
+    import threading
+
+    from privrec.unlearning.exact.ledger import Ledger
+
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    bystander = next(u for u in range(1, 50) if u != victim)
+    tok = tokens(model, victim, bystander)
+    service = Service(model, candidates=10, store_k=5, precompute=False)
+    release, building = threading.Event(), threading.Event()
+    real_build = service._build
+
+    def slow_build():
+        building.set()
+        assert release.wait(120)
+        return real_build()
+
+    monkeypatch.setattr(service, "_build", slow_build)
+    with TestClient(create_app(service)) as client:
+        service.precompute_now(users=[bystander])
+        assert get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander]).json()["source"] == "store"
+        rid = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])).json()["id"]
+        service.start()
+        assert building.wait(300)  # the ledger has the request done; the old recommender still serves
+        assert Ledger(model / "ledger.sqlite", create=False).request(rid)["status"] == "done"
+        seen = get(client, f"/v1/requests/{rid}", tok[victim]).json()
+        assert seen["status"] == "installed" and seen["certificate"] is None
+        assert "done" not in [e["status"] for e in seen["history"]]
+        error_of(get(client, f"/v1/requests/{rid}/certificate", tok[victim]), 409)
+        release.set()
+        wait_done(lambda p: get(client, p, tok[victim]), rid)
+        assert get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander]).json()["source"] == "online"
+    service.close()

@@ -33,7 +33,7 @@ from privrec.prepare import source_data
 from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import RecStore, store_key
-from privrec.unlearning.exact.ledger import DONE, PENDING, Ledger, run_lock
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, run_lock
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
 
@@ -118,6 +118,7 @@ class Service:
             self.known_users = set(self.rec.splits.dataset.users) | set(
                 int(u) for u in self.rec.splits.dataset.inter["user_id"].unique())
             self.worker_state = "idle"
+            self._swapping: str | None = None  # the request whose new adapters are being swapped in
             self.errors: dict[str, str] = {}  # request id -> why its last attempt failed
             self._wake = threading.Event()
             self._stop = threading.Event()
@@ -279,10 +280,13 @@ class Service:
                 raise NotFound(f"no deletion request {rid}") from None
             events = ledger.events(rid)
         spec = read_spec(req)
-        out = {"id": rid, "status": req["status"], "kind": req["kind"], "users": spec.get("users"),
+        status = req["status"]
+        if status == DONE and rid == self._swapping:  # certified, but the old adapters still serve: not yet done
+            status, events = INSTALLED, [e for e in events if e["status"] != DONE]
+        out = {"id": rid, "status": status, "kind": req["kind"], "users": spec.get("users"),
                "created": req["created"], "updated": req["updated"],
                "history": [{"status": e["status"], "at": e["at"]} for e in events],
-               "certificate": f"/v1/requests/{rid}/certificate" if req["status"] == DONE else None}
+               "certificate": f"/v1/requests/{rid}/certificate" if status == DONE else None}
         if rid in self.errors:
             out["error"] = self.errors[rid]
         return out
@@ -315,6 +319,7 @@ class Service:
             return False
         rid = req["id"]
         self.worker_state = f"applying {rid}"
+        self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
             run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
@@ -328,6 +333,7 @@ class Service:
             self.rec.md.run.log(f"serve: request {rid} failed: {traceback.format_exc(limit=3)}", echo=False)
             return False
         finally:
+            self._swapping = None
             self.worker_state = "idle"
 
     def _precompute(self, only: list[int] | None = None) -> None:
