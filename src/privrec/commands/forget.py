@@ -418,13 +418,8 @@ class RetrainClient(_ClientSlots):
             for s, st in sorted(ckpts.items()):
                 saved(s, st)
         else:
-            def on_round(rnd, state):
-                s = slicing.checkpoint_after(rnd, len(slices), rounds) if slices else None
-                if s is not None:
-                    saved(s, state)
-
             client = FederatedClient(k, model, samples, [], [], self.cfg, slices=slices)
-            state, seconds = client.train_alone(start, first, on_round)
+            state, seconds = client.train_alone(start, first, saved)
         load_adapter_state(model.model, state)
         meta.update(train_seconds=seconds)
         if slices is not None:

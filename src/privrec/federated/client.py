@@ -19,12 +19,13 @@ import torch
 
 from privrec.data import Sample
 from privrec.federated.fedabc import fedabc_plan
-from privrec.federated.slicing import client_slices, in_slices, slices_seen
+from privrec.federated.slicing import checkpoint_after, client_slices, slices_seen
 from privrec.federated.strategies import Instructions, State, Update
 from privrec.metrics import binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
 from privrec.train import bce_loss, train
+from privrec.unlearning.exact.slices import cumulative
 
 
 @dataclass
@@ -112,9 +113,7 @@ class FederatedClient:
         """The encoded training samples round ``rnd`` trains on (all, or its slices)."""
         if self.slices is None:
             return self.items["train"]
-        f = self.cfg.federated
-        keep = {s.sample_id for s in in_slices(self.samples["train"], self.slices,
-                                               slices_seen(rnd, len(self.slices), f.rounds))}
+        keep = set(cumulative(self.slices, slices_seen(rnd, len(self.slices), self.cfg.federated.rounds)))
         return [e for e, s in zip(self.items["train"], self.samples["train"]) if s.sample_id in keep]
 
     def fit(self, state: State, ins: Instructions) -> FitResult:
@@ -141,18 +140,21 @@ class FederatedClient:
                          _channel_bytes(m) - before)
 
     def train_alone(self, init: State, first: int = 0,
-                    on_round: Callable[[int, State], None] | None = None) -> tuple[State, float]:
+                    on_checkpoint: Callable[[int, State], None] | None = None) -> tuple[State, float]:
         """Rounds ``first``.. of the run on this client's own samples, from ``init`` (the state before round
         ``first``), with the run's round seeds and no aggregation (what a ``local`` / ``mixture`` client does):
-        (the final state, training seconds); ``on_round(rnd, state)`` after each round. A deletion retrains a
+        (the final state, training seconds). A sliced client calls ``on_checkpoint(s, state)`` after each round
+        whose state is its checkpoint ``stage-s`` (:func:`.slicing.checkpoint_after`). A deletion retrains a
         client this way (METHODS §10; from the checkpoint before the first round that saw the deleted slice),
         here or on the Flower node holding it."""
         state, seconds = init, 0.0
-        for rnd in range(first, self.cfg.federated.rounds):
+        rounds = self.cfg.federated.rounds
+        for rnd in range(first, rounds):
             res = self.fit(state, Instructions(rnd=rnd, seed=round_seed(self.cfg.seed, rnd)))
             state, seconds = res.update.state, seconds + res.seconds
-            if on_round is not None:
-                on_round(rnd, state)
+            s = checkpoint_after(rnd, len(self.slices), rounds) if self.slices else None
+            if s is not None and on_checkpoint is not None:
+                on_checkpoint(s, state)
         return state, seconds
 
     def predict_mixture(self, states: dict[int, State], split: str) -> tuple[Predictions, np.ndarray]:

@@ -171,7 +171,6 @@ def _client_forget(msg, folder: Path):
     request names only this node's users and reaches no other node."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from privrec.federated import slicing
     from privrec.prepare import shows_tombstoned
 
     client, cfg = _client_for(msg, folder)
@@ -184,13 +183,7 @@ def _client_forget(msg, folder: Path):
     slices = None if client.slices is None else [[i for i in sl if i in ids] for sl in client.slices]
     alone = FederatedClient(client.cid, client.model, keep, [], [], cfg, slices=slices)
     ckpts: dict[int, State] = {}
-
-    def on_round(rnd: int, state: State) -> None:
-        s = slicing.checkpoint_after(rnd, len(slices), cfg.federated.rounds) if slices else None
-        if s is not None:
-            ckpts[s] = state
-
-    state, seconds = alone.train_alone(_state_from(msg.content["adapter"]), first, on_round)
+    state, seconds = alone.train_alone(_state_from(msg.content["adapter"]), first, ckpts.__setitem__)
     metrics = MetricRecord({"n_train": len(keep), "seconds": seconds})
     return Message(RecordDict({"adapter": ArrayRecord(state), "checkpoints": ArrayRecord(pack_states(ckpts)),
                                "metrics": metrics}), reply_to=msg)
@@ -213,7 +206,7 @@ class FlowerForget:
         from privrec.federated.runner import Federation
         from privrec.prepare import setup_data
 
-        self.grid, self.cfg, self.assignment, self.timeout, self.record = grid, cfg, assignment, timeout, record
+        self.grid, self.cfg, self.timeout, self.record = grid, cfg, timeout, record
         self.dispatcher = FlowerDispatcher(grid, Federation(cfg, setup_data(cfg), assignment), timeout, record)
 
     def __call__(self, client: int, users: list[int], start: State, first: int = 0):

@@ -308,25 +308,31 @@ def client_meta(fed: Federation, model: RecLM, strategy: Strategy, c: int, train
                                 trained_on_clients=trained_on)
 
 
+def client_slice_maps(fed: Federation) -> dict[int, list[list[str]]]:
+    """Every client's slice map under ``federated.slices`` (empty unsliced): what its adapter and checkpoints
+    record; each client cuts the same map from its own samples (:class:`FederatedClient`)."""
+    r = fed.cfg.federated.slices
+    return {c: client_slices(fed.samples(c)[0], r) for c in fed.clients} if r > 1 else {}
+
+
 def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy, states: dict[int, State],
-                  contributors: set[int]) -> None:
+                  contributors: set[int], maps: dict[int, list[list[str]]]) -> None:
     """One peft adapter folder per client under ``adapters/client-{c}`` with its lineage (a sliced client's
-    also with its slice map and checkpoint records: :mod:`.slicing`)."""
+    also with its slice map ``maps[c]`` and checkpoint records: :mod:`.slicing`)."""
     for c, state in sorted(eval_states(fed, strategy, states).items()):
         load_adapter_state(model.model, state)
         trained_on = sorted(contributors) if strategy.mixes or strategy.pooled else [c]
         meta = client_meta(fed, model, strategy, c, trained_on)
-        slices = client_slices(fed.samples(c)[0], fed.cfg.federated.slices)
-        if slices is not None:
-            meta.update(slicing.sliced_fields(fed.cfg, c, slices, run.path))
+        if c in maps:
+            meta.update(slicing.sliced_fields(fed.cfg, c, maps[c], run.path))
         save_adapter(model.model, run / ADAPTERS_DIR / f"{CLIENT_PREFIX}{c}", meta)
 
 
-def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy):
+def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy,
+                     maps: dict[int, list[list[str]]]):
     """``on_round`` of a sliced run: after the last round before a new slice enters, every client's state is
-    saved as its checkpoint of that stage (lineage: its slices 1..s)."""
+    saved as its checkpoint of that stage (lineage: its slices 1..s of ``maps``)."""
     f = fed.cfg.federated
-    maps = {c: client_slices(fed.samples(c)[0], f.slices) for c in fed.clients}
 
     def save(rnd: int, states: dict[int, State]) -> None:
         s = slicing.checkpoint_after(rnd, f.slices, f.rounds)
@@ -385,7 +391,8 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     # 3. rounds: every client starts from the same initial adapter
     t0 = time.perf_counter()
     shutil.rmtree(run / SLICES_DIR, ignore_errors=True)  # a run trained again keeps no older checkpoint
-    saver = checkpoint_saver(model, run, fed, strategy) if f.slices > 1 else None
+    maps = client_slice_maps(fed)
+    saver = checkpoint_saver(model, run, fed, strategy, maps) if maps else None
     states, rounds, failures = run_rounds(fed, strategy, dispatcher, adapter_state(model.model), is_client_tensor,
                                           run.log, saver)
     train_seconds = time.perf_counter() - t0
@@ -404,7 +411,7 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
             row["mixture_own_weight"] = own[row["client"]]  # mean weight its test prompts give its own adapter
     contributors = {c for c in fed.train_clients(strategy)
                     if any(c not in r["failed"] for r in rounds)}
-    save_adapters(model, run, fed, strategy, states, contributors)
+    save_adapters(model, run, fed, strategy, states, contributors, maps)
     models.write(run.path, models.build(
         cfg, run.path, "clients", strategy=f.strategy, loss=f.loss, clients=fed.assignment,
         forget=models.clients_forgetting(f.strategy),
