@@ -5,15 +5,19 @@ Steps (``all`` runs them in order; each is resumable: every result goes into ``R
 is measured and is skipped when there, every training run is a model directory under ``RUNS`` reused when
 finished, an interrupted shard-train continues with ``--resume``):
 
-quality   shard-train runs on the same samples: ``semantic`` K=4 R=1 (today's APA, the reference, with one
-          adapter on all the data: ``shards.full_retrain``), ``semantic-users`` K=4 R=1 and ``semantic-users``
-          K=8 R=4 (plus ``--extra`` runs); test AUC of every aggregation, the single adapter on all data and
-          the references (like-rate counter, logistic regression) on the same test samples.
+quality   shard-train runs on the same samples: ``semantic`` K=4 R=1 (today's APA, the reference),
+          ``semantic-users`` K=4 R=1 and ``semantic-users`` K=8 R=4 (plus ``--extra`` runs); test AUC of every
+          aggregation, the references (like-rate counter, logistic regression) on the same test samples, and
+          the single adapter on all data where the record has it (``retrain``).
+retrain   one adapter on all training samples, timed on this machine's CPU kind (cached path and cold) and
+          scored on the test samples; ``exact`` compares each request with the full retrain of its own CPU
+          kind (a second CPU queue can run this step beside ``quality``).
+plan      every drawn request on every finished run, read off the shard lineage without training: the
+          shards holding the user and the replay's training work as a share of a full retrain's.
 exact     >= 20 single-user requests drawn as METHODS §8 says (a third *core*: the most training samples, a
           third *edge*: the fewest, the rest *random*, seeded), each forgotten on a fresh copy of every run with
           ``privrec forget``'s own code: time from request to certificate (wall) and the training seconds in
-          it; against a full retrain (one adapter on all training samples) timed in this process on the same
-          cached path, and once cold (building the frozen-layer cache for its prompts too). Median, p95, max.
+          it, against the full retrain on the same cached path and cold. Median, p95, max.
 approx    a ``privrec train`` original on the same samples (``--original-set``: make it memorise for the
           attack), then single-user (core, edge, random) and 1%-of-users requests: retrain, E2URec, NegGrad,
           Bad-Teacher and the original (doing nothing), each with ``privrec unlearn``'s own code: time
@@ -31,6 +35,7 @@ every request and the full retrain see the same warm cache.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
 import math
@@ -49,15 +54,17 @@ from privrec.commands.shard_train import run_shard_train
 from privrec.commands.train import run_train
 from privrec.commands.unlearn import load_unlearn_config, run_unlearn
 from privrec.config import load_config
-from privrec.model.adapters import load_adapter_state
+from privrec.metrics import binary_metrics
+from privrec.model.adapters import load_adapter_state, read_meta
 from privrec.model.recmodel import FrozenCache
-from privrec.prepare import machine
+from privrec.prepare import cpu_kind, machine
 from privrec.rundir import RunDir, atomic_write_json
 from privrec.train import train
-from privrec.unlearning.exact.shards import ApaConfig, build_model, setup_shard_data
+from privrec.unlearning.exact.shards import ApaConfig, build_model, model_batch, setup_shard_data, shard_folders
+from privrec.unlearning.exact.slices import cumulative
 
 RUNS = {  # name -> overrides on top of the config (METHODS §9's runs of issue 17)
-    "semantic-k4": ["shards.partition=semantic", "shards.k=4", "shards.slices=1", "shards.full_retrain=true"],
+    "semantic-k4": ["shards.partition=semantic", "shards.k=4", "shards.slices=1"],
     "users-k4": ["shards.partition=semantic-users", "shards.k=4", "shards.slices=1"],
     "users-k8-r4": ["shards.partition=semantic-users", "shards.k=8", "shards.slices=4"],
 }
@@ -79,12 +86,18 @@ def fmt(v, nd: int = 4) -> str:
 
 # --- the record (resumable) --------------------------------------------------------------------------------
 class Record:
+    """The resumable record, shared by CPU queues: every ``put`` re-reads the file under a lock, so two
+    processes writing different results into it lose neither."""
+
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def get(self, *keys):
-        d = self.data
+        d = self.data = self._read()
         for k in keys:
             if not isinstance(d, dict) or k not in d:
                 return None
@@ -92,11 +105,13 @@ class Record:
         return d
 
     def put(self, value, *keys) -> None:
-        d = self.data
-        for k in keys[:-1]:
-            d = d.setdefault(k, {})
-        d[keys[-1]] = value
-        atomic_write_json(self.path, self.data)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            d = self.data = self._read()
+            for k in keys[:-1]:
+                d = d.setdefault(k, {})
+            d[keys[-1]] = value
+            atomic_write_json(self.path, self.data)
 
 
 def runs_of(args, *, only: bool = True) -> dict[str, list[str]]:
@@ -149,9 +164,10 @@ def step_quality(args, rec: Record) -> str:
         sizes = m["shards"]
         lines.append(f"| {name} | {m['partition']} | {m['k']} | {m.get('slices', 1)} | {min(sizes)}-{max(sizes)} | "
                      + " | ".join(fmt(auc.get(a)) for a in aggs) + f" | {fmt(m['single_shard_mean_auc'])} |")
-    if ref.get("retrain"):
-        lines.append(f"| one adapter on all data | - | 1 | 1 | {ref['n_train']} | {fmt(ref['retrain']['auc'])} | "
-                     + " | ".join("-" for _ in aggs[1:]) + " | - |")
+    for kind, full in sorted((rec.get("full_retrain") or {}).items()):
+        if full.get("test_auc") is not None:  # the exact step's full retrain (or `retrain`), on this CPU kind
+            lines.append(f"| one adapter on all data ({kind}) | - | 1 | 1 | {full['n_train']} | "
+                         f"{fmt(full['test_auc'])} | " + " | ".join("-" for _ in aggs[1:]) + " | - |")
     for rname, r in (ref.get("references") or {}).items():
         lines.append(f"| reference: {rname} | - | - | - | - | {fmt(r.get('auc'))} | "
                      + " | ".join("-" for _ in aggs[1:]) + " | - |")
@@ -180,9 +196,12 @@ def draw_users(args) -> dict[int, str]:
 
 
 def full_retrain(args, rec: Record) -> dict:
-    """One adapter on all training samples, timed here: training on the cached path (the frozen-layer cache
-    built first, timed apart) = warm; plus building that cache = cold."""
-    done = rec.get("full_retrain")
+    """One adapter on all training samples, timed on this machine's CPU kind (a request is compared with the full
+    retrain of the machine it ran on): training on the cached path (the frozen-layer cache built first, timed
+    apart) = warm; plus building that cache = cold. Its test AUC is the quality table's "one adapter on all
+    data" row (the reference every aggregation is held against)."""
+    kind = cpu_kind()
+    done = rec.get("full_retrain", kind)
     if done:
         return done
     cfg = shard_config(args, "semantic-k4")
@@ -192,14 +211,18 @@ def full_retrain(args, rec: Record) -> dict:
     if model.cache is not None:
         model.cache = FrozenCache(model.cache.namespace, None)  # cold: in memory, nothing from disk
     items = model.encode(splits.train)
+    log(f"full retrain on {kind}: {len(items)} samples")
     t0 = time.perf_counter()
     model.prepare(items, cfg.train.eval_batch_size, progress=not args.no_progress)
     cache_s = time.perf_counter() - t0
     res = train(model, items, cfg.train, cfg.seed, progress=not args.no_progress)
-    out = {"warm_seconds": res.seconds, "cold_seconds": res.seconds + cache_s, "n_train": len(items)}
+    probs = model.score(model.encode(splits.test), model_batch(cfg), not args.no_progress)
+    test = binary_metrics([x.label for x in splits.test], probs, [x.user_id for x in splits.test])
+    out = {"warm_seconds": res.seconds, "cold_seconds": res.seconds + cache_s, "n_train": len(items),
+           "test_auc": test["auc"], "machine": machine()}
     del model
     gc.collect()
-    rec.put(out, "full_retrain")
+    rec.put(out, "full_retrain", kind)
     return out
 
 
@@ -218,55 +241,115 @@ def forget_once(args, name: str, user: int) -> dict:
             "affected": body["affected_shards"],
             "removed_train": sum(x["split"] == "train" for x in body["removed"]["samples"]),
             "slices": {str(a["shard"]): a["slices"] for a in body["adapters"] if "slices" in a},
-            "passed": body["lineage_check"]["passed"]}
+            "passed": body["lineage_check"]["passed"], "cpu": cpu_kind()}
 
 
 def step_exact(args, rec: Record) -> str:
     drawn = draw_users(args)
     if args.report_only:  # what the record holds so far; nothing is run
-        full = rec.get("full_retrain")
-        if not full:
+        if not rec.get("full_retrain"):
             raise SystemExit("bench_forget: --report-only: the record has no full retrain yet")
         done = set.intersection(*[set(rec.get("exact", n) or {}) for n in runs_of(args)])
         users = {u: how for u, how in drawn.items() if str(u) in done}
     else:
         for name in runs_of(args):
             shard_run(args, name)
-        full = full_retrain(args, rec)
+        full_retrain(args, rec)
         users = drawn
         for name in runs_of(args):
             for u, how in users.items():
                 if rec.get("exact", name, str(u)) is None:
                     log(f"{name}: forget user {u} ({how})")
                     rec.put(dict(forget_once(args, name, u), draw=how), "exact", name, str(u))
+    fulls = rec.get("full_retrain")
+    rows_of = {name: [rec.get("exact", name, str(u)) for u in users] for name in runs_of(args)}
+    kinds = sorted({r["cpu"] for rows in rows_of.values() for r in rows})
+    missing = [k for k in kinds if k not in fulls]
+    if missing:
+        raise SystemExit(f"bench_forget: requests ran on {missing} but the record has no full retrain there "
+                         "(run the `retrain` step on that machine)")
     partial = (f"**Partial: {len(users)} of the {len(drawn)} drawn requests measured so far** (the same command "
                "without --report-only measures the rest into the same record). ") if len(users) < len(drawn) else ""
+    per_kind = "; ".join(f"{k}: {fulls[k]['warm_seconds']:.1f} s cached, {fulls[k]['cold_seconds']:.1f} s cold "
+                         f"({sum(r['cpu'] == k for rows in rows_of.values() for r in rows)} requests there)"
+                         for k in kinds)
     lines = [partial + f"{len(users)} single-user requests ({sum(v == 'core' for v in users.values())} core, "
              f"{sum(v == 'edge' for v in users.values())} edge, {sum(v == 'random' for v in users.values())} "
              f"random; METHODS §8) on a fresh copy of each run. Full retrain (one adapter on all "
-             f"{full['n_train']} training samples, timed in this process): {full['warm_seconds']:.1f} s on the "
-             f"cached path, {full['cold_seconds']:.1f} s cold. Wall = request to certificate in-process (data, "
-             "model load, purge, retrain or replay, swap, lineage check, certificate). Machine: "
-             f"{machine()}.", "",
+             f"{fulls[kinds[0]]['n_train']} training samples, timed by this benchmark on each CPU kind a request "
+             f"ran on; every speed-up is a request's against the full retrain on its own machine): {per_kind}. "
+             "Wall = request to certificate in-process (data, model load, purge, retrain or replay, swap, lineage "
+             f"check, certificate). This report: {machine()}.", "",
              "| run | shards retrained (mean) | forget wall s: median / p95 / max | retrain s: median / p95 / max "
              "| full retrain (cached) / wall: median / p95 | full retrain (cold) / wall: median | "
              "full retrain (cached) / retrain s: median / p95 | all passed |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in runs_of(args):
-        rows = [rec.get("exact", name, str(u)) for u in users]
+    for name, rows in rows_of.items():
         wall = np.array([r["wall_seconds"] for r in rows])
         tr = np.array([r["retrain_seconds"] for r in rows])
+        warm = np.array([fulls[r["cpu"]]["warm_seconds"] for r in rows])
+        cold = np.array([fulls[r["cpu"]]["cold_seconds"] for r in rows])
         n_aff = np.mean([len(r["affected"]) for r in rows])
 
         def q(x, p):
             return float(np.percentile(x, p))
 
+        def up(cost, full, p):  # the speed-up at the p-th percentile of a request's cost relative to its retrain
+            return ratio(1.0, q(cost / full, p))
+
         lines.append(
             f"| {name} | {n_aff:.2f} | {q(wall, 50):.1f} / {q(wall, 95):.1f} / {wall.max():.1f} | "
-            f"{q(tr, 50):.1f} / {q(tr, 95):.1f} / {tr.max():.1f} | {full['warm_seconds'] / q(wall, 50):.1f}x / "
-            f"{full['warm_seconds'] / q(wall, 95):.1f}x | {full['cold_seconds'] / q(wall, 50):.1f}x | "
-            f"{ratio(full['warm_seconds'], q(tr, 50))} / {ratio(full['warm_seconds'], q(tr, 95))} | "
-            f"{all(r['passed'] for r in rows)} |")
+            f"{q(tr, 50):.1f} / {q(tr, 95):.1f} / {tr.max():.1f} | {up(wall, warm, 50)} / {up(wall, warm, 95)} | "
+            f"{up(wall, cold, 50)} | {up(tr, warm, 50)} / {up(tr, warm, 95)} | {all(r['passed'] for r in rows)} |")
+    return "\n".join(lines)
+
+
+def plan_of(args, name: str, users: dict[int, str], owner: dict[str, int]) -> list[dict]:
+    """What forgetting each drawn user would retrain in run ``name``, read off its shard adapters' lineage (no
+    training): the shards holding the user and the training work a replay does, in sample passes (a shard of n
+    samples for E epochs: n x E; sliced, stage s of the first affected slice onwards: |slices 1..s| x slice
+    epochs), against the full retrain's n_train x epochs."""
+    cfg = shard_config(args, name)
+    run = RunDir(Path(args.runs) / name, create=False)
+    metas = {k: read_meta(f) for k, f in shard_folders(run).items()}
+    n_train = sum(len(m["sample_ids"]) for m in metas.values())
+    passes = cfg.shards.slice_epochs if cfg.shards.slices > 1 and cfg.shards.slice_epochs else cfg.train.epochs
+    out = []
+    for u, how in users.items():
+        work, shards = 0.0, []
+        for k, m in metas.items():
+            held = {i for i in m["sample_ids"] if owner.get(i) == u}
+            if not held:
+                continue
+            shards.append(k)
+            sl = m.get("slices")
+            if not sl:
+                work += len(m["sample_ids"]) * cfg.train.epochs
+                continue
+            s0 = next(j for j, part in enumerate(sl) if held & set(part))
+            work += sum(len(cumulative(sl, s + 1)) for s in range(s0, len(sl))) * passes
+        out.append({"user": u, "draw": how, "shards": shards, "work": work / (n_train * cfg.train.epochs)})
+    return out
+
+
+def step_plan(args, rec: Record) -> str:
+    """Every drawn request on every finished run, planned from the lineage (a work count, not a timing)."""
+    drawn = draw_users(args)
+    owner = {x.sample_id: x.user_id for x in setup_shard_data(shard_config(args, "semantic-k4"), set()).train}
+    lines = [f"{len(drawn)} drawn single-user requests (METHODS §8), planned from each run's shard lineage: the "
+             "shards that hold the user, and a replay's training work as a share of a full retrain's (sample "
+             "passes; 1/share bounds the speed-up of the training part). Not a timing.", "",
+             "| run | shards holding the user: mean / max | work share: median / p95 / max | "
+             "1 / work share: median / p95 |", "|---|---|---|---|"]
+    for name in runs_of(args):
+        if not (Path(args.runs) / name / "metrics.json").is_file():
+            continue
+        rows = plan_of(args, name, drawn, owner)
+        rec.put({str(r["user"]): r for r in rows}, "plan", name)
+        n = np.array([len(r["shards"]) for r in rows])
+        w = np.array([r["work"] for r in rows])
+        lines.append(f"| {name} | {n.mean():.2f} / {n.max()} | {np.median(w):.3f} / {np.percentile(w, 95):.3f} / "
+                     f"{w.max():.3f} | {ratio(1.0, float(np.median(w)))} / {ratio(1.0, float(np.percentile(w, 95)))} |")
     return "\n".join(lines)
 
 
@@ -347,7 +430,15 @@ def step_approx(args, rec: Record) -> str:
     return "\n".join(lines)
 
 
-STEPS = {"quality": step_quality, "exact": step_exact, "approx": step_approx}
+def step_retrain(args, rec: Record) -> str:
+    """Only the full retrain on this machine (a second CPU queue can run it beside ``quality``)."""
+    full = full_retrain(args, rec)
+    return (f"Full retrain on {cpu_kind()}: {full['warm_seconds']:.1f} s cached, {full['cold_seconds']:.1f} s cold, "
+            f"test AUC {fmt(full['test_auc'])}. Machine: {full['machine']}.")
+
+
+STEPS = {"quality": step_quality, "retrain": step_retrain, "plan": step_plan, "exact": step_exact,
+         "approx": step_approx}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from privrec.data import (
 from privrec.errors import DataError, UserError
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import lineage_of
+from privrec.model.backbone import use_bf16
 from privrec.model.recmodel import Encoded, RecLM
 from privrec.rundir import atomic_write_text
 
@@ -174,6 +175,28 @@ def write_predictions(path: Path, samples: list[Sample], probs: np.ndarray) -> N
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and the kind that sets privrec's speed and precision (ENVIRONMENT.md): ``Intel
+    AVX512-BF16+AMX``, ``AMD AVX512-BF16``, ``Intel AVX2``, ... (an emulated ISA reads as the real one)."""
+    vendor = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(line.split(":", 1)[1].strip(), "")
+                break
+    except OSError:
+        pass
+    isa = ("AVX512-BF16+AMX" if torch.cpu._is_amx_tile_supported() else
+           "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else
+           "AVX512" if torch.cpu._is_avx512_supported() else
+           "AVX2" if torch.cpu._is_avx2_supported() else platform.machine())
+    return f"{vendor} {isa}".strip()
+
+
 def machine() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-    return f"{platform.machine()} {dev}, torch {torch.__version__}"
+    """Where a number was measured: the device (the CPU's kind and threads), the default precision there, torch."""
+    if torch.cuda.is_available():
+        return f"{platform.machine()} {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    precision = "bf16 autocast" if use_bf16("auto", torch.device("cpu")) else "fp32"
+    return (f"{platform.machine()} {cpu_kind()} CPU x{torch.get_num_threads()} threads, {precision}, "
+            f"torch {torch.__version__}")
