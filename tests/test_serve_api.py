@@ -5,6 +5,7 @@ privrec forget's procedure (the same certificates as the CLI), the store of prec
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -266,3 +267,76 @@ def test_a_request_is_done_only_once_its_new_adapters_serve(served_model, tmp_pa
         wait_done(lambda p: get(client, p, tok[victim]), rid)
         assert get(client, f"/v1/users/{bystander}/recommendations?k=3", tok[bystander]).json()["source"] == "online"
     service.close()
+
+
+def test_an_online_answer_is_kept_in_the_store_and_a_half_filled_store_is_continued(served_model, tmp_path,
+                                                                                     monkeypatch):
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    asked, other = [u for u in range(1, 50) if u != victim][:2]
+    tok = tokens(model, victim, asked)
+    calls = []
+    real = Recommender.recommend
+
+    def counted(self, user, *a, **kw):
+        calls.append(user)
+        return real(self, user, *a, **kw)
+
+    monkeypatch.setattr(Recommender, "recommend", counted)
+    service = Service(model, candidates=10, store_k=5, precompute=True)  # never started: no worker
+    with TestClient(create_app(service)) as client:
+        first = get(client, f"/v1/users/{asked}/recommendations?k=3", tok[asked]).json()
+        again = get(client, f"/v1/users/{asked}/recommendations?k=5", tok[asked]).json()
+        assert (first["source"], again["source"]) == ("online", "store")  # its top store_k kept, k=5 from it
+        assert again["items"][:3] == first["items"] and calls == [asked]
+        assert service.precompute_now(users=[asked, other]) == 2 and calls == [asked, other]  # asked: not again
+        stored = json.loads((model / "serve" / STORE_FILE).read_text())
+        assert set(stored["users"]) == {str(asked), str(other)} and stored["key"] == service._key()
+        # an accepted deletion refuses the user before it purges: an answer computed before cannot come back
+        client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim]))
+        assert service.store.add(service._key(), 5, {victim: again["items"]}, service.forgotten.__contains__) == 0
+    service.close()
+    restarted = Service(model, candidates=10, store_k=5, precompute=True)
+    assert set(restarted.store.users) == {asked, other}  # continued after a restart, nothing computed twice
+    assert restarted.precompute_now(users=[asked, other]) == 2 and calls == [asked, other]
+    restarted.close()
+
+
+def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_for_first(served_model, tmp_path,
+                                                                                        monkeypatch):
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    others = [u for u in range(1, 50) if u != victim][:3]
+    asked = others[-1]
+    tok = tokens(model, victim, asked)
+    monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
+                                                            self.md.deleted_by])
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    filled = []
+    real_add = service.store.add
+
+    def add(key, k, users, refused, flush=False):
+        filled.extend((key["adapters"], u) for u in users)
+        return real_add(key, k, users, refused, flush)
+
+    monkeypatch.setattr(service.store, "add", add)
+    with TestClient(create_app(service)) as client:
+        assert service.precompute_now() == 4
+        old = json.loads((model / "serve" / STORE_FILE).read_text())
+        assert get(client, f"/v1/users/{asked}/recommendations?k=3", tok[asked]).json()["source"] == "store"
+        rid = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])).json()["id"]
+        filled.clear()
+        service.start()
+        wait_done(lambda p: get(client, p, tok[victim]), rid)
+        deadline = time.monotonic() + 120
+        while service._store_stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+        new_digest = service.rec.digest
+        status = get(client, "/metrics", tok["admin"]).json()["store"]
+    service.close()
+    assert status == {"precompute": True, "current": True, "users": 3, "servable": 3}
+    new = json.loads((model / "serve" / STORE_FILE).read_text())
+    assert new_digest != old["key"]["adapters"] and new["key"]["adapters"] == new_digest
+    assert set(new["users"]) == {str(u) for u in others}  # nothing made with the old adapters survives
+    assert all(d == new_digest for d, _ in filled) and [u for _, u in filled][0] == asked  # asked-for first
+    assert sorted(u for _, u in filled) == sorted(others)

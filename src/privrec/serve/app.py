@@ -292,6 +292,6 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics", responses=responses)
     def metrics(who: Principal = Depends(admin)):
-        return service.metrics.snapshot()
+        return {**service.metrics.snapshot(), "store": service.store_status()}
 
     return app

@@ -12,6 +12,8 @@
   service was killed in is finished by the next start, or by ``privrec forget MODEL --resume``). After each
   one it builds a new recommender off to the side and swaps the reference under a lock: requests in flight
   finish on the old one, none is dropped.
+- With ``precompute``, the store (:mod:`privrec.serve.store`) is begun again under the new adapters at the
+  swap and filled user by user, the users asked for most recently first; an online answer is kept in it too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +32,14 @@ from privrec.commands.forget import run_resume, submit_forget
 from privrec.commands.recommend import Recommender
 from privrec.errors import RunError, UserError
 from privrec.prepare import source_data
+from privrec.progress import track
 from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import RecStore, store_key
 from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, run_lock
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
+RECENT_USERS = 10_000  # users remembered as recently asked for (the store is filled for them first)
 
 
 class NotFound(UserError):
@@ -122,7 +126,11 @@ class Service:
             self.errors: dict[str, str] = {}  # request id -> why its last attempt failed
             self._wake = threading.Event()
             self._stop = threading.Event()
-            self._store_stale = precompute and self.store.key != self._key()
+            self._recent: OrderedDict[int, None] = OrderedDict()  # users asked for, most recent last
+            self._recent_lock = threading.Lock()
+            if precompute:  # a store made with other adapters or settings is never served again
+                self.store.begin(self._key(), store_k)
+            self._store_stale = precompute and not self._store_full()
             self._worker = threading.Thread(target=self._work, name="privrec-deletions", daemon=True)
         except BaseException:
             self._hold.close()
@@ -162,8 +170,13 @@ class Service:
             rec.generator  # noqa: B018  (fit the MF here, not in a request thread: it sets torch's thread count)
         return rec
 
-    def _key(self) -> dict:
-        return store_key(self.rec.digest, self.candidates, self.blend, self.source)
+    def _key(self, rec: Recommender | None = None) -> dict:
+        return store_key((rec or self.rec).digest, self.candidates, self.blend, self.source)
+
+    def _store_full(self) -> bool:
+        """The store is current and holds every servable user."""
+        return self.store.current(self._key(), self.store_k) and all(
+            u in self.store.users for u in self.rec.users() if u not in self.forgotten)
 
     def _forgotten_users(self) -> dict[int, str]:
         """user -> the request that deletes them: every user named by a users request (pending or done) and
@@ -192,15 +205,37 @@ class Service:
 
     def recommendations(self, user: int, k: int) -> dict:
         self.check_user(user)
+        self._asked(user)
         rec = self.rec  # one reference for the whole request (a swap does not cut it)
-        items = self.store.get(user, k, self._key())
+        key = self._key(rec)
+        items = self.store.get(user, k, key)
         source = "store"
         if items is None:
-            items, source = rec.recommend(user, k, two_stage=self.candidates, blend=self.blend,
+            n = max(k, self.store_k) if self.precompute else k  # the same candidates scored: keep the top store_k
+            items, source = rec.recommend(user, n, two_stage=self.candidates, blend=self.blend,
                                           source=self.source), "online"
+            if self.precompute:
+                self.store.add(key, self.store_k, {user: items}, self.forgotten.__contains__)
+            items = items[:k]
         if user in self.forgotten:  # accepted while it was being computed
             raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]})")
         return {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
+
+    def _asked(self, user: int) -> None:
+        with self._recent_lock:
+            self._recent.pop(user, None)
+            self._recent[user] = None
+            if len(self._recent) > RECENT_USERS:
+                self._recent.popitem(last=False)
+
+    def _fill_order(self, users: list[int]) -> list[int]:
+        """``users``, those asked for most recently first, then the rest in their order."""
+        with self._recent_lock:
+            recent = list(reversed(self._recent))
+        wanted = set(users)
+        first = [u for u in recent if u in wanted]
+        chosen = set(first)
+        return first + [u for u in users if u not in chosen]
 
     def score(self, pairs: list[tuple[int, int]]) -> list[dict]:
         rec = self.rec
@@ -324,6 +359,8 @@ class Service:
             run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
             with self.swap_lock:
+                if self.precompute:  # from now on the store takes only what the new adapters compute
+                    self.store.begin(self._key(new), self.store_k)
                 self.rec = new
             self.errors.pop(rid, None)
             self._store_stale = self.precompute
@@ -337,28 +374,40 @@ class Service:
             self.worker_state = "idle"
 
     def _precompute(self, only: list[int] | None = None) -> None:
-        """Every servable user's top-``store_k`` (or those of ``only``) into the store; stops early for a
-        deletion request."""
+        """Fill the store with every servable user's top-``store_k`` (or those of ``only``), the users asked for
+        most recently first, skipping those it holds already; stops early for a deletion request (what it
+        computed is kept)."""
         self.worker_state = "precomputing"
-        rec, key, users = self.rec, self._key(), {}
+        rec, key = self.rec, self._key()
+        self.store.begin(key, self.store_k)
         try:
-            for u in rec.users() if only is None else only:
+            todo = [u for u in self._fill_order(rec.users() if only is None else only)
+                    if u not in self.forgotten and u not in self.store.users]
+            for u in track(todo, len(todo), "filling the store", enabled=self.progress, unit="user"):
                 if self._wake.is_set() or self._stop.is_set():
-                    return  # a deletion first; the store stays stale and is computed again afterwards
+                    return  # a deletion first; the store stays stale and is filled again afterwards
                 if u in self.forgotten:
                     continue
                 with contextlib.suppress(UserError):
-                    users[u] = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
-                                             source=self.source)
-            self.store.replace(key, self.store_k, {u: v for u, v in users.items() if u not in self.forgotten})
-            self._store_stale = False
+                    items = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
+                                          source=self.source)
+                    self.store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+            if only is None:  # every user tried (one that fails is tried again after the next deletion)
+                self._store_stale = False
         finally:
+            self.store.flush()
             self.worker_state = "idle"
 
     def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
         self._precompute(users)
         return len(self.store.users)
+
+    def store_status(self) -> dict:
+        """How far the precomputed store is: users it holds under the installed adapters, of those servable."""
+        current = self.store.current(self._key(), self.store_k)
+        return {"precompute": self.precompute, "current": current,
+                "users": len(self.store.users) if current else 0, "servable": sum(u not in self.forgotten for u in self.rec.users())}
 
     def pending(self) -> int:
         path = self.path / LEDGER_FILE

@@ -1,20 +1,27 @@
 """Every user's precomputed top-k (``MODEL/serve/recommendations.json``, METHODS §11): written by
 ``privrec serve MODEL --precompute-only`` or, with ``--precompute``, by the service's worker at start and
 after each applied deletion. The recommendations endpoint reads a user's entry when the store is current:
-made with the adapters now installed and the same two-stage settings. A user's entry is purged the moment
-their deletion request is accepted; an applied deletion changes the adapters, which makes the whole store
-stale until it is computed again.
+made with the adapters now installed and the same two-stage settings (its *key*).
+
+A user's entry is purged the moment their deletion request is accepted. An applied deletion changes the
+adapters: the store is begun again under the new key, empty (nothing computed with the old adapters is
+served again), and filled user by user: the worker computes the users asked for most recently first, every
+answer computed online under the new key is kept too, and the file is written every few seconds, so the window
+in which a user is answered online closes user by user and a restarted service continues a half-filled store.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from privrec.rundir import atomic_write_json, read_json
 from privrec.serve import SERVE_DIR
 
 STORE_FILE = "recommendations.json"
+WRITE_EVERY_SECONDS = 5.0  # the file is rewritten at most this often while the store fills (and at the end)
 
 
 def store_key(digest: str, candidates: int | None, blend: float, source: str = "popularity") -> dict:
@@ -31,10 +38,15 @@ class RecStore:
         self.key: dict | None = None
         self.k = 0
         self.users: dict[int, list[dict]] = {}
+        self._written = 0.0
         if self.path.is_file():
             raw = read_json(self.path)
             self.key, self.k = raw.get("key"), int(raw.get("k", 0))
             self.users = {int(u): v for u, v in raw.get("users", {}).items()}
+
+    def current(self, key: dict, k: int) -> bool:
+        """Made under ``key`` with ``k`` items per user (it may not hold every user yet)."""
+        return self.key == key and self.k == k
 
     def get(self, user: int, k: int, key: dict) -> list[dict] | None:
         """The user's stored top-``k``, when the store is current for ``key`` and holds at least ``k``."""
@@ -44,9 +56,31 @@ class RecStore:
             items = self.users.get(user)
         return None if items is None else items[:k]
 
-    def replace(self, key: dict, k: int, users: dict[int, list[dict]]) -> None:
+    def begin(self, key: dict, k: int) -> None:
+        """Start again under ``key``, empty (unless it is current already: then it is continued)."""
         with self._lock:
-            self.key, self.k, self.users = key, k, dict(users)
+            if self.key == key and self.k == k:
+                return
+            self.key, self.k, self.users = key, k, {}
+            self._write()
+
+    def add(self, key: dict, k: int, users: dict[int, list[dict]], refused: Callable[[int], bool],
+            flush: bool = False) -> int:
+        """Keep the top-``k`` lists of ``users`` made under ``key`` (dropped when the store has moved on to
+        another key); a user for whom ``refused(user)`` holds, checked under the store's lock, is never kept
+        (their deletion request was accepted: it sets the refusal before it purges). The file is rewritten
+        when ``flush`` or :data:`WRITE_EVERY_SECONDS` have passed. Returns how many were kept."""
+        with self._lock:
+            if self.key != key or self.k != k:
+                return 0
+            kept = {u: v[:k] for u, v in users.items() if not refused(u)}
+            self.users.update(kept)
+            if flush or time.monotonic() - self._written >= WRITE_EVERY_SECONDS:
+                self._write()
+            return len(kept)
+
+    def flush(self) -> None:
+        with self._lock:
             self._write()
 
     def purge(self, user: int) -> bool:
@@ -60,3 +94,4 @@ class RecStore:
     def _write(self) -> None:
         atomic_write_json(self.path, {"key": self.key, "k": self.k,
                                       "users": {str(u): v for u, v in sorted(self.users.items())}})
+        self._written = time.monotonic()
