@@ -406,8 +406,9 @@ class Service:
     def store_status(self) -> dict:
         """How far the precomputed store is: users it holds under the installed adapters, of those servable."""
         current = self.store.current(self._key(), self.store_k)
+        servable = sum(u not in self.forgotten for u in self.rec.users())
         return {"precompute": self.precompute, "current": current,
-                "users": len(self.store.users) if current else 0, "servable": sum(u not in self.forgotten for u in self.rec.users())}
+                "users": len(self.store.users) if current else 0, "servable": servable}
 
     def pending(self) -> int:
         path = self.path / LEDGER_FILE

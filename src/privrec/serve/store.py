@@ -59,7 +59,7 @@ class RecStore:
     def begin(self, key: dict, k: int) -> None:
         """Start again under ``key``, empty (unless it is current already: then it is continued)."""
         with self._lock:
-            if self.key == key and self.k == k:
+            if self.current(key, k):
                 return
             self.key, self.k, self.users = key, k, {}
             self._write()
@@ -71,7 +71,7 @@ class RecStore:
         (their deletion request was accepted: it sets the refusal before it purges). The file is rewritten
         when ``flush`` or :data:`WRITE_EVERY_SECONDS` have passed. Returns how many were kept."""
         with self._lock:
-            if self.key != key or self.k != k:
+            if not self.current(key, k):
                 return 0
             kept = {u: v[:k] for u, v in users.items() if not refused(u)}
             self.users.update(kept)
