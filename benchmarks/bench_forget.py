@@ -391,6 +391,8 @@ def step_approx(args, rec: Record) -> str:
     original = original_run(args)
     requests = approx_requests(args, original)
     for req, users in requests.items():
+        if args.only and req not in args.only:  # another queue's request
+            continue
         ref = Path(args.runs) / "unlearn" / req / "retrain"
         for method in APPROX:
             if rec.get("approx", req, method) is not None:
@@ -420,6 +422,8 @@ def step_approx(args, rec: Record) -> str:
         o = rec.get("approx", req, "original")
         for method in APPROX:
             m = rec.get("approx", req, method)
+            if m is None or o is None:  # not measured yet (another queue's, or a later session's)
+                continue
             sec, rs = m["unlearn_seconds"], m["retrain_seconds"]
             comp = [m[k] / o[k] if m[k] is not None and o[k] else None for k in ("jsd_vs_retrain",
                                                                                  "kl_sym_vs_retrain")]
@@ -451,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slice-epochs", type=float, default=None, help="shards.slice_epochs of the sliced run")
     p.add_argument("--extra", action="append", default=[], help="another shard run, NAME:key=v,key=v")
     p.add_argument("--only", action="append", default=[], help="run only this run (repeatable; quality and exact "
-                   "steps): what one CPU queue can finish, the rest measured later into the same record")
+                   "steps) or this request (approx: user-core, user-edge, user-random, users-1pct): what one CPU "
+                   "queue can finish, the rest measured later into the same record")
     p.add_argument("--original-set", action="append", default=[], help="override for the approx original only")
     p.add_argument("--unlearn-config", default="configs/unlearn/ml100k.yaml")
     p.add_argument("--unlearn-set", action="append", default=[], help="override of the unlearn section")
