@@ -23,6 +23,8 @@ approx    a ``privrec train`` original on the same samples (``--original-set``: 
           Bad-Teacher and the original (doing nothing), each with ``privrec unlearn``'s own code: time
           against retrain, completeness (JSD / symmetric KL from retrain on the forgotten samples, as a
           fraction of the original's), test AUC, the membership attack.
+plot      (reads the record only; not part of ``all``) the timed exact requests' speed-ups and every run's
+          planned replay work by the user's training samples, as a PNG (``--plot``, docs/img/forget-requests.png).
 
     python benchmarks/bench_forget.py all --config configs/apa-ml100k.yaml --runs runs/bench_forget \\
         --unlearn-config configs/unlearn/ml100k.yaml --set data.n_train=4096 --requests 20
@@ -353,6 +355,60 @@ def step_plan(args, rec: Record) -> str:
     return "\n".join(lines)
 
 
+def step_plot(args, rec: Record) -> str:
+    """The record's requests as a picture (reads the record, runs nothing): left, each timed exact request's
+    speed-up against the full retrain of its own CPU kind, by the user's training samples; right, every run's
+    planned replay work (1 / work share, read off the lineage: not a timing) for the same users."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = draw_users(args)
+    counts: dict[int, int] = {}
+    for x in setup_shard_data(shard_config(args, "semantic-k4"), set()).train:
+        counts[x.user_id] = counts.get(x.user_id, 0) + 1
+    fulls, exact, plan = rec.get("full_retrain") or {}, rec.get("exact") or {}, rec.get("plan") or {}
+    marks = {"core": "o", "edge": "s", "random": "^"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for rows in exact.values():
+        for u, r in rows.items():
+            if int(u) in drawn and r["cpu"] in fulls:
+                for cost, full, c in ((r["wall_seconds"], fulls[r["cpu"]]["warm_seconds"], "C0"),
+                                      (r["wall_seconds"], fulls[r["cpu"]]["cold_seconds"], "C1")):
+                    left.scatter(counts[int(u)], full / cost, marker=marks[r["draw"]], color=c, alpha=0.8)
+    for i, (name, rows) in enumerate(plan.items()):
+        for r in rows.values():
+            right.scatter(counts[r["user"]], 1.0 / r["work"], marker=marks[r["draw"]], color=f"C{i + 2}",
+                          alpha=0.8, label=name)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(10, color="grey", ls="--", lw=1)
+        ax.axhline(5, color="grey", ls=":", lw=1)
+        ax.set_xlabel("the user's training samples")
+        ax.grid(alpha=0.3, which="both")
+    left.set_ylabel("full retrain / forget (x)")
+    left.set_title("exact requests, timed (" + ", ".join(exact) + ")", fontsize=10)
+    right.set_title("replay work planned from the lineage (not a timing)", fontsize=10)
+    from matplotlib.lines import Line2D
+
+    draws = [Line2D([], [], ls="", marker=m, color="k", label=d) for d, m in marks.items()]
+    left.legend(handles=[*draws, Line2D([], [], ls="", marker="o", color="C0", label="vs cached retrain"),
+                         Line2D([], [], ls="", marker="o", color="C1", label="vs cold retrain"),
+                         Line2D([], [], color="grey", ls="--", label="10x (median goal)"),
+                         Line2D([], [], color="grey", ls=":", label="5x (p95 goal)")], fontsize=8)
+    h, lab = right.get_legend_handles_labels()
+    uniq = dict(zip(lab, h, strict=True))
+    right.legend(uniq.values(), uniq.keys(), fontsize=8)
+    fig.tight_layout()
+    out = Path(args.plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return f"![exact forget requests: speed-up against a full retrain, by the user's samples]({out.name})"
+
+
 # --- approximate -------------------------------------------------------------------------------------------
 def original_run(args) -> Path:
     """A ``privrec train`` model on the same samples (the config without its shards section)."""
@@ -443,11 +499,12 @@ def step_retrain(args, rec: Record) -> str:
 
 STEPS = {"quality": step_quality, "retrain": step_retrain, "plan": step_plan, "exact": step_exact,
          "approx": step_approx}
+REPORTS = {"plot": step_plot}  # read the record only; not part of `all`
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=[*STEPS, "all"])
+    p.add_argument("step", choices=[*STEPS, *REPORTS, "all"])
     p.add_argument("--config", default="configs/apa-ml100k.yaml", help="the shards config all runs share")
     p.add_argument("--runs", default="runs/bench_forget", help="where the runs and bench_forget.json go")
     p.add_argument("--set", action="append", default=[], help="override for every run, e.g. data.n_train=4096")
@@ -463,13 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-bench", default=None, help="also rewrite the tables' sections of this markdown file")
     p.add_argument("--report-only", action="store_true", help="exact: print the table of the requests the record "
                    "holds so far, running nothing")
+    p.add_argument("--plot", default="docs/img/forget-requests.png", help="plot: where the picture goes")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     rec = Record(Path(args.runs) / "bench_forget.json")
     cmd = "python benchmarks/bench_forget.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for step in (list(STEPS) if args.step == "all" else [args.step]):
-        table = STEPS[step](args, rec)
+        table = {**STEPS, **REPORTS}[step](args, rec)
         mdsection.publish(args.out_bench, f"bench_forget:{step}", f"Command: `{cmd}`\n\n{table}")
     return 0
 

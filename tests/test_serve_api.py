@@ -315,9 +315,9 @@ def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_fo
     filled = []
     real_add = service.store.add
 
-    def add(key, k, users, refused, flush=False):
+    def add(key, k, users, refused, **kw):
         filled.extend((key["adapters"], u) for u in users)
-        return real_add(key, k, users, refused, flush)
+        return real_add(key, k, users, refused, **kw)
 
     monkeypatch.setattr(service.store, "add", add)
     with TestClient(create_app(service)) as client:

@@ -6,8 +6,9 @@ made with the adapters now installed and the same two-stage settings (its *key*)
 A user's entry is purged the moment their deletion request is accepted. An applied deletion changes the
 adapters: the store is begun again under the new key, empty (nothing computed with the old adapters is
 served again), and filled user by user: the worker computes the users asked for most recently first, every
-answer computed online under the new key is kept too, and the file is written every few seconds, so the window
-in which a user is answered online closes user by user and a restarted service continues a half-filled store.
+answer computed online under the new key is kept too (in memory: the request thread never writes the file), and
+the worker writes the file every few seconds, so the window in which a user is answered online closes user by
+user and a restarted service continues a half-filled store.
 """
 
 from __future__ import annotations
@@ -65,17 +66,18 @@ class RecStore:
             self._write()
 
     def add(self, key: dict, k: int, users: dict[int, list[dict]], refused: Callable[[int], bool],
-            flush: bool = False) -> int:
+            flush: bool = False, write: bool = True) -> int:
         """Keep the top-``k`` lists of ``users`` made under ``key`` (dropped when the store has moved on to
         another key); a user for whom ``refused(user)`` holds, checked under the store's lock, is never kept
         (their deletion request was accepted: it sets the refusal before it purges). The file is rewritten
-        when ``flush`` or :data:`WRITE_EVERY_SECONDS` have passed. Returns how many were kept."""
+        when ``flush`` or :data:`WRITE_EVERY_SECONDS` have passed, unless ``write`` is False (a request thread:
+        kept in memory, stored by the worker's next write or flush). Returns how many were kept."""
         with self._lock:
             if not self.current(key, k):
                 return 0
             kept = {u: v[:k] for u, v in users.items() if not refused(u)}
             self.users.update(kept)
-            if flush or time.monotonic() - self._written >= WRITE_EVERY_SECONDS:
+            if flush or (write and time.monotonic() - self._written >= WRITE_EVERY_SECONDS):
                 self._write()
             return len(kept)
 
