@@ -16,7 +16,7 @@ from privrec.commands.forget import run_forget
 from privrec.commands.recommend import Recommender, blended_order, run_recommend
 from privrec.serve.app import MAX_BATCH, create_app
 from privrec.serve.service import Service
-from privrec.serve.store import STORE_FILE
+from privrec.serve.store import NEXT_FILE, STORE_FILE, RecStore
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_fo
     tok = tokens(model, victim, asked)
     monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
                                                             self.md.deleted_by])
-    service = Service(model, candidates=10, store_k=5, precompute=True)
+    service = Service(model, candidates=10, store_k=5, precompute=True, refill_before_swap=False)  # --swap-at-once
     filled = []
     real_add = service.store.add
 
@@ -340,3 +340,87 @@ def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_fo
     assert set(new["users"]) == {str(u) for u in others}  # nothing made with the old adapters survives
     assert all(d == new_digest for d, _ in filled) and [u for _, u in filled][0] == asked  # asked-for first
     assert sorted(u for _, u in filled) == sorted(others)
+
+
+def test_by_default_the_store_is_filled_under_the_new_adapters_before_they_are_swapped_in(served_model, tmp_path,
+                                                                                         monkeypatch):
+    """No user is answered online for a deletion: while the new adapters' store fills (held here after its first
+    user), the old adapters answer from their store and the request reads installed; the swap adopts the new
+    store whole, so every answer after it comes from the store, made with the new adapters."""
+    import threading
+
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    others = [u for u in range(1, 50) if u != victim][:3]
+    asked = others[-1]
+    tok = tokens(model, victim, asked)
+    monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
+                                                            self.md.deleted_by])
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    old_digest = service.rec.digest
+    held, release, new_calls = threading.Event(), threading.Event(), []
+    real = Recommender.recommend
+
+    def gated(self, user, *a, **kw):
+        if self.digest != old_digest:  # the new adapters' recommender, filling the next store
+            new_calls.append(user)
+            if len(new_calls) == 2:
+                held.set()
+                assert release.wait(120)
+        return real(self, user, *a, **kw)
+
+    monkeypatch.setattr(Recommender, "recommend", gated)
+    with TestClient(create_app(service)) as client:
+        assert service.precompute_now() == 4
+        before = get(client, f"/v1/users/{asked}/recommendations?k=3", tok[asked]).json()
+        assert before["source"] == "store"
+        rid = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])).json()["id"]
+        service.start()
+        assert held.wait(300)  # retrained, certified, one user filled under the new adapters, not swapped in
+        assert get(client, f"/v1/requests/{rid}", tok[victim]).json()["status"] == "installed"
+        during = get(client, f"/v1/users/{asked}/recommendations?k=3", tok[asked]).json()
+        assert during == before  # the old adapters' store still answers, nothing computed online
+        error_of(get(client, f"/v1/users/{victim}/recommendations", tok[victim]), 410)
+        nxt = service.next_store  # its file is written every few seconds (and at the end)
+        assert nxt.key["adapters"] != old_digest and set(nxt.users) == {asked} and nxt.path.is_file()
+        store = get(client, "/metrics", tok["admin"]).json()["store"]
+        assert store["next_users"] == 1 and store["users"] == 3  # the old store: the victim purged
+        release.set()
+        wait_done(lambda p: get(client, p, tok[victim]), rid)
+        after = {u: get(client, f"/v1/users/{u}/recommendations?k=5", tok["admin"]).json() for u in others}
+        new_digest = service.rec.digest
+        assert not service._store_stale and "next_users" not in service.store_status()
+    service.close()
+    assert new_digest != old_digest and new_calls[0] == asked  # the user asked for most recently first
+    assert sorted(new_calls) == sorted(others)  # each computed once, under the new adapters, before the swap
+    assert all(a["source"] == "store" for a in after.values())
+    saved = json.loads((model / "serve" / STORE_FILE).read_text())
+    assert saved["key"]["adapters"] == new_digest and set(saved["users"]) == {str(u) for u in others}
+    assert not (model / "serve" / NEXT_FILE).exists()
+    fresh = Recommender(model, pending_ok=True).recommend(asked, 5, two_stage=10, blend=0.0, source="popularity")
+    assert after[asked]["items"] == fresh  # what the new adapters recommend, not the old store's
+
+
+def test_a_store_half_filled_under_new_adapters_is_taken_up_by_a_restarted_service(served_model, tmp_path):
+    """A service killed while it filled the next store (its adapters already on disk) continues that store when
+    started again; one made under other adapters is removed, never served."""
+    model = copy_model(served_model, tmp_path / "served")
+    victim = victim_of(model)
+    kept, other = [u for u in range(1, 50) if u != victim][:2]
+    run_forget(model, users=[victim], progress=False)  # the new adapters on disk, as after the kill
+    probe = Service(model, candidates=10, store_k=5)
+    key, items = probe._key(), probe.rec.recommend(kept, 5, two_stage=10, blend=0.0, source="popularity")
+    probe.close()
+    nxt = RecStore(model, NEXT_FILE)
+    nxt.begin(key, 5)
+    nxt.add(key, 5, {kept: items}, lambda u: False, flush=True)
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    assert service.store.get(kept, 5, key) == items and service.store.get(other, 5, key) is None
+    assert not nxt.path.exists() and json.loads(service.store.path.read_text())["key"] == key
+    service.close()
+    stale = RecStore(model, NEXT_FILE)
+    stale.begin({**key, "adapters": "not-these"}, 5)
+    stale.add(stale.key, 5, {other: items}, lambda u: False, flush=True)
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    assert service.store.get(other, 5, key) is None and not stale.path.exists()
+    service.close()

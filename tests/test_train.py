@@ -128,6 +128,22 @@ def test_select_uauc_keeps_the_best_uauc_epoch(ml100k, tiny_splits):
         train(m, items, cfg.train, seed=1, valid=no_users, progress=False)
 
 
+def test_select_last_keeps_the_final_epoch_whatever_validation_says(ml100k, tiny_splits):
+    """``select: last`` (a memorising original, METHODS §8): the final epoch's weights are kept even where an
+    earlier epoch scored better on validation, and early stopping never fires."""
+    cfg = tiny_config(train={"epochs": 4, "lr": 5e-2, "select": "last", "early_stopping": 1})
+    m = make_model(cfg, ml100k)
+    items, valid = m.encode(tiny_splits.train[:32]), m.encode(tiny_splits.valid)
+    res = train(m, items, cfg.train, seed=1, valid=valid, progress=False)
+    assert res.epochs_run == 4 and res.best_epoch == 4 and not res.stopped_early
+    assert res.best_valid_auc == res.history[-1]["valid_auc"]
+    last = adapter_state(m.model)
+    m2 = make_model(cfg, ml100k)  # the same run without validation keeps the last epoch too: same weights
+    train(m2, items, cfg.train, seed=1, valid=None, progress=False)
+    for k, v in adapter_state(m2.model).items():
+        torch.testing.assert_close(v, last[k], atol=0, rtol=0)
+
+
 def test_best_epoch_is_restored_and_early_stopping_stops(ml100k, tiny_splits):
     cfg = tiny_config(train={"epochs": 6, "lr": 5e-2, "early_stopping": 1})
     m = make_model(cfg, ml100k)

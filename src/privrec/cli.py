@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every user's top-k precomputed (at start and after each applied deletion)")
     g.add_argument("--precompute-only", action="store_true",
                    help="write every user's top-k into MODEL/serve/recommendations.json and exit")
+    p.add_argument("--swap-at-once", action="store_true",
+                   help="with --precompute: swap a deletion's new adapters in as soon as they are trained and fill "
+                   "the store afterwards, answering online meanwhile (default: fill it first, while the old "
+                   "adapters keep answering from their store)")
 
     p = sub.add_parser("token", help="bearer tokens of privrec serve: create (printed once) or revoke")
     tsub = p.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
@@ -343,8 +347,10 @@ def _serve(args, progress: bool) -> int:
         print(f"stored the top {args.store_k} of {n} users in {args.run}/serve/recommendations.json")
         return 0
     print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
+    if args.swap_at_once and not args.precompute:
+        raise UserError("--swap-at-once only changes --precompute; add --precompute or drop it")
     run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute,
-              source=args.candidate_source)
+              source=args.candidate_source, refill_before_swap=not args.swap_at_once)
     return 0
 
 

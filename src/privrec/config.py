@@ -150,9 +150,11 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "linear", "cosine"] = Field("linear")
     early_stopping: int | None = Field(
         None, ge=1, description="Stop after N epochs without a better validation score (`select`); None = never.")
-    select: Literal["auc", "uauc"] = Field(
+    select: Literal["auc", "uauc", "last"] = Field(
         "auc", description="Validation score that picks the best epoch and drives early stopping: auc, or uauc "
-        "(mean within-user AUC over validation users with both labels).")
+        "(mean within-user AUC over validation users with both labels); last keeps the final epoch whatever "
+        "validation says (still scored and recorded; no early stopping), for a deliberately memorising model "
+        "such as the membership-attack original of METHODS §8.")
     eval_every: int | None = Field(
         None, ge=1, description="Also score the validation samples every N optimizer steps inside an epoch, for "
         "the learning curve (`curve` in metrics.json); the best epoch is still chosen at epoch ends. Scoring "

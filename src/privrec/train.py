@@ -155,7 +155,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         raise TrainingError("the model has no trainable parameters (attach a LoRA adapter first)")
     if not data:
         raise TrainingError("no training samples")
-    select = f"valid_{cfg.select}"
+    select = "valid_auc" if cfg.select == "last" else f"valid_{cfg.select}"  # last: every epoch replaces the kept
     if valid and cfg.select == "uauc" and any(e.user_id is None for e in valid):
         raise TrainingError("train.select=uauc needs the user id of every validation item")
     result = TrainResult()
@@ -241,7 +241,7 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
                                  "samples_seen": result.samples_seen,
                                  **{k: v for k, v in record.items() if k.startswith("valid_")},
                                  "seconds": result.seconds})
-            if improves(record[select], best_score):
+            if cfg.select == "last" or improves(record[select], best_score):
                 best_score, result.best_epoch, bad_epochs = record[select], epoch + 1, 0
                 result.best_valid_auc = record["valid_auc"]
                 result.best_valid_uauc = record.get("valid_uauc", float("nan"))

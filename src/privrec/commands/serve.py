@@ -14,8 +14,8 @@ from privrec.errors import UserError
 
 def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, candidates: int | None = 50,
               blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False,
-              source: str = "popularity") -> None:
-    """Serve ``model`` until interrupted.
+              source: str = "popularity", refill_before_swap: bool = True) -> None:
+    """Serve ``model`` until interrupted (``refill_before_swap``: see :class:`~privrec.serve.service.Service`).
 
     Raises:
         RunError: not a model directory, another privrec command holds it, an unfinished request that fails.
@@ -27,7 +27,7 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
     _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
-                      progress=progress, source=source)
+                      progress=progress, source=source, refill_before_swap=refill_before_swap)
     try:
         service.start()
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)

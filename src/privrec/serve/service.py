@@ -12,8 +12,12 @@
   service was killed in is finished by the next start, or by ``privrec forget MODEL --resume``). After each
   one it builds a new recommender off to the side and swaps the reference under a lock: requests in flight
   finish on the old one, none is dropped.
-- With ``precompute``, the store (:mod:`privrec.serve.store`) is begun again under the new adapters at the
-  swap and filled user by user, the users asked for most recently first; an online answer is kept in it too.
+- With ``precompute``, the worker fills a second store under a deletion's new adapters before it swaps them in
+  (the old adapters and their store answer meanwhile: no user is answered online for a deletion), and the swap
+  adopts it; a new deletion request arriving during that fill ends it early and the swap happens at once.
+  With ``refill_before_swap=False`` (``--swap-at-once``) the store is begun again empty at the swap and filled
+  user by user, the users asked for most recently first, answering online meanwhile; an online answer is kept
+  in it too.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from privrec.prepare import source_data
 from privrec.progress import track
 from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
 from privrec.serve.auth import TokenStore
-from privrec.serve.store import RecStore, store_key
+from privrec.serve.store import NEXT_FILE, RecStore, store_key
 from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, run_lock
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
@@ -96,15 +100,20 @@ class Service:
         store_k: how many items the precomputed store keeps per user.
         precompute: the worker computes every user's top-``store_k`` at start (when the store is not current)
             and after each applied deletion.
+        refill_before_swap: with ``precompute``, fill the store under a deletion's new adapters before swapping
+            them in (the old adapters keep answering from their store meanwhile); False: swap at once and fill
+            the store afterwards, answering the users not yet filled online.
 
     Raises:
         RunError: not a model directory, or another privrec command holds it.
     """
 
     def __init__(self, model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
-                 precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity"):
+                 precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity",
+                 refill_before_swap: bool = True):
         self.path = Path(model)
         self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
+        self.refill_before_swap = refill_before_swap
         self.max_k, self.progress, self.source = max_k, progress, source
         self._hold = contextlib.ExitStack()
         self._hold.enter_context(run_lock(self.path))  # for the service's life
@@ -128,7 +137,10 @@ class Service:
             self._stop = threading.Event()
             self._recent: OrderedDict[int, None] = OrderedDict()  # users asked for, most recent last
             self._recent_lock = threading.Lock()
+            self.next_store: RecStore | None = None  # filled under a deletion's new adapters before their swap
+            self._arrived = threading.Event()  # a deletion request accepted (ends such a fill early)
             if precompute:  # a store made with other adapters or settings is never served again
+                self._continue_interrupted_refill()
                 self.store.begin(self._key(), store_k)
             self._store_stale = precompute and not self._store_full()
             self._worker = threading.Thread(target=self._work, name="privrec-deletions", daemon=True)
@@ -163,6 +175,15 @@ class Service:
             ledger.close()
         if req is not None and req["status"] != PENDING:
             run_resume(self.path, progress=self.progress, lock=False)
+
+    def _continue_interrupted_refill(self) -> None:
+        """A service killed while it filled the store under new adapters (already on disk) takes that store
+        up as its own; one made under other adapters or settings is removed."""
+        nxt = RecStore(self.path, NEXT_FILE)
+        if nxt.current(self._key(), self.store_k):
+            self.store.adopt(nxt)
+        elif nxt.path.is_file():
+            nxt.discard()
 
     def _build(self) -> Recommender:
         rec = Recommender(self.path, pending_ok=True, progress=self.progress)
@@ -288,6 +309,10 @@ class Service:
                 rid = self.rec.md.deleted_by.get(user) or self._last_request_of(user)
             self.forgotten[user] = rid
         self.store.purge(user)
+        nxt = self.next_store
+        if nxt is not None:
+            nxt.purge(user)
+        self._arrived.set()
         self._wake.set()
         return self.request(rid), recorded.get("request") is not None
 
@@ -359,12 +384,22 @@ class Service:
         try:
             run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
+            filled = False
+            if self.precompute and self.refill_before_swap:
+                try:
+                    filled = self._refill(new)
+                except Exception:  # the store only; the request is done: its adapters are swapped in regardless
+                    self.rec.md.run.log(f"serve: filling the store for {rid} failed: "
+                                        f"{traceback.format_exc(limit=3)}", echo=False)
             with self.swap_lock:
                 if self.precompute:  # from now on the store takes only what the new adapters compute
-                    self.store.begin(self._key(new), self.store_k)
+                    if self.next_store is not None:
+                        self.store.adopt(self.next_store)
+                    self.store.begin(self._key(new), self.store_k)  # continued when adopted
+                self.next_store = None
                 self.rec = new
             self.errors.pop(rid, None)
-            self._store_stale = self.precompute
+            self._store_stale = self.precompute and not filled
             return True
         except Exception as e:  # the request stays unfinished in the ledger; the service keeps serving
             self.errors[rid] = " ".join(str(e).split()) or type(e).__name__
@@ -379,25 +414,42 @@ class Service:
         most recently first, skipping those it holds already; stops early for a deletion request (what it
         computed is kept)."""
         self.worker_state = "precomputing"
-        rec, key = self.rec, self._key()
-        self.store.begin(key, self.store_k)
+        self.store.begin(self._key(), self.store_k)
+        try:
+            if self._fill(self.rec, self.store, self._wake, only) and only is None:
+                self._store_stale = False  # every user tried (a failed one is tried again after the next deletion)
+        finally:
+            self.worker_state = "idle"
+
+    def _refill(self, new: Recommender) -> bool:
+        """Fill :attr:`next_store` under ``new``'s adapters before they are swapped in; True when every user was
+        tried, False when a deletion request arrived meanwhile (the swap then happens with what is filled)."""
+        self._arrived.clear()
+        self.next_store = RecStore(self.path, NEXT_FILE)
+        self.next_store.begin(self._key(new), self.store_k)  # continued when a killed service had begun it
+        self.worker_state = f"filling the store under the new adapters of {self._swapping}"
+        return self._fill(new, self.next_store, self._arrived)
+
+    def _fill(self, rec: Recommender, store: RecStore, interrupt: threading.Event,
+              only: list[int] | None = None) -> bool:
+        """Add the top-``store_k`` of ``rec`` for every servable user (or those of ``only``) that ``store`` lacks,
+        those asked for most recently first; False when ``interrupt`` (or the service's stop) ended it early."""
+        key = self._key(rec)
         try:
             todo = [u for u in self._fill_order(rec.users() if only is None else only)
-                    if u not in self.forgotten and u not in self.store.users]
+                    if u not in self.forgotten and u not in store.users]
             for u in track(todo, len(todo), "filling the store", enabled=self.progress, unit="user"):
-                if self._wake.is_set() or self._stop.is_set():
-                    return  # a deletion first; the store stays stale and is filled again afterwards
+                if interrupt.is_set() or self._stop.is_set():
+                    return False
                 if u in self.forgotten:
                     continue
                 with contextlib.suppress(UserError):
                     items = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
                                           source=self.source)
-                    self.store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
-            if only is None:  # every user tried (one that fails is tried again after the next deletion)
-                self._store_stale = False
+                    store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+            return True
         finally:
-            self.store.flush()
-            self.worker_state = "idle"
+            store.flush()
 
     def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
@@ -408,8 +460,12 @@ class Service:
         """How far the precomputed store is: users it holds under the installed adapters, of those servable."""
         current = self.store.current(self._key(), self.store_k)
         servable = sum(u not in self.forgotten for u in self.rec.users())
-        return {"precompute": self.precompute, "current": current,
-                "users": len(self.store.users) if current else 0, "servable": servable}
+        out = {"precompute": self.precompute, "current": current,
+               "users": len(self.store.users) if current else 0, "servable": servable}
+        nxt = self.next_store
+        if nxt is not None:  # being filled under a deletion's new adapters, not served yet
+            out["next_users"] = len(nxt.users)
+        return out
 
     def pending(self) -> int:
         path = self.path / LEDGER_FILE

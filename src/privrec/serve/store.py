@@ -9,10 +9,16 @@ served again), and filled user by user: the worker computes the users asked for 
 answer computed online under the new key is kept too (in memory: the request thread never writes the file), and
 the worker writes the file every few seconds, so the window in which a user is answered online closes user by
 user and a restarted service continues a half-filled store.
+
+By default (``privrec serve --precompute`` without ``--swap-at-once``) there is no such window: the worker fills
+a second store (``recommendations.next.json``) under the new adapters *before* it swaps them in, while the old
+adapters and their store keep answering, and the swap adopts it whole (:meth:`RecStore.adopt`). A service
+killed during that fill continues it when started again (the file's key is the adapters on disk).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +28,7 @@ from privrec.rundir import atomic_write_json, read_json
 from privrec.serve import SERVE_DIR
 
 STORE_FILE = "recommendations.json"
+NEXT_FILE = "recommendations.next.json"  # the store filled under a deletion's new adapters before they are swapped in
 WRITE_EVERY_SECONDS = 5.0  # the file is rewritten at most this often while the store fills (and at the end)
 
 
@@ -33,8 +40,8 @@ def store_key(digest: str, candidates: int | None, blend: float, source: str = "
 class RecStore:
     """The store file and its in-memory copy (one writer: the service)."""
 
-    def __init__(self, model: str | Path):
-        self.path = Path(model) / SERVE_DIR / STORE_FILE
+    def __init__(self, model: str | Path, name: str = STORE_FILE):
+        self.path = Path(model) / SERVE_DIR / name
         self._lock = threading.Lock()
         self.key: dict | None = None
         self.k = 0
@@ -84,6 +91,21 @@ class RecStore:
     def flush(self) -> None:
         with self._lock:
             self._write()
+
+    def adopt(self, other: RecStore) -> None:
+        """Become ``other`` (a store filled off to the side), whose file replaces this one's atomically."""
+        with self._lock, other._lock:
+            other._write()
+            os.replace(other.path, self.path)
+            self.key, self.k, self.users = other.key, other.k, other.users
+            other.key, other.k, other.users = None, 0, {}  # emptied: a late purge of it writes nothing
+            self._written = time.monotonic()
+
+    def discard(self) -> None:
+        """Forget this store and remove its file."""
+        with self._lock:
+            self.key, self.k, self.users = None, 0, {}
+            self.path.unlink(missing_ok=True)
 
     def purge(self, user: int) -> bool:
         """Drop a user's entry (their deletion request was accepted); True when there was one."""
