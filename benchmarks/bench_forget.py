@@ -520,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-bench", default=None, help="also rewrite the tables' sections of this markdown file")
     p.add_argument("--report-only", action="store_true", help="exact: print the table of the requests the record "
                    "holds so far, running nothing")
+    p.add_argument("--section-tag", default=None, help="--out-bench: name the sections bench_forget:STEP:TAG "
+                   "(another record's tables beside these, e.g. the memorising original's approx step)")
     p.add_argument("--plot", default="docs/img/forget-requests.png", help="plot: where the picture goes")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -528,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/bench_forget.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for step in (list(STEPS) if args.step == "all" else [args.step]):
         table = {**STEPS, **REPORTS}[step](args, rec)
-        mdsection.publish(args.out_bench, f"bench_forget:{step}", f"Command: `{cmd}`\n\n{table}")
+        name = f"bench_forget:{step}" + (f":{args.section_tag}" if args.section_tag else "")
+        mdsection.publish(args.out_bench, name, f"Command: `{cmd}`\n\n{table}")
     return 0
 
 

@@ -44,7 +44,8 @@ def free_port() -> int:
 def start(model: Path, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "privrec.cli", "--no-progress", "serve", str(model), "--port", str(port),
-           "--candidates", str(args.candidates)] + (["--precompute"] if args.precompute else [])
+           "--candidates", str(args.candidates)] + (["--precompute"] if args.precompute else []) + (
+               ["--swap-at-once"] if args.swap_at_once else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(model / "serve.err", "w"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -124,6 +125,9 @@ def main() -> None:
     ap.add_argument("--precompute", action="store_true",
                     help="serve with --precompute (the store MODEL/serve/recommendations.json is used when current "
                     "for these --candidates; an applied deletion makes it stale until the worker recomputes it)")
+    ap.add_argument("--swap-at-once", action="store_true",
+                    help="with --precompute: serve with --swap-at-once (the store is filled after the swap, online "
+                    "answers meanwhile) instead of filling it before the swap")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -140,7 +144,8 @@ def main() -> None:
             rng = np.random.default_rng(args.seed)
             users = sorted(int(u) for u in rng.choice(cfg_users, min(args.users, len(cfg_users)), replace=False))
             items = list(range(1, 1683))
-            out = {"concurrency": args.concurrency, "candidates": args.candidates, "precompute": args.precompute}
+            out = {"concurrency": args.concurrency, "candidates": args.candidates, "precompute": args.precompute,
+                   "swap_at_once": args.swap_at_once}
             t0 = time.time()
             res = load(url, token, users, items, args.concurrency, lambda: time.time() - t0 > args.seconds, args.seed)
             took = time.time() - t0
@@ -167,10 +172,13 @@ def main() -> None:
                 took = time.time() - t1
                 out["during_deletion"] = summary(res, took)
                 out["deletion_seconds"] = state.get("applied_s")
+                out["deletion_history"] = httpx.get(f"{url}/v1/requests/{rid}", timeout=120,
+                                                    headers={"Authorization": f"Bearer {token}"}).json()["history"]
                 show(f"while deleting user {victim} ({rid}, applied in {state.get('applied_s') or 0:.0f}s)",
                      out["during_deletion"], took)
-                # phase 3: right after the deletion is applied (with --precompute the store is stale until the
-                # worker has computed it again with the new adapters: requests are answered online meanwhile)
+                # phase 3: right after the deletion is applied (with --precompute --swap-at-once the store is stale
+                # until the worker has computed it again with the new adapters: requests are answered online
+                # meanwhile; without --swap-at-once it was filled before the swap)
                 t2 = time.time()
                 res = load(url, token, users, items, args.concurrency, lambda: time.time() - t2 > args.seconds,
                            args.seed + 2)

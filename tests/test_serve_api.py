@@ -302,15 +302,21 @@ def test_an_online_answer_is_kept_in_the_store_and_a_half_filled_store_is_contin
     restarted.close()
 
 
-def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_for_first(served_model, tmp_path,
-                                                                                        monkeypatch):
+def four_users(served_model, tmp_path, monkeypatch):
+    """A copy of the model whose service sees four users: the victim and three others, the last one the user
+    who asks (tokens for the victim, the asker and an admin)."""
     model = copy_model(served_model, tmp_path / "served")
     victim = victim_of(model)
     others = [u for u in range(1, 50) if u != victim][:3]
     asked = others[-1]
-    tok = tokens(model, victim, asked)
     monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
                                                             self.md.deleted_by])
+    return model, victim, others, asked, tokens(model, victim, asked)
+
+
+def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_for_first(served_model, tmp_path,
+                                                                                        monkeypatch):
+    model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
     service = Service(model, candidates=10, store_k=5, precompute=True, refill_before_swap=False)  # --swap-at-once
     filled = []
     real_add = service.store.add
@@ -349,13 +355,7 @@ def test_by_default_the_store_is_filled_under_the_new_adapters_before_they_are_s
     store whole, so every answer after it comes from the store, made with the new adapters."""
     import threading
 
-    model = copy_model(served_model, tmp_path / "served")
-    victim = victim_of(model)
-    others = [u for u in range(1, 50) if u != victim][:3]
-    asked = others[-1]
-    tok = tokens(model, victim, asked)
-    monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
-                                                            self.md.deleted_by])
+    model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
     service = Service(model, candidates=10, store_k=5, precompute=True)
     old_digest = service.rec.digest
     held, release, new_calls = threading.Event(), threading.Event(), []
