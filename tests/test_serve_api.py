@@ -303,11 +303,16 @@ def test_an_online_answer_is_kept_in_the_store_and_a_half_filled_store_is_contin
 
 
 def four_users(served_model, tmp_path, monkeypatch):
-    """A copy of the model whose service sees four users: the victim and three others, the last one the user
-    who asks (tokens for the victim, the asker and an admin)."""
+    """A copy of the model whose service sees four users: the victim and three others, the first of whom has
+    training samples too (forgetting them changes the adapters) and the last the user who asks (tokens for the
+    victim, the asker and an admin)."""
+    from privrec.model.adapters import read_meta
+
     model = copy_model(served_model, tmp_path / "served")
     victim = victim_of(model)
-    others = [u for u in range(1, 50) if u != victim][:3]
+    trained = sorted({int(i.split("-")[0][1:]) for i in read_meta(model / "adapters" / "default")["sample_ids"]})
+    first = next(u for u in trained if u != victim)
+    others = [first] + [u for u in range(1, 50) if u not in (victim, first)][:2]
     asked = others[-1]
     monkeypatch.setattr(Recommender, "users", lambda self: [u for u in [*others, victim] if u not in
                                                             self.md.deleted_by])
@@ -424,3 +429,52 @@ def test_a_store_half_filled_under_new_adapters_is_taken_up_by_a_restarted_servi
     service = Service(model, candidates=10, store_k=5, precompute=True)
     assert service.store.get(other, 5, key) is None and not stale.path.exists()
     service.close()
+
+
+def test_a_deletion_arriving_during_the_refill_ends_it_and_the_swap_happens_at_once(served_model, tmp_path,
+                                                                                    monkeypatch):
+    """A burst of requests never holds the old adapters in service: the second request, accepted while the
+    first one's store fills, ends that fill (the swap takes the users filled so far) and is applied next; its
+    own fill then covers the users left."""
+    import threading
+
+    model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
+    second = others[0]
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    digests = [service.rec.digest]
+    held, release, fills = threading.Event(), threading.Event(), []
+    real = Recommender.recommend
+
+    def gated(self, user, *a, **kw):
+        if self.digest not in digests:
+            digests.append(self.digest)
+        if self.digest != digests[0]:
+            fills.append((digests.index(self.digest), user))
+            if len(fills) == 2:
+                held.set()
+                assert release.wait(120)
+        return real(self, user, *a, **kw)
+
+    monkeypatch.setattr(Recommender, "recommend", gated)
+    with TestClient(create_app(service)) as client:
+        assert service.precompute_now() == 4
+        first = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])).json()["id"]
+        service.start()
+        assert held.wait(300)  # the first request's fill, at its second user
+        then = client.post(f"/v1/users/{second}/forget", headers=bearer(tok["admin"])).json()["id"]
+        release.set()
+        for rid in (first, then):
+            wait_done(lambda p: get(client, p, tok["admin"]), rid)
+        deadline = time.monotonic() + 120
+        while service._store_stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+        final = service.rec.digest
+        status = service.store_status()
+    service.close()
+    first_fill = [u for n, u in fills if n == 1]
+    assert len(first_fill) == 2  # ended after the user it was computing
+    assert {u for n, u in fills if n == 2} == set(others) - {second}  # the second request's adapters: the rest
+    assert len(digests) == 3 and final == digests[2]
+    assert status == {"precompute": True, "current": True, "users": 2, "servable": 2}
+    saved = json.loads((model / "serve" / STORE_FILE).read_text())
+    assert saved["key"]["adapters"] == final and set(saved["users"]) == {str(u) for u in others if u != second}

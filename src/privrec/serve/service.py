@@ -308,10 +308,10 @@ class Service:
             if rid is None:  # every interaction deleted already (e.g. by privrec forget --samples)
                 rid = self.rec.md.deleted_by.get(user) or self._last_request_of(user)
             self.forgotten[user] = rid
-        self.store.purge(user)
-        nxt = self.next_store
+        nxt = self.next_store  # purged before the served store: a swap adopting it in between is purged after
         if nxt is not None:
             nxt.purge(user)
+        self.store.purge(user)
         self._arrived.set()
         self._wake.set()
         return self.request(rid), recorded.get("request") is not None
@@ -424,6 +424,8 @@ class Service:
     def _refill(self, new: Recommender) -> bool:
         """Fill :attr:`next_store` under ``new``'s adapters before they are swapped in; True when every user was
         tried, False when a deletion request arrived meanwhile (the swap then happens with what is filled)."""
+        if self._key(new) == self._key():  # no adapter changed (the request's users held no training sample):
+            return False  # the served store stays valid; what it lacks is filled after the swap
         self._arrived.clear()
         self.next_store = RecStore(self.path, NEXT_FILE)
         self.next_store.begin(self._key(new), self.store_k)  # continued when a killed service had begun it
