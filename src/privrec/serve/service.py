@@ -227,9 +227,10 @@ class Service:
     def recommendations(self, user: int, k: int) -> dict:
         self.check_user(user)
         self._asked(user)
-        rec = self.rec  # one reference for the whole request (a swap does not cut it)
-        key = self._key(rec)
-        items = self.store.get(user, k, key)
+        with self.swap_lock:  # the recommender and its store read together: a swap never falls between them
+            rec = self.rec  # one reference for the whole request (a swap does not cut it)
+            key = self._key(rec)
+            items = self.store.get(user, k, key)
         source = "store"
         if items is None:
             n = max(k, self.store_k) if self.precompute else k  # the same candidates scored: keep the top store_k
