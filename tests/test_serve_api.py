@@ -353,28 +353,39 @@ def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_fo
     assert sorted(u for _, u in filled) == sorted(others)
 
 
-def test_by_default_the_store_is_filled_under_the_new_adapters_before_they_are_swapped_in(served_model, tmp_path,
-                                                                                         monkeypatch):
-    """No user is answered online for a deletion: while the new adapters' store fills (held here after its first
-    user), the old adapters answer from their store and the request reads installed; the swap adopts the new
-    store whole, so every answer after it comes from the store, made with the new adapters."""
+def hold_refill(monkeypatch, first_digest):
+    """Record every recommendation computed under adapters other than `first_digest` (a fill of the next store)
+    as (n, user), n counting the adapters in the order they appear (1 = the first new ones), and hold the fill
+    at its second user until `release` is set (`held` tells it got there)."""
     import threading
 
-    model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
-    service = Service(model, candidates=10, store_k=5, precompute=True)
-    old_digest = service.rec.digest
-    held, release, new_calls = threading.Event(), threading.Event(), []
+    digests, fills = [first_digest], []
+    held, release = threading.Event(), threading.Event()
     real = Recommender.recommend
 
     def gated(self, user, *a, **kw):
-        if self.digest != old_digest:  # the new adapters' recommender, filling the next store
-            new_calls.append(user)
-            if len(new_calls) == 2:
+        if self.digest not in digests:
+            digests.append(self.digest)
+        if self.digest != first_digest:
+            fills.append((digests.index(self.digest), user))
+            if len(fills) == 2:
                 held.set()
                 assert release.wait(120)
         return real(self, user, *a, **kw)
 
     monkeypatch.setattr(Recommender, "recommend", gated)
+    return held, release, fills, digests
+
+
+def test_by_default_the_store_is_filled_under_the_new_adapters_before_they_are_swapped_in(served_model, tmp_path,
+                                                                                         monkeypatch):
+    """No user is answered online for a deletion: while the new adapters' store fills (held here after its first
+    user), the old adapters answer from their store and the request reads installed; the swap adopts the new
+    store whole, so every answer after it comes from the store, made with the new adapters."""
+    model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
+    service = Service(model, candidates=10, store_k=5, precompute=True)
+    old_digest = service.rec.digest
+    held, release, fills, _ = hold_refill(monkeypatch, old_digest)
     with TestClient(create_app(service)) as client:
         assert service.precompute_now() == 4
         before = get(client, f"/v1/users/{asked}/recommendations?k=3", tok[asked]).json()
@@ -396,7 +407,8 @@ def test_by_default_the_store_is_filled_under_the_new_adapters_before_they_are_s
         new_digest = service.rec.digest
         assert not service._store_stale and "next_users" not in service.store_status()
     service.close()
-    assert new_digest != old_digest and new_calls[0] == asked  # the user asked for most recently first
+    new_calls = [u for n, u in fills if n == 1]  # the new adapters' recommender, filling the next store
+    assert new_digest != old_digest and len(new_calls) == len(fills) and new_calls[0] == asked  # asked-for first
     assert sorted(new_calls) == sorted(others)  # each computed once, under the new adapters, before the swap
     assert all(a["source"] == "store" for a in after.values())
     saved = json.loads((model / "serve" / STORE_FILE).read_text())
@@ -436,26 +448,10 @@ def test_a_deletion_arriving_during_the_refill_ends_it_and_the_swap_happens_at_o
     """A burst of requests never holds the old adapters in service: the second request, accepted while the
     first one's store fills, ends that fill (the swap takes the users filled so far) and is applied next; its
     own fill then covers the users left."""
-    import threading
-
     model, victim, others, asked, tok = four_users(served_model, tmp_path, monkeypatch)
     second = others[0]
     service = Service(model, candidates=10, store_k=5, precompute=True)
-    digests = [service.rec.digest]
-    held, release, fills = threading.Event(), threading.Event(), []
-    real = Recommender.recommend
-
-    def gated(self, user, *a, **kw):
-        if self.digest not in digests:
-            digests.append(self.digest)
-        if self.digest != digests[0]:
-            fills.append((digests.index(self.digest), user))
-            if len(fills) == 2:
-                held.set()
-                assert release.wait(120)
-        return real(self, user, *a, **kw)
-
-    monkeypatch.setattr(Recommender, "recommend", gated)
+    held, release, fills, digests = hold_refill(monkeypatch, service.rec.digest)
     with TestClient(create_app(service)) as client:
         assert service.precompute_now() == 4
         first = client.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])).json()["id"]
