@@ -28,6 +28,9 @@ two-row head (4H per prompt) are left out (< 1% of the total). The reference is 
 over >= 1 s after warm-up on the same threads.
 
     python benchmarks/bench_core.py --out docs/benchmarks.md
+    python benchmarks/bench_core.py --emulate-avx2 --out docs/benchmarks.md   # section bench_core:avx2
+
+``--emulate-avx2`` runs the same benchmark with every kernel library kept to AVX2 and fp32 (:mod:`isa`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from isa import avx2_emulated, emulate_avx2, emulation_note
 from mdsection import publish
 
 from privrec.config import parse_config
@@ -162,7 +166,11 @@ def main() -> None:
     ap.add_argument("--top-layers", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3, help="epochs over which the frozen cache is amortised")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="keep every kernel library to AVX2 and fp32 (isa.py); tables go to section bench_core:avx2")
     args = ap.parse_args()
+    if args.emulate_avx2:
+        emulate_avx2()
 
     cfg = parse_config({"model": {"name": args.model},
                         "data": {"n_train": args.n_train, "n_test": args.n_score, "n_valid": 1}})
@@ -170,7 +178,8 @@ def main() -> None:
     sp = build_splits(ds, cfg.data, 0)
     rows, machine_rows = [], []
     command = "python benchmarks/bench_core.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v != ap.get_default(k))
+        f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if k != "out" and v != ap.get_default(k))
 
     def score_row(m: RecLM, name: str, te, shared: bool, fresh: bool) -> None:
         m.share_prefix = shared
@@ -228,7 +237,7 @@ def main() -> None:
         f"(tokens: mean {np.mean(lengths):.0f}, min {min(lengths)}, max {max(lengths)}; the first {P} shared by "
         f"all), batch {args.batch_size}, LoRA r=8 on q,v; bf16 autocast: "
         f"{'on' if bf16 else 'off (not supported here)'}.",
-        f"Machine: {machine()} ({platform.processor() or platform.machine()}).",
+        f"Machine: {machine()} ({platform.processor() or platform.machine()}).{emulation_note()}",
         f"Command: `{command}`",
         "",
         "| path | training samples/s (x naive) | scoring samples/s (x naive) |",
@@ -248,7 +257,7 @@ def main() -> None:
     for name, flops, rate in machine_rows:
         g = flops * rate / 1e9
         lines.append(f"| {name.removeprefix('privrec: ')} | {flops / 1e9:.2f} | {g:.1f} | {g / mm[prec]:.0%} |")
-    publish(args.out, "bench_core", "\n".join(lines))
+    publish(args.out, "bench_core:avx2" if avx2_emulated() else "bench_core", "\n".join(lines))
 
 
 if __name__ == "__main__":
