@@ -113,7 +113,9 @@ def naive_rate(m, enc, batch_size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="a one-adapter model directory (privrec train)")
-    ap.add_argument("--n-test", type=int, default=200, help="the first N test prompts")
+    ap.add_argument("--split", default="test", choices=["valid", "test"],
+                    help="score this split (choose layers and alpha on valid, report test)")
+    ap.add_argument("--n-test", type=int, default=200, help="the first N prompts of --split")
     ap.add_argument("--calibrate", type=int, default=32, help="training prompts that set the smoothing")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--skip", default="", help="comma-separated names of linear maps kept fp32 (e.g. down_proj)")
@@ -130,7 +132,7 @@ def main() -> None:
     splits = md.splits()
     m = OneAdapter(md, splits).model
     m.cache_dir, m.share_prefix = None, True  # an in-memory frozen cache only: nothing scored before is reused
-    test = splits.get("test")[: args.n_test]
+    test = splits.get(args.split)[: args.n_test]
     y = np.array([s.label for s in test])
     enc = m.encode(test)
     m.model.eval()
@@ -145,15 +147,16 @@ def main() -> None:
     dp = np.abs(p32 - p8)
     kept = ", ".join(skip) if skip else "none"
     publish(args.out, "probe_int8", "\n".join([
-        f"Model `{args.model}` ({md.cfg.model.name}), the first {len(enc)} test prompts (fresh: the frozen cache "
-        f"emptied before each timing), batch {args.batch_size}, shared prefix on; {len(linears)} frozen linear "
+        f"Model `{args.model}` ({md.cfg.model.name}), the first {len(enc)} {args.split} prompts (fresh: the frozen "
+        f"cache emptied before each timing), batch {args.batch_size}, shared prefix on; {len(linears)} frozen linear "
         f"maps int8 (kept fp32: {kept}), smoothing alpha {args.alpha} from {args.calibrate} training prompts.",
         f"Machine: {machine()}.{emulation_note()}",
         f"Command: `python benchmarks/probe_int8.py {args.model}"
         + (" --emulate-avx2" if args.emulate_avx2 else "") + (f" --skip {args.skip}" if skip else "")
-        + (f" --alpha {args.alpha}" if args.alpha != 0.5 else "") + "`",
+        + (f" --alpha {args.alpha}" if args.alpha != 0.5 else "")
+        + (f" --split {args.split}" if args.split != "test" else "") + "`",
         "",
-        "| scorer | prompts/s | x naive | test AUC | mean / max abs change of P(Yes) |",
+        f"| scorer | prompts/s | x naive | {args.split} AUC | mean / max abs change of P(Yes) |",
         "|---|---|---|---|---|",
         f"| naive loop (fp32, whole prompts, full-vocabulary logits) | {naive:.2f} | 1.00x | - | - |",
         f"| privrec fp32, shared prefix | {r32:.2f} | {r32 / naive:.2f}x | {roc_auc_score(y, z32):.4f} | - |",
