@@ -7,12 +7,13 @@ int8 linear (FBGEMM: per-output-channel int8 weights, int8 activations with one 
 SmoothQuant-style smoothing (Xiao et al., 2023): per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha)
 from a few training prompts, W' = W diag(s), and the layer computes int8(x / s) @ int8(W')^T. It then scores
 the same fresh test prompts as the fp32 scorer and the naive loop (bench_core.py) and reports speed, AUC and
-how far P(Yes) moved.
+how far P(Yes) moved. ``--split valid`` scores validation prompts instead: choose ``--skip`` and ``--alpha``
+there, then report test.
 
 A probe, not a feature: nothing in privrec uses int8, because the scores move (docs/benchmarks.md, "Scoring
 fresh prompts on AVX2").
 
-    python benchmarks/probe_int8.py runs/orig --emulate-avx2 [--skip down_proj] [--out docs/benchmarks.md]
+    python benchmarks/probe_int8.py runs/orig --emulate-avx2 --skip down_proj --alpha 0.8 [--split valid]
 """
 
 from __future__ import annotations
