@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 RUNS ?= runs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup browser demo test test-other-cpu test-slow bench bench-federated bench-unlearn bench-rank results-rank recipes fetch lint clean
+.PHONY: setup browser demo test test-other-cpu test-slow bench bench-avx2 bench-federated bench-unlearn bench-rank results-rank recipes fetch lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ test-slow: fetch
 
 bench: fetch
 	$(BIN)/python benchmarks/bench_core.py --out docs/benchmarks.md
+
+# the same on this CPU with every kernel library kept to AVX2 and fp32 (benchmarks/isa.py; 3 min on 2 cores)
+bench-avx2: fetch
+	$(BIN)/python benchmarks/bench_core.py --emulate-avx2 --out docs/benchmarks.md
 
 # the federated table and the split costs on SmolLM2 (87 min table on one core + 8 min split, measured)
 bench-federated: fetch
