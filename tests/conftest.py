@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +53,22 @@ def ml100k():
     from privrec.data import load_dataset
 
     return load_dataset("ml-100k", None)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(stem: str):
+    """benchmarks/<stem>.py as a module (its own imports, e.g. mdsection, resolve from benchmarks/)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{stem}_script", BENCHMARKS / f"{stem}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 FP32 = {"precision": "fp32"}  # tests of exact equality pin it: bf16 autocast moves scores by ~1e-3

@@ -9,13 +9,12 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCHMARKS, benchmark_module
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 and FBGEMM are x86 only")
 
 SCRIPT = """
@@ -34,7 +33,7 @@ print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(),
 @x86
 def test_the_avx2_emulation_restarts_the_process_with_avx2_kernels_and_fp32(tmp_path):
     script = tmp_path / "probe.py"
-    script.write_text(SCRIPT.format(bench=str(ROOT / "benchmarks")))
+    script.write_text(SCRIPT.format(bench=str(BENCHMARKS)))
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "PRIVREC_CPU_BF16")}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
@@ -45,18 +44,9 @@ def test_the_avx2_emulation_restarts_the_process_with_avx2_kernels_and_fp32(tmp_
     assert "AVX2 emulated" in seen["note"]
 
 
-def _probe():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import probe_int8
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return probe_int8
-
-
 @x86
 def test_the_smoothed_int8_layer_computes_its_linear_map_to_int8_rounding():
-    probe = _probe()
+    probe = benchmark_module("probe_int8")
     torch.manual_seed(0)
     lin = nn.Linear(64, 32, bias=True)
     x = torch.randn(4, 10, 64)
@@ -70,7 +60,7 @@ def test_the_smoothed_int8_layer_computes_its_linear_map_to_int8_rounding():
 
 
 def test_the_probe_quantizes_frozen_maps_only():
-    probe = _probe()
+    probe = benchmark_module("probe_int8")
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 

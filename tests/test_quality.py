@@ -5,15 +5,13 @@ sweep script end to end on the tiny model."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import benchmark_module, tiny_config
 
 from privrec import baselines
 from privrec.config import load_config, parse_config
@@ -216,21 +214,8 @@ def test_all_users_baseline_writes_uauc_for_every_reference(tmp_path):
 
 
 # --- the recipe sweep ------------------------------------------------------------------------------------------------
-def _benchmark_module(stem: str):
-    """benchmarks/<stem>.py as a module (its own imports, e.g. mdsection, resolve from benchmarks/)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"{stem}_script", ROOT / "benchmarks" / f"{stem}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_every_shipped_recipe_loads_and_trains_within_an_hour():
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
     assert {r.protocol for r in sweep.recipes} == {"tallrec", "all-users"}
     for r in sweep.recipes:
@@ -243,7 +228,7 @@ def test_tallrec_config_default_is_the_chosen_recipe_and_old_runs_keep_their_con
     """docs/results.md says configs/tallrec-ml100k.yaml and all-users-ml100k.yaml train the sweep's choices; its
     plain recipes and the few-shot table pin the plain prompt, so their finished runs still match (a run
     directory is refused when its config's digest changes)."""
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     sweep = rec.load_sweep(rec.DEFAULT_RECIPES)
     by_name = {r.name: rec.recipe_config(sweep, r) for r in sweep.recipes}
     default = load_config(ROOT / "configs" / "tallrec-ml100k.yaml", ["eval.zero_shot=false"])
@@ -252,13 +237,13 @@ def test_tallrec_config_default_is_the_chosen_recipe_and_old_runs_keep_their_con
     assert all_users.digest() == by_name["allusers-2048-summary-stats-alllinear-lr1e-3-vusers"].digest()
     plain = by_name["tallrec-2048"]
     assert not plain.prompt.history_summary and not plain.prompt.item_stats
-    plain_pins = _benchmark_module("results_core").PLAIN
+    plain_pins = benchmark_module("results_core").PLAIN
     few_shot = load_config(ROOT / "configs" / "tallrec-ml100k.yaml", [*plain_pins, "data.n_train=64"])
     assert few_shot.data.n_valid == 100 and not few_shot.prompt.item_stats and few_shot.train.eval_every is None
 
 
 def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     assert rec.main(["--tiny", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     tiny = yaml.safe_load((ROOT / "benchmarks" / "recipes.yaml").read_text())["tiny"]["recipes"]
@@ -290,7 +275,7 @@ def test_recipes_tiny_runs_end_to_end(tmp_path, capsys):
 def test_recipe_record_keeps_rows_a_new_machine_has_no_runs_for(tmp_path, capsys):
     """Run directories do not outlive the machine: the committed record carries a finished recipe's row to a
     checkout without its run, and drops it once the recipe's config changes."""
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     record = tmp_path / "record.json"
     name = yaml.safe_load((ROOT / "benchmarks" / "recipes.yaml").read_text())["tiny"]["recipes"][0]
     assert rec.main(["--tiny", "--runs", str(tmp_path / "a"), "--only", name, "--record", str(record)]) == 0
@@ -314,7 +299,7 @@ def test_shipped_recipe_record_matches_the_recipes(recipes):
     """Every recipe in a shipped record (benchmarks/recipes-measured.json, benchmarks/recipes-gpu-measured.json)
     resolves to the config it was measured with (a changed recipe or config default would silently drop its row
     from docs/results.md)."""
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     sweep = rec.load_sweep(ROOT / "benchmarks" / recipes)
     record = rec.read_record(rec.default_record(recipes))
     by_name = {r.name: r for r in sweep.recipes}
@@ -324,7 +309,7 @@ def test_shipped_recipe_record_matches_the_recipes(recipes):
 
 
 def test_recipes_cache_only_fills_the_cache_and_trains_nothing(tmp_path, monkeypatch):
-    rec = _benchmark_module("recipes")
+    rec = benchmark_module("recipes")
     monkeypatch.setenv("PRIVREC_CACHE_DIR", str(tmp_path / "cache"))
     name = yaml.safe_load((ROOT / "benchmarks" / "recipes.yaml").read_text())["tiny"]["recipes"][0]
     assert rec.main(["--tiny", "--runs", str(tmp_path / "runs"), "--only", name, "--cache-only"]) == 0
@@ -343,7 +328,7 @@ def test_full_history_like_rate_ranks_a_users_consecutive_samples_against_their_
     from privrec.data.samples import all_users_split
     from privrec.metrics import uauc
 
-    wu = _benchmark_module("within_user")
+    wu = benchmark_module("within_user")
     pool, _, test = all_users_split(ml100k)
     y, users = [s.label for s in test], [s.user_id for s in test]
     assert uauc(users, y, wu.recent_like_rate(test, 3.0, 0)) < 0.35
@@ -361,7 +346,7 @@ def test_within_user_departures_say_who_is_right(tmp_path, ml100k):
     from privrec.prepare import item_stats, setup_data
     from privrec.rundir import RunDir
 
-    wu = _benchmark_module("within_user")
+    wu = benchmark_module("within_user")
     cfg = tiny_config(data={"protocol": "all-users", "n_train": 64, "n_test": 300, "eval_draw": "users"},
                       prompt={"item_stats": True})
     run = RunDir(tmp_path / "run")
