@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from bench_core import naive_batches, naive_logits
+from bench_core import fresh_cache, naive_batches, naive_logits
 from isa import emulate_avx2, emulation_note
 from mdsection import publish
 from sklearn.metrics import roc_auc_score
@@ -94,8 +94,7 @@ def input_maxima(m, linears, prompts, batch_size: int) -> dict[int, torch.Tensor
 @torch.no_grad()
 def timed_score(m, enc, batch_size: int) -> tuple[np.ndarray, float]:
     """Logits and prompts/s over fresh prompts: the frozen cache emptied first, so every layer runs in the timing."""
-    if m.cut:
-        m.enable_cache(m.cut)
+    fresh_cache(m)
     t0 = time.perf_counter()
     z = np.asarray(m.score_logits(enc, batch_size, progress=False), dtype=np.float64)
     return z, len(enc) / (time.perf_counter() - t0)
