@@ -6,7 +6,12 @@
 - ``lr-onehot``: logistic regression on one-hot user id, item id, item genres and user fields
   (gender, age, occupation);
 - ``lr-onehot+like-rate``: the same plus the history like-rate as a numeric feature;
-- ``lr-like-rate+item-mean``: logistic regression on the two counters above.
+- ``lr-like-rate+item-mean``: logistic regression on the two counters above;
+- ``mf``: a trained collaborative filter (METHODS §12): the biased MF of :mod:`privrec.features` fit on the
+  training ratings, its size chosen on the validation samples' AUC among :data:`MF_GRID`, its predicted rating
+  mapped to P(like) by a one-feature logistic regression on the validation samples (monotone: AUC and UAUC are
+  the raw MF's; only LogLoss and accuracy read the mapping). Without validation samples the first size is used
+  and the mapping is fit on the training samples.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from sklearn.preprocessing import OneHotEncoder
 
 from privrec.data import Dataset, ItemStats, Sample
 from privrec.data.stats import SHRINK_K
+from privrec.features import CollabFeatures
 from privrec.metrics import binary_metrics
 
 PRIMARY = "lr-onehot"
+# (dim, epochs, weight decay) of the MF reference, chosen per run on validation AUC
+MF_GRID = ((16, 60, 1e-4), (32, 100, 3e-4), (64, 200, 1e-4))
 
 
 def like_rate(samples: list[Sample], threshold: float) -> np.ndarray:
@@ -87,21 +95,50 @@ def logistic_counters(train: list[Sample], test: list[Sample], threshold: float)
     return LogisticRegression(max_iter=1000).fit(x_tr, y).predict_proba(x_te)[:, 1]
 
 
+def _labels(samples: list[Sample]) -> np.ndarray:
+    return np.array([s.label for s in samples])
+
+
+def mf_reference(train: list[Sample], valid: list[Sample], test: list[Sample], seed: int = 0,
+                 grid=MF_GRID) -> tuple[np.ndarray, dict]:
+    """P(like) of ``test`` from the biased MF fit on ``train``'s ratings (``mf`` above), and its chosen size
+    ``{"dim", "epochs", "weight_decay", "valid_auc"}``."""
+    from privrec.metrics import auc
+
+    best = None
+    for dim, epochs, wd in grid if valid else grid[:1]:
+        cf = CollabFeatures.fit(train, dim, epochs, wd, folds=1, seed=seed)
+        va = np.array([cf.predict(s) for s in valid])
+        score = auc(_labels(valid), va) if valid and len(np.unique(_labels(valid))) == 2 else float("nan")
+        if best is None or score > best[0]:
+            best = (score, cf, va, {"dim": dim, "epochs": epochs, "weight_decay": wd, "valid_auc": score})
+    _, cf, va, chosen = best
+    fit_on, fit_x = (valid, va) if valid and len(np.unique(_labels(valid))) == 2 else (
+        train, np.array([cf.predict(s) for s in train]))
+    te = np.array([cf.predict(s) for s in test])
+    if len(np.unique(_labels(fit_on))) < 2:
+        return 1.0 / (1.0 + np.exp(-(te - 3.5))), chosen
+    lr = LogisticRegression().fit(fit_x[:, None], _labels(fit_on))
+    return lr.predict_proba(te[:, None])[:, 1], chosen
+
+
 def reference_scores(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+                     seed: int = 0, valid: list[Sample] | None = None) -> dict[str, np.ndarray]:
     return {
         "like-rate": like_rate(test, threshold),
         "item-mean": item_mean(train, test),
         "lr-onehot": logistic_onehot(ds, train, test, threshold, False, seed),
         "lr-onehot+like-rate": logistic_onehot(ds, train, test, threshold, True, seed),
         "lr-like-rate+item-mean": logistic_counters(train, test, threshold),
+        "mf": mf_reference(train, valid or [], test, seed)[0],
     }
 
 
 def references(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
-               seed: int = 0) -> dict[str, dict[str, float]]:
-    """Metrics (auc, uauc, logloss, accuracy) of every reference on ``test``, learnt from ``train``."""
+               seed: int = 0, valid: list[Sample] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics (auc, uauc, logloss, accuracy) of every reference on ``test``, learnt from ``train`` (the MF's
+    size chosen on ``valid``)."""
     labels = [s.label for s in test]
     users = [s.user_id for s in test]
     return {name: binary_metrics(labels, p, users)
-            for name, p in reference_scores(ds, train, test, threshold, seed).items()}
+            for name, p in reference_scores(ds, train, test, threshold, seed, valid).items()}

@@ -92,6 +92,27 @@ class PromptConfig(_Section):
         "82% of the time (45 ratings).'). Training labels only; the run's references then learn from the same "
         "pool. It puts other users' labels into every prompt, so federate and the unlearning commands refuse "
         "it; like-prediction only.")
+    cf_score: bool = Field(
+        False, description="Add the collaborative model's predicted rating of the target ('A rating model of other "
+        "users' ratings predicts 4.2 of 5 stars for the target movie.'; kv: a 'target movie rating predicted from "
+        "other users' ratings' line): the textual variant of the collaborative signal (BinLLM-style, METHODS §12), "
+        "from the MF of the `collab` section, cross-fitted for training prompts. Like item_stats it shows other "
+        "users' labels; like-prediction only.")
+
+
+class CollabConfig(_Section):
+    """Collaborative signal in the LLM (METHODS §12; privrec.features, privrec.model.collab)."""
+
+    inject: bool = Field(
+        False, description="CoLLM: the MF's user and item vectors, mapped by a trained two-layer projector into the "
+        "hidden size, are added to the prompt's last token at the input of the first LoRA layer (the cut: the "
+        "frozen-layer cache stays valid). The projector is saved with the adapter (peft modules_to_save).")
+    dim: int = Field(16, ge=1, description="MF factors (chosen on all-users validation AUC among 16/32/64).")
+    epochs: int = Field(60, ge=1, description="MF full-batch Adam epochs.")
+    weight_decay: float = Field(1e-4, ge=0, description="MF L2 on the factors (1e-3 shrinks them to the biases).")
+    folds: int = Field(5, ge=1, description="Cross-fitting: a training prompt reads the MF fit without its fold "
+                       "(1: no cross-fitting; every prompt reads the MF fit on all counted labels).")
+    hidden: int = Field(256, ge=1, description="Hidden width of the projector MLP.")
 
 
 class AugmentConfig(_Section):
@@ -205,6 +226,12 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     ranking: RankingConfig = RankingConfig()
+    collab: CollabConfig = CollabConfig()
+
+    @property
+    def shows_labels(self) -> bool:
+        """Whether prompts read features counted from other samples' labels (item stats, the CF model)."""
+        return self.prompt.item_stats or self.prompt.cf_score or self.collab.inject
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -229,6 +256,9 @@ class ExperimentConfig(_Section):
             if self.prompt.item_stats:
                 raise ValueError("prompt.item_stats reads like-prediction training labels; task ranking has "
                                  "none: set prompt.item_stats=false")
+            if self.prompt.cf_score:
+                raise ValueError("prompt.cf_score reads like-prediction training labels; task ranking has "
+                                 "none: set prompt.cf_score=false")
         return self
 
     def refuse_item_stats(self, command: str, why: str) -> None:
@@ -237,8 +267,10 @@ class ExperimentConfig(_Section):
 
         Raises:
             ValueError: the option is on (inside a pydantic validator: a one-line ConfigError)."""
-        if self.prompt.item_stats:
-            raise ValueError(f"prompt.item_stats cannot be used with {command}: {why}; set prompt.item_stats=false")
+        for key, on in (("prompt.item_stats", self.prompt.item_stats), ("prompt.cf_score", self.prompt.cf_score),
+                        ("collab.inject", self.collab.inject)):
+            if on:
+                raise ValueError(f"{key} cannot be used with {command}: {why}; set {key}=false")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

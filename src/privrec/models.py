@@ -175,7 +175,7 @@ def folders_of(run: Path, kind: str) -> list[Path]:
 def single_forgetting(cfg) -> list[str]:
     """What a one-adapter model of this config can do to forget: retrain-all and approximate unlearning, for
     like-prediction models without ``prompt.item_stats`` (whose prompts show other users' labels)."""
-    return ["retrain-all", "approximate"] if cfg.task == "like-prediction" and not cfg.prompt.item_stats else []
+    return ["retrain-all", "approximate"] if cfg.task == "like-prediction" and not cfg.shows_labels else []
 
 
 def strategy_allows(strategy: str) -> list[str]:

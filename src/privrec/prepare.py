@@ -27,6 +27,7 @@ from privrec.data import (
     windows,
 )
 from privrec.errors import DataError, UserError
+from privrec.features import CollabFeatures
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import lineage_of
 from privrec.model.backbone import use_bf16
@@ -112,10 +113,11 @@ def without_interactions(ds: Dataset, tombstones: Tombstones) -> Dataset:
 
 def labelled_pool(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
     """The training labels a run may count beyond its own training samples: the whole training pool of the
-    protocol when ``prompt.item_stats`` is on (the item statistics in the prompts are counted over it), else
-    just the drawn training samples. The run's references learn from the same samples, so no row of the
+    protocol when its prompts show counted features (``prompt.item_stats``, ``prompt.cf_score``,
+    ``collab.inject``: the item statistics and the CF model are counted over it), else just the drawn
+    training samples. The run's references learn from the same samples, so no row of the
     table sees labels another does not. Never a validation or test label."""
-    return splits.pool if cfg.prompt.item_stats and splits.pool else splits.train
+    return splits.pool if cfg.shows_labels and splits.pool else splits.train
 
 
 def item_stats(cfg: ExperimentConfig, splits: Splits) -> ItemStats | None:
@@ -123,32 +125,51 @@ def item_stats(cfg: ExperimentConfig, splits: Splits) -> ItemStats | None:
     return ItemStats.of(labelled_pool(cfg, splits)) if cfg.prompt.item_stats else None
 
 
+@functools.lru_cache(maxsize=4)
+def _collab(pool: tuple[Sample, ...], dim: int, epochs: int, weight_decay: float, folds: int, seed: int):
+    return CollabFeatures.fit(pool, dim, epochs, weight_decay, folds, seed)
+
+
+def collab_features(cfg: ExperimentConfig, splits: Splits) -> CollabFeatures | None:
+    """The CF features ``prompt.cf_score`` and ``collab.inject`` read (METHODS §12): the MF of ``cfg.collab``
+    fit on :func:`labelled_pool`, cross-fitted for its samples (None when neither option is on). Memoised
+    per process on the pool's samples (a fit is seconds, and evaluate, recommend and forget rebuild models)."""
+    if not (cfg.prompt.cf_score or cfg.collab.inject):
+        return None
+    c = cfg.collab
+    return _collab(tuple(labelled_pool(cfg, splits)), c.dim, c.epochs, c.weight_decay, c.folds, cfg.seed)
+
+
 def references(cfg: ExperimentConfig, splits: Splits) -> dict:
-    """The references of METHODS §0 on the test samples, learnt from :func:`labelled_pool`."""
+    """The references of METHODS §0 and the trained CF reference of §12 on the test samples, learnt from
+    :func:`labelled_pool` (the MF's size chosen on the validation samples)."""
     return baselines.references(splits.dataset, labelled_pool(cfg, splits), splits.test, cfg.data.like_threshold,
-                                cfg.seed)
+                                cfg.seed, valid=splits.valid)
 
 
 # --- the model ----------------------------------------------------------------------------------------------
 def build_model(cfg: ExperimentConfig, dataset: Dataset, *, lora: LoraConfig | None = None, seed: int | None = None,
-                stats: ItemStats | None = None, cls: type[RecLM] = RecLM,
+                stats: ItemStats | None = None, collab: CollabFeatures | None = None, cls: type[RecLM] = RecLM,
                 before_lora: Callable[[RecLM], None] | None = None) -> RecLM:
     """THE place a model is built: the backbone and prompt builder of ``cfg`` with a fresh seeded LoRA.
 
     ``lora`` / ``seed`` default to the config's (an E2URec student has its own LoRA); ``cls`` and
     ``before_lora`` let the federated split build its :class:`SplitRecLM` and cut it before LoRA is attached
-    (which sets the frozen-cache cut).
+    (which sets the frozen-cache cut). ``stats`` / ``collab``: the counted features the prompts read
+    (:func:`item_stats`, :func:`collab_features`); with ``collab.inject`` the model gets its seeded projector.
     """
-    model = cls.from_config(cfg, dataset, item_stats=stats)
+    model = cls.from_config(cfg, dataset, item_stats=stats, collab=collab)
     if before_lora is not None:
         before_lora(model)
+    if cfg.collab.inject:
+        model.attach_collab(cfg.collab.hidden, cfg.seed if seed is None else seed)
     model.attach_lora(lora or cfg.lora, cfg.seed if seed is None else seed)
     return model
 
 
 def setup_model(cfg: ExperimentConfig, splits: Splits) -> RecLM:
-    """The model of a ``train`` run: :func:`build_model` with the item statistics its prompts show."""
-    return build_model(cfg, splits.dataset, stats=item_stats(cfg, splits))
+    """The model of a ``train`` run: :func:`build_model` with the counted features its prompts show."""
+    return build_model(cfg, splits.dataset, stats=item_stats(cfg, splits), collab=collab_features(cfg, splits))
 
 
 def adapter_meta(cfg: ExperimentConfig, model: RecLM, samples: Iterable[Sample], config_digest: str | None = None,

@@ -44,14 +44,15 @@ TALLREC_TARGET_LINE = "Whether the user will like the target movie "
 KV_NAMES = {"gender": "user gender", "age": "user age", "occupation": "user occupation", "history": "user history",
             "title": "target movie title", "genres": "target movie genres", "year": "target movie year",
             "candidates": "candidate movies", "summary": "user history likes",
-            "item_stats": "target movie like rate among other users"}
+            "item_stats": "target movie like rate among other users",
+            "cf_score": "target movie rating predicted from other users' ratings"}
 NEXT_INSTRUCTION = (
     "Given the user's profile, rating history and a list of candidate movies, predict which candidate movie "
     "the user will watch next. Answer with the title of the movie."
 )
 NEXT_QUESTION = "Which candidate movie will the user watch next?"
 # the like-prompt's fields that depend on the target (the prefix/suffix cut falls before the first of them)
-TARGET_FIELDS = frozenset({"title", "genres", "year", "item_stats"})
+TARGET_FIELDS = frozenset({"title", "genres", "year", "item_stats", "cf_score"})
 
 
 def _quote(title: str) -> str:
@@ -66,16 +67,21 @@ class PromptBuilder:
     """Renders samples with a :class:`privrec.config.PromptConfig` against one dataset's records.
 
     ``item_stats``: the counts ``prompt.item_stats`` reads (the run's training pool, computed by the caller
-    from training labels only); required when that option is on.
+    from training labels only); required when that option is on. ``collab``: the
+    :class:`privrec.features.CollabFeatures` whose predicted rating ``prompt.cf_score`` shows (METHODS §12).
     """
 
-    def __init__(self, dataset: Dataset, cfg, like_threshold: float = 3.0, item_stats: ItemStats | None = None):
+    def __init__(self, dataset: Dataset, cfg, like_threshold: float = 3.0, item_stats: ItemStats | None = None,
+                 collab=None):
         if getattr(cfg, "item_stats", False) and item_stats is None:
             raise ValueError("prompt.item_stats is on but no item statistics were given to the prompt builder")
+        if getattr(cfg, "cf_score", False) and collab is None:
+            raise ValueError("prompt.cf_score is on but no collaborative features were given to the prompt builder")
         self.ds = dataset
         self.cfg = cfg
         self.like_threshold = like_threshold
         self.item_stats = item_stats
+        self.collab = collab
 
     # --- the optional counter lines ------------------------------------------------------------------
     def _n_liked(self, history) -> int:
@@ -105,6 +111,14 @@ class PromptBuilder:
             return "No other user has rated the target movie yet."
         return f"Other users liked the target movie {pct}% of the time ({_ratings(n)})."
 
+    def _cf_rating(self, s: Sample) -> float:
+        """The MF's predicted rating of the target (cross-fitted for a counted sample), on the 1-5 scale."""
+        return min(5.0, max(1.0, self.collab.predict(s)))
+
+    def cf_sentence(self, s: Sample) -> str:
+        return (f"A rating model of other users' ratings predicts {self._cf_rating(s):.1f} of 5 stars for the "
+                "target movie.")
+
     def _summary_value(self, history) -> str:
         counted = self._counted(history)
         if len(counted) == len(history):
@@ -127,6 +141,8 @@ class PromptBuilder:
     def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
         """(the history lists [+ summary], [the item-stats line +] the target question)."""
         tail = f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?"
+        if getattr(self.cfg, "cf_score", False):
+            tail = self.cf_sentence(s) + "\n" + tail
         if self.cfg.item_stats:
             tail = self.stats_sentence(s) + "\n" + tail
         return self._tallrec_lists(s.history), tail
@@ -155,6 +171,8 @@ class PromptBuilder:
         fields.update(title=_quote(item.title), genres=", ".join(item.genres), year=item.year)
         if self.cfg.item_stats:
             fields["item_stats"] = self._stats_value(s)
+        if getattr(self.cfg, "cf_score", False):
+            fields["cf_score"] = f"{self._cf_rating(s):.1f} of 5"
         return fields
 
     def _user_fields(self, user_id: int) -> dict[str, str]:
@@ -186,7 +204,7 @@ class PromptBuilder:
             out.append(k)
             if k == "history":
                 out.append("summary")
-        return out + ["item_stats"]
+        return out + ["item_stats", "cf_score"]
 
     def kv_input(self, s: Sample) -> str:
         return "".join(self.kv_input_parts(s))

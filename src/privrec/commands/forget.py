@@ -503,8 +503,9 @@ def refusal(manifest, cfg: ExperimentConfig, path) -> str:
                 f"{manifest.original} --users ...")
     if manifest.inferred:
         why = "it was written before lineage hashes covered sample content, so nothing it forgets can be certified"
-    elif cfg.prompt.item_stats:
-        why = "its prompts show other users' labels (prompt.item_stats), so retraining cannot erase a label"
+    elif cfg.shows_labels:
+        why = ("its prompts show other users' labels (prompt.item_stats, prompt.cf_score or collab.inject), so "
+               "retraining cannot erase a label")
     else:
         why = f"task {cfg.task} models cannot forget exactly yet"
     return (f"{path} is {manifest.describe()} that cannot forget exactly: {why}; train it again with privrec "

@@ -27,7 +27,7 @@ from privrec.errors import RunError, UserError
 from privrec.federated.config import FederatedConfig
 from privrec.model.adapters import install_adapter, load_adapter_state, read_adapter
 from privrec.model.recmodel import RecLM
-from privrec.prepare import build_model, item_stats, setup_data, without_interactions
+from privrec.prepare import build_model, collab_features, item_stats, setup_data, without_interactions
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
 from privrec.unlearning.exact.ledger import Ledger, deletion_record
@@ -128,7 +128,8 @@ class OneAdapter:
         record = md.manifest.adapters[0]
         state, meta = md.adapter_state(record)
         lora = LoraConfig(**meta["lora"]) if meta.get("lora") else None  # a student keeps its own LoRA
-        self.model = build_model(md.cfg, splits.dataset, lora=lora, stats=item_stats(md.cfg, splits))
+        self.model = build_model(md.cfg, splits.dataset, lora=lora, stats=item_stats(md.cfg, splits),
+                                 collab=collab_features(md.cfg, splits))
         install_adapter(self.model, md.run / record.path, state, meta, md.cfg.model.name)
         self.batch_size = md.cfg.train.eval_batch_size
 

@@ -34,6 +34,7 @@ class Encoded:
     key: str  # content hash of the token ids (cache key part): prompt_key(ids)
     prefix_len: int = 0
     user_id: int | None = None  # the sample's user (within-user metrics: UAUC); None when not a user's sample
+    cf: tuple[float, ...] | None = None  # the CF input of its (user, item) when the model injects one (METHODS §12)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,6 +54,7 @@ class PrefixGroup:
 
     prefix: tuple[int, ...]
     suffixes: tuple[tuple[int, ...], ...]
+    cf: tuple[tuple[float, ...], ...] | None = None  # per suffix: its CF input (privrec.model.collab), or None
 
     @classmethod
     def of(cls, items: list[Encoded]) -> PrefixGroup:
@@ -65,7 +67,8 @@ class PrefixGroup:
         prefix = items[0].prefix
         if any(e.prefix != prefix for e in items):
             raise ValueError(f"{items[0].sample_id}: candidates of one group have different prompt prefixes")
-        return cls(prefix, tuple(e.suffix for e in items))
+        cf = tuple(e.cf for e in items) if all(e.cf is not None for e in items) else None
+        return cls(prefix, tuple(e.suffix for e in items), cf)
 
 
 @dataclass

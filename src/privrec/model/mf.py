@@ -44,11 +44,19 @@ class MF:
 
 
 def fit_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int = 16, epochs: int = 60,
-           seed: int = 0, weight_decay: float = 1e-4) -> MF:
-    """Fit the biased MF on (users, items, ratings) arrays of equal length."""
-    uid, u_idx = np.unique(users, return_inverse=True)
-    iid, i_idx = np.unique(items, return_inverse=True)
-    n_items = int(i_idx.max()) + 1
+           seed: int = 0, weight_decay: float = 1e-4, universe: tuple[np.ndarray, np.ndarray] | None = None) -> MF:
+    """Fit the biased MF on (users, items, ratings) arrays of equal length.
+
+    ``universe``: sorted (user ids, item ids) that index the factors instead of the ids present, so that fits on
+    parts of one data set start from the same seeded initialisation row for row (and so end in nearly the same
+    coordinates: privrec.features' cross-fitting). Rows of ids absent from the data get no data gradient."""
+    if universe is None:
+        uid, u_idx = np.unique(users, return_inverse=True)
+        iid, i_idx = np.unique(items, return_inverse=True)
+    else:
+        uid, iid = universe
+        u_idx, i_idx = np.searchsorted(uid, users), np.searchsorted(iid, items)
+    n_items = len(iid)
     g = torch.Generator().manual_seed(seed)
     P = torch.nn.Parameter(torch.randn(len(uid), dim, generator=g) * 0.1)  # (U, d)
     Q = torch.nn.Parameter(torch.randn(n_items, dim, generator=g) * 0.1)  # (I, d)

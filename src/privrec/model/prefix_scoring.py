@@ -185,8 +185,9 @@ def score_shared(model: RecLM, groups: list[PrefixGroup], mode: str, prefix_batc
             sids, smask, sl = padded(model, [groups[g].suffixes[j] for _, g, j in chunk])  # (B, S)
             attn = torch.cat([pmask.index_select(0, owner), smask], dim=1)  # (B, P + S)
             pos = plens.index_select(0, owner)[:, None] + torch.arange(sids.shape[1], device=dev)[None]  # (B, S)
-            hs = model._run_layers(0, N, input_ids=sids, attention_mask=attn, position_ids=pos,
-                                   cache=cache_from(model, kv, owner))  # (B, S, H)
+            with model.injecting(_chunk_cf(model, groups, chunk, mode), sl - 1):
+                hs = model._run_layers(0, N, input_ids=sids, attention_mask=attn, position_ids=pos,
+                                       cache=cache_from(model, kv, owner))  # (B, S, H)
             if mode == "yes":
                 scores = model._head(hs[torch.arange(len(chunk), device=dev), sl - 1])  # (B,)
             else:
@@ -198,6 +199,15 @@ def score_shared(model: RecLM, groups: list[PrefixGroup], mode: str, prefix_batc
     return out
 
 
+def _chunk_cf(model: RecLM, groups: list[PrefixGroup], chunk, mode: str) -> list | None:
+    """The CF inputs of a chunk's candidates when the model injects them into P(Yes) scores (METHODS §12)."""
+    if mode != "yes" or not model.injects:
+        return None
+    if any(groups[g].cf is None for _, g, _ in chunk):
+        raise ValueError("a candidate group without CF inputs reached a model that injects them")
+    return [groups[g].cf[j] for _, g, j in chunk]
+
+
 def score_full(model: RecLM, groups: list[PrefixGroup], mode: str, batch_size: int, progress: bool,
                ) -> list[np.ndarray]:
     """The reference: every candidate's whole prompt through the ordinary forward, no prefix shared."""
@@ -206,7 +216,8 @@ def score_full(model: RecLM, groups: list[PrefixGroup], mode: str, batch_size: i
     items = []
     for g, j in flat:
         ids = groups[g].prefix + groups[g].suffixes[j]
-        items.append(Encoded(f"g{g}-c{j}", ids, 0.0, prompt_key(ids), len(groups[g].prefix)))
+        cf = groups[g].cf[j] if groups[g].cf is not None else None
+        items.append(Encoded(f"g{g}-c{j}", ids, 0.0, prompt_key(ids), len(groups[g].prefix), cf=cf))
     if mode == "yes":
         with model.whole_prompts():
             z = model.score_logits(items, batch_size, progress)

@@ -40,6 +40,8 @@ from torch import nn
 from privrec.errors import ModelError, UserError
 from privrec.model import backbone, prefix_scoring
 from privrec.model.backbone import default_threads, fingerprint, load_backbone
+from privrec.model.collab import MODULE_NAME as COLLAB_MODULE
+from privrec.model.collab import CollabProjector, add_at
 from privrec.model.encoding import Batch, Encoded, PrefixGroup, SharedPrefix, prompt_key
 from privrec.model.frozen_cache import FrozenCache
 from privrec.model.prefix_scoring import MIN_SHARED_PREFIX, common_prefix
@@ -72,7 +74,8 @@ def _cache_kwarg(inner: nn.Module) -> str:
     return _cache_kwarg_of(type(inner).forward)
 
 
-def lora_model(model: nn.Module, lora_cfg, seed: int, n_layers: int) -> nn.Module:
+def lora_model(model: nn.Module, lora_cfg, seed: int, n_layers: int,
+               modules_to_save: list[str] | None = None) -> nn.Module:
     """``model`` wrapped with a fresh peft LoRA adapter, initialised from ``seed`` without moving the global
     random stream. With ``lora_cfg.top_layers`` = L, LoRA goes on layers[N-L:] only. The initial weights of a
     layer do not depend on which other layers are materialised: peft creates every LoRA weight on the CPU in
@@ -90,7 +93,8 @@ def lora_model(model: nn.Module, lora_cfg, seed: int, n_layers: int) -> nn.Modul
         layers = list(range(n_layers - lora_cfg.top_layers, n_layers))
     pcfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                       target_modules=list(lora_cfg.target_modules), layers_to_transform=layers,
-                      layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM")
+                      layers_pattern="layers" if layers else None, bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates in favour
         # of `is_activation_checkpointing`: a FutureWarning about peft's code, not ours (no checkpointing here)
@@ -177,14 +181,22 @@ class RecLM(LayerStack):
         # Called with every batch right before its forward: per-batch state that the layers read, such as
         # per-sample adapter mixture weights (privrec.model.mixture). Empty by default.
         self.batch_hooks: list[Callable[[Batch], None]] = []
+        # collaborative signal (METHODS §12, privrec.model.collab): the features every prompt reads (set by
+        # from_config), whether a projector injects them, the layer at whose input they enter, and the
+        # (rows, positions, vectors) of the forward that is running
+        self.collab = None
+        self.injects = False
+        self.collab_at = 0
+        self._inject: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None) -> RecLM:
+    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None, collab=None) -> RecLM:
         """Load the backbone of ``cfg.model`` and wire the prompt builder of ``cfg.prompt``.
 
         ``item_stats``: the :class:`privrec.data.ItemStats` that ``prompt.item_stats`` shows (the caller
-        counts them from training labels only); required when that option is on.
+        counts them from training labels only); required when that option is on. ``collab``: the
+        :class:`privrec.features.CollabFeatures` that ``prompt.cf_score`` and ``collab.inject`` read.
 
         Raises:
             ModelError: the model cannot be loaded or has no decoder layers to run.
@@ -194,9 +206,11 @@ class RecLM(LayerStack):
         default_threads(cfg.model.threads)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device, keep=cls.tensors_to_load(cfg))
-        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats)
-        return cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
-                   cache_dir=assets.cache_dir() / "frozen", share_prefix=cfg.model.share_prefix)
+        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats, collab)
+        out = cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
+                  cache_dir=assets.cache_dir() / "frozen", share_prefix=cfg.model.share_prefix)
+        out.collab = collab
+        return out
 
     @classmethod
     def tensors_to_load(cls, cfg) -> Callable[[str], bool] | None:
@@ -216,10 +230,55 @@ class RecLM(LayerStack):
         bottom N-L layers are cached. Initialisation is seeded (:func:`lora_model`).
         """
         _ = self.fingerprint  # hash the base weights before peft adds its own
-        self.model = lora_model(self.model, lora_cfg, seed, self.n_layers)
+        saved = [COLLAB_MODULE] if self.injects else None
+        self.model = lora_model(self.model, lora_cfg, seed, self.n_layers, modules_to_save=saved)
         self.lora_config = lora_cfg
+        if self.injects:
+            self.collab_at = self.n_layers - lora_cfg.top_layers if lora_cfg.top_layers is not None else 0
+            self._inner().layers[self.collab_at].register_forward_pre_hook(self._collab_hook, with_kwargs=True)
         if lora_cfg.top_layers is not None and lora_cfg.cache_frozen:
             self.enable_cache(self.n_layers - lora_cfg.top_layers)
+
+    def attach_collab(self, hidden: int, seed: int) -> None:
+        """Give the decoder a fresh :class:`CollabProjector` from ``self.collab``'s inputs to the hidden size
+        (before :meth:`attach_lora`, which makes it part of the adapter and places its slot: METHODS §12)."""
+        if self.collab is None:
+            raise ValueError("collab.inject needs the collaborative features (from_config(collab=...))")
+        _ = self.fingerprint  # the base weights' hash never covers the projector
+        H = self._inner().norm.weight.shape[0]
+        proj = CollabProjector(self.collab.size, hidden, H, seed).to(self.device)
+        self._inner().add_module(COLLAB_MODULE, proj)
+        self.injects = True
+
+    def _projector(self) -> nn.Module:
+        return getattr(self._inner(), COLLAB_MODULE)
+
+    def _collab_hook(self, module, args, kwargs):
+        """Forward pre-hook of layer ``collab_at``: add the running forward's CF vectors at its slots."""
+        if self._inject is None:
+            return None
+        rows, cols, vectors = self._inject
+        if args:
+            return (add_at(args[0], rows, cols, vectors), *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=add_at(kwargs["hidden_states"], rows, cols, vectors))
+
+    @contextlib.contextmanager
+    def injecting(self, cf: list[tuple[float, ...] | None] | None, last: torch.Tensor):
+        """Inside the block, the forward over a batch adds the projected ``cf`` of row b at position
+        ``last[b]`` of layer ``collab_at``'s input (nothing when the model injects nothing)."""
+        if not self.injects or cf is None:
+            yield
+            return
+        if any(x is None for x in cf):
+            raise ValueError("a prompt without its CF input reached a model that injects one")
+        x = torch.tensor(cf, dtype=torch.float32, device=self.device)  # (B, n_in)
+        with self._autocast():
+            vectors = self._projector()(x)  # (B, H)
+        self._inject = (torch.arange(len(cf), device=self.device), last, vectors)
+        try:
+            yield
+        finally:
+            self._inject = None
 
     def enable_cache(self, cut: int) -> None:
         self.cut = cut
@@ -255,7 +314,8 @@ class RecLM(LayerStack):
             p_ids = self.tokenize(prefix)
             ids = p_ids + self.tokenize(suffix)
             self.check_length(len(ids), f"sample {s.sample_id}")
-            out.append(Encoded(s.sample_id, ids, float(s.label), prompt_key(ids), len(p_ids), s.user_id))
+            cf = tuple(float(v) for v in self.collab.vector(s)) if self.injects else None
+            out.append(Encoded(s.sample_id, ids, float(s.label), prompt_key(ids), len(p_ids), s.user_id, cf))
         return out
 
     # --- batching ----------------------------------------------------------------------------------
@@ -354,10 +414,13 @@ class RecLM(LayerStack):
             hook(batch)
         start = self.cut if batch.hidden is not None else 0
         if batch.prefix is not None:
-            h = prefix_scoring.run_after_prefix(self, batch, start)
-        else:
-            h = self._run_layers(start, self.n_layers, input_ids=batch.input_ids, hidden=batch.hidden,
-                                 attention_mask=batch.attention_mask)
+            prefix_scoring.prefix_kv(self, batch.prefix, start)  # before any injection: the prefix has no slot
+        with self.injecting([e.cf for e in batch.items] if self.injects else None, batch.last):
+            if batch.prefix is not None:
+                h = prefix_scoring.run_after_prefix(self, batch, start)
+            else:
+                h = self._run_layers(start, self.n_layers, input_ids=batch.input_ids, hidden=batch.hidden,
+                                     attention_mask=batch.attention_mask)
         return h[torch.arange(h.shape[0], device=h.device), batch.last]  # (B, H)
 
     def logits(self, batch: Batch, pair: bool = False) -> torch.Tensor:
