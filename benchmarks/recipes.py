@@ -151,7 +151,7 @@ def estimate(cfg: ExperimentConfig, eval_cached: bool = False, train_cached: boo
         "cache": ((0 if train_cached else n_train) + (0 if eval_cached else n_valid + n_test)) * CACHE_S * f
         if path == "cached" else 0.0,
         "score": (epochs * (1 + mid) * n_valid + n_test * (2 if cfg.eval.zero_shot else 1)) * SCORE_S[path] * f,
-        "refs": REFS_S[p] if cfg.prompt.item_stats else 3.0,
+        "refs": REFS_S[p] if cfg.shows_labels else 3.0,
     }
     out["all"] = sum(out.values())
     return out
@@ -213,7 +213,8 @@ def write_record(path: Path, record: dict[str, dict], recipes: str | Path = DEFA
 
 # --- the table and the plot ----------------------------------------------------------------------------------------
 REFS = [("like-rate", "history like-rate"), ("item-mean", "item mean"), ("lr-onehot", "LR one-hot"),
-        ("lr-onehot+like-rate", "LR one-hot + like-rate"), ("lr-like-rate+item-mean", "LR like-rate + item mean")]
+        ("lr-onehot+like-rate", "LR one-hot + like-rate"), ("lr-like-rate+item-mean", "LR like-rate + item mean"),
+        ("mf", "MF (trained CF)")]
 
 
 def _f(v) -> str:
@@ -239,7 +240,7 @@ def table(rows: list[tuple[Recipe, ExperimentConfig, dict | None]], est: dict[st
         else:
             refs = m.get("references") or {}
             n_refs = m.get("references_train", m.get("n_train"))
-            source = "the protocol's training pool" if cfg.prompt.item_stats else "the run's training samples"
+            source = "the protocol's training pool" if cfg.shows_labels else "the run's training samples"
             cells = [r.name, r.protocol, f"{m['n_train']} × {m['epochs_run']} ({m['best_epoch']})",
                      f"{m['n_valid']} / {m['n_test']}", _f(m.get("valid_auc")), _f(m.get("valid_uauc")),
                      _f(m.get("auc")), _f(m.get("uauc")), f"{m['train_seconds']:.0f} ({m['cache_seconds']:.0f})",

@@ -105,6 +105,10 @@ def main() -> None:
     rows.append(("popularity (training-period interaction count)", "counts", *[fmt(refs["popularity"][k])
                                                                              for k in KEYS]))
     rows.append(("random order (expected)", "-", *[fmt(refs["random"][k]) for k in KEYS]))
+    for ref, label in (("bpr", "BPR-MF (trained CF, size chosen on validation)"),
+                       ("mf", "biased MF on ratings (trained CF)")):
+        if ref in refs:
+            rows.append((label, "training-period interactions", *[fmt(refs[ref][k]) for k in KEYS]))
     rows += [(name, "LLaMA-7B tuned", hr1, "-", "-", "-", "-") for name, hr1 in PUBLISHED]
 
     cmd = "python benchmarks/results_rank.py --out docs/results.md" + (

@@ -235,7 +235,8 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
     metrics = {k: v for k, v in by_scorer[primary].items() if k.startswith(("hr@", "ndcg@"))}
     metrics.update({
         "task": "ranking", "primary_scorer": primary, "scorers": by_scorer, "zero_shot": zero_shot,
-        "references": ranking.references(rs.test, rs.popularity, cfg.ranking.n_candidates),
+        "references": ranking.references(rs.test, rs.popularity, cfg.ranking.n_candidates,
+                                         rs if cfg.ranking.cf_references else None, cfg.seed),
         "n_candidates": cfg.ranking.n_candidates, "n_test": len(rs.test), "n_train": len(rs.train),
         "n_valid": len(rs.valid), "n_train_samples": len(splits.train), "n_train_augmented": len(tr),
         "train_seconds": result.seconds, "train_samples_per_second": result.samples_per_second,

@@ -81,3 +81,51 @@ def fit_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int =
         return t.detach().numpy().astype(np.float64)
 
     return MF(uid, iid, arr(P), arr(Q), arr(bu), arr(bi), mu)
+
+
+def fit_bpr(users: np.ndarray, items: np.ndarray, n_items_universe: np.ndarray, dim: int = 32, epochs: int = 40,
+            seed: int = 0, weight_decay: float = 1e-4, batch_size: int = 4096, lr: float = 0.01) -> MF:
+    """BPR-MF (Rendle et al., UAI 2009) on implicit interactions (user, item) pairs: for every observed pair a
+    seeded random item of ``n_items_universe`` the user did not interact with is drawn each epoch, and
+    -log sigmoid(x_ui - x_uj) + weight_decay * (|p_u|^2 + |q_i|^2 + |q_j|^2) is minimised with Adam in
+    mini-batches, x_ui = b_i + p_u . q_i. Seeded and single-threaded like :func:`fit_mf`; the result is an
+    :class:`MF` with zero user biases and mu 0 (its :meth:`MF.scores` rank a user's items)."""
+    uid, u_idx = np.unique(users, return_inverse=True)
+    iid = np.asarray(n_items_universe)
+    i_idx = np.searchsorted(iid, items)
+    n_i = len(iid)
+    seen = np.unique(u_idx.astype(np.int64) * n_i + i_idx)  # sorted codes of the observed pairs
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    P = torch.nn.Parameter(torch.randn(len(uid), dim, generator=g) * 0.1)  # (U, d)
+    Q = torch.nn.Parameter(torch.randn(len(iid), dim, generator=g) * 0.1)  # (I, d)
+    bi = torch.nn.Parameter(torch.zeros(len(iid)))
+    opt = torch.optim.Adam([P, Q, bi], lr=lr)
+    u_all, i_all = torch.from_numpy(u_idx), torch.from_numpy(i_idx)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            neg = rng.integers(0, n_i, len(u_idx))
+            clash = np.isin(u_idx * n_i + neg, seen)  # the (few) negatives the user did interact with: redraw
+            while clash.any():
+                neg[clash] = rng.integers(0, n_i, int(clash.sum()))
+                clash = np.isin(u_idx * n_i + neg, seen)
+            order = torch.from_numpy(rng.permutation(len(u_idx)))
+            j_all = torch.from_numpy(neg)
+            for start in range(0, len(order), batch_size):
+                b = order[start: start + batch_size]
+                u, i, j = u_all[b], i_all[b], j_all[b]
+                x = bi[i] - bi[j] + (P[u] * (Q[i] - Q[j])).sum(-1)  # (B,)
+                loss = -torch.nn.functional.logsigmoid(x).mean() + weight_decay * (
+                    P[u].pow(2).sum(-1) + Q[i].pow(2).sum(-1) + Q[j].pow(2).sum(-1)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().numpy().astype(np.float64)
+
+    return MF(uid, iid, arr(P), arr(Q), np.zeros(len(uid)), arr(bi), 0.0)
