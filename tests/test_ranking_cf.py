@@ -46,3 +46,12 @@ def test_the_bpr_reference_moves_only_when_a_test_target_leaks_into_training(mon
     leaked = ranking.cf_references(rs, test, grid=GRID)
     assert leaked["bpr"]["mean_rank"] < base["bpr"]["mean_rank"]
     assert leaked["bpr"]["hr@1"] > base["bpr"]["hr@1"]
+
+
+def test_privrec_baseline_prints_the_ranking_references(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setattr(ranking, "BPR_GRID", GRID)
+    code, out, err = run_cli(capsys, "baseline", "configs/rank-tiny.yaml", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "reference: bpr" in out and "reference: mf" in out and "reference: popularity" in out

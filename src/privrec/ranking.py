@@ -118,12 +118,13 @@ def _mf_scores(mf: MF, rankings: list[RankingSample]) -> list[np.ndarray]:
     return out
 
 
-def cf_references(rs: RankingSplits, rankings: list[RankingSample], seed: int = 0, grid=BPR_GRID) -> dict[str, dict]:
+def cf_references(rs: RankingSplits, rankings: list[RankingSample], seed: int = 0, grid=None) -> dict[str, dict]:
     """Trained CF references on the same candidates (METHODS §12), learnt from
     :func:`training_interactions`: ``bpr`` (BPR-MF on the implicit interactions, size chosen on the validation
     rankings' HR@1 among :data:`BPR_GRID`) and ``mf`` (the biased MF of the like-prediction tables on the
     ratings, ranking by predicted rating: a rating model, not a next-item model). An item the fit never saw
     ranks last."""
+    grid = grid or BPR_GRID
     users, items, ratings = training_interactions(rs)
     universe = np.array(sorted(rs.dataset.items), dtype=np.int64)
 
