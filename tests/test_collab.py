@@ -229,3 +229,36 @@ def test_the_mf_reference_learns_from_training_labels_only(tiny_splits):
     low = [*train, replace(s, rating=1.0, label=0)]
     p4, _ = baselines.mf_reference(low, valid, test, grid=((DIM, 30, 1e-4),))
     assert p4[0] < p[0]
+
+
+def test_ranking_features_cross_fit_by_user():
+    """BPR features of the ranking task: a training user's true item and negatives read the fold fit that
+    never saw that true item; every other prompt reads the full fit."""
+    from privrec.model.mf import fit_bpr
+
+    rng = np.random.default_rng(0)
+    users = rng.integers(1, 41, 600)
+    items = rng.integers(1, 61, 600)
+    pairs = sorted(set(zip(users.tolist(), items.tolist())))
+    users, items = np.array([u for u, _ in pairs]), np.array([i for _, i in pairs])
+    universe = np.arange(1, 61)
+    from privrec.data import Sample
+
+    def like(u, i, label):
+        return Sample(f"u{u}-i{i}", u, i, 0, 5.0 if label else 0.0, label, ())
+
+    first = {}
+    for u, i in pairs:
+        first.setdefault(u, i)
+    counted = [like(u, i, 1) for u, i in first.items()] + [like(u, 60 - (i % 7), 0) for u, i in first.items()]
+    f = CollabFeatures.fit_implicit(users, items, universe, counted, dim=4, epochs=3, folds=2, seed=0)
+    u0, i0 = next(iter(first.items()))
+    fold = f.fold_of[f"u{u0}-i{i0}"]
+    held = {(u, i) for u, i in first.items() if f.fold_of[f"u{u}-i{i}"] == fold}
+    keep = np.array([(u, i) not in held for u, i in pairs])
+    alone = fit_bpr(users[keep], items[keep], universe, 4, 3, 0, 1e-4, users_universe=np.unique(users))
+    k_u, k_i = int(np.searchsorted(alone.user_ids, u0)), int(np.searchsorted(alone.item_ids, i0))
+    expected = alone.bi[k_i] + alone.P[k_u] @ alone.Q[k_i]
+    assert f.predict(like(u0, i0, 1)) == pytest.approx(expected, abs=1e-9)
+    assert f.fold_of[f"u{u0}-i{60 - (i0 % 7)}"] == fold  # the user's negatives read the same fold
+    assert f.predict(like(999, i0, 1)) == pytest.approx(f.full.predict(999, i0))

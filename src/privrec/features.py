@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from privrec.data import Sample
-from privrec.model.mf import MF, fit_mf
+from privrec.model.mf import MF, fit_bpr, fit_mf
 
 N_SCALARS = 5  # pred - mu, b_u, b_i, known_u, known_i
 
@@ -127,6 +127,38 @@ class CollabFeatures:
             for f in range(folds):
                 rest = [s for s, k in zip(samples, which) if k != f]
                 fits.append(_rotated(_fit(rest, dim, epochs, weight_decay, seed, universe), full) if rest else full)
+        return cls(full, fits, fold_of)
+
+    @classmethod
+    def fit_implicit(cls, users: np.ndarray, items: np.ndarray, item_universe: np.ndarray,
+                     counted: Iterable[Sample], dim: int = 32, epochs: int = 40, weight_decay: float = 1e-4,
+                     folds: int = 5, seed: int = 0) -> CollabFeatures:
+        """The ranking task's CF view (METHODS §1, §12): BPR-MF (:func:`privrec.model.mf.fit_bpr`) on implicit
+        (user, item) interactions, the score ``b_i + p_u . q_i`` in place of a predicted rating.
+
+        ``counted``: the training like-samples whose positives are among the interactions (the training users'
+        true next items); they are cross-fitted by user, so that a training user's true item and negatives
+        all read the fit that never saw that true item."""
+        counted = list(counted)
+        held = {(s.user_id, s.item_id) for s in counted if s.label == 1}
+        universe = (np.unique(users), np.asarray(item_universe))
+
+        def bpr(keep: np.ndarray) -> _Rows:
+            mf = fit_bpr(users[keep], items[keep], universe[1], dim, epochs, seed, weight_decay,
+                         users_universe=universe[0])
+            return _Rows.of(mf, set(users[keep].tolist()), set(items[keep].tolist()))
+
+        everything = np.ones(len(users), dtype=bool)
+        full = bpr(everything)
+        fold_of: dict[str, int] = {}
+        fits: list[_Rows] = []
+        if folds > 1:
+            trained_users = sorted({s.user_id for s in counted})
+            which = dict(zip(trained_users, np.random.default_rng(seed).integers(0, folds, len(trained_users))))
+            fold_of = {s.sample_id: int(which[s.user_id]) for s in counted}
+            pair_fold = np.array([which.get(u, -1) if (u, i) in held else -1
+                                  for u, i in zip(users.tolist(), items.tolist())])
+            fits = [_rotated(bpr(pair_fold != f), full) for f in range(folds)]
         return cls(full, fits, fold_of)
 
     @property

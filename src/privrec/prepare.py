@@ -26,6 +26,7 @@ from privrec.data import (
     load_dataset,
     windows,
 )
+from privrec.data.ranking import training_interactions
 from privrec.errors import DataError, UserError
 from privrec.features import CollabFeatures
 from privrec.metrics import binary_metrics
@@ -130,13 +131,31 @@ def _collab(pool: tuple[Sample, ...], dim: int, epochs: int, weight_decay: float
     return CollabFeatures.fit(pool, dim, epochs, weight_decay, folds, seed)
 
 
+_IMPLICIT: dict[str, CollabFeatures] = {}
+
+
+def _collab_implicit(cfg: ExperimentConfig, splits: Splits) -> CollabFeatures:
+    c, rs = cfg.collab, splits.ranking
+    key = f"{cfg.data.model_dump_json()}|{cfg.ranking.model_dump_json()}|{cfg.seed}|{c.model_dump_json()}"
+    if key not in _IMPLICIT:
+        users, items, _ = training_interactions(rs)
+        _IMPLICIT.clear()  # one at a time: a process works on one protocol
+        _IMPLICIT[key] = CollabFeatures.fit_implicit(users, items, np.array(sorted(rs.dataset.items)), splits.train,
+                                                     c.dim, c.epochs, c.weight_decay, c.folds, cfg.seed)
+    return _IMPLICIT[key]
+
+
 def collab_features(cfg: ExperimentConfig, splits: Splits) -> CollabFeatures | None:
-    """The CF features ``prompt.cf_score`` and ``collab.inject`` read (METHODS §12): the MF of ``cfg.collab``
-    fit on :func:`labelled_pool`, cross-fitted for its samples (None when neither option is on). Memoised
-    per process on the pool's samples (a fit is seconds, and evaluate, recommend and forget rebuild models)."""
+    """The CF features ``prompt.cf_score`` and ``collab.inject`` read (METHODS §12), None when neither option
+    is on. Like-prediction: the MF of ``cfg.collab`` fit on the ratings of :func:`labelled_pool`, cross-fitted
+    for its samples. Ranking: BPR-MF on the training period's interactions
+    (:func:`privrec.data.ranking.training_interactions`), cross-fitted by training user. Memoised per process
+    (a fit is seconds, and evaluate, recommend and forget rebuild models)."""
     if not (cfg.prompt.cf_score or cfg.collab.inject):
         return None
     c = cfg.collab
+    if cfg.task == "ranking":
+        return _collab_implicit(cfg, splits)
     return _collab(tuple(labelled_pool(cfg, splits)), c.dim, c.epochs, c.weight_decay, c.folds, cfg.seed)
 
 

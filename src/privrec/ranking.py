@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from privrec.data import RankingSample, RankingSplits
-from privrec.data.ranking import user_sequences
+from privrec.data.ranking import training_interactions
 from privrec.metrics import random_ranking_metrics, ranking_metrics, ranks_from_scores
 from privrec.model.mf import MF, fit_bpr, fit_mf
 from privrec.model.recmodel import PrefixGroup, RecLM
@@ -93,21 +93,6 @@ def references(rankings: list[RankingSample], popularity: dict[int, int], n_cand
 
 # (dim, epochs, weight decay) of the BPR-MF reference, chosen per run on the validation users' HR@1
 BPR_GRID = ((32, 40, 1e-4), (64, 60, 1e-4), (32, 40, 1e-3))
-
-
-def training_interactions(rs: RankingSplits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users, items, ratings) the CF references learn from: the training period of the popularity reference
-    (every interaction but each user's last, the test target) minus the validation users' second-to-last
-    interaction (their validation target), so that validation chooses honestly."""
-    held = {(r.user_id, r.target) for r in rs.valid}
-    users, items, ratings = [], [], []
-    for u, (its, rs_, _) in user_sequences(rs.dataset).items():
-        for i, r in zip(its[:-1].tolist(), rs_[:-1].tolist()):
-            if (u, i) not in held:
-                users.append(u)
-                items.append(i)
-                ratings.append(r)
-    return np.array(users), np.array(items), np.array(ratings, dtype=np.float32)
 
 
 def _mf_scores(mf: MF, rankings: list[RankingSample]) -> list[np.ndarray]:

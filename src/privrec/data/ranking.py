@@ -165,3 +165,18 @@ def like_splits(rs: RankingSplits, n_negatives: int) -> tuple[list[Sample], list
     return ([s for r in rs.train for s in r.like_samples(n_negatives)],
             [s for r in rs.valid for s in r.like_samples()],
             [s for r in rs.test for s in r.like_samples()])
+
+
+def training_interactions(rs: RankingSplits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, ratings) the CF references learn from: the training period of the popularity reference
+    (every interaction but each user's last, the test target) minus the validation users' second-to-last
+    interaction (their validation target), so that validation chooses honestly."""
+    held = {(r.user_id, r.target) for r in rs.valid}
+    users, items, ratings = [], [], []
+    for u, (its, rs_, _) in user_sequences(rs.dataset).items():
+        for i, r in zip(its[:-1].tolist(), rs_[:-1].tolist()):
+            if (u, i) not in held:
+                users.append(u)
+                items.append(i)
+                ratings.append(r)
+    return np.array(users), np.array(items), np.array(ratings, dtype=np.float32)

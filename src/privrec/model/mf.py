@@ -84,13 +84,18 @@ def fit_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int =
 
 
 def fit_bpr(users: np.ndarray, items: np.ndarray, n_items_universe: np.ndarray, dim: int = 32, epochs: int = 40,
-            seed: int = 0, weight_decay: float = 1e-4, batch_size: int = 4096, lr: float = 0.01) -> MF:
+            seed: int = 0, weight_decay: float = 1e-4, batch_size: int = 4096, lr: float = 0.01,
+            users_universe: np.ndarray | None = None) -> MF:
     """BPR-MF (Rendle et al., UAI 2009) on implicit interactions (user, item) pairs: for every observed pair a
     seeded random item of ``n_items_universe`` the user did not interact with is drawn each epoch, and
     -log sigmoid(x_ui - x_uj) + weight_decay * (|p_u|^2 + |q_i|^2 + |q_j|^2) is minimised with Adam in
     mini-batches, x_ui = b_i + p_u . q_i. Seeded and single-threaded like :func:`fit_mf`; the result is an
-    :class:`MF` with zero user biases and mu 0 (its :meth:`MF.scores` rank a user's items)."""
-    uid, u_idx = np.unique(users, return_inverse=True)
+    :class:`MF` with zero user biases and mu 0 (its :meth:`MF.scores` rank a user's items). ``users_universe``:
+    sorted user ids indexing the factors (as :func:`fit_mf`'s ``universe``), default the users present."""
+    if users_universe is None:
+        uid, u_idx = np.unique(users, return_inverse=True)
+    else:
+        uid, u_idx = np.asarray(users_universe), np.searchsorted(users_universe, users)
     iid = np.asarray(n_items_universe)
     i_idx = np.searchsorted(iid, items)
     n_i = len(iid)
