@@ -181,3 +181,25 @@ class CollabFeatures:
     def predict(self, s: Sample) -> float:
         """The MF's predicted rating of ``s``'s target item by its user (cross-fitted when counted)."""
         return self._rows(s).predict(s.user_id, s.item_id)
+
+
+def features_digest(stats, collab: CollabFeatures | None) -> str:
+    """sha256 over what a model's prompts read from counted labels: the item statistics' counts (``stats``, a
+    :class:`privrec.data.ItemStats` or None) and every MF fit of ``collab`` (the full fit and each fold, with
+    the fold of every counted sample). Equal digests mean equal features, so ``privrec forget --verify`` can
+    recompute them from the data that remains and compare (METHODS §12, features with lineage)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if stats is not None:
+        h.update(f"stats {stats.global_rate!r} {stats.k!r} {stats.key}\n".encode())
+        for i in sorted(stats.counts):
+            h.update(f"{i} {stats.likes[i]!r} {stats.counts[i]}\n".encode())
+    if collab is not None:
+        for name, rows in [("full", collab.full), *((f"fold{k}", r) for k, r in enumerate(collab.folds))]:
+            h.update(name.encode())
+            for a in (rows.mf.P, rows.mf.Q, rows.mf.bu, rows.mf.bi, np.array([rows.mf.mu])):
+                h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+            h.update(repr((sorted(rows.users), sorted(rows.items))).encode())
+        h.update(repr(sorted(collab.fold_of.items())).encode())
+    return h.hexdigest()
