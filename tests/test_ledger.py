@@ -5,16 +5,15 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-
 from privrec.data import Sample
 from privrec.errors import RunError
+from privrec.rundir import run_lock
 from privrec.unlearning.exact.ledger import (
     DONE,
     PENDING,
     RETRAINED,
     Ledger,
     excluded_ids,
-    run_lock,
     shows_tombstoned,
 )
 

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_cli
-from safetensors.torch import load_file, save_file
-
 from privrec import models
 from privrec.cli import main
-from privrec.commands.model_dir import open_model
 from privrec.config import load_config
 from privrec.data import Sample, build_splits
 from privrec.model.adapters import install_adapter, lineage_of, read_adapter, read_meta, tensors_digest
 from privrec.prepare import build_model
+from privrec.recommender import open_model
 from privrec.unlearning.exact.ledger import Ledger
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY, APA_TINY, PPLR_TINY = (str(ROOT / "configs" / n) for n in ("tiny.yaml", "apa-tiny.yaml", "pplr-tiny.yaml"))

@@ -9,14 +9,14 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import bearer, copy_model, tokens, victim_of, wait_done
-
 from privrec.cli import main
 from privrec.commands.forget import run_forget
-from privrec.commands.recommend import Recommender, blended_order, run_recommend
+from privrec.commands.recommend import run_recommend
+from privrec.recommender import Recommender, blended_order
 from privrec.serve.app import MAX_BATCH, create_app
 from privrec.serve.service import Service
 from privrec.serve.store import NEXT_FILE, STORE_FILE, RecStore
+from serve_helpers import bearer, copy_model, tokens, victim_of, wait_done
 
 
 @pytest.fixture(scope="module")

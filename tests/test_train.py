@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_model, tiny_config
-
 from privrec.metrics import auc
 from privrec.model.adapters import adapter_state
-from privrec.train import CHECKPOINT_FILE, train
+from privrec.rundir import CHECKPOINT_FILE
+from privrec.train import train
 
 
 def planted(samples, ml100k):

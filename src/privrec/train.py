@@ -31,11 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privrec.config import ExperimentConfig
+from privrec.data import Sample, Splits, augment
 from privrec.errors import TrainingError
 from privrec.metrics import auc, uauc
-from privrec.model.adapters import adapter_state, load_adapter_state
+from privrec.model.adapters import adapter_state, load_adapter_state, originals, read_meta, save_adapter
 from privrec.model.recmodel import Batch, Encoded, RecLM
+from privrec.prepare import adapter_meta, setup_data, setup_model
 from privrec.progress import track
+from privrec.rundir import CHECKPOINT_FILE
 
 # Checkpoint keys (a typed record on disk; constants so readers and writers agree).
 CKPT_EPOCH = "epoch"
@@ -43,7 +47,6 @@ CKPT_ADAPTER = "adapter"
 CKPT_OPTIMIZER = "optimizer"
 CKPT_BEST = "best_adapter"
 CKPT_STATE = "loop_state"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 Regularizer = Callable[[], torch.Tensor]
@@ -271,3 +274,49 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         load_adapter_state(model.model, best_state)
     result.optimizer_state = copy.deepcopy(opt.state_dict())
     return result
+
+
+# --- one adapter, start to end: what privrec train and retrain-all share -----------------------------------
+def epoch_line(r: dict) -> str:
+    line = "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
+    if "valid_auc" in r:
+        line += f", valid AUC {r['valid_auc']:.4f}"
+    if "valid_uauc" in r:
+        line += f", valid UAUC {r['valid_uauc']:.4f}"
+    return line
+
+
+def training_samples(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
+    """The drawn training samples, each followed by its augmented copies (none unless ``augment`` asks)."""
+    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+
+
+def fit_single(cfg: ExperimentConfig, model: RecLM, tr: list[Encoded], va: list[Encoded], checkpoint_dir: Path,
+               resume: bool, progress: bool, log=None) -> TrainResult:
+    """Step 5 of ``privrec train``: THE training loop from the model's fresh seeded LoRA; the validation prompts
+    pick the epoch (checkpoint every epoch; ``resume`` continues from the last one)."""
+    return train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=checkpoint_dir, resume=resume,
+                 progress=progress, on_epoch=(lambda r: log(epoch_line(r))) if log else None)
+
+
+def save_single(cfg: ExperimentConfig, model: RecLM, folder: Path, train_samples: list[Sample],
+                result: TrainResult, **extra) -> dict:
+    """Step 6 of ``privrec train``: the adapter with its lineage (the original samples; augmented copies derive
+    from them)."""
+    save_adapter(model.model, folder, adapter_meta(cfg, model, originals(train_samples), best_epoch=result.best_epoch,
+                                                   **extra))
+    return read_meta(folder)
+
+
+def retrain_single(cfg: ExperimentConfig, tombstones: set[tuple[int, int]], folder: Path, checkpoint_dir: Path,
+                   progress: bool = True, log=None) -> dict:
+    """``retrain-all`` (``privrec forget`` on a single model): steps 1, 2, 5 and 6 of ``privrec train`` on the
+    same draw of samples minus every one showing a deleted interaction, saved to ``folder``; returns its
+    ``privrec.json``. It is exactly the adapter ``privrec train`` gives on that data (the same code, seed and
+    order); ``checkpoint_dir`` lets an interrupted retrain continue from its last epoch."""
+    splits = setup_data(cfg, tombstones)
+    train_samples = training_samples(cfg, splits)
+    model = setup_model(cfg, splits)
+    tr, va = model.encode(train_samples), model.encode(splits.valid)
+    result = fit_single(cfg, model, tr, va, checkpoint_dir, resume=True, progress=progress, log=log)
+    return save_single(cfg, model, folder, train_samples, result, train_seconds=result.seconds)

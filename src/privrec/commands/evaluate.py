@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from privrec import ranking
-from privrec.commands.model_dir import ModelDir, OneAdapter, open_model, scorer_of
 from privrec.errors import UserError
 from privrec.prepare import evaluate_split, write_predictions
+from privrec.recommender import ModelDir, OneAdapter, open_model, scorer_of
 from privrec.rundir import atomic_write_text
 
 

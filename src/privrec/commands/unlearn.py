@@ -384,8 +384,8 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
         UserError: an approximate method (they act on one adapter), forget users without training samples,
             an OUT that exists. RunError: a reference run with a different forget set.
     """
-    from privrec.commands.forget import run_forget
-    from privrec.commands.model_dir import ShardAggregation, open_model
+    from privrec.recommender import ShardAggregation, open_model
+    from privrec.unlearning.exact.forget import run_forget
 
     method = cfg.unlearn.method
     if method not in SHARD_METHODS:

@@ -1,14 +1,14 @@
 """The state of ``privrec serve MODEL`` (METHODS §11), independent of HTTP.
 
 - The service holds the model directory's run lock for its whole life (no other privrec command changes
-  the model under it) and serves one :class:`~privrec.commands.recommend.Recommender` (the same code as
+  the model under it) and serves one :class:`~privrec.recommender.Recommender` (the same code as
   ``privrec recommend``: two stages, popularity + MF candidates re-ranked by P(Yes)).
-- ``forget(user)`` records a deletion request in the model's ledger with ``privrec forget``'s own code
-  (:func:`~privrec.commands.forget.submit_forget`: tombstones, removed samples and the adapters' state in one
+- ``forget(user)`` records a deletion request in the model's ledger with ``privrec forget``'s own engine
+  (:func:`~privrec.unlearning.exact.forget.submit_forget`: tombstones, removed samples and the adapters' state in one
   SQLite transaction, ``synchronous=FULL``) and only then returns its id; from that moment the user is
   refused (410) and their stored recommendations are purged. Asking again returns the same request.
 - One worker thread applies the ledger's unfinished requests in order with
-  :func:`~privrec.commands.forget.run_resume` (retrain, swap, certify: the CLI's procedure, so a request the
+  :func:`~privrec.unlearning.exact.forget.run_resume` (retrain, swap, certify: the CLI's procedure, so a request the
   service was killed in is finished by the next start, or by ``privrec forget MODEL --resume``). After each
   one it builds a new recommender off to the side and swaps the reference under a lock: requests in flight
   finish on the old one, none is dropped.
@@ -32,15 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from privrec.commands.forget import run_resume, submit_forget
-from privrec.commands.recommend import Recommender
 from privrec.errors import RunError, UserError
+from privrec.federated.forget import ROUTES
 from privrec.prepare import source_data
 from privrec.progress import track
-from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
+from privrec.recommender import Recommender
+from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json, run_lock
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import NEXT_FILE, RecStore, store_key
-from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, run_lock
+from privrec.unlearning.exact.forget import run_resume, submit_forget
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
 RECENT_USERS = 10_000  # users remembered as recently asked for (the store is filled for them first)
@@ -174,7 +175,7 @@ class Service:
         finally:
             ledger.close()
         if req is not None and req["status"] != PENDING:
-            run_resume(self.path, progress=self.progress, lock=False)
+            run_resume(self.path, progress=self.progress, lock=False, routes=ROUTES)
 
     def _continue_interrupted_refill(self) -> None:
         """A service killed while it filled the store under new adapters (already on disk) takes that store
@@ -300,7 +301,7 @@ class Service:
             if user in self.forgotten:
                 return self.request(self.forgotten[user]), False
             try:
-                recorded = submit_forget(self.path, [user])
+                recorded = submit_forget(self.path, [user], routes=ROUTES)
             except NotFound:
                 raise
             except UserError as e:  # e.g. a clients model: it says which model can
@@ -383,7 +384,7 @@ class Service:
         self.worker_state = f"applying {rid}"
         self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
-            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
+            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
             filled = False
             if self.precompute and self.refill_before_swap:

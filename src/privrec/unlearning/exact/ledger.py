@@ -25,7 +25,6 @@ written). ``--resume`` continues from the recorded status; a request is never re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import sqlite3
 import time
@@ -70,29 +69,6 @@ def excluded_ids(samples: Iterable[Sample], tombstones: set[tuple[int, int]]) ->
     if not tombstones:
         return set()
     return {s.sample_id for s in samples if shows_tombstoned(s, tombstones)}
-
-
-# --- one writer at a time -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def run_lock(run_path: Path) -> Iterator[None]:
-    """Exclusive lock on a run directory for the duration of a command (released by the OS on a crash).
-
-    Raises:
-        RunError: another privrec process holds the run.
-    """
-    run_path = Path(run_path)
-    run_path.mkdir(parents=True, exist_ok=True)
-    with open(run_path / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(
-                f"another privrec command is working on {run_path}; wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class Ledger:
@@ -144,6 +120,11 @@ class Ledger:
         return {
             (r["user_id"], r["item_id"]) for r in self.db.execute("SELECT user_id, item_id FROM tombstones")
         }
+
+    def tombstones_upto(self, request_id: str) -> set[tuple[int, int]]:
+        """The interactions deleted by ``request_id`` and every request before it (not by those queued after)."""
+        seq = {q["id"]: q["seq"] for q in self.requests()}
+        return {(t["user_id"], t["item_id"]) for t in self.tombstone_rows() if seq[t["request_id"]] <= seq[request_id]}
 
     def tombstone_rows(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM tombstones ORDER BY user_id, item_id")]
