@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 from fed_helpers import fed_config, restore_threads  # noqa: F401 (autouse fixture)
+
 from privrec.errors import RunError, UserError
 
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -112,6 +113,7 @@ class _FakeGrid:
 
     def __init__(self, folders, crash: int | None = None):
         from flwr.app import Context, RecordDict
+
         from privrec.federated.flower_app import make_client_app
 
         self.app = make_client_app()  # a deployed ClientApp: no simulation data root
@@ -176,6 +178,7 @@ def test_client_local_protocol_sends_no_user_and_replies_only_client_metrics(tmp
     the server sends them no user id and no sample, evaluation replies carry no per-sample score, and
     metrics.json's overall is what those replies allow (exact where a mean decomposes over clients)."""
     from flwr.app import ConfigRecord, Message, RecordDict
+
     from privrec.federated import flower_app
     from privrec.federated.client_data import load_client_data
     from privrec.federated.runner import plan_federation, run_federate
@@ -304,6 +307,7 @@ def test_a_node_without_its_data_stops_the_run_with_one_line(tmp_path, task_iden
     """The server learns which node is which client from the nodes' own folders, and stops on one that
     cannot serve: a missing folder, one split for another config, two nodes with the same client."""
     from flwr.app import Context, RecordDict
+
     from privrec.federated.client_data import split_data
     from privrec.federated.flower_app import FlowerDispatcher, node_folder
     from privrec.federated.runner import plan_federation

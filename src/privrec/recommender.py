@@ -34,7 +34,7 @@ from privrec.model.recmodel import PrefixGroup, RecLM
 from privrec.prepare import build_model, item_stats, setup_data, without_interactions
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
-from privrec.unlearning.exact.ledger import Ledger, deletion_record
+from privrec.unlearning.exact.ledger import Ledger, deletion_record, last_request_of
 from privrec.unlearning.exact.shards import ApaConfig
 
 CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
@@ -107,8 +107,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
     if rows:  # a user every one of whose interactions is deleted is forgotten
         counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
         deleted = Counter(u for u, _ in md.tombstones)
-        md.deleted_by = {u: max(r["request_id"] for r in rows if r["user_id"] == u)
-                         for u, n in deleted.items() if n >= int(counts.get(u, 0))}
+        last = last_request_of(rows)
+        md.deleted_by = {u: last[u] for u, n in deleted.items() if n >= int(counts.get(u, 0))}
     return md
 
 

@@ -128,25 +128,36 @@ def swap_in(staged: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_path: str | Path) -> Iterator[None]:
-    """Exclusive lock on a run directory for the duration of a command (released by the OS on a crash).
+def run_lock(run_path: str | Path, create: bool = True) -> Iterator[None]:
+    """Exclusive lock on a run directory for the duration of a command (released by the OS on a crash). Every
+    command that writes into a model directory holds it (train, shard-train, federate, evaluate, forget, and
+    serve for its whole life), so none writes back what another one deleted. A directory it created is removed
+    again when the command fails before writing anything into it.
 
     Raises:
-        RunError: another privrec process holds the run (a service holds it for its whole life).
+        RunError: another privrec process holds the run; no such directory (``create=False``).
     """
     run_path = Path(run_path)
+    fresh = not run_path.exists()
+    if fresh and not create:
+        raise RunError(f"model directory not found: {run_path}")
     run_path.mkdir(parents=True, exist_ok=True)
-    with open(run_path / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(
-                f"another privrec command is working on {run_path}; wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    try:
+        with open(run_path / LOCK_FILE, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(
+                    f"another privrec command is working on {run_path}; wait for it to finish"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except BaseException:
+        if fresh and {p.name for p in run_path.iterdir()} <= {LOCK_FILE}:
+            remove_tree(run_path)
+        raise
 
 
 def is_adapter(folder: Path) -> bool:

@@ -20,6 +20,7 @@ points of the interrupted epoch included: they are recomputed, not kept).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from privrec.config import ExperimentConfig
 from privrec.data import Sample, Splits, augment
-from privrec.errors import TrainingError
+from privrec.errors import RunError, TrainingError
 from privrec.metrics import auc, uauc
 from privrec.model.adapters import adapter_state, load_adapter_state, originals, read_meta, save_adapter
 from privrec.model.recmodel import Batch, Encoded, RecLM
@@ -128,6 +129,23 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read with torch's weights-only loader (tensors, numbers, strings, lists and dicts:
+    nothing in the file can run code).
+
+    Raises:
+        RunError: not a readable privrec checkpoint (e.g. it holds objects, or it is torn).
+    """
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, one line
+        raise RunError(f"{path} is not a privrec training checkpoint ({type(e).__name__}); remove it and "
+                       "train again") from None
+    if not isinstance(ck, dict) or not {CKPT_EPOCH, CKPT_ADAPTER, CKPT_OPTIMIZER, CKPT_STATE} <= set(ck):
+        raise RunError(f"{path} is not a privrec training checkpoint; remove it and train again")
+    return ck
+
+
 def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded] | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False, loss_fn: LossFn = bce_loss,
           regularizer: Regularizer | None = None, batch_plan: BatchPlan | None = None,
@@ -176,11 +194,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     start_epoch, best_state, bad_epochs, best_score = 0, None, 0, float("nan")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         load_adapter_state(model.model, ck[CKPT_ADAPTER])
         opt.load_state_dict(ck[CKPT_OPTIMIZER])
         best_state = ck[CKPT_BEST]
-        st = ck[CKPT_STATE]
+        st = ck[CKPT_STATE] if isinstance(ck[CKPT_STATE], dict) else json.loads(ck[CKPT_STATE])
         start_epoch, bad_epochs = ck[CKPT_EPOCH] + 1, st["bad_epochs"]
         result.history, result.best_epoch, result.best_valid_auc = st["history"], st["best_epoch"], st["best"]
         result.best_valid_uauc = st.get("best_uauc", float("nan"))
@@ -261,11 +279,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             _atomic_save({
                 CKPT_EPOCH: epoch, CKPT_ADAPTER: adapter_state(model.model), CKPT_OPTIMIZER: opt.state_dict(),
                 CKPT_BEST: best_state,
-                CKPT_STATE: {"bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
-                             "best": result.best_valid_auc, "best_uauc": result.best_valid_uauc,
-                             "best_score": best_score, "curve": result.curve,
-                             "samples_seen": result.samples_seen, "steps": result.steps,
-                             "seconds": result.seconds, "stopped": stop},
+                CKPT_STATE: json.dumps({  # plain JSON text: nothing in the file is an object to unpickle
+                    "bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
+                    "best": result.best_valid_auc, "best_uauc": result.best_valid_uauc, "best_score": best_score,
+                    "curve": result.curve, "samples_seen": result.samples_seen, "steps": result.steps,
+                    "seconds": result.seconds, "stopped": stop}),
             }, ckpt_path)
         if stop:
             result.stopped_early = True

@@ -30,7 +30,15 @@ from privrec.prepare import (
     setup_model,
     write_predictions,
 )
-from privrec.rundir import ADAPTERS_DIR, LEDGER_FILE, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    LEDGER_FILE,
+    SINGLE_ADAPTER,
+    ZERO_SHOT_FILE,
+    RunDir,
+    atomic_write_text,
+    run_lock,
+)
 from privrec.train import epoch_line, fit_single, save_single, train, training_samples
 from privrec.unlearning.exact.ledger import Ledger, deleted_interactions
 
@@ -70,17 +78,23 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
     """Train one LoRA adapter on the configured samples and evaluate it; returns metrics.json's content.
 
     Into a model directory that has forgotten data (a deletion ledger), the deleted samples stay out and the
-    new adapter is recorded in the ledger.
+    new adapter is recorded in the ledger. The directory's run lock is held throughout.
 
     Raises:
         UserError: bad data, model or config (see setup_data / setup_model).
-        RunError: ``--resume`` into a directory whose config differs; an unfinished deletion request.
+        RunError: ``--resume`` into a directory whose config differs; an unfinished deletion request; another
+            privrec command working on the directory.
     """
     if resume and (Path(out) / "config.yaml").is_file():
         if RunDir(out, create=False).load_config().digest() != cfg.digest():
             raise RunError(f"{out} was started with a different config; resume with the same one")
-    if cfg.task == "ranking":
-        return run_train_ranking(cfg, out, resume, progress)
+    with run_lock(out):  # before its deletions are read: none can land between that and the adapter's write
+        if cfg.task == "ranking":
+            return run_train_ranking(cfg, out, resume, progress)
+        return _train(cfg, out, resume, progress)
+
+
+def _train(cfg: ExperimentConfig, out: str | Path, resume: bool, progress: bool) -> dict:
     # 1. data (minus deleted data), then the model (the prompt builder needs the dataset's records); both
     #    before the run directory is touched, so bad input fails with its one-line error and leaves nothing
     splits = setup_data(cfg, deleted_interactions(out))

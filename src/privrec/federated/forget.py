@@ -26,7 +26,7 @@ from privrec.federated.runner import run_federate
 from privrec.model.adapters import ADAPTER_META, adapter_state, load_adapter_state, read_meta, save_adapter
 from privrec.prepare import adapter_meta, source_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, METRICS_FILE, RunDir, atomic_write_text, is_adapter, remove_tree
-from privrec.unlearning.exact.routes import EXACT_ROUTES, RETIRED, Checkpointed, Route, purge_common
+from privrec.unlearning.exact.routes import EXACT_ROUTES, RETIRED, Checkpointed, Route
 from privrec.unlearning.exact.slices import first_affected, load_checkpoint, restore, stage_dir, stage_label
 
 
@@ -57,10 +57,9 @@ class _ClientSlots(Checkpointed):
             self._model = (model, adapter_state(model.model))
         return self._model
 
-    def purge(self, removed_ids, universe):
+    def cached_model(self):
         lora = self.cfg.lora
-        model = self._built()[0] if lora.top_layers and lora.cache_frozen else None
-        return purge_common(self.run, model, removed_ids, universe)
+        return self._built()[0] if lora.top_layers and lora.cache_frozen else None
 
     def run_info(self):
         manifest = models.load(self.run.path)
@@ -97,7 +96,9 @@ class RetrainClient(_ClientSlots):
         if old.get("slices"):
             slices = [[i for i in sl if i in keep] for sl in old["slices"]]
             r, j = len(slices), first_affected(old["slices"], slices)
-            assert j is not None, "an affected client lost samples"
+            if j is None:  # the client was affected, so one of its slices lost samples, unless its metadata lies
+                raise RunError(f"{self.folders()[k]}: its slice map does not hold its lineage's samples "
+                               "(privrec.json is corrupt); train the model again")
             self.stage_unaffected(self.checkpoints(self.run.path, k), there, j)
             done = self.resume_point(there, old, slices, j)
             restored = restore(there, old, done, init) if done < j else load_checkpoint(stage_dir(there, done))[0]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privrec.errors import RunError, UserError
+from privrec.errors import NotFoundError, RunError, UserError
 from privrec.federated.forget import ROUTES
 from privrec.prepare import source_data
 from privrec.progress import track
@@ -41,13 +41,13 @@ from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json, run_lock
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import NEXT_FILE, RecStore, store_key
 from privrec.unlearning.exact.forget import run_resume, submit_forget
-from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, last_request_of
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
 RECENT_USERS = 10_000  # users remembered as recently asked for (the store is filled for them first)
 
 
-class NotFound(UserError):
+class NotFound(NotFoundError):
     """An unknown user, item or request (HTTP 404)."""
 
 
@@ -134,6 +134,9 @@ class Service:
             self.worker_state = "idle"
             self._swapping: str | None = None  # the request whose new adapters are being swapped in
             self.errors: dict[str, str] = {}  # request id -> why its last attempt failed
+            self.attempts: dict[str, tuple[int, float]] = {}  # request id -> (failed attempts, when the last failed)
+            self.failed_attempts = 0  # every failed attempt of the service's life
+            self.skipped: dict[int, str] = {}  # user -> why the store could not hold them
             self._wake = threading.Event()
             self._stop = threading.Event()
             self._recent: OrderedDict[int, None] = OrderedDict()  # users asked for, most recent last
@@ -302,8 +305,8 @@ class Service:
                 return self.request(self.forgotten[user]), False
             try:
                 recorded = submit_forget(self.path, [user], routes=ROUTES)
-            except NotFound:
-                raise
+            except NotFoundError as e:  # a user the data holds no interaction of
+                raise NotFound(str(e)) from None
             except UserError as e:  # e.g. a clients model: it says which model can
                 raise CannotForget(str(e)) from None
             rid = recorded.get("request")
@@ -320,8 +323,7 @@ class Service:
 
     def _last_request_of(self, user: int) -> str:
         with self._ledger() as ledger:
-            rows = [t["request_id"] for t in ledger.tombstone_rows() if t["user_id"] == user]
-        return max(rows)
+            return last_request_of(ledger.tombstone_rows())[user]
 
     @contextlib.contextmanager
     def _ledger(self):
@@ -350,8 +352,10 @@ class Service:
                "created": req["created"], "updated": req["updated"],
                "history": [{"status": e["status"], "at": e["at"]} for e in events],
                "certificate": f"/v1/requests/{rid}/certificate" if status == DONE else None}
-        if rid in self.errors:
-            out["error"] = self.errors[rid]
+        if rid in self.errors:  # tried again every RETRY_SECONDS: how often it failed, when it is tried next
+            n, at = self.attempts[rid]
+            out.update(error=self.errors[rid], attempts=n,
+                       next_attempt_in_seconds=round(max(0.0, at + RETRY_SECONDS - time.time()), 1))
         return out
 
     def certificate(self, rid: str) -> dict:
@@ -401,11 +405,15 @@ class Service:
                 self.next_store = None
                 self.rec = new
             self.errors.pop(rid, None)
+            self.attempts.pop(rid, None)
             self._store_stale = self.precompute and not filled
             return True
         except Exception as e:  # the request stays unfinished in the ledger; the service keeps serving
             self.errors[rid] = " ".join(str(e).split()) or type(e).__name__
-            self.rec.md.run.log(f"serve: request {rid} failed: {traceback.format_exc(limit=3)}", echo=False)
+            self.attempts[rid] = (self.attempts.get(rid, (0, 0.0))[0] + 1, time.time())
+            self.failed_attempts += 1
+            self.rec.md.run.log(f"serve: request {rid} failed (attempt {self.attempts[rid][0]}, tried again in "
+                                f"{RETRY_SECONDS:.0f}s): {traceback.format_exc(limit=3)}", echo=False)
             return False
         finally:
             self._swapping = None
@@ -447,10 +455,17 @@ class Service:
                     return False
                 if u in self.forgotten:
                     continue
-                with contextlib.suppress(UserError):
+                try:
                     items = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
                                           source=self.source)
-                    store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+                except UserError as e:  # e.g. too short a history: answered online (with its error), counted
+                    why = " ".join(str(e).split())
+                    if self.skipped.get(u) != why:
+                        self.rec.md.run.log(f"serve: user {u} left out of the store: {why}", echo=False)
+                    self.skipped[u] = why
+                    continue
+                self.skipped.pop(u, None)
+                store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
             return True
         finally:
             store.flush()
@@ -465,11 +480,17 @@ class Service:
         current = self.store.current(self._key(), self.store_k)
         servable = sum(u not in self.forgotten for u in self.rec.users())
         out = {"precompute": self.precompute, "current": current,
-               "users": len(self.store.users) if current else 0, "servable": servable}
+               "users": len(self.store.users) if current else 0, "servable": servable, "skipped": len(self.skipped)}
         nxt = self.next_store
         if nxt is not None:  # being filled under a deletion's new adapters, not served yet
             out["next_users"] = len(nxt.users)
         return out
+
+    def deletion_status(self) -> dict:
+        """The worker's failures: every failed attempt, and the requests failing now (tried again every
+        RETRY_SECONDS)."""
+        return {"failed_attempts": self.failed_attempts, "failing": sorted(self.errors),
+                "retry_seconds": RETRY_SECONDS}
 
     def pending(self) -> int:
         path = self.path / LEDGER_FILE

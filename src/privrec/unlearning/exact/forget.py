@@ -50,10 +50,10 @@ from pathlib import Path
 from privrec import models
 from privrec.data import Dataset
 from privrec.data.idfiles import SAMPLE_ID
-from privrec.errors import RunError, UserError
+from privrec.errors import NotFoundError, RunError, UserError
 from privrec.model.adapters import read_adapter, read_meta, tensors_digest
 from privrec.prepare import shows_tombstoned
-from privrec.rundir import CERTIFICATES_DIR, STAGING_DIR, old_of, remove_tree, swap_in
+from privrec.rundir import CERTIFICATES_DIR, METRICS_FILE, STAGING_DIR, old_of, remove_tree, swap_in
 from privrec.unlearning.exact.certificate import build_body, make_certificate, read_certificate, write_certificate
 from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, RETRAINED
 from privrec.unlearning.exact.routes import EXACT_ROUTES, RETIRED, Fault, Routes, Run, session
@@ -163,7 +163,7 @@ def users_of_clients(r: Run, clients: list[int]) -> list[int]:
     have = set(r.manifest.clients.values())
     unknown = sorted(set(clients) - have)
     if unknown:
-        raise UserError(f"client {unknown[0]} is not a client of {r.run.path} (clients {sorted(have)})")
+        raise NotFoundError(f"client {unknown[0]} is not a client of {r.run.path} (clients {sorted(have)})")
     return sorted(u for u, c in r.manifest.clients.items() if c in set(clients))
 
 
@@ -260,6 +260,7 @@ def _finish(r: Run, rid: str, progress: bool, fault: Fault | None,
             rid, DONE, certificate_sha256=cert["body_sha256"], adapters_seq=r.ledger.adapters_seq()
         )
         remove_tree(r.run / STAGING_DIR / rid)
+        _note_in_metrics(r, rid)
         r.run.log(
             f"forget {rid}: done, certificate {cert['body_sha256'][:16]}, retrain "
             f"{cert['record']['retrain_seconds']:.1f}s"
@@ -406,7 +407,7 @@ def resolve_interactions(
         rows = inter[inter["user_id"].isin(users)]
         unknown = sorted(set(users) - set(rows["user_id"].tolist()))
         if unknown:
-            raise UserError(
+            raise NotFoundError(
                 f"user {unknown[0]} not found in {ds.name}"
                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             )
@@ -417,10 +418,22 @@ def resolve_interactions(
         rows = inter[mask]
         unknown = sorted(pairs - set(zip(rows["user_id"].tolist(), rows["item_id"].tolist())))
         if unknown:
-            raise UserError(f"sample u{unknown[0][0]}-i{unknown[0][1]} is not an interaction in {ds.name}")
+            raise NotFoundError(f"sample u{unknown[0][0]}-i{unknown[0][1]} is not an interaction in {ds.name}")
     return sorted(
         (int(u), int(i), int(t)) for u, i, t in zip(rows["user_id"], rows["item_id"], rows["timestamp"])
     )
+
+
+def _note_in_metrics(r: Run, rid: str) -> None:
+    """The model's ``metrics.json`` describes it as trained, before this deletion: it says so
+    (``predates_deletions``: the requests done since; a training into the directory writes it anew)."""
+    path = r.run / METRICS_FILE
+    if not path.is_file():
+        return
+    metrics = r.run.read_metrics()
+    done = list(metrics.get("predates_deletions") or [])
+    if rid not in done:
+        r.run.write_metrics(dict(metrics, predates_deletions=done + [rid]))
 
 
 def _fault(fault: Fault | None, point: str) -> None:

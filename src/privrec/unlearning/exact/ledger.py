@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -127,7 +128,10 @@ class Ledger:
         return {(t["user_id"], t["item_id"]) for t in self.tombstone_rows() if seq[t["request_id"]] <= seq[request_id]}
 
     def tombstone_rows(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM tombstones ORDER BY user_id, item_id")]
+        """Every tombstone with the sequence number of the request that deleted it (``request_seq``)."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT t.*, q.seq AS request_seq FROM tombstones t JOIN requests q ON q.id = t.request_id "
+            "ORDER BY t.user_id, t.item_id")]
 
     # --- requests -----------------------------------------------------------------------------------
     def unfinished(self) -> dict | None:
@@ -160,12 +164,13 @@ class Ledger:
             removed: {sample_id, user_id, item_id, timestamp, split, shard}.
             shards: {shard, retrain (bool), before_sha256, n_before} for every current shard.
         Returns:
-            The request id ("r0001", ...), status ``pending``.
+            The request id (``r-`` and 16 random hex digits; ledgers written before hold ``r0001``...),
+            status ``pending``.
         """
         now = time.time()
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests").fetchone()[0]
-            rid = f"r{seq:04d}"
+            rid = f"r-{secrets.token_hex(8)}"  # unguessable; requests are ordered by seq, never by id
             db.execute(
                 "INSERT INTO requests(id, seq, kind, spec, status, created, updated) VALUES (?,?,?,?,?,?,?)",
                 (rid, seq, kind, json.dumps(spec, sort_keys=True), PENDING, now, now),
@@ -307,6 +312,17 @@ def deletion_record(out: str | Path) -> list[dict]:
         return ledger.tombstone_rows()
     finally:
         ledger.close()
+
+
+def last_request_of(rows: list[dict]) -> dict[int, str]:
+    """user -> the last request (by sequence, never by id) that deleted any of their interactions, from
+    :meth:`Ledger.tombstone_rows`."""
+    out: dict[int, tuple[int, str]] = {}
+    for r in rows:
+        u = r["user_id"]
+        if u not in out or r["request_seq"] > out[u][0]:
+            out[u] = (r["request_seq"], r["request_id"])
+    return {u: rid for u, (_, rid) in out.items()}
 
 
 def deleted_interactions(out: str | Path) -> set[tuple[int, int]]:

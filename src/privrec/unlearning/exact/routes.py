@@ -111,7 +111,13 @@ class Route:
 
     def purge(self, removed_ids: set[str], universe: dict[str, Sample]) -> str:
         """Drop derived copies of the removed samples; returns what was dropped, for the log."""
-        return ""
+        return purge_common(self.run, self.cached_model(), removed_ids, universe)
+
+    def cached_model(self):
+        """A model of this run with its frozen-layer cache (None: the run's LoRA caches no frozen layers), to
+        find the cache entries of samples."""
+        lora = self.cfg.lora
+        return build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
 
     def installed(self) -> None:
         """After the swap: drop what still holds the old adapters."""
@@ -215,7 +221,9 @@ class RetrainShards(Checkpointed):
         keep = set(ids)
         slices = [[i for i in sl if i in keep] for sl in old["slices"]]
         r, j = len(slices), first_affected(old["slices"], slices)
-        assert j is not None, "an affected shard lost samples"
+        if j is None:  # the shard was affected, so one of its slices lost samples, unless its metadata lies
+            raise RunError(f"{self.folders()[k]}: its slice map does not hold its lineage's samples (privrec.json "
+                           "is corrupt); train the model again")
         samples = [universe[i] for i in ids]
         if reusable(staged, self.cfg, samples, slices) is not None:
             return
@@ -235,9 +243,12 @@ class RetrainShards(Checkpointed):
         self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
                      f"{len(ids)} samples in {seconds:.1f}s")
 
+    def cached_model(self):
+        return self._built()[0]
+
     def purge(self, removed_ids, universe):
         n = purge_features(self.run / FEATURES_FILE, removed_ids)
-        return f"{n} feature rows, " + purge_common(self.run, self._built()[0], removed_ids, universe)
+        return f"{n} feature rows, " + super().purge(removed_ids, universe)
 
     def run_info(self):
         return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
@@ -266,11 +277,6 @@ class RetrainAll(Route):
             retrain_single(self.cfg, tombstones, staged, staged.parent, progress, log=self.run.log)
             self.run.log(f"forget {rid}: adapter {SINGLE_ADAPTER} retrained from scratch on {len(ids)} samples in "
                          f"{time.perf_counter() - t0:.1f}s")
-
-    def purge(self, removed_ids, universe):
-        lora = self.cfg.lora
-        model = build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
-        return purge_common(self.run, model, removed_ids, universe)  # (no frozen-layer cache: no model needed)
 
     def installed(self):
         remove_tree(self.run / CHECKPOINT_FILE)  # its adapter tensors were trained on the data

@@ -7,9 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from privrec import models
-from privrec.model.adapters import read_meta
-from privrec.rundir import CERTIFICATES_DIR
+from privrec.errors import RunError
+from privrec.model.adapters import read_meta, tensors_digest
+from privrec.prepare import shows_tombstoned
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    CERTIFICATES_DIR,
+    CHECKPOINT_FILE,
+    FEATURES_FILE,
+    PREDICTIONS_GLOB,
+    SERVE_DIR,
+    SLICES_DIR,
+    STAGING_DIR,
+    read_json,
+)
+from privrec.train import CKPT_ADAPTER, CKPT_BEST, load_checkpoint
 from privrec.unlearning.exact.certificate import canonical_sha256, check_adapter, read_certificate
 from privrec.unlearning.exact.ledger import DONE
 from privrec.unlearning.exact.routes import EXACT_ROUTES, Routes, Run, session
@@ -35,6 +50,68 @@ def check_current(r: Run, upto: str | None = None) -> list[dict]:
             c["ok"] = False
         checks.append(c)
     return checks
+
+
+def residue(r: Run) -> list[str]:
+    """What in the model directory, or in the frozen-layer cache, may still derive from a deleted sample: a
+    folder a swap left beside the adapters (``adapters/.NAME.old``, ``slices/.../.stage-S.partial``), a staging
+    folder of a finished request, a training checkpoint of an adapter no longer installed, rows of deleted
+    samples in the per-sample files (:data:`privrec.rundir.DERIVED_PER_SAMPLE`), a forgotten user in the
+    service's stores, and cache entries of removed samples."""
+    out = []
+    current = {f.name for f in r.route.folders().values()}
+    adir = r.run / ADAPTERS_DIR
+    for p in sorted(adir.iterdir()) if adir.is_dir() else []:
+        if p.name not in current:
+            out.append(f"{ADAPTERS_DIR}/{p.name} is left beside the adapters (it may hold deleted data): remove it")
+    unfinished = r.ledger.unfinished() if r.ledger else None
+    sdir = r.run / STAGING_DIR
+    for p in sorted(sdir.iterdir()) if sdir.is_dir() else []:
+        if unfinished is None or p.name != unfinished["id"]:
+            out.append(f"{STAGING_DIR}/{p.name} is left from a deletion request (it may hold deleted data)")
+    sl = r.run / SLICES_DIR
+    out += [f"{p.relative_to(r.run.path)} is left beside the checkpoints" for p in sorted(sl.rglob(".*"))
+            if sl.is_dir()]
+    tomb = r.ledger.tombstones() if r.ledger else set()
+    if not tomb:
+        return out
+    ck = r.run / CHECKPOINT_FILE
+    if ck.is_file():
+        installed = {read_meta(f).get("tensors_sha256") for f in r.route.folders().values()}
+        try:
+            c = load_checkpoint(ck)
+            trained = {tensors_digest(c[k]) for k in (CKPT_ADAPTER, CKPT_BEST) if c.get(k)}
+        except RunError:
+            trained = set()
+        if not trained & installed:
+            out.append(f"{CHECKPOINT_FILE} did not train the installed adapter (it may hold deleted data)")
+    deleted = {sid for sid, s in r.universe.items() if shows_tombstoned(s, tomb)}
+    for path in sorted(r.run.path.glob(PREDICTIONS_GLOB)):
+        held = {ln.split(",", 1)[0] for ln in path.read_text().splitlines()} & deleted
+        if held:
+            out.append(f"{path.name} holds rows of {len(held)} deleted samples (e.g. {min(held)})")
+    if (r.run / FEATURES_FILE).is_file():
+        with np.load(r.run / FEATURES_FILE, allow_pickle=False) as z:
+            held = set(z["ids"].tolist()) & deleted
+        if held:
+            out.append(f"{FEATURES_FILE} holds rows of {len(held)} deleted samples (e.g. {min(held)})")
+    counts = r.ds.inter.groupby("user_id").size()
+    per_user: dict[int, int] = {}
+    for u, _ in tomb:
+        per_user[u] = per_user.get(u, 0) + 1
+    gone = {u for u, n in per_user.items() if n >= int(counts.get(u, 0))}
+    for path in sorted((r.run / SERVE_DIR).glob("recommendations*.json")):
+        held = {int(u) for u in (read_json(path).get("users") or {})} & gone
+        if held:
+            out.append(f"{path.name} holds the recommendations of {len(held)} forgotten users (e.g. {min(held)})")
+    removed = sorted({x["sample_id"] for q in r.ledger.requests() for x in r.ledger.removed(q["id"])})
+    model = r.route.cached_model() if removed else None
+    if model is not None and model.cache is not None:
+        held = [e.sample_id for e in model.encode([r.universe[i] for i in removed if i in r.universe])
+                if model.cache.entry(e.key) is not None]
+        if held:
+            out.append(f"the frozen-layer cache holds {len(held)} removed samples (e.g. {held[0]})")
+    return out
 
 
 def run_verify(run_path: str | Path, routes: Routes = EXACT_ROUTES) -> dict:
@@ -71,7 +148,7 @@ def run_verify(run_path: str | Path, routes: Routes = EXACT_ROUTES) -> dict:
                                  f"{len(shared)} samples are in two shards (e.g. {shared[0]}): rerun "
                                  "shard-train --resume"]})
         lineage_ids = set(owners)
-        stray = r.route.stray()
+        stray = r.route.stray() + residue(r)
         if stray:
             adapters.append({"shard": "all", "ok": False, "tensors_sha256": None, "lineage_sha256": None,
                              "n_samples": 0, "problems": stray})
