@@ -51,6 +51,9 @@ SERVE_DIR = "serve"  # the service's tokens and precomputed recommendations (pri
 # the files of a model directory that hold rows derived from single samples: a deletion drops the removed
 # samples' rows from each (the frozen-layer cache, outside the directory, is purged by sample key too)
 DERIVED_PER_SAMPLE = (FEATURES_FILE, PREDICTIONS_GLOB)
+# privrec unlearn's record of the forget set it measured (P(Yes) of every forgotten sample, the reference of the
+# other methods' JSD), beside forget.json naming the same samples: an experiment's record, kept by design
+PREDICTIONS_FORGET = "predictions_forget.csv"
 
 
 def _clean(obj: Any) -> Any:

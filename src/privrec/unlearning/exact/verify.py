@@ -18,6 +18,7 @@ from privrec.rundir import (
     CERTIFICATES_DIR,
     CHECKPOINT_FILE,
     FEATURES_FILE,
+    PREDICTIONS_FORGET,
     PREDICTIONS_GLOB,
     SERVE_DIR,
     SLICES_DIR,
@@ -86,7 +87,7 @@ def residue(r: Run) -> list[str]:
         if not trained & installed:
             out.append(f"{CHECKPOINT_FILE} did not train the installed adapter (it may hold deleted data)")
     deleted = {sid for sid, s in r.universe.items() if shows_tombstoned(s, tomb)}
-    for path in sorted(r.run.path.glob(PREDICTIONS_GLOB)):
+    for path in sorted(p for p in r.run.path.glob(PREDICTIONS_GLOB) if p.name != PREDICTIONS_FORGET):
         held = {ln.split(",", 1)[0] for ln in path.read_text().splitlines()} & deleted
         if held:
             out.append(f"{path.name} holds rows of {len(held)} deleted samples (e.g. {min(held)})")
