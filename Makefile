@@ -71,8 +71,10 @@ results-rank: fetch
 recipes: fetch
 	$(BIN)/python benchmarks/recipes.py --runs $(RUNS)/recipes --out docs/results.md
 
+# ruff, then the layering of ../shared/DESIGN.md ([tool.importlinter] in pyproject.toml: imports point down only)
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(RUNS)

@@ -415,7 +415,7 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
     """``part``: ``unsliced`` (the mixture and PPLR requests), ``sliced`` (the 4-slice mixture's) or ``all``; the
     table shows what ``RUNS/forget.json`` holds."""
     from privrec import models
-    from privrec.commands.forget import resolve_interactions
+    from privrec.unlearning.exact.forget import resolve_interactions
 
     path = runs / "forget.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}

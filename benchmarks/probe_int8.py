@@ -30,9 +30,9 @@ from mdsection import publish
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from privrec.commands.model_dir import OneAdapter, open_model
 from privrec.model.prefix_scoring import padded
 from privrec.prepare import machine
+from privrec.recommender import OneAdapter, open_model
 
 
 class SmoothedInt8Linear(nn.Module):

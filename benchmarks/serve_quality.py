@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 from privrec.candidates import CandidateGenerator
-from privrec.commands.recommend import Recommender, blended_order
 from privrec.data import build_ranking_splits
+from privrec.recommender import Recommender, blended_order
 
 
 def rank_of(order: list[int], target: int) -> int | None:

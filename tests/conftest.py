@@ -125,3 +125,18 @@ def run_cli(capsys, *argv):
     code = main(["--no-progress", *argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def certificate_body(cert: dict) -> dict:
+    """A certificate's body without its request id: ids are random, so the same request on two copies of a model
+    gets two ids and everything else the same."""
+    body = cert["body"]
+    return dict(body, request={k: v for k, v in body["request"].items() if k != "id"})
+
+
+def only_certificate(run) -> dict:
+    """The one certificate of a model directory."""
+    import json
+
+    [path] = (Path(run) / "certificates").glob("*.json")
+    return json.loads(path.read_text())

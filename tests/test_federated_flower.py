@@ -371,7 +371,7 @@ def test_a_pplr_retrain_on_flower_tells_only_the_holding_node_what_was_deleted(t
 
 
 def manifest_interactions(cfg, user: int) -> list[tuple[int, int]]:
-    from privrec.commands.forget import resolve_interactions
     from privrec.federated.runner import plan_federation
+    from privrec.unlearning.exact.forget import resolve_interactions
 
     return [(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [user])]

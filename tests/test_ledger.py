@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import pytest
 
 from privrec.data import Sample
 from privrec.errors import RunError
+from privrec.rundir import run_lock
 from privrec.unlearning.exact.ledger import (
     DONE,
     PENDING,
     RETRAINED,
     Ledger,
     excluded_ids,
-    run_lock,
     shows_tombstoned,
 )
 
@@ -33,11 +34,11 @@ def _removed(sid="u1-i10"):
 def test_request_is_recorded_durably_with_its_tombstones(tmp_path):
     led = Ledger(tmp_path / "ledger.sqlite")
     rid = led.record_request("users", {"users": [1]}, [(1, 10, 5), (1, 11, 6)], _removed(), _shards())
-    assert rid == "r0001"
+    assert re.fullmatch(r"r-[0-9a-f]{16}", rid)
     led.close()
     again = Ledger(tmp_path / "ledger.sqlite", create=False)  # a new connection, as after a crash
     req = again.unfinished()
-    assert req["id"] == "r0001" and req["status"] == PENDING
+    assert req["id"] == rid and req["status"] == PENDING
     assert again.tombstones() == {(1, 10), (1, 11)}
     assert again.removed(rid)[0]["sample_id"] == "u1-i10"
     assert [s["retrain"] for s in again.request_shards(rid)] == [1, 0]
@@ -46,17 +47,18 @@ def test_request_is_recorded_durably_with_its_tombstones(tmp_path):
     assert again.unfinished() is None
     assert [e["status"] for e in again.events(rid)] == [PENDING, RETRAINED, DONE]
     assert again.request(rid)["retrain_seconds"] == 1.5
-    assert again.record_request("samples", {}, [(2, 3, 4)], [], []) == "r0002"
+    second = again.record_request("samples", {}, [(2, 3, 4)], [], [])
+    assert second != rid and [r["id"] for r in again.requests()] == [rid, second]
 
 
 def test_a_failed_request_leaves_no_trace(tmp_path):
     led = Ledger(tmp_path / "ledger.sqlite")
-    led.record_request("users", {"users": [1]}, [(1, 10, 5)], _removed(), _shards())
-    led.advance("r0001", DONE)
+    rid = led.record_request("users", {"users": [1]}, [(1, 10, 5)], _removed(), _shards())
+    led.advance(rid, DONE)
     with pytest.raises(sqlite3.IntegrityError):  # (1, 10) is tombstoned already: the whole request rolls back
         led.record_request("users", {"users": [1, 2]}, [(2, 20, 7), (1, 10, 5)], [], _shards())
     assert led.tombstones() == {(1, 10)}
-    assert [r["id"] for r in led.requests()] == ["r0001"] and led.unfinished() is None
+    assert [r["id"] for r in led.requests()] == [rid] and led.unfinished() is None
 
 
 def test_tombstones_rule_out_the_target_and_every_prompt_that_shows_it():

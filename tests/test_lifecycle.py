@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import certificate_body, only_certificate, run_cli
 from safetensors.torch import load_file, save_file
 
 from privrec import models
 from privrec.cli import main
-from privrec.commands.model_dir import open_model
 from privrec.config import load_config
 from privrec.data import Sample, build_splits
 from privrec.model.adapters import install_adapter, lineage_of, read_adapter, read_meta, tensors_digest
 from privrec.prepare import build_model
+from privrec.recommender import open_model
 from privrec.unlearning.exact.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +92,8 @@ def test_single_model_whole_life(single, ml100k, tmp_path, capsys):
     before = read_meta(run / "adapters" / "default")
     code, out, err = cli(capsys, "forget", str(run), "--users", str(victim))
     assert code == 0, err
-    cert = json.loads((run / "certificates" / "r0001.json").read_text())
-    body = cert["body"]
+    cert = only_certificate(run)
+    body, rid = cert["body"], cert["body"]["request"]["id"]
     assert body["run"]["kind"] == "single" and body["run"]["forget"] == "retrain-all"
     assert body["affected_shards"] == [0] and body["lineage_check"]["passed"]
     after = read_meta(run / "adapters" / "default")
@@ -120,8 +120,8 @@ def test_single_model_whole_life(single, ml100k, tmp_path, capsys):
 
     # verify, then recommend again: refused for the forgotten user, served for the others
     code, out, _ = cli(capsys, "forget", str(run), "--verify")
-    assert code == 0 and "all checks passed" in out and "certificate r0001: ok" in out
-    assert "forgotten by deletion request r0001" in one_line_exit_2(capsys, "recommend", str(run), "--user",
+    assert code == 0 and "all checks passed" in out and f"certificate {rid}: ok" in out
+    assert f"forgotten by deletion request {rid}" in one_line_exit_2(capsys, "recommend", str(run), "--user",
                                                                      str(victim))
     other = next(u for u in sorted(set(ml100k.inter.user_id)) if u != victim)
     code, out, _ = cli(capsys, "recommend", str(run), "--user", str(other), "--top", "3", "--max-candidates", "20")
@@ -165,7 +165,7 @@ def test_single_forget_interrupted_resumes_to_the_same_certificate(single, ml100
     assert "--resume" in one_line_exit_2(capsys, "forget", str(cut), "--users", "1")
     os.replace(cut / "adapters" / "default", cut / "adapters" / ".default.old")  # as if killed mid-swap
     cert = run_resume(cut, progress=False)
-    assert cert["body"] == reference["body"] and cert["body_sha256"] == reference["body_sha256"]
+    assert certificate_body(cert) == certificate_body(reference)
     assert tensors_digest(read_adapter(cut / "adapters" / "default")[0]) == reference["body"]["adapters"][0]["after"]
     code, out, _ = cli(capsys, "forget", str(cut), "--resume")
     assert code == 0 and "nothing to resume" in out
@@ -186,7 +186,8 @@ def test_a_student_keeps_what_its_original_forgot(single, ml100k, tmp_path, caps
                        "--max-candidates", "4")
     assert code == 0  # served until its original forgets them
     assert cli(capsys, "forget", str(original), "--users", str(victim))[0] == 0
-    assert "forgotten by deletion request r0001" in one_line_exit_2(capsys, "recommend", str(tmp_path / "student"),
+    rid = only_certificate(original)["body"]["request"]["id"]
+    assert f"forgotten by deletion request {rid}" in one_line_exit_2(capsys, "recommend", str(tmp_path / "student"),
                                                                      "--user", str(victim))
 
 
@@ -200,7 +201,7 @@ def test_a_single_model_forgets_a_user_without_training_samples_without_retraini
     before = read_meta(run / "adapters" / "default")["tensors_sha256"]
     code, _, _ = cli(capsys, "forget", str(run), "--users", str(only_test))
     assert code == 0
-    body = json.loads((run / "certificates" / "r0001.json").read_text())["body"]
+    body = only_certificate(run)["body"]
     assert body["affected_shards"] == [] and {x["split"] for x in body["removed"]["samples"]} == {"test"}
     assert read_meta(run / "adapters" / "default")["tensors_sha256"] == before  # no adapter held their data
     assert not any(f"u{only_test}-" in line for line in (run / "predictions_test.csv").read_text().splitlines())
@@ -227,7 +228,7 @@ def test_shards_model_whole_life(ml100k, tmp_path, capsys):
     held = {a.name for a in models.load(run).adapters if any(i.startswith(f"u{victim}-") for i in a.sample_ids)}
     code, _, err = cli(capsys, "forget", str(run), "--users", str(victim))
     assert code == 0, err
-    body = json.loads((run / "certificates" / "r0001.json").read_text())["body"]
+    body = only_certificate(run)["body"]
     assert body["run"]["forget"] == "retrain-shards" and {f"shard-{k}" for k in body["affected_shards"]} == held
     for a in models.load(run).adapters:
         assert not any(i.startswith(f"u{victim}-") for i in a.sample_ids)
@@ -266,7 +267,7 @@ def test_unlearn_measures_a_shards_model_forgetting_exactly(ml100k, tmp_path, ca
     assert set(m) == documented_keys() and m["method"] == "retrain-shards" and m["exact"]
     assert m["details"]["aggregation"] == "apa-nd" and m["n_forget_users"] == 1
     assert m["jsd_vs_retrain"] == 0.0  # it is its own exact reference
-    assert (out / "certificates" / "r0001.json").is_file() and models.load(out).kind == "shards"
+    assert only_certificate(out) and models.load(out).kind == "shards"
     assert not any(i.startswith(f"u{victim}-") for a in models.load(out).adapters for i in a.sample_ids)
     assert not (run / "certificates").exists()  # the model it came from is untouched
     code, stdout, _ = cli(capsys, "forget", str(out), "--verify")

@@ -175,3 +175,18 @@ def test_report_takes_every_kind(runs, capsys):
     assert "| clients | 3 | 120 | retrain-federation | federate |" in rows["clients"]
     assert "| student | 1 | 64 | - | unlearn |" in rows["student"]
     assert "| shards: apa-nd |" in out and "| clients: federated pplr |" in out  # their metrics rows too
+
+
+@pytest.mark.parametrize("strategy", ["local", "mixture", "fedavg", "fedprox", "pplr", "centralised"])
+def test_what_a_strategy_allows_is_what_forget_does(strategy):
+    """The manifest's ``strategy_allows`` and ``forget`` agree for every strategy; the centralised reference pools
+    every client's data into each adapter, so it forgets by retraining the federation (docs/lifecycle.md)."""
+    assert models.strategy_allows(strategy) == models.clients_forgetting(strategy)
+    want = ["retrain-client"] if strategy in ("local", "mixture") else ["retrain-federation"]
+    assert models.strategy_allows(strategy) == want
+
+
+def test_every_kind_is_in_the_registry():
+    assert set(models.KINDS) == {"single", "shards", "clients", "student"}
+    assert {k: s.trained_by for k, s in models.KINDS.items()} == {
+        "single": "train", "shards": "shard-train", "clients": "federate", "student": "unlearn"}

@@ -21,6 +21,10 @@ class ModelError(UserError):
     """A model name or path cannot be loaded."""
 
 
+class NotFoundError(UserError):
+    """An id the data or the model does not have: a user, a sample, a client, a deletion request."""
+
+
 class RunError(UserError):
     """A run directory is missing, incomplete, or does not match what the command needs."""
 

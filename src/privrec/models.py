@@ -25,10 +25,16 @@ says what the model can do to forget with a privrec command today:
 - ``approximate``: E2URec / NegGrad / Bad-Teacher on its one adapter (``privrec unlearn``).
 
 A ``clients`` model also names what its strategy leaves open (``strategy_allows``: ``retrain-client``
-when every client adapter saw only its own users (local, mixture), ``retrain-all`` for the pooled reference,
-``retrain-federation`` when aggregation mixed every client into every adapter). ``privrec forget`` runs
+when every client adapter saw only its own users (local, mixture), ``retrain-federation`` when its adapters
+mixed every client's data (fedavg, fedprox, pplr, and the centralised reference, which pools every client's
+data into each adapter). ``privrec forget`` runs
 ``retrain-client`` (``forget``: the client that held the data retrains alone; a client can leave) and, asked
 with ``--retrain-federation``, a full federated retrain without the data for the others (METHODS §10).
+
+:data:`KINDS` is the one registry of kinds: per kind the command that trains it, where its adapters live,
+how it scores, which exact route forgets it and why it refuses when it cannot; every consumer asks it (the
+config class and the scorer themselves live with the code they need, :mod:`privrec.recommender` and the
+forget routes, above this module, keyed by what the registry names).
 
 The manifest is versioned and validated on load; a bad one is refused with one line. A directory written
 before manifests existed is read by inferring its manifest from its files (:func:`infer`), or refused with
@@ -38,6 +44,7 @@ one line where its files cannot say what it is.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -64,9 +71,24 @@ VERSION = 1
 
 Kind = Literal["single", "shards", "clients", "student"]
 Forgetting = Literal["retrain-shards", "retrain-all", "approximate", "retrain-client", "retrain-federation"]
-# the command that builds each kind (what a refusal names)
-TRAINED_BY: dict[str, str] = {"single": "train", "shards": "shard-train", "clients": "federate",
-                              "student": "unlearn"}
+EXACT: tuple[str, ...] = ("retrain-shards", "retrain-all", "retrain-client", "retrain-federation")
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What one kind of model is: the command that trains it, its adapter folders, how it scores."""
+
+    trained_by: str  # the command that builds it (what a refusal names)
+    prefix: str | None  # its adapters are adapters/{prefix}N; None: one adapter (adapters/default)
+    scorer: str  # privrec.recommender's scorer of it (clients: the manifest's ``scoring`` picks)
+
+
+KINDS: dict[str, KindSpec] = {
+    "single": KindSpec("train", None, "one-adapter"),
+    "shards": KindSpec("shard-train", SHARD_PREFIX, "shard-aggregation"),
+    "clients": KindSpec("federate", CLIENT_PREFIX, "client-of-user"),
+    "student": KindSpec("unlearn", None, "one-adapter"),
+}
 
 
 class _Strict(BaseModel):
@@ -104,7 +126,7 @@ class _Manifest(_Strict):
 
     def describe(self) -> str:
         """A few words for messages: ``a shards model (shard-train)``."""
-        return f"a {self.kind} model ({TRAINED_BY[self.kind]})"
+        return f"a {self.kind} model ({KINDS[self.kind].trained_by})"
 
 
 class SingleManifest(_Manifest):
@@ -165,11 +187,8 @@ def adapter_folders(run: Path, prefix: str) -> list[Path]:
 
 def folders_of(run: Path, kind: str) -> list[Path]:
     """The adapter folders a model of ``kind`` holds now."""
-    if kind == "shards":
-        return adapter_folders(run, SHARD_PREFIX)
-    if kind == "clients":
-        return adapter_folders(run, CLIENT_PREFIX)
-    return [single_adapter_dir(run)]
+    prefix = KINDS[kind].prefix
+    return adapter_folders(run, prefix) if prefix else [single_adapter_dir(run)]
 
 
 def single_forgetting(cfg) -> list[str]:
@@ -179,16 +198,39 @@ def single_forgetting(cfg) -> list[str]:
 
 
 def strategy_allows(strategy: str) -> list[str]:
-    """The exact forgetting a federated strategy leaves open (which adapters a user's data reached)."""
-    return {"local": ["retrain-client"], "mixture": ["retrain-client"],
-            "centralised": ["retrain-all"]}.get(strategy, ["retrain-federation"])
+    """The exact forgetting a federated strategy leaves open (which adapters a user's data reached): one client's
+    adapter (local, mixture: every client adapter saw only its own users), or every adapter (every other
+    strategy, the centralised reference included: it pools every client's data into each adapter)."""
+    return ["retrain-client"] if strategy in ("local", "mixture") else ["retrain-federation"]
 
 
 def clients_forgetting(strategy: str) -> list[str]:
-    """What ``privrec forget`` does on a clients model of ``strategy``: retrain the client that held the data
-    (local, mixture: every client adapter saw only its own users), or retrain the whole federation without it
-    (every other strategy, the pooled reference included: asked for with ``--retrain-federation``)."""
-    return ["retrain-client"] if strategy_allows(strategy) == ["retrain-client"] else ["retrain-federation"]
+    """What ``privrec forget`` does on a clients model of ``strategy``: retrain the client that held the data,
+    or retrain the whole federation without it (asked for with ``--retrain-federation``): what the strategy
+    allows (the manifest's ``forget`` and ``strategy_allows`` agree)."""
+    return strategy_allows(strategy)
+
+
+def exact_route(manifest: _Manifest) -> str | None:
+    """The exact route ``privrec forget`` takes on this model (its manifest's ``forget``), None: it cannot."""
+    return next((w for w in manifest.forget if w in EXACT), None)
+
+
+def refusal(manifest: _Manifest, shows_labels: bool, task: str, path) -> str:
+    """The one line refusing ``forget`` on a model that cannot forget exactly, naming what can (``shows_labels``,
+    ``task``: its config's :attr:`~privrec.config.ExperimentConfig.shows_labels` and ``task``)."""
+    if manifest.kind == "student":
+        return (f"{path} is {manifest.describe()}: forget from the model it was unlearnt from, privrec forget "
+                f"{manifest.original} --users ...")
+    if manifest.inferred:
+        why = "it was written before lineage hashes covered sample content, so nothing it forgets can be certified"
+    elif shows_labels:
+        why = ("its prompts show other users' labels (prompt.item_stats, prompt.cf_score or collab.inject), so "
+               "retraining cannot erase a label")
+    else:
+        why = f"task {task} models cannot forget exactly yet"
+    return (f"{path} is {manifest.describe()} that cannot forget exactly: {why}; train it again with privrec "
+            "train (prompt.item_stats=false, task like-prediction), or use privrec shard-train")
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -202,7 +244,7 @@ def _common(cfg, run: Path, kind: str, command: str) -> dict:
 def build(cfg, run: str | Path, kind: str, **fields) -> _Manifest:
     """The manifest of the model in ``run`` as its adapter folders are now, plus the kind's ``fields``."""
     run = Path(run)
-    command = fields.pop("command", TRAINED_BY[kind])
+    command = fields.pop("command", KINDS[kind].trained_by)
     return _ADAPTER.validate_python({"kind": kind, **_common(cfg, run, kind, command), **fields})
 
 

@@ -105,7 +105,7 @@ def model_rows(paths: list[str | Path]) -> list[list[str]]:
         if m.kind == "clients" and not m.forget:  # written before privrec forget took federated models
             ways += f" (strategy allows {', '.join(m.strategy_allows)})"
         rows.append([Path(p).name, m.kind + (" (inferred)" if m.inferred else ""), str(len(m.adapters)),
-                     str(len(samples)), ways, models.TRAINED_BY[m.kind]])
+                     str(len(samples)), ways, models.KINDS[m.kind].trained_by])
     return rows
 
 

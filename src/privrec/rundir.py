@@ -6,16 +6,23 @@ adapter (the name peft gives a lone adapter), ``adapters/shard-K`` and ``adapter
 client adapters. Directories written before this layout kept a lone adapter in ``adapter/``; it is still
 read (:func:`single_adapter_dir`).
 
-Every write is atomic (temp file, then rename), so a killed run never leaves a half-written file.
+Every write is atomic (temp file, then rename), so a killed run never leaves a half-written file; a folder is
+replaced by :func:`swap_in` (old -> ``.NAME.old``, staged -> final, then the old one removed), and a removal that
+fails raises (:func:`remove_tree`): what it held may derive from deleted data. Every command that writes into a
+model directory holds its :func:`run_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,16 @@ STAGING_DIR = "staging"
 SLICES_DIR = "slices"  # slices/shard-K/stage-S: a sliced shard's checkpoint after stage S (METHODS §9)
 FEATURES_FILE = "features.npz"
 ZERO_SHOT_FILE = "zero_shot.json"
+CHECKPOINT_FILE = "checkpoint.pt"  # a one-adapter training's last epoch (privrec.train)
+LOCK_FILE = ".lock"  # the run lock (run_lock)
+PREDICTIONS_GLOB = "predictions_*.csv"  # predictions_{split}[_{task}].csv: one row per sample, its id first
+SERVE_DIR = "serve"  # the service's tokens and precomputed recommendations (privrec.serve)
+# the files of a model directory that hold rows derived from single samples: a deletion drops the removed
+# samples' rows from each (the frozen-layer cache, outside the directory, is purged by sample key too)
+DERIVED_PER_SAMPLE = (FEATURES_FILE, PREDICTIONS_GLOB)
+# privrec unlearn's record of the forget set it measured (P(Yes) of every forgotten sample, the reference of the
+# other methods' JSD), beside forget.json naming the same samples: an experiment's record, kept by design
+PREDICTIONS_FORGET = "predictions_forget.csv"
 
 
 def _clean(obj: Any) -> Any:
@@ -72,6 +89,78 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise RunError(f"{path} is not valid JSON") from None
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a folder (or a file) if it is there.
+
+    Raises:
+        RunError: it could not be removed (what it held may derive from deleted data: never ignored).
+    """
+    path = Path(path)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise RunError(f"could not remove {path}: {e.strerror or e}") from None
+
+
+def old_of(final: Path) -> Path:
+    """Where :func:`swap_in` keeps the folder it replaces until the new one is in: ``.NAME.old`` beside it."""
+    return Path(final).with_name(f".{Path(final).name}.old")
+
+
+def swap_in(staged: Path, final: Path) -> None:
+    """Replace ``final`` by ``staged`` with renames only: old -> ``.NAME.old``, staged -> final, drop the old one.
+    A crash leaves either folder whole at ``final`` (or the old one at ``.NAME.old``, for a resume to finish).
+
+    Raises:
+        RunError: the old folder could not be removed.
+    """
+    staged, final = Path(staged), Path(final)
+    old = old_of(final)
+    remove_tree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    remove_tree(old)
+
+
+@contextlib.contextmanager
+def run_lock(run_path: str | Path, create: bool = True) -> Iterator[None]:
+    """Exclusive lock on a run directory for the duration of a command (released by the OS on a crash). Every
+    command that writes into a model directory holds it (train, shard-train, federate, evaluate, forget, and
+    serve for its whole life), so none writes back what another one deleted. A directory it created is removed
+    again when the command fails before writing anything into it.
+
+    Raises:
+        RunError: another privrec process holds the run; no such directory (``create=False``).
+    """
+    run_path = Path(run_path)
+    fresh = not run_path.exists()
+    if fresh and not create:
+        raise RunError(f"model directory not found: {run_path}")
+    run_path.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run_path / LOCK_FILE, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(
+                    f"another privrec command is working on {run_path}; wait for it to finish"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except BaseException:
+        if fresh and {p.name for p in run_path.iterdir()} <= {LOCK_FILE}:
+            remove_tree(run_path)
+        raise
 
 
 def is_adapter(folder: Path) -> bool:

@@ -20,6 +20,7 @@ points of the interrupted epoch included: they are recomputed, not kept).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -31,11 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privrec.errors import TrainingError
+from privrec.config import ExperimentConfig
+from privrec.data import Sample, Splits, augment
+from privrec.errors import RunError, TrainingError
 from privrec.metrics import auc, uauc
-from privrec.model.adapters import adapter_state, load_adapter_state
+from privrec.model.adapters import adapter_state, load_adapter_state, originals, read_meta, save_adapter
 from privrec.model.recmodel import Batch, Encoded, RecLM
+from privrec.prepare import adapter_meta, setup_data, setup_model
 from privrec.progress import track
+from privrec.rundir import CHECKPOINT_FILE
 
 # Checkpoint keys (a typed record on disk; constants so readers and writers agree).
 CKPT_EPOCH = "epoch"
@@ -43,7 +48,6 @@ CKPT_ADAPTER = "adapter"
 CKPT_OPTIMIZER = "optimizer"
 CKPT_BEST = "best_adapter"
 CKPT_STATE = "loop_state"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 Regularizer = Callable[[], torch.Tensor]
@@ -125,6 +129,23 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read with torch's weights-only loader (tensors, numbers, strings, lists and dicts:
+    nothing in the file can run code).
+
+    Raises:
+        RunError: not a readable privrec checkpoint (e.g. it holds objects, or it is torn).
+    """
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, one line
+        raise RunError(f"{path} is not a privrec training checkpoint ({type(e).__name__}); remove it and "
+                       "train again") from None
+    if not isinstance(ck, dict) or not {CKPT_EPOCH, CKPT_ADAPTER, CKPT_OPTIMIZER, CKPT_STATE} <= set(ck):
+        raise RunError(f"{path} is not a privrec training checkpoint; remove it and train again")
+    return ck
+
+
 def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded] | None = None,
           checkpoint_dir: Path | None = None, resume: bool = False, loss_fn: LossFn = bce_loss,
           regularizer: Regularizer | None = None, batch_plan: BatchPlan | None = None,
@@ -173,11 +194,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
     start_epoch, best_state, bad_epochs, best_score = 0, None, 0, float("nan")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         load_adapter_state(model.model, ck[CKPT_ADAPTER])
         opt.load_state_dict(ck[CKPT_OPTIMIZER])
         best_state = ck[CKPT_BEST]
-        st = ck[CKPT_STATE]
+        st = ck[CKPT_STATE] if isinstance(ck[CKPT_STATE], dict) else json.loads(ck[CKPT_STATE])
         start_epoch, bad_epochs = ck[CKPT_EPOCH] + 1, st["bad_epochs"]
         result.history, result.best_epoch, result.best_valid_auc = st["history"], st["best_epoch"], st["best"]
         result.best_valid_uauc = st.get("best_uauc", float("nan"))
@@ -258,11 +279,11 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
             _atomic_save({
                 CKPT_EPOCH: epoch, CKPT_ADAPTER: adapter_state(model.model), CKPT_OPTIMIZER: opt.state_dict(),
                 CKPT_BEST: best_state,
-                CKPT_STATE: {"bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
-                             "best": result.best_valid_auc, "best_uauc": result.best_valid_uauc,
-                             "best_score": best_score, "curve": result.curve,
-                             "samples_seen": result.samples_seen, "steps": result.steps,
-                             "seconds": result.seconds, "stopped": stop},
+                CKPT_STATE: json.dumps({  # plain JSON text: nothing in the file is an object to unpickle
+                    "bad_epochs": bad_epochs, "history": result.history, "best_epoch": result.best_epoch,
+                    "best": result.best_valid_auc, "best_uauc": result.best_valid_uauc, "best_score": best_score,
+                    "curve": result.curve, "samples_seen": result.samples_seen, "steps": result.steps,
+                    "seconds": result.seconds, "stopped": stop}),
             }, ckpt_path)
         if stop:
             result.stopped_early = True
@@ -271,3 +292,49 @@ def train(model: RecLM, data: list[Encoded], cfg, seed: int, valid: list[Encoded
         load_adapter_state(model.model, best_state)
     result.optimizer_state = copy.deepcopy(opt.state_dict())
     return result
+
+
+# --- one adapter, start to end: what privrec train and retrain-all share -----------------------------------
+def epoch_line(r: dict) -> str:
+    line = "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
+    if "valid_auc" in r:
+        line += f", valid AUC {r['valid_auc']:.4f}"
+    if "valid_uauc" in r:
+        line += f", valid UAUC {r['valid_uauc']:.4f}"
+    return line
+
+
+def training_samples(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
+    """The drawn training samples, each followed by its augmented copies (none unless ``augment`` asks)."""
+    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+
+
+def fit_single(cfg: ExperimentConfig, model: RecLM, tr: list[Encoded], va: list[Encoded], checkpoint_dir: Path,
+               resume: bool, progress: bool, log=None) -> TrainResult:
+    """Step 5 of ``privrec train``: THE training loop from the model's fresh seeded LoRA; the validation prompts
+    pick the epoch (checkpoint every epoch; ``resume`` continues from the last one)."""
+    return train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=checkpoint_dir, resume=resume,
+                 progress=progress, on_epoch=(lambda r: log(epoch_line(r))) if log else None)
+
+
+def save_single(cfg: ExperimentConfig, model: RecLM, folder: Path, train_samples: list[Sample],
+                result: TrainResult, **extra) -> dict:
+    """Step 6 of ``privrec train``: the adapter with its lineage (the original samples; augmented copies derive
+    from them)."""
+    save_adapter(model.model, folder, adapter_meta(cfg, model, originals(train_samples), best_epoch=result.best_epoch,
+                                                   **extra))
+    return read_meta(folder)
+
+
+def retrain_single(cfg: ExperimentConfig, tombstones: set[tuple[int, int]], folder: Path, checkpoint_dir: Path,
+                   progress: bool = True, log=None) -> dict:
+    """``retrain-all`` (``privrec forget`` on a single model): steps 1, 2, 5 and 6 of ``privrec train`` on the
+    same draw of samples minus every one showing a deleted interaction, saved to ``folder``; returns its
+    ``privrec.json``. It is exactly the adapter ``privrec train`` gives on that data (the same code, seed and
+    order); ``checkpoint_dir`` lets an interrupted retrain continue from its last epoch."""
+    splits = setup_data(cfg, tombstones)
+    train_samples = training_samples(cfg, splits)
+    model = setup_model(cfg, splits)
+    tr, va = model.encode(train_samples), model.encode(splits.valid)
+    result = fit_single(cfg, model, tr, va, checkpoint_dir, resume=True, progress=progress, log=log)
+    return save_single(cfg, model, folder, train_samples, result, train_seconds=result.seconds)

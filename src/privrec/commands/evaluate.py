@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from privrec import ranking
-from privrec.commands.model_dir import ModelDir, OneAdapter, open_model, scorer_of
 from privrec.errors import UserError
 from privrec.prepare import evaluate_split, write_predictions
-from privrec.rundir import atomic_write_text
+from privrec.recommender import ModelDir, OneAdapter, open_model, scorer_of
+from privrec.rundir import atomic_write_text, run_lock
 
 
 def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = True,
@@ -31,9 +31,15 @@ def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = Tru
     like-prediction samples; the files are then named ``eval_{split}_{task}.json`` and so on.
 
     Raises:
-        RunError: not a model directory, or an unfinished deletion request. UserError: ``--set`` on a shards
+        RunError: not a model directory, an unfinished deletion request, or another privrec command working on
+            it (a service holds it while it serves). UserError: ``--set`` on a shards
             or clients model.
     """
+    with run_lock(run_path, create=False):  # it writes predictions: no deletion may land meanwhile
+        return _evaluate(run_path, split, progress, overrides)
+
+
+def _evaluate(run_path: str | Path, split: str, progress: bool, overrides: list[str] | None) -> dict:
     md = open_model(run_path, overrides)
     if overrides and md.kind not in ("single", "student"):
         raise UserError(f"--set applies to one-adapter models; {run_path} is {md.manifest.describe()}")

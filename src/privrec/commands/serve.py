@@ -50,7 +50,7 @@ def run_precompute(model: str | Path, candidates: int | None = 50, blend: float 
 
 
 def _check(candidates: int | None, blend: float, store_k: int, source: str) -> None:
-    from privrec.commands.recommend import check_source
+    from privrec.recommender import check_source
 
     check_source(source)
     if candidates is not None and candidates < 1:
@@ -63,8 +63,8 @@ def _check(candidates: int | None, blend: float, store_k: int, source: str) -> N
 
 def run_token_create(model: str | Path, user: int | None) -> tuple[str, dict]:
     """A new token (user or admin). Raises: RunError (not a model directory), UserError (unknown user)."""
-    from privrec.commands.model_dir import open_model
     from privrec.data import load_dataset
+    from privrec.recommender import open_model
     from privrec.serve.auth import create_token
 
     if user is not None:

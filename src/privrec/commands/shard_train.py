@@ -29,9 +29,9 @@ from privrec.errors import RunError
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
 from privrec.prepare import machine
-from privrec.rundir import LEDGER_FILE, RunDir
+from privrec.rundir import LEDGER_FILE, RunDir, run_lock
 from privrec.train import TrainResult, train
-from privrec.unlearning.exact.ledger import Ledger, run_lock
+from privrec.unlearning.exact.ledger import Ledger
 from privrec.unlearning.exact.partition import partition
 from privrec.unlearning.exact.shards import (
     ApaConfig,

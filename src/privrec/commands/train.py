@@ -16,9 +16,9 @@ import numpy as np
 
 from privrec import models, ranking
 from privrec.config import ExperimentConfig
-from privrec.data import Sample, Splits, augment
+from privrec.data import Sample, Splits
 from privrec.errors import RunError
-from privrec.model.adapters import originals, read_meta, save_adapter
+from privrec.model.adapters import originals, save_adapter
 from privrec.model.recmodel import Encoded, RecLM
 from privrec.prepare import (
     adapter_meta,
@@ -30,18 +30,17 @@ from privrec.prepare import (
     setup_model,
     write_predictions,
 )
-from privrec.rundir import ADAPTERS_DIR, LEDGER_FILE, SINGLE_ADAPTER, ZERO_SHOT_FILE, RunDir, atomic_write_text
-from privrec.train import TrainResult, train
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    LEDGER_FILE,
+    SINGLE_ADAPTER,
+    ZERO_SHOT_FILE,
+    RunDir,
+    atomic_write_text,
+    run_lock,
+)
+from privrec.train import epoch_line, fit_single, save_single, train, training_samples
 from privrec.unlearning.exact.ledger import Ledger, deleted_interactions
-
-
-def _epoch_line(r: dict) -> str:
-    line = "epoch {epoch}: train loss {train_loss:.4f}".format(**r)
-    if "valid_auc" in r:
-        line += f", valid AUC {r['valid_auc']:.4f}"
-    if "valid_uauc" in r:
-        line += f", valid UAUC {r['valid_uauc']:.4f}"
-    return line
 
 
 def _zero_shot(run: RunDir, model: RecLM, resume: bool, evaluate) -> dict:
@@ -53,11 +52,6 @@ def _zero_shot(run: RunDir, model: RecLM, resume: bool, evaluate) -> dict:
         metrics = evaluate()
     run.write_metrics(metrics, ZERO_SHOT_FILE)
     return metrics
-
-
-def _train_samples(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
-    """The drawn training samples, each followed by its augmented copies (none unless ``augment`` asks)."""
-    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
 
 
 def _encode_and_cache(cfg: ExperimentConfig, model: RecLM, train_samples: list[Sample], splits: Splits,
@@ -76,59 +70,35 @@ def cache_prompts(cfg: ExperimentConfig, progress: bool = True) -> tuple[int, fl
     find them cached instead of each computing the same ones. Returns (prompts, seconds)."""
     splits = setup_data(cfg)
     model = setup_model(cfg, splits)
-    tr, va, te, seconds = _encode_and_cache(cfg, model, _train_samples(cfg, splits), splits, progress)
+    tr, va, te, seconds = _encode_and_cache(cfg, model, training_samples(cfg, splits), splits, progress)
     return len(tr) + len(va) + len(te), seconds
-
-
-def _fit(cfg: ExperimentConfig, model: RecLM, tr: list[Encoded], va: list[Encoded], checkpoint_dir: Path,
-         resume: bool, progress: bool, log=None) -> TrainResult:
-    """Step 5: THE training loop from the model's fresh seeded LoRA; the validation prompts pick the epoch
-    (checkpoint every epoch; ``resume`` continues from the last one)."""
-    return train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=checkpoint_dir, resume=resume,
-                 progress=progress, on_epoch=(lambda r: log(_epoch_line(r))) if log else None)
-
-
-def _save(cfg: ExperimentConfig, model: RecLM, folder: Path, train_samples: list[Sample], result: TrainResult,
-          **extra) -> dict:
-    """Step 6: the adapter with its lineage (the original samples; augmented copies derive from them)."""
-    save_adapter(model.model, folder, adapter_meta(cfg, model, originals(train_samples), best_epoch=result.best_epoch,
-                                                   **extra))
-    return read_meta(folder)
-
-
-def retrain_single(cfg: ExperimentConfig, tombstones: set[tuple[int, int]], folder: Path, checkpoint_dir: Path,
-                   progress: bool = True, log=None) -> dict:
-    """``retrain-all`` (``privrec forget`` on a single model): steps 1, 2, 5 and 6 of :func:`run_train` on the
-    same draw of samples minus every one showing a deleted interaction, saved to ``folder``; returns its
-    ``privrec.json``. It is exactly the adapter ``privrec train`` gives on that data (the same code, seed and
-    order); ``checkpoint_dir`` lets an interrupted retrain continue from its last epoch."""
-    splits = setup_data(cfg, tombstones)
-    train_samples = _train_samples(cfg, splits)
-    model = setup_model(cfg, splits)
-    tr, va = model.encode(train_samples), model.encode(splits.valid)
-    result = _fit(cfg, model, tr, va, checkpoint_dir, resume=True, progress=progress, log=log)
-    return _save(cfg, model, folder, train_samples, result, train_seconds=result.seconds)
 
 
 def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train one LoRA adapter on the configured samples and evaluate it; returns metrics.json's content.
 
     Into a model directory that has forgotten data (a deletion ledger), the deleted samples stay out and the
-    new adapter is recorded in the ledger.
+    new adapter is recorded in the ledger. The directory's run lock is held throughout.
 
     Raises:
         UserError: bad data, model or config (see setup_data / setup_model).
-        RunError: ``--resume`` into a directory whose config differs; an unfinished deletion request.
+        RunError: ``--resume`` into a directory whose config differs; an unfinished deletion request; another
+            privrec command working on the directory.
     """
     if resume and (Path(out) / "config.yaml").is_file():
         if RunDir(out, create=False).load_config().digest() != cfg.digest():
             raise RunError(f"{out} was started with a different config; resume with the same one")
-    if cfg.task == "ranking":
-        return run_train_ranking(cfg, out, resume, progress)
+    with run_lock(out):  # before its deletions are read: none can land between that and the adapter's write
+        if cfg.task == "ranking":
+            return run_train_ranking(cfg, out, resume, progress)
+        return _train(cfg, out, resume, progress)
+
+
+def _train(cfg: ExperimentConfig, out: str | Path, resume: bool, progress: bool) -> dict:
     # 1. data (minus deleted data), then the model (the prompt builder needs the dataset's records); both
     #    before the run directory is touched, so bad input fails with its one-line error and leaves nothing
     splits = setup_data(cfg, deleted_interactions(out))
-    train_samples = _train_samples(cfg, splits)
+    train_samples = training_samples(cfg, splits)
     model = setup_model(cfg, splits)
 
     run = RunDir(out)
@@ -150,10 +120,10 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
         run.log(f"zero-shot test AUC {zero_shot['auc']:.4f}")
 
     # 5. train (checkpoint every epoch; --resume continues from the last one)
-    result = _fit(cfg, model, tr, va, run.path, resume, progress, run.log)
+    result = fit_single(cfg, model, tr, va, run.path, resume, progress, run.log)
 
     # 6. save the adapter with its lineage, the manifest, and (where it has one) the deletion ledger's record
-    meta = _save(cfg, model, run / ADAPTERS_DIR / SINGLE_ADAPTER, train_samples, result)
+    meta = save_single(cfg, model, run / ADAPTERS_DIR / SINGLE_ADAPTER, train_samples, result)
     models.write(run.path, models.build(cfg, run.path, "single", forget=models.single_forgetting(cfg)))
     if (run / LEDGER_FILE).is_file():
         ledger = Ledger(run / LEDGER_FILE, create=False)
@@ -192,7 +162,7 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
     # 1. data (ranking samples, expanded to like-samples for training), then the model
     splits = setup_data(cfg)
     rs = splits.ranking
-    train_samples = _train_samples(cfg, splits)
+    train_samples = training_samples(cfg, splits)
     model = setup_model(cfg, splits)
     bs = cfg.train.eval_batch_size
 
@@ -219,7 +189,7 @@ def run_train_ranking(cfg: ExperimentConfig, out: str | Path, resume: bool = Fal
 
     # 5. train the like-prompt model (validation AUC over the validation users' candidates picks the epoch)
     result = train(model, tr, cfg.train, cfg.seed, valid=va or None, checkpoint_dir=run.path, resume=resume,
-                   progress=progress, on_epoch=lambda r: run.log(_epoch_line(r)))
+                   progress=progress, on_epoch=lambda r: run.log(epoch_line(r)))
 
     # 6. save the adapter with its lineage
     save_adapter(model.model, run / ADAPTERS_DIR / SINGLE_ADAPTER,

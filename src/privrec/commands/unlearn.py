@@ -32,7 +32,9 @@ from privrec.rundir import (
     ADAPTERS_DIR,
     CERTIFICATES_DIR,
     CONFIG_FILE,
+    FEATURES_FILE,
     METRICS_FILE,
+    PREDICTIONS_FORGET,
     SINGLE_ADAPTER,
     STAGING_DIR,
     RunDir,
@@ -64,7 +66,6 @@ METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
 assert set(METHODS) == set(METHOD_NAMES)
 
 FORGET_FILE = "forget.json"
-PREDICTIONS_FORGET = "predictions_forget.csv"
 UNLEARN_FILE = "unlearn.yaml"  # a shards model unlearnt in a copy keeps its own config.yaml beside this
 # what an unlearning run may set besides its own section; everything else is the trained run's and fixed
 CHANGEABLE = ("unlearn.", "model.threads", "model.precision", "train.eval_batch_size")
@@ -384,8 +385,10 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
         UserError: an approximate method (they act on one adapter), forget users without training samples,
             an OUT that exists. RunError: a reference run with a different forget set.
     """
-    from privrec.commands.forget import run_forget
-    from privrec.commands.model_dir import ShardAggregation, open_model
+    from privrec.recommender import ShardAggregation, open_model
+    from privrec.unlearning.exact.forget import run_forget
+    from privrec.unlearning.exact.routes import purge_common
+    from privrec.unlearning.exact.shards import purge_features
 
     method = cfg.unlearn.method
     if method not in SHARD_METHODS:
@@ -428,6 +431,10 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
     sets = {"test": splits.test, "forget_eval": forget_s, **mia_s}
     probs = {k: scorer.score(v, progress, own_samples=k != "forget_eval") for k, v in sets.items()}
     score_seconds = time.perf_counter() - t0
+    if method == "retrain":  # what scoring them derived from the deleted samples goes again (forget --verify)
+        gone = {s.sample_id: s for v in sets.values() for s in v if s.user_id in set(users)}
+        purge_features(out_run / FEATURES_FILE, set(gone))
+        purge_common(out_run, scorer.model, set(gone), gone)
     if method == "retrain" and ref_probs is None:
         ref_probs, ref_seconds = probs["forget_eval"], unlearn_seconds
     metrics = measure(cfg, splits, {k: [s.label for s in v] for k, v in sets.items()}, probs, ref_probs,

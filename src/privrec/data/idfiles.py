@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -9,6 +10,7 @@ from typing import TypeVar
 from privrec.errors import DataError
 
 T = TypeVar("T")
+SAMPLE_ID = re.compile(r"^u(\d+)-i(\d+)$")  # a sample id: u{user}-i{item}
 
 
 def read_id_file(path: str | Path, what: str, parse: Callable[[str], T], example: str) -> list[T]:
@@ -34,3 +36,17 @@ def read_id_file(path: str | Path, what: str, parse: Callable[[str], T], example
     if not ids:
         raise DataError(f"{p} lists no {what}")
     return sorted(set(ids))
+
+
+def read_sample_ids(path: str | Path) -> list[str]:
+    """Sample ids ``u{user}-i{item}``, one per line (blank lines and ``#`` comments skipped).
+
+    Raises:
+        DataError: missing file, malformed id, or no ids."""
+
+    def parse(text: str) -> str:
+        if not SAMPLE_ID.match(text):
+            raise ValueError(text)
+        return text
+
+    return read_id_file(path, "samples", parse, "a sample id like u12-i345")

@@ -17,7 +17,7 @@ as in-process.
 
 - Simulation: :func:`run_flower_simulation` (``flwr.simulation.run_simulation``; each virtual node reads its
   own split folder); ``privrec federate CONFIG --out DIR --runner flower [--client-data SPLIT]``.
-- Across machines: ``privrec.federated.flower_deploy:server_app`` / ``:client_app`` are what
+- Across machines: ``privrec.flower_entry:server_app`` / ``:client_app`` are what
   ``flower/pyproject.toml`` names for ``flwr run``; see docs/federated.md (SuperLink, SuperNodes, what
   crosses the network) and ``flower/run_local.py`` (all of it on one machine's loopback).
 
@@ -486,41 +486,3 @@ def run_flower_simulation(cfg: FederatedConfig, out: str | Path, progress: bool 
     if not result:
         raise RunError(f"the Flower simulation ended without writing {out}/metrics.json (see the log above)")
     return result
-
-
-# The apps `flwr run` loads (docs/federated.md) are instantiated in privrec.federated.flower_deploy, so
-# importing this module does not need flwr. The ServerApp reads the config path, `;`-separated overrides,
-# output folder and reply timeout from the run config ([tool.flwr.app.config] in flower/pyproject.toml); with
-# `forget-users` (comma-separated ids) it runs that deletion request on the run directory `out` instead, routed
-# to the node holding the users (strategy local / mixture); a pplr / fedavg / fedprox model also needs
-# `retrain-federation=true` (the whole federation trains again on the nodes).
-def server_app_from_run_config():
-    from flwr.serverapp import ServerApp
-
-    from privrec.config import load_config
-    from privrec.federated.runner import run_federate
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        rc = context.run_config
-        if str(rc.get("forget-users", "")).strip():  # a deletion request on the run directory `out`
-            from privrec.commands.forget import parse_users, run_forget
-            from privrec.models import load as load_manifest
-            from privrec.rundir import RunDir
-
-            out = str(rc.get("out", "runs/federate-flower"))
-            cfg = RunDir(out, create=False).load_config(cls=FederatedConfig)
-            remote = flower_retrain(grid, cfg, dict(load_manifest(out).clients), float(rc.get("timeout", 3600)))
-            run_forget(out, users=parse_users(str(rc["forget-users"])), progress=False, remote=remote,
-                       retrain_federation=str(rc.get("retrain-federation", "false")).lower() == "true")
-            return
-        overrides = [s for s in str(rc.get("overrides", "")).split(";") if s.strip()]
-        cfg = load_config(str(rc["config"]), overrides, cls=FederatedConfig)
-        check_flower_config(cfg)
-        run_federate(cfg, str(rc.get("out", "runs/federate-flower")), progress=False, runner="flower",
-                     make_dispatcher=lambda fed, model, strategy: FlowerDispatcher(
-                         grid, fed, float(rc.get("timeout", 3600))))
-
-    return app

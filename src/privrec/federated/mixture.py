@@ -8,12 +8,12 @@ the adapters' errors on its nearest validation samples of that client alone (the
 states, cosine similarity, ``softmax(-tau * error)``): the adapters travel, as in FedAvg; no sample leaves its
 client.
 
-Forgetting follows (``privrec forget``, :mod:`privrec.commands.forget`): a user leaving retrains their
+Forgetting follows (``privrec forget``, :mod:`privrec.federated.forget`): a user leaving retrains their
 client's adapter alone; a client leaving drops its adapter. The other adapters stay bit-identical.
 
 :func:`mixture_scores` is the one definition, used by the runner's clients
 (:meth:`privrec.federated.client.FederatedClient.predict_mixture`) and by a saved model's scorer
-(:class:`privrec.commands.model_dir.ClientMixture`).
+(:class:`privrec.recommender.ClientMixture`).
 """
 
 from __future__ import annotations

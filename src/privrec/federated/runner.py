@@ -46,7 +46,7 @@ from privrec.metrics import auc, binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state, save_adapter
 from privrec.model.recmodel import RecLM
 from privrec.prepare import machine, setup_data
-from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, SLICES_DIR, RunDir
+from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, SLICES_DIR, RunDir, run_lock
 
 POOLED = -1  # the centralised reference's one "client": the union of every client's data
 
@@ -371,10 +371,15 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     fed = plan_federation(cfg, setup_data(cfg, tombstones) if tombstones else None, assignment)
     strategy = make_strategy(cfg.federated)
     model = build_model(cfg, fed.splits)
+    with run_lock(out):
+        return _federate(cfg, RunDir(out), fed, strategy, model, progress, make_dispatcher, runner)
+
+
+def _federate(cfg: FederatedConfig, run: RunDir, fed: Federation, strategy: Strategy, model: RecLM, progress: bool,
+              make_dispatcher, runner: str) -> dict:
+    """Steps 2-5 of :func:`run_federate`, the run directory locked."""
     is_client_tensor = client_tensor_predicate(model)
     counts = parameter_counts(model.model, model.is_client_layer if is_client_tensor else lambda _: True)
-
-    run = RunDir(out)
     run.write_config(cfg)
     f = cfg.federated
     run.log(f"privrec federate -> {run.path} ({runner}; strategy {f.strategy}, {f.clients} {f.partition} "

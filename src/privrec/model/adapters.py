@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import torch
 
 from privrec.data import Sample
 from privrec.errors import RunError
+from privrec.rundir import swap_in
 
 ADAPTER_META = "privrec.json"
 
@@ -89,16 +89,9 @@ def save_adapter(model, folder: Path, meta: dict) -> None:
         model.save_pretrained(tmp, save_embedding_layers=False)  # as in adapter_state
         meta = dict(meta, tensors_sha256=tensors_digest(adapter_state(model)))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        swap_in(tmp, folder)
     except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial new adapter (it holds nothing the old one did not)
         raise
 
 
@@ -112,7 +105,15 @@ def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def read_meta(folder: Path) -> dict:
     """The privrec metadata (``privrec.json``) of an adapter folder ({} when it has none)."""
     path = Path(folder) / ADAPTER_META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError(f"{path} is not valid JSON: the adapter's metadata is corrupt; train it again") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{path} is not an adapter's metadata; train it again")
+    return meta
 
 
 def install_adapter(model, folder: Path, state: dict[str, torch.Tensor], meta: dict, base_name: str) -> None:

@@ -11,4 +11,6 @@
 docs/serving.md describes the endpoints, the deletion semantics and their durability.
 """
 
-SERVE_DIR = "serve"  # MODEL/serve/: tokens.json, recommendations.json
+from privrec.rundir import SERVE_DIR  # MODEL/serve/: tokens.json, recommendations.json (rundir names every file)
+
+__all__ = ["SERVE_DIR"]

@@ -113,7 +113,9 @@ class RequestStatus(_Body):
     updated: float
     history: list[Event]
     certificate: str | None = Field(description="where to download the certificate, once done")
-    error: str | None = None
+    error: str | None = Field(None, description="why its last attempt failed (it is tried again)")
+    attempts: int | None = Field(None, description="failed attempts so far, while it fails")
+    next_attempt_in_seconds: float | None = Field(None, description="when the worker tries it again")
 
 
 class Problem(Exception):
@@ -232,9 +234,16 @@ def create_app(service: Service) -> FastAPI:
         if not who.may_touch(user):
             raise Problem(403, f"this token belongs to user {who.user}; it cannot read or delete user {user}'s data")
 
-    def may_read_request(who: Principal, req: dict) -> None:
-        if not who.admin and who.user not in (req.get("users") or []):
-            raise Problem(403, f"request {req['id']} is not this token's user's request")
+    def read_request(who: Principal, rid: str) -> dict:
+        """The request, for an admin or the user it deletes; another user's request answers as a missing one
+        does (404), so a user token cannot count anyone's deletion requests."""
+        try:
+            req = service.request(rid)
+        except NotFound:
+            req = None
+        if req is None or not (who.admin or who.user in (req.get("users") or [])):
+            raise NotFound(f"no deletion request {rid}")
+        return req
 
     User = Path(description="user id")
     responses = {c: {"model": Error} for c in (400, 401, 403, 404, 409, 410, 413, 422)}
@@ -280,18 +289,16 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/requests/{rid}", response_model=RequestStatus, responses=responses)
     def request_status(rid: str, who: Principal = Depends(principal)):
-        req = service.request(rid)
-        may_read_request(who, req)
-        return req
+        return read_request(who, rid)
 
     @app.get("/v1/requests/{rid}/certificate", responses=responses)
     def certificate(rid: str, who: Principal = Depends(principal)):
-        may_read_request(who, service.request(rid))
+        read_request(who, rid)
         return JSONResponse(service.certificate(rid),
                             headers={"Content-Disposition": f'attachment; filename="certificate-{rid}.json"'})
 
     @app.get("/metrics", responses=responses)
     def metrics(who: Principal = Depends(admin)):
-        return {**service.metrics.snapshot(), "store": service.store_status()}
+        return {**service.metrics.snapshot(), "store": service.store_status(), "deletions": service.deletion_status()}
 
     return app

@@ -1,14 +1,14 @@
 """The state of ``privrec serve MODEL`` (METHODS §11), independent of HTTP.
 
 - The service holds the model directory's run lock for its whole life (no other privrec command changes
-  the model under it) and serves one :class:`~privrec.commands.recommend.Recommender` (the same code as
+  the model under it) and serves one :class:`~privrec.recommender.Recommender` (the same code as
   ``privrec recommend``: two stages, popularity + MF candidates re-ranked by P(Yes)).
-- ``forget(user)`` records a deletion request in the model's ledger with ``privrec forget``'s own code
-  (:func:`~privrec.commands.forget.submit_forget`: tombstones, removed samples and the adapters' state in one
+- ``forget(user)`` records a deletion request in the model's ledger with ``privrec forget``'s own engine
+  (:func:`~privrec.unlearning.exact.forget.submit_forget`: tombstones, removed samples and the adapters' state in one
   SQLite transaction, ``synchronous=FULL``) and only then returns its id; from that moment the user is
   refused (410) and their stored recommendations are purged. Asking again returns the same request.
 - One worker thread applies the ledger's unfinished requests in order with
-  :func:`~privrec.commands.forget.run_resume` (retrain, swap, certify: the CLI's procedure, so a request the
+  :func:`~privrec.unlearning.exact.forget.run_resume` (retrain, swap, certify: the CLI's procedure, so a request the
   service was killed in is finished by the next start, or by ``privrec forget MODEL --resume``). After each
   one it builds a new recommender off to the side and swaps the reference under a lock: requests in flight
   finish on the old one, none is dropped.
@@ -32,21 +32,22 @@ from pathlib import Path
 
 import numpy as np
 
-from privrec.commands.forget import run_resume, submit_forget
-from privrec.commands.recommend import Recommender
-from privrec.errors import RunError, UserError
+from privrec.errors import NotFoundError, RunError, UserError
+from privrec.federated.forget import ROUTES
 from privrec.prepare import source_data
 from privrec.progress import track
-from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json
+from privrec.recommender import Recommender
+from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json, run_lock
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import NEXT_FILE, RecStore, store_key
-from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, run_lock
+from privrec.unlearning.exact.forget import run_resume, submit_forget
+from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, last_request_of
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
 RECENT_USERS = 10_000  # users remembered as recently asked for (the store is filled for them first)
 
 
-class NotFound(UserError):
+class NotFound(NotFoundError):
     """An unknown user, item or request (HTTP 404)."""
 
 
@@ -133,6 +134,9 @@ class Service:
             self.worker_state = "idle"
             self._swapping: str | None = None  # the request whose new adapters are being swapped in
             self.errors: dict[str, str] = {}  # request id -> why its last attempt failed
+            self.attempts: dict[str, tuple[int, float]] = {}  # request id -> (failed attempts, when the last failed)
+            self.failed_attempts = 0  # every failed attempt of the service's life
+            self.skipped: dict[int, str] = {}  # user -> why the store could not hold them
             self._wake = threading.Event()
             self._stop = threading.Event()
             self._recent: OrderedDict[int, None] = OrderedDict()  # users asked for, most recent last
@@ -174,7 +178,7 @@ class Service:
         finally:
             ledger.close()
         if req is not None and req["status"] != PENDING:
-            run_resume(self.path, progress=self.progress, lock=False)
+            run_resume(self.path, progress=self.progress, lock=False, routes=ROUTES)
 
     def _continue_interrupted_refill(self) -> None:
         """A service killed while it filled the store under new adapters (already on disk) takes that store
@@ -300,9 +304,9 @@ class Service:
             if user in self.forgotten:
                 return self.request(self.forgotten[user]), False
             try:
-                recorded = submit_forget(self.path, [user])
-            except NotFound:
-                raise
+                recorded = submit_forget(self.path, [user], routes=ROUTES)
+            except NotFoundError as e:  # a user the data holds no interaction of
+                raise NotFound(str(e)) from None
             except UserError as e:  # e.g. a clients model: it says which model can
                 raise CannotForget(str(e)) from None
             rid = recorded.get("request")
@@ -319,8 +323,7 @@ class Service:
 
     def _last_request_of(self, user: int) -> str:
         with self._ledger() as ledger:
-            rows = [t["request_id"] for t in ledger.tombstone_rows() if t["user_id"] == user]
-        return max(rows)
+            return last_request_of(ledger.tombstone_rows())[user]
 
     @contextlib.contextmanager
     def _ledger(self):
@@ -349,8 +352,10 @@ class Service:
                "created": req["created"], "updated": req["updated"],
                "history": [{"status": e["status"], "at": e["at"]} for e in events],
                "certificate": f"/v1/requests/{rid}/certificate" if status == DONE else None}
-        if rid in self.errors:
-            out["error"] = self.errors[rid]
+        if rid in self.errors:  # tried again every RETRY_SECONDS: how often it failed, when it is tried next
+            n, at = self.attempts[rid]
+            out.update(error=self.errors[rid], attempts=n,
+                       next_attempt_in_seconds=round(max(0.0, at + RETRY_SECONDS - time.time()), 1))
         return out
 
     def certificate(self, rid: str) -> dict:
@@ -383,7 +388,7 @@ class Service:
         self.worker_state = f"applying {rid}"
         self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
-            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock)
+            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
             filled = False
             if self.precompute and self.refill_before_swap:
@@ -400,11 +405,15 @@ class Service:
                 self.next_store = None
                 self.rec = new
             self.errors.pop(rid, None)
+            self.attempts.pop(rid, None)
             self._store_stale = self.precompute and not filled
             return True
         except Exception as e:  # the request stays unfinished in the ledger; the service keeps serving
             self.errors[rid] = " ".join(str(e).split()) or type(e).__name__
-            self.rec.md.run.log(f"serve: request {rid} failed: {traceback.format_exc(limit=3)}", echo=False)
+            self.attempts[rid] = (self.attempts.get(rid, (0, 0.0))[0] + 1, time.time())
+            self.failed_attempts += 1
+            self.rec.md.run.log(f"serve: request {rid} failed (attempt {self.attempts[rid][0]}, tried again in "
+                                f"{RETRY_SECONDS:.0f}s): {traceback.format_exc(limit=3)}", echo=False)
             return False
         finally:
             self._swapping = None
@@ -446,10 +455,17 @@ class Service:
                     return False
                 if u in self.forgotten:
                     continue
-                with contextlib.suppress(UserError):
+                try:
                     items = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
                                           source=self.source)
-                    store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+                except UserError as e:  # e.g. too short a history: answered online (with its error), counted
+                    why = " ".join(str(e).split())
+                    if self.skipped.get(u) != why:
+                        self.rec.md.run.log(f"serve: user {u} left out of the store: {why}", echo=False)
+                    self.skipped[u] = why
+                    continue
+                self.skipped.pop(u, None)
+                store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
             return True
         finally:
             store.flush()
@@ -464,11 +480,17 @@ class Service:
         current = self.store.current(self._key(), self.store_k)
         servable = sum(u not in self.forgotten for u in self.rec.users())
         out = {"precompute": self.precompute, "current": current,
-               "users": len(self.store.users) if current else 0, "servable": servable}
+               "users": len(self.store.users) if current else 0, "servable": servable, "skipped": len(self.skipped)}
         nxt = self.next_store
         if nxt is not None:  # being filled under a deletion's new adapters, not served yet
             out["next_users"] = len(nxt.users)
         return out
+
+    def deletion_status(self) -> dict:
+        """The worker's failures: every failed attempt, and the requests failing now (tried again every
+        RETRY_SECONDS)."""
+        return {"failed_attempts": self.failed_attempts, "failing": sorted(self.errors),
+                "retry_seconds": RETRY_SECONDS}
 
     def pending(self) -> int:
         path = self.path / LEDGER_FILE

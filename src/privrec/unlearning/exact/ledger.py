@@ -25,8 +25,8 @@ written). ``--resume`` continues from the recorded status; a request is never re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -70,29 +70,6 @@ def excluded_ids(samples: Iterable[Sample], tombstones: set[tuple[int, int]]) ->
     if not tombstones:
         return set()
     return {s.sample_id for s in samples if shows_tombstoned(s, tombstones)}
-
-
-# --- one writer at a time -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def run_lock(run_path: Path) -> Iterator[None]:
-    """Exclusive lock on a run directory for the duration of a command (released by the OS on a crash).
-
-    Raises:
-        RunError: another privrec process holds the run.
-    """
-    run_path = Path(run_path)
-    run_path.mkdir(parents=True, exist_ok=True)
-    with open(run_path / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(
-                f"another privrec command is working on {run_path}; wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class Ledger:
@@ -145,8 +122,16 @@ class Ledger:
             (r["user_id"], r["item_id"]) for r in self.db.execute("SELECT user_id, item_id FROM tombstones")
         }
 
+    def tombstones_upto(self, request_id: str) -> set[tuple[int, int]]:
+        """The interactions deleted by ``request_id`` and every request before it (not by those queued after)."""
+        seq = {q["id"]: q["seq"] for q in self.requests()}
+        return {(t["user_id"], t["item_id"]) for t in self.tombstone_rows() if seq[t["request_id"]] <= seq[request_id]}
+
     def tombstone_rows(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM tombstones ORDER BY user_id, item_id")]
+        """Every tombstone with the sequence number of the request that deleted it (``request_seq``)."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT t.*, q.seq AS request_seq FROM tombstones t JOIN requests q ON q.id = t.request_id "
+            "ORDER BY t.user_id, t.item_id")]
 
     # --- requests -----------------------------------------------------------------------------------
     def unfinished(self) -> dict | None:
@@ -179,12 +164,13 @@ class Ledger:
             removed: {sample_id, user_id, item_id, timestamp, split, shard}.
             shards: {shard, retrain (bool), before_sha256, n_before} for every current shard.
         Returns:
-            The request id ("r0001", ...), status ``pending``.
+            The request id (``r-`` and 16 random hex digits; ledgers written before hold ``r0001``...),
+            status ``pending``.
         """
         now = time.time()
         with self._tx() as db:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM requests").fetchone()[0]
-            rid = f"r{seq:04d}"
+            rid = f"r-{secrets.token_hex(8)}"  # unguessable; requests are ordered by seq, never by id
             db.execute(
                 "INSERT INTO requests(id, seq, kind, spec, status, created, updated) VALUES (?,?,?,?,?,?,?)",
                 (rid, seq, kind, json.dumps(spec, sort_keys=True), PENDING, now, now),
@@ -326,6 +312,17 @@ def deletion_record(out: str | Path) -> list[dict]:
         return ledger.tombstone_rows()
     finally:
         ledger.close()
+
+
+def last_request_of(rows: list[dict]) -> dict[int, str]:
+    """user -> the last request (by sequence, never by id) that deleted any of their interactions, from
+    :meth:`Ledger.tombstone_rows`."""
+    out: dict[int, tuple[int, str]] = {}
+    for r in rows:
+        u = r["user_id"]
+        if u not in out or r["request_seq"] > out[u][0]:
+            out[u] = (r["request_seq"], r["request_id"])
+    return {u: rid for u, (_, rid) in out.items()}
 
 
 def deleted_interactions(out: str | Path) -> set[tuple[int, int]]:

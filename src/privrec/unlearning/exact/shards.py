@@ -1,7 +1,7 @@
 """Sharded exact unlearning's pieces (METHODS §4, §6): the ``shards`` config, one shard's seeded training from
 the common init, its adapter metadata, the untuned model's features (cached per run), and the scoring of
-every single shard and aggregation. The procedures are ``privrec.commands.shard_train`` (train K shards) and
-``privrec.commands.forget`` (retrain the shards that held deleted data).
+every single shard and aggregation. ``privrec shard-train`` trains K shards; the ``retrain-shards`` route
+(:mod:`privrec.unlearning.exact.routes`) retrains the shards that held deleted data.
 
 Shard k always trains with seed ``shard_seed(seed, k)`` from the same init, on its ids in sorted order, for a
 fixed number of epochs (no validation-based selection: validation samples are the aggregation's neighbour

@@ -29,7 +29,6 @@ request is installed.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from privrec.model.adapters import (
     tensors_digest,
 )
 from privrec.model.recmodel import RecLM
-from privrec.rundir import SHARD_PREFIX, SLICES_DIR, is_adapter
+from privrec.rundir import SHARD_PREFIX, SLICES_DIR, is_adapter, swap_in
 from privrec.train import shuffled_length_batches, train
 from privrec.unlearning.exact.certificate import check_adapter
 from privrec.unlearning.exact.partition import user_slices
@@ -163,8 +162,7 @@ def save_checkpoint(model: RecLM, folder: Path, state: StageState, meta: dict) -
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model.model, tmp, meta)
     torch.save(state.optimizer, tmp / OPTIMIZER_FILE)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    swap_in(tmp, folder)
 
 
 def checkpoint_records(set_dir: Path, r: int) -> list[dict]:
@@ -193,7 +191,11 @@ def train_sliced(model: RecLM, start: StageState, slices: list[list[Sample]], cf
 
 def load_checkpoint(folder: Path) -> tuple[StageState, dict]:
     state, meta = read_adapter(folder)
-    return StageState(state, torch.load(Path(folder) / OPTIMIZER_FILE, weights_only=False)), meta
+    try:  # weights only: optimizer state is tensors and numbers; nothing in the file can run code
+        optimizer = torch.load(Path(folder) / OPTIMIZER_FILE, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"{folder}: unreadable optimizer state ({type(e).__name__}); train the model again") from None
+    return StageState(state, optimizer), meta
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
@@ -202,8 +204,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    swap_in(tmp, dst)
 
 
 def stage_meta(base: dict, s: int, samples: list[Sample], kind: str = "shard-checkpoint") -> dict:

@@ -1,5 +1,7 @@
-"""Open a model directory of any kind for the commands that use a model (evaluate, recommend, unlearn): its
-manifest, its config, the data it may still see (minus everything it forgot), and one scorer for its kind.
+"""Open a model directory of any kind for what uses a model (evaluate, recommend, unlearn, serve): its
+manifest, its config, the data it may still see (minus everything it forgot), one scorer for its kind, and
+:class:`Recommender`, the one recommend function (``privrec recommend`` builds one for one user; the service,
+:mod:`privrec.serve`, keeps one for every request and builds a new one after each deletion).
 
 A scorer answers P(Yes) for like-prompt samples, whatever the kind:
 
@@ -13,6 +15,7 @@ A scorer answers P(Yes) for like-prompt samples, whatever the kind:
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +24,17 @@ import numpy as np
 import torch
 
 from privrec import models
+from privrec.candidates import SOURCES, CandidateGenerator
 from privrec.config import ExperimentConfig, LoraConfig, apply_overrides, parse_config
 from privrec.data import Dataset, Sample, Splits, load_dataset
 from privrec.errors import RunError, UserError
 from privrec.federated.config import FederatedConfig
 from privrec.model.adapters import install_adapter, load_adapter_state, read_adapter
-from privrec.model.recmodel import RecLM
+from privrec.model.recmodel import PrefixGroup, RecLM
 from privrec.prepare import build_model, collab_features, item_stats, setup_data, without_interactions
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
-from privrec.unlearning.exact.ledger import Ledger, deletion_record
+from privrec.unlearning.exact.ledger import Ledger, deletion_record, last_request_of
 from privrec.unlearning.exact.shards import ApaConfig
 
 CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
@@ -103,8 +107,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
     if rows:  # a user every one of whose interactions is deleted is forgotten
         counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
         deleted = Counter(u for u, _ in md.tombstones)
-        md.deleted_by = {u: max(r["request_id"] for r in rows if r["user_id"] == u)
-                         for u, n in deleted.items() if n >= int(counts.get(u, 0))}
+        last = last_request_of(rows)
+        md.deleted_by = {u: last[u] for u, n in deleted.items() if n >= int(counts.get(u, 0))}
     return md
 
 
@@ -270,3 +274,135 @@ def scorer_of(md: ModelDir, splits: Splits):
         return ClientMixture(md, splits)
     return {"single": OneAdapter, "student": OneAdapter, "shards": ShardAggregation,
             "clients": ClientAdapters}[md.kind](md, splits)
+
+
+# --- recommending ----------------------------------------------------------------------------------------
+class Recommender:
+    """A model directory opened for recommending: its scorer, the data it may still see, and (built on first
+    use) the candidate generator over that data.
+
+    ``pending_ok``: open it although deletion requests are unfinished (the service; their interactions are
+    left out of everything it sees). Scoring holds :attr:`lock` (one model, one scorer at a time).
+
+    Raises:
+        RunError: not a model directory, an unfinished deletion request (without ``pending_ok``).
+    """
+
+    def __init__(self, run_path: str | Path, pending_ok: bool = False, progress: bool = False):
+        self.md = open_model(run_path, pending_ok=pending_ok)
+        self.splits = self.md.splits()
+        self.cfg = self.md.cfg
+        self.ds = self.md.seen(self.splits.dataset)  # the interactions it may still see
+        self.scorer = scorer_of(self.md, self.splits)
+        self.progress = progress
+        self.lock = threading.Lock()
+        self._generator: CandidateGenerator | None = None
+        self._by_user = {int(u): rows for u, rows in self.ds.inter.groupby("user_id", sort=False)}
+        self.digest = ",".join(a.tensors_sha256 or "" for a in self.md.manifest.adapters)
+
+    @property
+    def generator(self) -> CandidateGenerator:
+        if self._generator is None:
+            self._generator = CandidateGenerator(self.ds.inter, self.ds.items, self.cfg.seed)
+        return self._generator
+
+    def users(self) -> list[int]:
+        """Every user it can recommend for (enough remaining history, not forgotten)."""
+        return sorted(u for u, rows in self._by_user.items()
+                      if len(rows) >= self.cfg.data.history_len and u not in self.md.deleted_by)
+
+    def check_item(self, item: int) -> None:
+        """Raises: UserError for an item the data source does not have."""
+        if item not in self.ds.items:
+            raise UserError(f"item {item} not found in {self.ds.name}")
+
+    def history(self, user: int) -> tuple[tuple[tuple[int, float], ...], set[int], int]:
+        """(the prompt's history, every item the user rated, their last timestamp), from the remaining data.
+
+        Raises:
+            UserError: unknown or forgotten user, or too short a history.
+        """
+        self.md.check_user(self.splits.dataset, user)
+        rows = self._by_user.get(user)
+        n = self.cfg.data.history_len
+        if rows is None or len(rows) < n:
+            raise UserError(f"user {user} has {0 if rows is None else len(rows)} ratings; the prompt needs {n}")
+        hist = tuple((int(i), float(r)) for i, r in zip(rows["item_id"].tail(n), rows["rating"].tail(n)))
+        return hist, set(rows["item_id"].tolist()), int(rows["timestamp"].max())
+
+    def candidates(self, user: int, seen: set[int], two_stage: int | None, max_candidates: int | None,
+                   source: str = "popularity") -> list[int]:
+        """Two stages: the generator's ``two_stage`` items from ``source`` (:data:`privrec.candidates.SOURCES`);
+        else every unseen item, most popular first (the
+        ``max_candidates`` most popular of them)."""
+        if two_stage:
+            return self.generator.candidates(user, seen, two_stage, source)
+        popularity = self.ds.inter["item_id"].value_counts()
+        ranked = [int(i) for i in popularity.index if int(i) not in seen]
+        ranked += sorted(i for i in self.ds.items if i not in seen and i not in set(ranked))
+        return ranked[:max_candidates] if max_candidates else ranked
+
+    def p_yes(self, user: int, items: list[int], shared_prefix: bool = True) -> np.ndarray:
+        """P(Yes) of the like-prompt of each item for ``user`` (their history from the remaining data).
+
+        With one adapter per user's prompts (single, student, clients), every item's like-prompt shares the
+        user's prefix: it runs once and the items' suffixes are scored against its key-value cache in chunks
+        (``RecLM.score_groups``; ``shared_prefix=False`` scores every full prompt instead). A shards model
+        scores the full prompts under its aggregation.
+
+        Raises:
+            UserError: unknown or forgotten user, too short a history, an unknown item.
+        """
+        hist, _, t_last = self.history(user)
+        for i in items:
+            self.check_item(i)
+        return self.p_yes_given(user, items, hist, t_last, shared_prefix)
+
+    def p_yes_given(self, user: int, items: list[int], hist: tuple[tuple[int, float], ...], t_last: int,
+                    shared_prefix: bool = True) -> np.ndarray:
+        """:meth:`p_yes` with the prompt's history given (e.g. the ranking protocol's, before a held-out item)."""
+        samples = [Sample(f"u{user}-i{i}", user, i, t_last, 0.0, 0, hist) for i in items]
+        if not samples:
+            return np.zeros(0)
+        with self.lock:
+            if hasattr(self.scorer, "model_for"):
+                model, rc = self.scorer.model_for(user), self.cfg.ranking
+                [z] = model.score_groups([PrefixGroup.of(model.encode(samples))], "yes", shared=shared_prefix,
+                                         prefix_batch=1, max_suffixes=rc.max_suffixes,
+                                         batch_size=self.cfg.train.eval_batch_size, progress=self.progress)
+                return 1.0 / (1.0 + np.exp(-z))
+            return np.asarray(self.scorer.score(samples, self.progress))
+
+    def recommend(self, user: int, top: int = 10, two_stage: int | None = None, max_candidates: int | None = None,
+                  blend: float = 0.0, shared_prefix: bool = True, source: str = "popularity") -> list[dict]:
+        """The user's ``top`` items: candidates (see :meth:`candidates`) ordered by P(Yes).
+
+        ``blend`` (two stages only) in [0, 1] orders by ``(1 - blend) * rank by P(Yes) + blend * rank in the
+        candidate list`` instead (0: the LLM's order; 1: the candidate generator's), ties by candidate order.
+
+        Raises:
+            UserError: see :meth:`p_yes`; ``top`` < 1.
+        """
+        if top < 1:
+            raise UserError(f"top must be at least 1, got {top}")
+        _, seen, _ = self.history(user)
+        items = self.candidates(user, seen, two_stage, max_candidates, source)
+        probs = self.p_yes(user, items, shared_prefix)
+        order = blended_order(probs, blend if two_stage else 0.0)[:top]
+        return [{"rank": r + 1, "item_id": items[i], "title": self.ds.items[items[i]].title,
+                 "year": self.ds.items[items[i]].year, "p_yes": float(probs[i])} for r, i in enumerate(order)]
+
+
+def blended_order(scores: np.ndarray, blend: float) -> np.ndarray:
+    """Indices, best first, by ``(1 - blend) * rank of score (0 = highest) + blend * index`` (ties: index)."""
+    n = len(scores)
+    by_score = np.empty(n)
+    by_score[np.argsort(-scores, kind="stable")] = np.arange(n)
+    key = (1.0 - blend) * by_score + blend * np.arange(n)
+    return np.lexsort((np.arange(n), key))
+
+
+def check_source(source: str) -> None:
+    """Raises: UserError for a candidate source that does not exist."""
+    if source not in SOURCES:
+        raise UserError(f"--candidate-source must be one of {', '.join(SOURCES)}, got {source!r}")

@@ -1,0 +1,377 @@
+"""The exact routes of forgetting (METHODS §4, §7): what forgetting exactly means for a model of one adapter
+(``retrain-all``) and for a shards model (``retrain-shards``), and the model directory opened with its route
+(:func:`session`). The routes of a clients model are :mod:`privrec.federated.forget`; the request state
+machine that drives a route is :mod:`privrec.unlearning.exact.forget`.
+
+In the ledger and the certificates an adapter is a numbered *slot*: shard K is slot K, client C is slot C, a
+single model's one adapter is slot 0.
+
+- ``retrain-shards`` retrains, from the common init, only the shards that held the deleted data (APA / SISA:
+  the others stay bit-identical); a sliced shard replays from the checkpoint before the first slice that lost
+  samples (METHODS §9);
+- ``retrain-all`` retrains the one adapter from scratch, with ``privrec train``'s own code and seed
+  (:func:`privrec.train.retrain_single`), on the same draw of samples minus the deleted ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from privrec import models
+from privrec.config import ExperimentConfig
+from privrec.data import Dataset, Sample, Splits
+from privrec.errors import RunError, UserError
+from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
+from privrec.prepare import build_model, source_data
+from privrec.rundir import (
+    ADAPTERS_DIR,
+    CHECKPOINT_FILE,
+    FEATURES_FILE,
+    LEDGER_FILE,
+    PREDICTIONS_GLOB,
+    SHARD_PREFIX,
+    SINGLE_ADAPTER,
+    SLICES_DIR,
+    STAGING_DIR,
+    RunDir,
+    atomic_write_text,
+    is_adapter,
+    old_of,
+    remove_tree,
+    run_lock,
+    swap_in,
+)
+from privrec.train import TrainResult, retrain_single
+from privrec.unlearning.exact.ledger import Ledger
+from privrec.unlearning.exact.shards import (
+    ADAPTER_SECTIONS,
+    ApaConfig,
+    purge_features,
+    reusable,
+    shard_dir,
+    shard_folders,
+    shard_meta,
+    train_shard,
+)
+from privrec.unlearning.exact.shards import build_model as shard_model
+from privrec.unlearning.exact.slices import (
+    check_checkpoints,
+    checkpoint_set,
+    complete,
+    copy_checkpoint,
+    cumulative,
+    first_affected,
+    load_checkpoint,
+    restore,
+    sliced_fields,
+    stage_dir,
+    stage_label,
+    train_sliced,
+)
+
+Fault = Callable[[str], None]
+RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
+
+
+class Route:
+    """What forgetting exactly means for one kind: its adapter slots, which of them a removal affects, how one
+    is retrained without the data, and what else holds a derived copy of it."""
+
+    name = ""
+    config: type[ExperimentConfig] = ExperimentConfig  # the config class of the models it forgets
+    disjoint = True  # every sample reaches at most one slot (a partition); else every slot holds the union
+    fault: Fault | None = None  # called at the route's own step boundaries (a replayed checkpoint; tests crash there)
+
+    def __init__(self, run: RunDir, cfg: ExperimentConfig):
+        self.run, self.cfg = run, cfg
+
+    def folders(self) -> dict[int, Path]:
+        """slot -> adapter folder, as on disk now."""
+        raise NotImplementedError
+
+    def folder_of(self, k: int) -> Path:
+        """Where slot ``k``'s adapter lives (whether or not it is there now: a swap may be half done)."""
+        raise NotImplementedError
+
+    def label(self, k: int) -> str:
+        raise NotImplementedError
+
+    def affected(self, removed: list[dict]) -> set[int]:
+        """The slots a request's removed samples ({sample_id, split, shard}) force to retrain."""
+        return {x["shard"] for x in removed if x["shard"] is not None}
+
+    def retrain(self, rid: str, k: int, ids: list[str], universe: dict[str, Sample], tombstones: set,
+                staged: Path, progress: bool) -> None:
+        """Train slot ``k`` from scratch without the deleted data into ``staged`` (unless already there)."""
+        raise NotImplementedError
+
+    def purge(self, removed_ids: set[str], universe: dict[str, Sample]) -> str:
+        """Drop derived copies of the removed samples; returns what was dropped, for the log."""
+        return purge_common(self.run, self.cached_model(), removed_ids, universe)
+
+    def cached_model(self):
+        """A model of this run with its frozen-layer cache (None: the run's LoRA caches no frozen layers), to
+        find the cache entries of samples."""
+        lora = self.cfg.lora
+        return build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
+
+    def installed(self) -> None:
+        """After the swap: drop what still holds the old adapters."""
+
+    def install_slot(self, rid: str, k: int, retired: bool) -> None:
+        """Before slot ``k``'s adapter is swapped in: swap in what goes with it (a sliced shard's checkpoints)."""
+
+    def problems(self, k: int, folder: Path, universe: dict[str, Sample], tombstones: set) -> list[str]:
+        """Problems of what goes with slot ``k``'s adapter (a sliced shard's checkpoints)."""
+        return []
+
+    def stray(self) -> list[str]:
+        """Problems of derived copies no current adapter accounts for."""
+        return []
+
+    def run_info(self) -> dict:
+        return {"kind": "", "forget": self.name, "base_model": self.cfg.model.name,
+                "config_digest": self.cfg.digest(), "data_source": self.cfg.data.source}
+
+
+class Checkpointed(Route):
+    """Slots whose adapter may come with SISA checkpoints (METHODS §9): ``slices/{prefix}K/stage-S``."""
+
+    prefix = SHARD_PREFIX
+
+    def checkpoints(self, root, k: int) -> Path:
+        return checkpoint_set(root, k, self.prefix)
+
+    def install_slot(self, rid, k, retired):
+        staged, final = self.checkpoints(self.run / STAGING_DIR / rid, k), self.checkpoints(self.run.path, k)
+        if staged.exists():
+            swap_in(staged, final)  # the replaced checkpoints held the deleted data
+        elif retired:
+            remove_tree(final)
+        remove_tree(old_of(final))  # a swap a crash interrupted
+
+    def problems(self, k, folder, universe, tombstones):
+        meta = read_meta(folder)
+        here = self.checkpoints(self.run.path, k)
+        if not meta.get("slices") and not here.exists():
+            return []
+        return check_checkpoints(here, meta, universe, tombstones)
+
+    def stray(self):
+        base = self.run / SLICES_DIR
+        have = {f"{self.prefix}{k}" for k in self.folders()}
+        return [f"checkpoints {p.name} belong to no current {self.prefix.rstrip('-')}" for p in sorted(base.iterdir())
+                if p.name not in have] if base.is_dir() else []
+
+    def resume_point(self, there: Path, old: dict, slices: list[list[str]], j: int) -> int:
+        """The stage a replay of a slot whose first affected slice is ``j`` continues after: the last checkpoint
+        this request already staged with the right samples (a resumed request), else ``j - 1``."""
+        r = len(slices)
+        return next((s for s in range(r - 1, j - 1, -1) if complete(stage_dir(there, s))
+                     and read_meta(stage_dir(there, s)).get("sample_ids") == cumulative(slices, s)), j - 1)
+
+    def stage_unaffected(self, here: Path, there: Path, j: int) -> None:
+        """The checkpoints before slice ``j`` are kept: copied beside the replayed ones in staging."""
+        for s in range(1, j):
+            if not complete(stage_dir(there, s)):
+                copy_checkpoint(stage_dir(here, s), stage_dir(there, s))
+
+
+class RetrainShards(Checkpointed):
+    name = "retrain-shards"
+    config = ApaConfig
+
+    def __init__(self, run, cfg):
+        super().__init__(run, cfg)
+        self._model = None
+
+    def folders(self):
+        return shard_folders(self.run)
+
+    def folder_of(self, k):
+        return shard_dir(self.run, k)
+
+    def label(self, k):
+        return f"shard {k}"
+
+    def _built(self):
+        if self._model is None:
+            self._model = shard_model(self.cfg, source_data(self.cfg)[0])
+        return self._model
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        samples = [universe[i] for i in ids]
+        old = read_meta(self.folders()[k])
+        if old.get("slices"):
+            return self._replay(rid, k, ids, universe, old, staged, progress)
+        if reusable(staged, self.cfg, samples) is None:
+            model, init_state = self._built()
+            res = train_shard(model, init_state, samples, self.cfg, k, progress)
+            save_adapter(model.model, staged, shard_meta(self.cfg, model, k, samples, rid, res))
+            self.run.log(f"forget {rid}: shard {k} retrained on {len(ids)} samples in {res.seconds:.1f}s")
+
+    def _replay(self, rid, k, ids, universe, old, staged, progress):
+        """A sliced shard (METHODS §9): restore the checkpoint before the first slice that lost samples, replay
+        the later stages without them into staging (copying the unaffected checkpoints beside them). A
+        resumed request continues from the last checkpoint it staged."""
+        keep = set(ids)
+        slices = [[i for i in sl if i in keep] for sl in old["slices"]]
+        r, j = len(slices), first_affected(old["slices"], slices)
+        if j is None:  # the shard was affected, so one of its slices lost samples, unless its metadata lies
+            raise RunError(f"{self.folders()[k]}: its slice map does not hold its lineage's samples (privrec.json "
+                           "is corrupt); train the model again")
+        samples = [universe[i] for i in ids]
+        if reusable(staged, self.cfg, samples, slices) is not None:
+            return
+        model, init_state = self._built()
+        here, there = self.checkpoints(self.run.path, k), self.checkpoints(staged.parent, k)
+        self.stage_unaffected(here, there, j)
+        start = self.resume_point(there, old, slices, j)
+        state = restore(there, old, start, init_state) if start < j else load_checkpoint(stage_dir(there, start))[0]
+        base = shard_meta(self.cfg, model, k, samples, rid, TrainResult())
+        seconds = train_sliced(model, state, [[universe[i] for i in sl] for sl in slices], self.cfg, k, start + 1,
+                               there, base, progress, self.fault)
+        replay = {"request": rid, "restored": stage_label(j - 1), "replayed": list(range(j, r + 1)),
+                  "checkpoints_replaced": [stage_label(s) for s in range(j, r)]}
+        meta = dict(shard_meta(self.cfg, model, k, samples, rid, TrainResult(epochs_run=r - start, seconds=seconds)),
+                    **sliced_fields(self.cfg, slices, there), replay=replay)
+        save_adapter(model.model, staged, meta)
+        self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
+                     f"{len(ids)} samples in {seconds:.1f}s")
+
+    def cached_model(self):
+        return self._built()[0]
+
+    def purge(self, removed_ids, universe):
+        n = purge_features(self.run / FEATURES_FILE, removed_ids)
+        return f"{n} feature rows, " + super().purge(removed_ids, universe)
+
+    def run_info(self):
+        return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
+                    partition=self.cfg.shards.partition)
+
+
+class RetrainAll(Route):
+    name = "retrain-all"
+
+    def folders(self):
+        return {0: self.folder_of(0)} if is_adapter(self.folder_of(0)) else {}
+
+    def folder_of(self, k):
+        return self.run / ADAPTERS_DIR / SINGLE_ADAPTER
+
+    def label(self, k):
+        return SINGLE_ADAPTER
+
+    def affected(self, removed):
+        # a validation sample picks the epoch, so it reached the adapter too
+        return {0} if any(x["shard"] is not None or x["split"] == "valid" for x in removed) else set()
+
+    def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
+        if not is_adapter(staged):
+            t0 = time.perf_counter()
+            retrain_single(self.cfg, tombstones, staged, staged.parent, progress, log=self.run.log)
+            self.run.log(f"forget {rid}: adapter {SINGLE_ADAPTER} retrained from scratch on {len(ids)} samples in "
+                         f"{time.perf_counter() - t0:.1f}s")
+
+    def installed(self):
+        remove_tree(self.run / CHECKPOINT_FILE)  # its adapter tensors were trained on the data
+
+    def run_info(self):
+        return dict(super().run_info(), kind="single")
+
+
+def purge_common(run: RunDir, model, removed_ids: set[str], universe: dict[str, Sample]) -> str:
+    """The removed samples' frozen-layer cache entries and their rows in the run's prediction files."""
+    dropped = 0
+    if model is not None and model.cache is not None:
+        for e in model.encode([universe[i] for i in sorted(removed_ids) if i in universe]):
+            dropped += model.cache.discard(e.key)
+    rows = 0
+    for path in sorted(run.path.glob(PREDICTIONS_GLOB)):
+        lines = path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.split(",", 1)[0] not in removed_ids]
+        if len(keep) < len(lines):
+            rows += len(lines) - len(keep)
+            atomic_write_text(path, "\n".join(keep) + "\n")
+    return f"{dropped} frozen-cache entries, {rows} prediction rows"
+
+
+EXACT_ROUTES: dict[str, type[Route]] = {"retrain-shards": RetrainShards, "retrain-all": RetrainAll}
+Routes = Mapping[str, type[Route]]
+
+
+# --- the model directory, locked, with its route ----------------------------------------------------------------
+@dataclass
+class Run:
+    run: RunDir
+    manifest: object
+    cfg: ExperimentConfig
+    route: Route
+    ledger: Ledger | None
+    ds: Dataset
+    universe: dict[str, Sample]
+    splits: Splits  # the run's split draw, before tombstones
+
+
+def open_run(run_path: str | Path, create_ledger: bool, routes: Routes = EXACT_ROUTES) -> Run:
+    """The model directory with the route its kind forgets by (``routes``: route name -> class; a clients model
+    needs :data:`privrec.federated.forget.ROUTES`).
+
+    Raises:
+        UserError: a model that cannot forget exactly (the registry's one line). RunError: not a model
+            directory, no ledger, or no route given for its kind. DataError / AssetError: its data source.
+    """
+    manifest = models.load(run_path)
+    run = RunDir(run_path, create=False)
+    way = models.exact_route(manifest)
+    if way is None:
+        cfg = run.load_config(cls=ExperimentConfig) if manifest.kind == "single" else None
+        raise UserError(models.refusal(manifest, bool(cfg and cfg.shows_labels), cfg.task if cfg else "",
+                                       run.path))
+    if way not in routes:
+        raise RunError(f"{run.path} forgets with {way}: open it with privrec.federated.forget.ROUTES")
+    route = routes[way](run, run.load_config(cls=routes[way].config))
+    cfg = route.cfg
+    ds, universe, splits = source_data(cfg)
+    ledger = None
+    if (run / LEDGER_FILE).is_file() or create_ledger or way == "retrain-shards":
+        ledger = Ledger(run / LEDGER_FILE, create=way != "retrain-shards")
+        ledger.bind_source(cfg.data.source, cfg.data.path)
+        if not ledger.latest_adapters():  # the first request on a model whose command kept no ledger
+            record_trained(run, manifest, route, ledger)
+    return Run(run, manifest, cfg, route, ledger, ds, universe, splits)
+
+
+def record_trained(run: RunDir, manifest, route: Route, ledger: Ledger) -> None:
+    """Record the adapters as their training command left them, after checking they still are.
+
+    Raises:
+        RunError: an adapter's tensors differ from what its training recorded.
+    """
+    recorded = {a.path: a.tensors_sha256 for a in manifest.adapters}
+    for k, folder in route.folders().items():
+        state, meta = read_adapter(folder)
+        digest = tensors_digest(state)
+        if digest != meta.get("tensors_sha256") or digest != recorded.get(str(folder.relative_to(run.path))):
+            raise RunError(f"{folder}: its tensors differ from those its training recorded; train it again")
+        ledger.record_adapter(k, digest, meta.get("lineage_sha256"), len(meta.get("sample_ids", [])),
+                              ledger.next_origin(manifest.command))
+
+
+@contextlib.contextmanager
+def session(run_path: str | Path, routes: Routes = EXACT_ROUTES, create_ledger: bool = True,
+            lock: bool = True) -> Iterator[Run]:
+    """The model directory, locked for this command (``lock=False``: the caller holds the lock, as the
+    service does for its whole life), its ledger closed at the end."""
+    with run_lock(Path(run_path)) if lock else contextlib.nullcontext():
+        r = open_run(run_path, create_ledger, routes)
+        try:
+            yield r
+        finally:
+            if r.ledger is not None:
+                r.ledger.close()
