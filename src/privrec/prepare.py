@@ -28,7 +28,7 @@ from privrec.data import (
 )
 from privrec.data.ranking import training_interactions
 from privrec.errors import DataError, UserError
-from privrec.features import CollabFeatures
+from privrec.features import CollabFeatures, features_digest
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import lineage_of
 from privrec.model.backbone import use_bf16
@@ -157,6 +157,23 @@ def collab_features(cfg: ExperimentConfig, splits: Splits) -> CollabFeatures | N
     if cfg.task == "ranking":
         return _collab_implicit(cfg, splits)
     return _collab(tuple(labelled_pool(cfg, splits)), c.dim, c.epochs, c.weight_decay, c.folds, cfg.seed)
+
+
+def features_record(cfg: ExperimentConfig, splits: Splits) -> dict | None:
+    """The ``features`` block of an adapter whose prompts read features counted from labels (METHODS §12,
+    features with lineage; None when its prompts read none): which features, the samples they were counted over
+    (:func:`labelled_pool`: their count and :func:`~privrec.model.adapters.lineage_of` hash, so that they are
+    part of what the adapter learnt from) and :func:`~privrec.features.features_digest` of what was computed.
+    ``splits`` already lack the deleted data (:func:`setup_data` with the model's tombstones), so a retrain's
+    record is its recomputation without them and ``privrec forget --verify`` can recompute it from the data."""
+    if not cfg.shows_labels:
+        return None
+    pool = labelled_pool(cfg, splits)
+    uses = [name for name, on in (("prompt.item_stats", cfg.prompt.item_stats),
+                                  ("prompt.cf_score", cfg.prompt.cf_score), ("collab.inject", cfg.collab.inject)) if on]
+    return {"uses": uses, "counted_over": "the protocol's training pool minus deleted data", "n_samples": len(pool),
+            "lineage_sha256": lineage_of(pool),
+            "digest": features_digest(item_stats(cfg, splits), collab_features(cfg, splits))}
 
 
 def references(cfg: ExperimentConfig, splits: Splits) -> dict:

@@ -38,7 +38,7 @@ from privrec.errors import RunError, TrainingError
 from privrec.metrics import auc, uauc
 from privrec.model.adapters import adapter_state, load_adapter_state, originals, read_meta, save_adapter
 from privrec.model.recmodel import Batch, Encoded, RecLM
-from privrec.prepare import adapter_meta, setup_data, setup_model
+from privrec.prepare import adapter_meta, features_record, setup_data, setup_model
 from privrec.progress import track
 from privrec.rundir import CHECKPOINT_FILE
 
@@ -318,9 +318,13 @@ def fit_single(cfg: ExperimentConfig, model: RecLM, tr: list[Encoded], va: list[
 
 
 def save_single(cfg: ExperimentConfig, model: RecLM, folder: Path, train_samples: list[Sample],
-                result: TrainResult, **extra) -> dict:
+                result: TrainResult, splits: Splits, **extra) -> dict:
     """Step 6 of ``privrec train``: the adapter with its lineage (the original samples; augmented copies derive
-    from them)."""
+    from them) and, when its prompts read features counted from labels, what they were counted over
+    (:func:`privrec.prepare.features_record`, METHODS §12)."""
+    features = features_record(cfg, splits)
+    if features is not None:
+        extra["features"] = features
     save_adapter(model.model, folder, adapter_meta(cfg, model, originals(train_samples), best_epoch=result.best_epoch,
                                                    **extra))
     return read_meta(folder)
@@ -337,4 +341,4 @@ def retrain_single(cfg: ExperimentConfig, tombstones: set[tuple[int, int]], fold
     model = setup_model(cfg, splits)
     tr, va = model.encode(train_samples), model.encode(splits.valid)
     result = fit_single(cfg, model, tr, va, checkpoint_dir, resume=True, progress=progress, log=log)
-    return save_single(cfg, model, folder, train_samples, result, train_seconds=result.seconds)
+    return save_single(cfg, model, folder, train_samples, result, splits, train_seconds=result.seconds)

@@ -123,7 +123,7 @@ def _train(cfg: ExperimentConfig, out: str | Path, resume: bool, progress: bool)
     result = fit_single(cfg, model, tr, va, run.path, resume, progress, run.log)
 
     # 6. save the adapter with its lineage, the manifest, and (where it has one) the deletion ledger's record
-    meta = save_single(cfg, model, run / ADAPTERS_DIR / SINGLE_ADAPTER, train_samples, result)
+    meta = save_single(cfg, model, run / ADAPTERS_DIR / SINGLE_ADAPTER, train_samples, result, splits)
     models.write(run.path, models.build(cfg, run.path, "single", forget=models.single_forgetting(cfg)))
     if (run / LEDGER_FILE).is_file():
         ledger = Ledger(run / LEDGER_FILE, create=False)

@@ -57,7 +57,7 @@ class _ClientSlots(Checkpointed):
             self._model = (model, adapter_state(model.model))
         return self._model
 
-    def cached_model(self):
+    def cached_model(self, before=frozenset()):
         lora = self.cfg.lora
         return self._built()[0] if lora.top_layers and lora.cache_frozen else None
 

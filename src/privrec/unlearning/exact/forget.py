@@ -189,6 +189,8 @@ def _record(r: Run, users: list[int] | None, sample_ids: list[str] | None,
 
     # which of the run's samples go, and which adapter slot holds each
     split_of = {s.sample_id: name for name in ("train", "valid", "test") for s in r.splits.get(name)}
+    if r.cfg.shows_labels:  # its prompts' features were counted over the whole training pool (METHODS §12)
+        split_of = {**{s.sample_id: "pool" for s in r.splits.pool}, **split_of}
     metas = {k: read_adapter(f) for k, f in r.route.folders().items()}
     owner = {sid: k for k, (_, meta) in metas.items() for sid in meta.get("sample_ids", [])}
     removed = []
@@ -293,8 +295,9 @@ def _retrain(r: Run, rid: str, progress: bool) -> float:
     """Purge the removed samples' derived copies, retrain every affected slot into staging; returns the
     training seconds of the staged adapters."""
     removed_ids = {x["sample_id"] for x in r.ledger.removed(rid)}
-    r.run.log(f"forget {rid}: purged {r.route.purge(removed_ids, r.universe)}")
     tombstones = r.ledger.tombstones_upto(rid)  # not those of a request queued after it (the service)
+    before = tombstones - {(t["user_id"], t["item_id"]) for t in r.ledger.tombstone_rows() if t["request_id"] == rid}
+    r.run.log(f"forget {rid}: purged {r.route.purge(removed_ids, r.universe, before)}")
     seconds = 0.0
     for s in r.ledger.request_shards(rid):
         k = s["shard"]

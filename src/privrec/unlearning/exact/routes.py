@@ -26,7 +26,15 @@ from privrec.config import ExperimentConfig
 from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
-from privrec.prepare import build_model, source_data
+from privrec.prepare import (
+    Tombstones,
+    build_model,
+    collab_features,
+    features_record,
+    item_stats,
+    setup_data,
+    source_data,
+)
 from privrec.rundir import (
     ADAPTERS_DIR,
     CHECKPOINT_FILE,
@@ -75,6 +83,8 @@ from privrec.unlearning.exact.slices import (
 
 Fault = Callable[[str], None]
 RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
+FEATURES_UNRECORDED = ("its prompts read features counted from other samples' labels, but its adapter does not "
+                       "record what they were counted over (trained before features had lineage, or altered)")
 
 
 class Route:
@@ -109,15 +119,23 @@ class Route:
         """Train slot ``k`` from scratch without the deleted data into ``staged`` (unless already there)."""
         raise NotImplementedError
 
-    def purge(self, removed_ids: set[str], universe: dict[str, Sample]) -> str:
-        """Drop derived copies of the removed samples; returns what was dropped, for the log."""
-        return purge_common(self.run, self.cached_model(), removed_ids, universe)
+    def purge(self, removed_ids: set[str], universe: dict[str, Sample], before: Tombstones = frozenset()) -> str:
+        """Drop derived copies of the removed samples (``before``: the interactions deleted before this
+        request); returns what was dropped, for the log."""
+        return purge_common(self.run, self.cached_model(before), removed_ids, universe)
 
-    def cached_model(self):
+    def cached_model(self, before: Tombstones = frozenset()):
         """A model of this run with its frozen-layer cache (None: the run's LoRA caches no frozen layers), to
-        find the cache entries of samples."""
+        find the cache entries of samples; prompts that read counted features render them as they were with
+        the interactions ``before`` deleted (default: as trained)."""
         lora = self.cfg.lora
-        return build_model(self.cfg, source_data(self.cfg)[0]) if lora.top_layers and lora.cache_frozen else None
+        if not (lora.top_layers and lora.cache_frozen):
+            return None
+        if not self.cfg.shows_labels:
+            return build_model(self.cfg, source_data(self.cfg)[0])
+        splits = setup_data(self.cfg, before)
+        return build_model(self.cfg, splits.dataset, stats=item_stats(self.cfg, splits),
+                           collab=collab_features(self.cfg, splits))
 
     def installed(self) -> None:
         """After the swap: drop what still holds the old adapters."""
@@ -246,9 +264,9 @@ class RetrainShards(Checkpointed):
     def cached_model(self):
         return self._built()[0]
 
-    def purge(self, removed_ids, universe):
+    def purge(self, removed_ids, universe, before=frozenset()):
         n = purge_features(self.run / FEATURES_FILE, removed_ids)
-        return f"{n} feature rows, " + super().purge(removed_ids, universe)
+        return f"{n} feature rows, " + super().purge(removed_ids, universe, before)
 
     def run_info(self):
         return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
@@ -268,8 +286,21 @@ class RetrainAll(Route):
         return SINGLE_ADAPTER
 
     def affected(self, removed):
-        # a validation sample picks the epoch, so it reached the adapter too
-        return {0} if any(x["shard"] is not None or x["split"] == "valid" for x in removed) else set()
+        # a validation sample picks the epoch, so it reached the adapter too; a pool sample reached it through
+        # the features its prompts read (METHODS §12: counted over the pool, recorded as part of its lineage)
+        return {0} if any(x["shard"] is not None or x["split"] in ("valid", "pool") for x in removed) else set()
+
+    def problems(self, k, folder, universe, tombstones):
+        """A model whose prompts read counted features: its adapter's ``features`` record must be what the
+        data that remains gives (recomputed here), else the features came from outside its lineage."""
+        if not self.cfg.shows_labels:
+            return []
+        recorded = read_meta(folder).get("features")
+        if recorded is None:
+            return [FEATURES_UNRECORDED]
+        now = features_record(self.cfg, setup_data(self.cfg, tombstones))
+        return [f"its features' {key} differs from the data that remains (counted outside its lineage, or altered)"
+                for key in ("lineage_sha256", "digest", "n_samples") if recorded.get(key) != now.get(key)]
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if not is_adapter(staged):
@@ -277,6 +308,18 @@ class RetrainAll(Route):
             retrain_single(self.cfg, tombstones, staged, staged.parent, progress, log=self.run.log)
             self.run.log(f"forget {rid}: adapter {SINGLE_ADAPTER} retrained from scratch on {len(ids)} samples in "
                          f"{time.perf_counter() - t0:.1f}s")
+
+    def purge(self, removed_ids, universe, before=frozenset()):
+        if not self.cfg.shows_labels:
+            return super().purge(removed_ids, universe, before)
+        # every prompt showed features counted over the deleted data: drop the cached states of all of them as
+        # they were rendered (the retrain renders and caches them anew), and the removed samples' own rows
+        model = self.cached_model(before)
+        splits = setup_data(self.cfg, before)
+        shown = [s for part in (splits.train, splits.valid, splits.test) for s in part]
+        dropped = sum(model.cache.discard(e.key) for e in model.encode(shown)) if model is not None else 0
+        return f"{dropped} cached prompts that showed the old features, " + purge_common(
+            self.run, model, removed_ids, universe)
 
     def installed(self):
         remove_tree(self.run / CHECKPOINT_FILE)  # its adapter tensors were trained on the data
@@ -337,6 +380,8 @@ def open_run(run_path: str | Path, create_ledger: bool, routes: Routes = EXACT_R
         raise RunError(f"{run.path} forgets with {way}: open it with privrec.federated.forget.ROUTES")
     route = routes[way](run, run.load_config(cls=routes[way].config))
     cfg = route.cfg
+    if cfg.shows_labels and any("features" not in read_meta(f) for f in route.folders().values()):
+        raise UserError(f"{run.path}: {FEATURES_UNRECORDED}; train it again with privrec train")
     ds, universe, splits = source_data(cfg)
     ledger = None
     if (run / LEDGER_FILE).is_file() or create_ledger or way == "retrain-shards":
