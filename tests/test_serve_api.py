@@ -349,7 +349,7 @@ def test_after_a_deletion_the_store_is_begun_again_and_filled_the_users_asked_fo
         new_digest = service.rec.digest
         status = get(client, "/metrics", tok["admin"]).json()["store"]
     service.close()
-    assert status == {"precompute": True, "current": True, "users": 3, "servable": 3}
+    assert status == {"precompute": True, "current": True, "users": 3, "servable": 3, "skipped": 0}
     new = json.loads((model / "serve" / STORE_FILE).read_text())
     assert new_digest != old["key"]["adapters"] and new["key"]["adapters"] == new_digest
     assert set(new["users"]) == {str(u) for u in others}  # nothing made with the old adapters survives
@@ -475,6 +475,6 @@ def test_a_deletion_arriving_during_the_refill_ends_it_and_the_swap_happens_at_o
     assert len(first_fill) == 2  # ended after the user it was computing
     assert {u for n, u in fills if n == 2} == set(others) - {second}  # the second request's adapters: the rest
     assert len(digests) == 3 and final == digests[2]
-    assert status == {"precompute": True, "current": True, "users": 2, "servable": 2}
+    assert status == {"precompute": True, "current": True, "users": 2, "servable": 2, "skipped": 0}
     saved = json.loads((model / "serve" / STORE_FILE).read_text())
     assert saved["key"]["adapters"] == final and set(saved["users"]) == {str(u) for u in others if u != second}
