@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, randomise_lora, run_cli, tiny_config
+from conftest import benchmark_module, make_model, randomise_lora, run_cli, tiny_config
 
 from privrec.config import parse_config
 from privrec.data import build_splits
@@ -284,3 +284,48 @@ def test_unlearn_method_influence_end_to_end(tmp_path, capsys):
     meta = json.loads((out / "adapters" / "default" / "privrec.json").read_text())
     assert meta["exact"] is False and meta["method"] == "influence"
     assert "influence" in stdout
+
+
+# --- benchmarks/bench_forget.py tune: settings chosen on validation requests -----------------------------------
+def test_tune_judges_completeness_under_the_guards():
+    bf = benchmark_module("bench_forget")
+    originals = [{"jsd_vs_retrain": 0.2, "kl_sym_vs_retrain": 0.4, "retain_auc": 0.9}] * 3
+    rows = [{"jsd_vs_retrain": j, "kl_sym_vs_retrain": 2 * j, "retain_auc": a, "retrain_seconds": 100.0,
+             "unlearn_seconds": s, "n_forget": 4, "details_steps": 2} for j, a, s in
+            ((0.1, 0.9, 5.0), (0.05, 0.88, 2.0), (0.3, 0.895, 20.0))]
+    j = bf.judge(rows, originals)
+    assert j["completeness_jsd"] == pytest.approx(0.5) and j["completeness_kl"] == pytest.approx(0.5)  # medians
+    assert j["retain_auc_drop"] == pytest.approx(0.02) and j["min_speedup"] == pytest.approx(5.0)
+    assert j["steps_per_forgotten_sample"] == 0.5
+    assert [bf.point_name(p) for p in bf.grid_points({"a.x": [1, 2], "b": [3]})] == ["a.x=1 b=3", "a.x=2 b=3"]
+
+
+def test_tune_chooses_on_validation_users_apart_from_the_measured_ones(tmp_path, capsys):
+    bf = benchmark_module("bench_forget")
+    runs = tmp_path / "bf"
+    common = ["--config", str(ROOT / "configs" / "apa-tiny.yaml"), "--runs", str(runs), "--unlearn-config",
+              str(ROOT / "configs" / "unlearn" / "tiny.yaml"), "--set", "model.precision=fp32", "--no-progress"]
+    assert bf.main(["tune", *common, "--tune-requests", "2", "--tune-methods", "neggrad",
+                    "--grid", "neggrad:neggrad.train.epochs=1,4", "--grid", "neggrad:neggrad.train.lr=3e-3",
+                    "--tune-min-speedup", "0"]) == 0
+    table = capsys.readouterr().out
+    rec = json.loads((runs / "bench_forget.json").read_text())
+    valid = {req: rows for req, rows in rec["tune"].items()}
+    assert len(valid) == 2 and all(set(rows) == {"retrain", "original", "neggrad"} for rows in valid.values())
+    args = bf.argparse.Namespace(runs=str(runs), config=common[1], set=["model.precision=fp32"], original_set=[])
+    measured = {u for users in bf.approx_requests(args, runs / "original").values() for u in users}
+    assert not measured & {int(req.split("-u")[1]) for req in valid}  # validation users are not measured ones
+    points = ["neggrad.train.epochs=1 neggrad.train.lr=0.003", "neggrad.train.epochs=4 neggrad.train.lr=0.003"]
+    for rows in valid.values():
+        assert set(rows["neggrad"]) == set(points)
+        assert all(not any(k.startswith("test_") for k in r) for r in rows["neggrad"].values())  # never test
+    chosen = rec["tuned"]["neggrad"]
+    judged = {p: bf.judge([valid[r]["neggrad"][p] for r in valid], [valid[r]["original"] for r in valid])
+              for p in points}
+    ok = [p for p in points if judged[p]["retain_auc_drop"] <= 0.01]
+    best = min(ok or points, key=lambda p: judged[p]["completeness_jsd"])
+    assert bf.point_name(chosen["values"]) == best and chosen["met_guards"] == bool(ok)
+    assert "| neggrad |" in table and "**yes**" in table
+    rec_obj = bf.Record(runs / "bench_forget.json")
+    assert bf.tuned_overrides(rec_obj, "neggrad") == [f"unlearn.{k}={v}" for k, v in chosen["values"].items()]
+    assert bf.tuned_overrides(rec_obj, "e2urec") == []
