@@ -20,7 +20,8 @@ exact     >= 20 single-user requests drawn as METHODS §8 says (a third *core*: 
           it, against the full retrain on the same cached path and cold. Median, p95, max.
 approx    a ``privrec train`` original on the same samples (``--original-set``: make it memorise for the
           attack), then single-user (core, edge, random) and 1%-of-users requests: retrain, E2URec, NegGrad,
-          Bad-Teacher and the original (doing nothing), each with ``privrec unlearn``'s own code: time
+          Bad-Teacher, influence and the original (doing nothing; ``--methods`` picks), each with ``privrec
+          unlearn``'s own code: time
           against retrain, completeness (JSD / symmetric KL from retrain on the forgotten samples, as a
           fraction of the original's), test AUC, the membership attack.
 tune      (not part of ``all``) the approximate methods' settings chosen on validation requests: single users
@@ -493,12 +494,13 @@ def step_approx(args, rec: Record) -> str:
         for method in (m for m in APPROX if m in args.methods):
             if rec.get(part, req, method) is not None:
                 continue
-            if method == "retrain" and rec.get("approx", req, "retrain") is not None and args.tuned:
-                rec.put(rec.get("approx", req, "retrain"), part, req, method)  # retrain has nothing to tune
+            untuned = method in ("retrain", "original")  # nothing to tune: the untuned rows serve
+            if args.tuned and untuned and rec.get("approx", req, method) is not None:
+                rec.put(rec.get("approx", req, method), part, req, method)
                 continue
             settings = tuned_overrides(rec, method) if args.tuned else []
             log(f"approx {req}: {method} ({len(users)} users) {' '.join(settings)}")
-            folder = "unlearn-tuned" if args.tuned and method not in ("retrain", "original") else "unlearn"
+            folder = "unlearn-tuned" if args.tuned and not untuned else "unlearn"
             m = unlearn_once(args, original, users, method, Path(args.runs) / folder / req / method, ref, settings)
             rec.put({**{k: m.get(k) for k in ("unlearn_seconds", "retrain_seconds", "test_auc", "forget_auc",
                                               "jsd_vs_retrain", "kl_sym_vs_retrain", "mia_loss_accuracy",
