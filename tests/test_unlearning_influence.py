@@ -2,7 +2,8 @@
 quadratic's SGD solve a damped system; the Hessian-vector product is the derivative of the gradient; on a
 strongly convex case the influence step lands where retraining without the samples lands; only adapter tensors
 move; removing nothing is the identity; the residual is reported and falls with iterations; the command end to
-end writes an approximate student.
+end writes an approximate student. Also benchmarks/bench_forget.py's ``tune`` (settings chosen on validation
+requests) on the tiny model.
 """
 
 from __future__ import annotations
