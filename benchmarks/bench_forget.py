@@ -20,9 +20,17 @@ exact     >= 20 single-user requests drawn as METHODS §8 says (a third *core*: 
           it, against the full retrain on the same cached path and cold. Median, p95, max.
 approx    a ``privrec train`` original on the same samples (``--original-set``: make it memorise for the
           attack), then single-user (core, edge, random) and 1%-of-users requests: retrain, E2URec, NegGrad,
-          Bad-Teacher and the original (doing nothing), each with ``privrec unlearn``'s own code: time
+          Bad-Teacher, influence and the original (doing nothing; ``--methods`` picks), each with ``privrec
+          unlearn``'s own code: time
           against retrain, completeness (JSD / symmetric KL from retrain on the forgotten samples, as a
           fraction of the original's), test AUC, the membership attack.
+tune      (not part of ``all``) the approximate methods' settings chosen on validation requests: single users
+          drawn apart from every measured request's users, each forgotten by retrain once and by every grid
+          point of every method (``--grid``, ``--tune-methods``); the chosen point minimises the median
+          completeness (JSD) over them, among the points that keep the retained members' AUC within
+          ``--tune-max-auc-drop`` of the original's and are ``--tune-min-speedup`` x faster than retrain. No test
+          sample is read. ``approx --tuned`` then measures the requests with the chosen values (its own record
+          part and run folders), and the record keeps every grid point's numbers and the choice.
 plot      (reads the record only; not part of ``all``) the timed exact requests' speed-ups and every run's
           planned replay work by the user's training samples, as a PNG (``--plot``, docs/img/forget-requests.png).
 
@@ -39,6 +47,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gc
+import itertools
 import json
 import math
 import shutil
@@ -70,7 +79,19 @@ RUNS = {  # name -> overrides on top of the config (METHODS §9's runs of issue 
     "users-k4": ["shards.partition=semantic-users", "shards.k=4", "shards.slices=1"],
     "users-k8-r4": ["shards.partition=semantic-users", "shards.k=8", "shards.slices=4"],
 }
-APPROX = ("retrain", "e2urec", "neggrad", "bad-teacher", "original")
+APPROX = ("retrain", "e2urec", "neggrad", "bad-teacher", "influence", "original")
+# the settings `tune` tries per method (unlearn.* keys; steps per forgotten sample = epochs / batch size);
+# --grid METHOD:key=v1,v2 replaces one key's values
+TUNE_GRIDS: dict[str, dict[str, list]] = {
+    "e2urec": {"e2urec.train.epochs": [2, 6], "e2urec.train.lr": [1e-3, 3e-3], "e2urec.alpha": [1.0, 2.0, 4.0],
+               "e2urec.beta": [0.4, 0.8]},
+    "neggrad": {"neggrad.train.epochs": [2, 6, 20], "neggrad.train.lr": [3e-4, 1e-3, 3e-3]},
+    "bad-teacher": {"bad_teacher.train.epochs": [2, 6, 20], "bad_teacher.train.lr": [3e-4, 1e-3, 3e-3]},
+    "influence": {"influence.damping": [1e-3, 1e-2, 1e-1], "influence.scale": [1.0, 3.0]},
+}
+# what a tuning run keeps: no test measure (settings are never chosen on test)
+TUNE_KEYS = ("unlearn_seconds", "retrain_seconds", "jsd_vs_retrain", "kl_sym_vs_retrain", "retain_auc",
+             "mia_loss_accuracy", "n_forget", "budget")
 
 
 def log(msg: str) -> None:
@@ -444,41 +465,62 @@ def approx_requests(args, original: Path) -> dict[str, list[int]]:
             "users-1pct": sorted(int(u) for u in rng.choice(ranked, size=n1, replace=False))}
 
 
+def unlearn_once(args, original: Path, users: list[int], method: str, out: Path, ref: Path | None,
+                 overrides: list[str] = ()) -> dict:
+    """``privrec unlearn``'s own code on one request: ``users`` forgotten by ``method`` into ``out``."""
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_unlearn_config(original, args.unlearn_config,
+                              [f"unlearn.forget_users={users}", "unlearn.forget_fraction=null", *args.unlearn_set,
+                               *overrides], method=method)
+    m = run_unlearn(cfg, original, out, retrained=None if method == "retrain" else ref, progress=not args.no_progress)
+    gc.collect()
+    return m
+
+
+def tuned_overrides(rec: Record, method: str) -> list[str]:
+    """The ``unlearn.*`` overrides ``tune`` chose for ``method`` ([] when it chose none)."""
+    chosen = rec.get("tuned", method)
+    return [f"unlearn.{k}={v}" for k, v in (chosen or {}).get("values", {}).items()]
+
+
 def step_approx(args, rec: Record) -> str:
     original = original_run(args)
     requests = approx_requests(args, original)
+    part = "approx-tuned" if args.tuned else "approx"  # the tuned rows keep their own part of the record
     for req, users in requests.items():
         if args.report_only or (args.only and req not in args.only):  # another queue's request
             continue
         ref = Path(args.runs) / "unlearn" / req / "retrain"
-        for method in APPROX:
-            if rec.get("approx", req, method) is not None:
+        for method in (m for m in APPROX if m in args.methods):
+            if rec.get(part, req, method) is not None:
                 continue
-            out = Path(args.runs) / "unlearn" / req / method
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = load_unlearn_config(original, args.unlearn_config,
-                                      [f"unlearn.forget_users={users}", "unlearn.forget_fraction=null",
-                                       *args.unlearn_set], method=method)
-            log(f"approx {req}: {method} ({len(users)} users)")
-            m = run_unlearn(cfg, original, out, retrained=None if method == "retrain" else ref,
-                            progress=not args.no_progress)
-            rec.put({k: m.get(k) for k in ("unlearn_seconds", "retrain_seconds", "test_auc", "forget_auc",
-                                           "jsd_vs_retrain", "kl_sym_vs_retrain", "mia_loss_accuracy",
-                                           "mia_loss_fit_accuracy", "mia_logistic_accuracy", "n_forget",
-                                           "n_retain_pool", "budget")}, "approx", req, method)
-            gc.collect()
+            untuned = method in ("retrain", "original")  # nothing to tune: the untuned rows serve
+            if args.tuned and untuned and rec.get("approx", req, method) is not None:
+                rec.put(rec.get("approx", req, method), part, req, method)
+                continue
+            settings = tuned_overrides(rec, method) if args.tuned else []
+            log(f"approx {req}: {method} ({len(users)} users) {' '.join(settings)}")
+            folder = "unlearn-tuned" if args.tuned and not untuned else "unlearn"
+            m = unlearn_once(args, original, users, method, Path(args.runs) / folder / req / method, ref, settings)
+            rec.put({**{k: m.get(k) for k in ("unlearn_seconds", "retrain_seconds", "test_auc", "forget_auc",
+                                              "jsd_vs_retrain", "kl_sym_vs_retrain", "mia_loss_accuracy",
+                                              "mia_loss_fit_accuracy", "mia_logistic_accuracy", "n_forget",
+                                              "n_retain_pool", "budget")}, "settings": settings}, part, req, method)
     om = json.loads((original / "metrics.json").read_text())
+    chosen = "; ".join(f"{m}: {' '.join(tuned_overrides(rec, m)) or 'config'}" for m in APPROX
+                       if m not in ("retrain", "original"))
     lines = [f"Original: `privrec train` on the same samples (overrides: {' '.join(args.original_set) or 'none'}), "
              f"test AUC {fmt(om.get('auc'))}. Completeness = divergence from retrain on the forgotten samples / "
              "the original's (0 = retrain, 1 = nothing forgotten; METHODS §8). MIA = loss-threshold attack's "
-             "balanced accuracy on the forgotten vs never-seen samples (fit accuracy: on its own fit sets).", "",
+             "balanced accuracy on the forgotten vs never-seen samples (fit accuracy: on its own fit sets)."
+             + (f" Settings chosen on validation requests (`tune`): {chosen}." if args.tuned else ""), "",
              "| request | users / samples | method | seconds | retrain / seconds | test AUC | forget AUC | JSD | "
              "completeness (JSD) | completeness (sym. KL) | MIA | MIA fit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for req, users in requests.items():
-        o = rec.get("approx", req, "original")
+        o = rec.get(part, req, "original") or rec.get("approx", req, "original")
         for method in APPROX:
-            m = rec.get("approx", req, method)
+            m = rec.get(part, req, method)
             if m is None or o is None:  # not measured yet (another queue's, or a later session's)
                 continue
             sec, rs = m["unlearn_seconds"], m["retrain_seconds"]
@@ -491,6 +533,119 @@ def step_approx(args, rec: Record) -> str:
     return "\n".join(lines)
 
 
+# --- tune: settings chosen on validation requests ----------------------------------------------------------
+def tune_requests(args, original: Path) -> dict[str, list[int]]:
+    """``--tune-requests`` single users drawn (seeded) from the training users that no measured request holds."""
+    from privrec.prepare import setup_data
+
+    cfg = RunDir(original, create=False).load_config()
+    measured = {u for users in approx_requests(args, original).values() for u in users}
+    pool = sorted({s.user_id for s in setup_data(cfg, set()).train} - measured)
+    rng = np.random.default_rng([cfg.seed, 12])
+    drawn = sorted(int(u) for u in rng.choice(pool, size=min(args.tune_requests, len(pool)), replace=False))
+    return {f"valid-u{u}": [u] for u in drawn}
+
+
+def tune_grids(args) -> dict[str, dict[str, list]]:
+    """TUNE_GRIDS with ``--grid METHOD:key=v1,v2`` applied, for ``--tune-methods``."""
+    grids = {m: dict(g) for m, g in TUNE_GRIDS.items()}
+    for spec in args.grid:
+        method, _, kv = spec.partition(":")
+        key, _, values = kv.partition("=")
+        if method not in grids or not key or not values:
+            raise SystemExit(f"bench_forget: --grid {spec!r}: expected METHOD:key=v1,v2 with METHOD one of "
+                             f"{sorted(grids)}")
+        grids[method][key] = [number_or_yaml(v) for v in values.split(",")]
+    return {m: grids[m] for m in args.tune_methods}
+
+
+def number_or_yaml(text: str):
+    """A grid value: a number where it reads as one (YAML 1.1 reads ``3e-3`` as a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items()) or "config"
+
+
+def judge(rows: list[dict], originals: list[dict]) -> dict:
+    """A grid point over the validation requests: median completeness (JSD and symmetric KL, each request's
+    divergence from its retrain over the original's), the largest drop of the retained members' AUC below the
+    original's, the smallest speed-up over retrain, median steps per forgotten sample."""
+    def share(key):
+        vals = [r[key] / o[key] for r, o in zip(rows, originals) if r[key] is not None and o[key]]
+        return float(np.median(vals)) if vals else None
+
+    steps = [r["details_steps"] / r["n_forget"] for r in rows if r.get("details_steps") is not None and r["n_forget"]]
+    return {"completeness_jsd": share("jsd_vs_retrain"), "completeness_kl": share("kl_sym_vs_retrain"),
+            "retain_auc_drop": max(o["retain_auc"] - r["retain_auc"] for r, o in zip(rows, originals)),
+            "min_speedup": min(r["retrain_seconds"] / r["unlearn_seconds"] for r in rows),
+            "steps_per_forgotten_sample": float(np.median(steps)) if steps else None}
+
+
+def step_tune(args, rec: Record) -> str:
+    original = original_run(args)
+    requests = tune_requests(args, original)
+    grids = tune_grids(args)
+    base = Path(args.runs) / "unlearn-valid"
+    for req, users in requests.items():  # retrain (the reference) and the original (doing nothing), once each
+        for method in ("retrain", "original"):
+            if rec.get("tune", req, method) is None:
+                log(f"tune {req}: {method}")
+                m = unlearn_once(args, original, users, method, base / req / method, base / req / "retrain")
+                rec.put({k: m.get(k) for k in TUNE_KEYS}, "tune", req, method)
+    for method, grid in grids.items():
+        for point in grid_points(grid):
+            name = point_name(point)
+            for req, users in requests.items():
+                if rec.get("tune", req, method, name) is not None:
+                    continue
+                log(f"tune {req}: {method} {name}")
+                m = unlearn_once(args, original, users, method, base / req / "grid", base / req / "retrain",
+                                 [f"unlearn.{k}={v}" for k, v in point.items()])
+                steps = m["budget"]["steps"].get(method)
+                steps = steps["student"] if method == "e2urec" else steps
+                rec.put({**{k: m.get(k) for k in TUNE_KEYS},
+                         "details_steps": steps if isinstance(steps, int) else None}, "tune", req, method, name)
+    originals = [rec.get("tune", req, "original") for req in requests]
+    lines = [f"Validation requests (single users apart from the measured ones): {', '.join(requests)}; "
+             f"guards: retained members' AUC at most {args.tune_max_auc_drop} below the original's, at least "
+             f"{args.tune_min_speedup}x faster than retrain. Completeness: median over the requests. No test sample "
+             "is read.", "",
+             "| method | setting | steps / forgotten sample | completeness (JSD) | completeness (sym. KL) | "
+             "retain AUC drop | min speed-up | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for method, grid in grids.items():
+        judged = {}
+        for point in grid_points(grid):
+            name = point_name(point)
+            rows = [rec.get("tune", req, method, name) for req in requests]
+            judged[name] = (point, judge(rows, originals))
+        ok = {n: pj for n, pj in judged.items() if pj[1]["completeness_jsd"] is not None
+              and pj[1]["retain_auc_drop"] <= args.tune_max_auc_drop and pj[1]["min_speedup"] >= args.tune_min_speedup}
+        pool = ok or {n: pj for n, pj in judged.items() if pj[1]["completeness_jsd"] is not None}
+        best = min(pool, key=lambda n: pool[n][1]["completeness_jsd"]) if pool else None
+        if best is not None:
+            rec.put({"values": pool[best][0], **pool[best][1], "met_guards": bool(ok),
+                     "requests": list(requests)}, "tuned", method)
+        for name, (_, j) in judged.items():
+            lines.append(f"| {method} | {name} | {fmt(j['steps_per_forgotten_sample'], 2)} | "
+                         f"{fmt(j['completeness_jsd'], 2)} | {fmt(j['completeness_kl'], 2)} | "
+                         f"{fmt(j['retain_auc_drop'], 4)} | {fmt(j['min_speedup'], 1)} | "
+                         f"{'**yes**' if name == best else ''} |")
+        if best is not None and not ok:
+            lines.append(f"| {method} | (no point met the guards: the least incomplete one is chosen) | | | | | | |")
+    return "\n".join(lines)
+
+
 def step_retrain(args, rec: Record) -> str:
     """Only the full retrain on this machine (a second CPU queue can run it beside ``quality``)."""
     full = full_retrain(args, rec)
@@ -500,7 +655,7 @@ def step_retrain(args, rec: Record) -> str:
 
 STEPS = {"quality": step_quality, "retrain": step_retrain, "plan": step_plan, "exact": step_exact,
          "approx": step_approx}
-REPORTS = {"plot": step_plot}  # read the record only; not part of `all`
+REPORTS = {"plot": step_plot, "tune": step_tune}  # not part of `all` (plot reads the record only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,6 +679,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section-tag", default=None, help="--out-bench: name the sections bench_forget:STEP:TAG "
                    "(another record's tables beside these, e.g. the memorising original's approx step)")
     p.add_argument("--plot", default="docs/img/forget-requests.png", help="plot: where the picture goes")
+    p.add_argument("--methods", nargs="+", default=list(APPROX), choices=APPROX,
+                   help="approx: the methods measured (default: all)")
+    p.add_argument("--tuned", action="store_true", help="approx: with the settings `tune` chose (record part "
+                   "approx-tuned, runs under RUNS/unlearn-tuned)")
+    p.add_argument("--tune-requests", type=int, default=4, help="tune: validation requests (single users)")
+    p.add_argument("--tune-methods", nargs="+", default=[m for m in TUNE_GRIDS], choices=list(TUNE_GRIDS),
+                   help="tune: the methods to tune")
+    p.add_argument("--grid", action="append", default=[], help="tune: METHOD:key=v1,v2 replaces one key's values "
+                   "in the method's grid (repeatable), e.g. neggrad:neggrad.train.epochs=2,6")
+    p.add_argument("--tune-max-auc-drop", type=float, default=0.01, help="tune: a point may lower the retained "
+                   "members' AUC by at most this below the original's")
+    p.add_argument("--tune-min-speedup", type=float, default=10.0, help="tune: a point must be this many times "
+                   "faster than retrain on every validation request")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     Path(args.runs).mkdir(parents=True, exist_ok=True)

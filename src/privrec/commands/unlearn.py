@@ -44,6 +44,7 @@ from privrec.rundir import (
 )
 from privrec.unlearning.approx import baselines
 from privrec.unlearning.approx.e2urec import e2urec
+from privrec.unlearning.approx.influence import hessian_items, influence
 from privrec.unlearning.approx.task import (
     METHOD_NAMES,
     UnlearnConfig,
@@ -61,8 +62,8 @@ from privrec.unlearning.exact.shards import ApaConfig
 from privrec.unlearning.measures import MiaSets, Outputs, forgetting_measures
 
 METHODS: dict[str, Unlearner] = {"e2urec": e2urec, "neggrad": baselines.neggrad,
-                                 "bad-teacher": baselines.bad_teacher, "retrain": baselines.retrain,
-                                 "original": baselines.original}
+                                 "bad-teacher": baselines.bad_teacher, "influence": influence,
+                                 "retrain": baselines.retrain, "original": baselines.original}
 assert set(METHODS) == set(METHOD_NAMES)
 
 FORGET_FILE = "forget.json"
@@ -323,6 +324,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     needed += [e for k in mia_s for e in enc[k]]
     if method == "retrain":
         needed += enc["retain"] + enc["valid"]
+    elif method == "influence":  # the retained items its Hessian is estimated on
+        needed += hessian_items(cfg.unlearn.influence, enc["retain"], cfg.seed)
     t0 = time.perf_counter()
     model.prepare(needed, bs, progress)
     cache_seconds = time.perf_counter() - t0

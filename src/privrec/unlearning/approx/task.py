@@ -101,6 +101,32 @@ class BadTeacherSection(_Section):
     train: BaselineTrain = Field(BaselineTrain(), description="Distillation into the original adapter.")
 
 
+class InfluenceSection(_Section):
+    """The influence step of the adapter (METHODS §13; privrec.unlearning.approx.influence)."""
+
+    solver: Literal["cg", "sgd"] = Field(
+        "cg", description="cg: conjugate gradient on (H + damping I) x = v, exact residual; sgd: LLMEraser's "
+        "mini-batch gradient descent on 1/2 x^T (H + damping I) x - v^T x (LiSSA's recursion), mini-batch "
+        "residual.")
+    damping: float = Field(
+        1e-3, gt=0, description="lambda in (H + lambda I): makes the non-convex adapter loss's Hessian positive "
+        "definite and bounds the step (per retained item: a loss sum_i l_i + c/2 |theta|^2 has lambda = c / n).")
+    iterations: int = Field(10, ge=0, description="CG iterations (each one Hessian-vector product over the "
+                            "Hessian sample), or sgd epochs over it.")
+    tol: float = Field(1e-3, ge=0, description="Stop once the relative residual |v - (H + lambda I) x| / |v| is "
+                       "at most this.")
+    hessian_samples: int | None = Field(
+        128, ge=1, description="Retained items the Hessian is estimated on, drawn once with the run's seed (None = "
+        "every retained item); the cost of each iteration is in proportion to it.")
+    batch_size: int = Field(16, ge=1, description="Items per forward in gradients and Hessian-vector products "
+                            "(sgd: also its mini-batch).")
+    lr: float = Field(0.5, gt=0, description="sgd only: the step on the quadratic (LiSSA: 1 / scale); it must stay "
+                      "below 2 / (the largest eigenvalue of H + lambda I) or sgd diverges.")
+    scale: float = Field(
+        1.0, gt=0, description="Multiplies the update; 1 = the influence (Newton) step. A knob for validation "
+                               "requests only.")
+
+
 class MiaSection(_Section):
     max_samples: int = Field(
         256, ge=8, description="Cap on each attack set (retained members to fit on, never-seen samples to fit "
@@ -114,9 +140,9 @@ class MiaSection(_Section):
 
 class UnlearnSection(_Section):
     method: Method = Field(
-        "e2urec", description="e2urec / neggrad / bad-teacher: approximate unlearning; retrain: from scratch on "
-        "the retained samples with the original run's lora and train settings; original: no unlearning (the "
-        "reference row 'doing nothing').")
+        "e2urec", description="e2urec / neggrad / bad-teacher / influence: approximate unlearning; retrain: from "
+        "scratch on the retained samples with the original run's lora and train settings; original: no unlearning "
+        "(the reference row 'doing nothing').")
     forget_fraction: float | None = Field(
         0.2, gt=0, lt=1, description="Forget this fraction of the training users (all their samples), drawn "
         "with forget_seed. Mutually exclusive with forget_users.")
@@ -129,6 +155,7 @@ class UnlearnSection(_Section):
     e2urec: E2URecSection = E2URecSection()
     neggrad: NegGradSection = NegGradSection()
     bad_teacher: BadTeacherSection = BadTeacherSection()
+    influence: InfluenceSection = InfluenceSection()
     mia: MiaSection = MiaSection()
 
     @model_validator(mode="after")
@@ -213,16 +240,20 @@ def request_budget(cfg: UnlearnConfig, n_forget: int, n_retain: int) -> dict:
     batch_size), every step one batch of batch_size forget items (+ as many retained items in mixed epochs,
     :func:`paired_plan`). E2URec also tunes the augmented model on the forget items alone. With the
     ``unlearn`` section's defaults a one-user request of 10 items takes 2 steps per method; 1% of 943 users
-    (~10 users, ~100 items) about 13."""
+    (~10 users, ~100 items) about 13. Influence is the exception (METHODS §13): its Hessian is the retained
+    loss's, estimated on a fixed ``hessian_samples`` items whatever the request; it spends one gradient pass
+    over the forget items and ``iterations`` Hessian-vector passes over those items (at most)."""
     u = cfg.unlearn
-    e, ng, bt = u.e2urec, u.neggrad, u.bad_teacher
+    e, ng, bt, inf = u.e2urec, u.neggrad, u.bad_teacher, u.influence
 
     def steps(tc) -> int:
         return tc.epochs * math.ceil(n_forget / tc.batch_size)
 
+    n_hessian = n_retain if inf.hessian_samples is None else min(n_retain, inf.hessian_samples)
     return {"n_forget": n_forget, "retain": min(n_retain, round(u.retain_per_forget * n_forget)),
             "steps": {"e2urec": {"augment": steps(e.augment), "student": steps(e.train)},
-                      "neggrad": steps(ng.train), "bad-teacher": steps(bt.train)}}
+                      "neggrad": steps(ng.train), "bad-teacher": steps(bt.train),
+                      "influence": {"hessian_items": n_hessian, "hvp_passes": inf.iterations}}}
 
 
 # --- what a method receives and returns --------------------------------------------------------------------
