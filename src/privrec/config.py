@@ -6,6 +6,7 @@ default). All validation happens here, so the rest of the code can trust a loade
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -280,11 +281,36 @@ class ExperimentConfig(_Section):
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
 
     def digest(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none), for cache keys."""
+        """Short stable hash of the named sections (all when none), for cache keys. A key added to the schema
+        after digests were first recorded (:data:`ADDED_KEYS`) is left out while it holds its default, so the
+        digests of run directories, adapters, certificates and records written before it stay what they were."""
         d = json.loads(self.model_dump_json())
+        for path in ADDED_KEYS:
+            node = d
+            for part in path[:-1]:
+                node = node.get(part, {})
+            if path[-1] in node and node[path[-1]] == _default_at(path):
+                del node[path[-1]]
         if sections:
-            d = {s: d[s] for s in sections}
+            d = {s: d[s] for s in sections if s in d}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# keys added to ExperimentConfig after digests were recorded (round 3: the collaborative signal, METHODS §12)
+ADDED_KEYS: tuple[tuple[str, ...], ...] = (("collab",), ("prompt", "cf_score"), ("ranking", "cf_references"))
+
+
+@functools.cache
+def _defaults() -> dict:
+    return json.loads(ExperimentConfig().model_dump_json())
+
+
+def _default_at(path: tuple[str, ...]):
+    """The JSON form of the schema's default at ``path`` (a section or a field of one)."""
+    node = _defaults()
+    for part in path:
+        node = node[part]
+    return node
 
 
 def _format_validation_error(err: ValidationError) -> str:
