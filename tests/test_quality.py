@@ -203,7 +203,7 @@ def test_all_users_baseline_writes_uauc_for_every_reference(tmp_path):
     m = run_baseline(load_config(ROOT / "configs" / "all-users-ml100k.yaml", ["data.n_train=256",
                                                                             "prompt.item_stats=false"]), tmp_path / "b")
     assert m["references"].keys() == {"like-rate", "item-mean", "lr-onehot", "lr-onehot+like-rate",
-                                      "lr-like-rate+item-mean"}
+                                      "lr-like-rate+item-mean", "mf"}
     for name, r in m["references"].items():
         assert 0 < r["uauc"] < 1 and 0 < r["auc"] < 1, name
     saved = json.loads((tmp_path / "b" / "metrics.json").read_text())

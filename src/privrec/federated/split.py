@@ -240,8 +240,9 @@ class SplitRecLM(RecLM):
         return lambda name: client_side(layer_index(name), split.client_first, split.client_last, n)
 
     @classmethod
-    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None) -> SplitRecLM:
-        model = super().from_config(cfg, dataset, device, item_stats)
+    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None,
+                    collab=None) -> SplitRecLM:
+        model = super().from_config(cfg, dataset, device, item_stats, collab)
         model.model_config = cfg.model
         model._loaded_cut = (cfg.federated.split.client_first, cfg.federated.split.client_last)
         return model
