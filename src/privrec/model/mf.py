@@ -7,6 +7,7 @@ for the duration of the fit, so the same interactions give the same factors on a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,22 +66,29 @@ def fit_mf(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, dim: int =
     mu = float(ratings.mean())
     u_t, i_t, r_t = torch.from_numpy(u_idx), torch.from_numpy(i_idx), torch.from_numpy(ratings)
     opt = torch.optim.Adam([P, Q, bu, bi], lr=0.05, weight_decay=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions in a fixed order: the factors must not depend on the machine
-    try:
+    with _one_thread():
         for _ in range(epochs):
             pred = mu + bu[u_t] + bi[i_t] + (P[u_t] * Q[i_t]).sum(-1)  # (N,)
             loss = ((pred - r_t) ** 2).mean() + weight_decay * (P.pow(2).sum() + Q.pow(2).sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
+    return MF(uid, iid, _arr(P), _arr(Q), _arr(bu), _arr(bi), mu)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Reductions in a fixed order for the duration of a fit: the factors must not depend on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
-    def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().numpy().astype(np.float64)
 
-    return MF(uid, iid, arr(P), arr(Q), arr(bu), arr(bi), mu)
+def _arr(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().astype(np.float64)
 
 
 def fit_bpr(users: np.ndarray, items: np.ndarray, n_items_universe: np.ndarray, dim: int = 32, epochs: int = 40,
@@ -107,9 +115,7 @@ def fit_bpr(users: np.ndarray, items: np.ndarray, n_items_universe: np.ndarray, 
     bi = torch.nn.Parameter(torch.zeros(len(iid)))
     opt = torch.optim.Adam([P, Q, bi], lr=lr)
     u_all, i_all = torch.from_numpy(u_idx), torch.from_numpy(i_idx)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         for _ in range(epochs):
             neg = rng.integers(0, n_i, len(u_idx))
             clash = np.isin(u_idx * n_i + neg, seen)  # the (few) negatives the user did interact with: redraw
@@ -127,10 +133,4 @@ def fit_bpr(users: np.ndarray, items: np.ndarray, n_items_universe: np.ndarray, 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    finally:
-        torch.set_num_threads(threads)
-
-    def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().numpy().astype(np.float64)
-
-    return MF(uid, iid, arr(P), arr(Q), np.zeros(len(uid)), arr(bi), 0.0)
+    return MF(uid, iid, _arr(P), _arr(Q), np.zeros(len(uid)), _arr(bi), 0.0)
