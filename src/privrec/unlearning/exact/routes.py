@@ -261,7 +261,7 @@ class RetrainShards(Checkpointed):
         self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
                      f"{len(ids)} samples in {seconds:.1f}s")
 
-    def cached_model(self):
+    def cached_model(self, before=frozenset()):
         return self._built()[0]
 
     def purge(self, removed_ids, universe, before=frozenset()):
