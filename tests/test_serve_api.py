@@ -16,6 +16,7 @@ from privrec.cli import main
 from privrec.commands.forget import run_forget
 from privrec.commands.recommend import run_recommend
 from privrec.recommender import Recommender, blended_order
+from privrec.rundir import LEDGER_FILE, MANIFEST_FILE
 from privrec.serve.app import MAX_BATCH, create_app
 from privrec.serve.service import Service
 from privrec.serve.store import NEXT_FILE, STORE_FILE, RecStore
@@ -89,7 +90,7 @@ def test_tokens_401_403_and_admin(live):
              403)
     assert get(client, path, tok["admin"]).status_code == 200
     assert get(client, "/v1/me", tok[other]).json() == {"token_id": tok[other].split("_")[1], "user": other,
-                                                         "admin": False}
+                                                         "admin": False, "forgets_by": "retrain-all"}
     error_of(get(client, "/metrics", tok[other]), 403)
     m = get(client, "/metrics", tok["admin"]).json()
     assert m["routes"]["GET /v1/users/{user}/recommendations"]["by_status"]["403"] >= 1
@@ -478,3 +479,30 @@ def test_a_deletion_arriving_during_the_refill_ends_it_and_the_swap_happens_at_o
     assert status == {"precompute": True, "current": True, "users": 2, "servable": 2, "skipped": 0}
     saved = json.loads((model / "serve" / STORE_FILE).read_text())
     assert saved["key"]["adapters"] == final and set(saved["users"]) == {str(u) for u in others if u != second}
+
+
+def test_a_model_that_cannot_forget_says_so_and_takes_no_deletion_request(served_model, tmp_path, live):
+    """The service of a model that cannot forget exactly says so (its /healthz and /v1/me, read by the page to
+    hide the button); a deletion request answers 409 with a line for the person who asked, not the operator's."""
+    client, tok, victim = live[0], live[1], live[2]
+    assert get(client, "/v1/me", tok[victim]).json()["forgets_by"] == "retrain-all"
+    health = client.get("/healthz").json()
+    assert health["forgets_by"] == "retrain-all" and health["cannot_forget"] is None
+
+    model = copy_model(served_model, tmp_path / "model")
+    manifest = json.loads((model / MANIFEST_FILE).read_text())
+    manifest["forget"] = []  # as a model of a kind that cannot forget records it
+    (model / MANIFEST_FILE).write_text(json.dumps(manifest))
+    tok = tokens(model, victim)
+    service = Service(model, candidates=20)
+    try:
+        with TestClient(create_app(service)) as c:
+            assert get(c, "/v1/me", tok[victim]).json()["forgets_by"] is None
+            health = c.get("/healthz").json()
+            assert health["forgets_by"] is None and "cannot forget exactly" in health["cannot_forget"]
+            said = error_of(c.post(f"/v1/users/{victim}/forget", headers=bearer(tok[victim])), 409)
+            assert "ask the service's operator" in said and "privrec" not in said
+            assert not (model / LEDGER_FILE).exists()  # nothing recorded
+            assert get(c, f"/v1/users/{victim}/history", tok[victim]).status_code == 200  # not refused as gone
+    finally:
+        service.close()

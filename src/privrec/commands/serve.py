@@ -7,6 +7,7 @@ top-k into the store and exits.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from privrec.errors import UserError
@@ -29,6 +30,8 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
                       progress=progress, source=source, refill_before_swap=refill_before_swap)
     try:
+        if service.refusal is not None:  # said when it starts, and on its page (no promise, no button)
+            print(f"privrec serve: deletion requests will be refused (409): {service.refusal}", file=sys.stderr)
         service.start()
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
     finally:

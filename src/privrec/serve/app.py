@@ -40,6 +40,8 @@ class Health(_Body):
     status: str
     model: str
     kind: str
+    forgets_by: str | None = Field(description="the exact route a deletion request takes (null: none is taken)")
+    cannot_forget: str | None = Field(description="why deletion requests are refused (null: they are taken)")
     pending_deletions: int
     worker: str
 
@@ -48,6 +50,8 @@ class Me(_Body):
     token_id: str
     user: int | None
     admin: bool
+    forgets_by: str | None = Field(description="how the model forgets a user's data (null: it cannot, and "
+                                               "deletion requests answer 409)")
 
 
 class Item(_Body):
@@ -256,11 +260,12 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/healthz", response_model=Health)
     def healthz():
         return Health(status="ok", model=service.path.name, kind=service.rec.md.kind,
+                      forgets_by=service.forgets_by, cannot_forget=service.refusal,
                       pending_deletions=service.pending(), worker=service.worker_state)
 
     @app.get("/v1/me", response_model=Me, responses=responses)
     def me(who: Principal = Depends(principal)):
-        return Me(token_id=who.token_id, user=who.user, admin=who.admin)
+        return Me(token_id=who.token_id, user=who.user, admin=who.admin, forgets_by=service.forgets_by)
 
     @app.get("/v1/users/{user}/recommendations", response_model=Recommendations, responses=responses)
     def recommendations(user: int = User, k: int = Query(10, ge=1, le=service.max_k, description="how many items"),

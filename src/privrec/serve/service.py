@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privrec import models
 from privrec.errors import NotFoundError, RunError, UserError
 from privrec.federated.forget import ROUTES
 from privrec.prepare import source_data
@@ -42,9 +43,14 @@ from privrec.serve.auth import TokenStore
 from privrec.serve.store import NEXT_FILE, RecStore, store_key
 from privrec.unlearning.exact.forget import run_resume, submit_forget
 from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, last_request_of
+from privrec.unlearning.exact.routes import forget_refusal
 
 RETRY_SECONDS = 30.0  # a failed request is tried again after this long (its error is shown meanwhile)
 RECENT_USERS = 10_000  # users remembered as recently asked for (the store is filled for them first)
+# what a person asking to be deleted is told when the served model cannot forget (the operator's reason, which
+# names commands and config keys, is printed when the service starts and shown by /healthz)
+NO_DELETION = ("this service cannot delete your data on request: its model cannot forget exactly; ask the "
+               "service's operator")
 
 
 class NotFound(NotFoundError):
@@ -126,7 +132,10 @@ class Service:
             self.plan_lock = threading.Lock()  # recording a request vs swapping adapters in
             self.swap_lock = threading.Lock()  # the recommender reference
             self.rec = self._build()
-            if self.rec.md.manifest.forget:
+            # None: deletion requests are taken; else the line privrec forget refuses this model with
+            self.refusal: str | None = forget_refusal(self.path, ROUTES)
+            self.forgets_by = None if self.refusal else models.exact_route(self.rec.md.manifest)
+            if self.refusal is None:
                 source_data(self.rec.cfg)  # every sample of the source, memoised: a forget request needs them
             self.forgotten: dict[int, str] = self._forgotten_users()
             self.known_users = set(self.rec.splits.dataset.users) | set(
@@ -300,6 +309,8 @@ class Service:
         """
         if user not in self.known_users:
             raise NotFound(f"user {user} not found in {self.rec.ds.name}")
+        if self.refusal is not None:
+            raise CannotForget(NO_DELETION)
         with self.plan_lock:
             if user in self.forgotten:
                 return self.request(self.forgotten[user]), False
