@@ -107,3 +107,112 @@ def test_features_from_outside_the_lineage_are_refused_and_fail_verification(tra
     path.write_text(json.dumps(meta))
     code, out, err = run_cli(capsys, "forget", str(old), "--users", str(user))
     assert code == 2 and "features" in err and len(err.strip().splitlines()) == 1
+
+
+# --- shards: each shard's features from its own samples ------------------------------------------------------
+SHARD_SETS = ["prompt.item_stats=true", "prompt.cf_score=true", "collab.epochs=10", "model.precision=fp32",
+              "shards.aggregations=[uniform,apa-nd]",
+              "shards.partition=semantic-users"]
+
+
+def _shard_train(out, *sets):
+    from privrec.cli import main
+
+    argv = ["--no-progress", "shard-train", "configs/apa-tiny.yaml", "--out", str(out)]
+    for s in (*SHARD_SETS, *sets):
+        argv += ["--set", s]
+    assert main(argv) == 0
+
+
+def _shard_metas(out):
+    return {p.name: json.loads((p / "privrec.json").read_text()) for p in sorted((out / "adapters").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "m"
+    _shard_train(out)
+    return out
+
+
+def test_each_shard_counts_its_features_over_its_own_samples_and_the_partition_reads_no_label(
+        sharded, tmp_path):
+    from privrec.unlearning.exact.shards import ApaConfig, features_record, setup_shard_data
+
+    cfg = load_config(sharded / "config.yaml", cls=ApaConfig)
+    by_id = {s.sample_id: s for s in setup_shard_data(cfg, set()).train}
+    metas = _shard_metas(sharded)
+    for meta in metas.values():
+        rec = meta["features"]
+        assert rec["uses"] == ["prompt.item_stats", "prompt.cf_score"]
+        assert rec["n_samples"] == len(meta["sample_ids"])
+        assert rec == features_record(cfg, [by_id[i] for i in meta["sample_ids"]])
+    assert len({m["features"]["digest"] for m in metas.values()}) == len(metas)  # counted apart
+    assert json.loads((sharded / "model.json").read_text())["forget"] == ["retrain-shards"]
+    # the partition reads the prompts without the counted line: the same shards as without the feature
+    plain = tmp_path / "plain"
+    _shard_train(plain, "prompt.item_stats=false", "prompt.cf_score=false")
+    assert {k: m["sample_ids"] for k, m in metas.items()} == \
+        {k: m["sample_ids"] for k, m in _shard_metas(plain).items()}
+
+
+def test_forgetting_a_user_reaches_only_the_shards_whose_features_counted_them(sharded, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from privrec.model.adapters import adapter_state, read_adapter
+    from privrec.prepare import counted_features
+    from privrec.recommender import Recommender
+    from privrec.unlearning.exact.ledger import deleted_interactions
+    from privrec.unlearning.exact.shards import ApaConfig, build_model, features_record, setup_shard_data, train_shard
+
+    out = tmp_path / "m"
+    shutil.copytree(sharded, out)
+    cfg = load_config(out / "config.yaml", cls=ApaConfig)
+    before = _shard_metas(out)
+    user = int(before["shard-0"]["sample_ids"][0].split("-")[0][1:])
+    code, _, err = run_cli(capsys, "forget", str(out), "--users", str(user))
+    assert code == 0, err
+    after = _shard_metas(out)
+    tomb = deleted_interactions(out)
+    remaining = setup_shard_data(cfg, tomb)
+    by_id = {s.sample_id: s for s in remaining.train}
+    changed = {k for k in after if after[k]["tensors_sha256"] != before[k]["tensors_sha256"]}
+    assert changed == {k for k in before if any(i.startswith(f"u{user}-") for i in before[k]["sample_ids"])}
+    for k, meta in after.items():  # no remaining shard counted the user's labels, and each says so
+        assert not any(i.startswith(f"u{user}-") for i in meta["sample_ids"])
+        assert meta["features"] == features_record(cfg, [by_id[i] for i in meta["sample_ids"]])
+        if k not in changed:
+            assert meta["features"] == before[k]["features"]
+    # the retrained shard is bit for bit the shard trained from scratch on its remaining samples (fp32)
+    model, init = build_model(cfg, remaining)
+    (k,) = changed
+    samples = [by_id[i] for i in after[k]["sample_ids"]]
+    train_shard(model, init, samples, cfg, int(k.split("-")[1]), progress=False)
+    state, _ = read_adapter(out / "adapters" / k)
+    fresh = adapter_state(model.model)
+    assert fresh.keys() == state.keys() and all(torch.equal(fresh[n], state[n]) for n in state)
+    # inference shows features counted over the data that remains
+    served = Recommender(out).scorer.model
+    assert features_digest(*served.features) == features_digest(*counted_features(cfg, remaining.train))
+    assert not any(i.startswith(f"u{user}-") for i in served.builder.item_stats.members)
+    assert not any(i.startswith(f"u{user}-") for i in served.collab.fold_of)
+    code, text, err = run_cli(capsys, "forget", str(out), "--verify")
+    assert code == 0, text + err
+    # features that came from outside a shard's lineage fail verification in one line
+    path = out / "adapters" / k / "privrec.json"
+    meta = json.loads(path.read_text())
+    meta["features"]["digest"] = "0" * 64
+    path.write_text(json.dumps(meta))
+    code, text, err = run_cli(capsys, "forget", str(out), "--verify")
+    assert code == 1 and "features" in text + err
+
+
+def test_shards_refuse_what_is_not_counted_per_shard_yet(tmp_path, capsys):
+    from privrec.errors import ConfigError
+    from privrec.unlearning.exact.shards import ApaConfig
+
+    for sets, what in ((["collab.inject=true"], "collab.inject"), (["shards.slices=2"], "slices")):
+        with pytest.raises(ConfigError, match=what):
+            load_config("configs/apa-tiny.yaml", cls=ApaConfig, overrides=[*SHARD_SETS, *sets])

@@ -159,6 +159,33 @@ def collab_features(cfg: ExperimentConfig, splits: Splits) -> CollabFeatures | N
     return _collab(tuple(labelled_pool(cfg, splits)), c.dim, c.epochs, c.weight_decay, c.folds, cfg.seed)
 
 
+def counted_features(cfg: ExperimentConfig, samples: list[Sample]) -> tuple[ItemStats | None, CollabFeatures | None]:
+    """The counted features of a like-prediction config computed over ``samples`` alone (METHODS §12, features
+    with lineage): an adapter trained on exactly these samples (a shard) shows its prompts features counted
+    from them, so a deletion outside them never reaches it. (None, None) when the prompts read none."""
+    stats = ItemStats.of(samples) if cfg.prompt.item_stats else None
+    collab = None
+    if cfg.prompt.cf_score or cfg.collab.inject:
+        c = cfg.collab
+        collab = _collab(tuple(sorted(samples, key=lambda x: x.sample_id)), c.dim, c.epochs, c.weight_decay,
+                         c.folds, cfg.seed)
+    return stats, collab
+
+
+def features_block(cfg: ExperimentConfig, samples: list[Sample], counted_over: str,
+                   features: tuple[ItemStats | None, CollabFeatures | None]) -> dict | None:
+    """The ``features`` record of an adapter whose prompts read ``features`` counted over ``samples`` (None when
+    its prompts read none): which features, what they were counted over (the samples' count and
+    :func:`~privrec.model.adapters.lineage_of` hash: part of the adapter's lineage) and their
+    :func:`~privrec.features.features_digest`."""
+    if not cfg.shows_labels:
+        return None
+    uses = [name for name, on in (("prompt.item_stats", cfg.prompt.item_stats),
+                                  ("prompt.cf_score", cfg.prompt.cf_score), ("collab.inject", cfg.collab.inject)) if on]
+    return {"uses": uses, "counted_over": counted_over, "n_samples": len(samples),
+            "lineage_sha256": lineage_of(samples), "digest": features_digest(*features)}
+
+
 def features_record(cfg: ExperimentConfig, splits: Splits) -> dict | None:
     """The ``features`` block of an adapter whose prompts read features counted from labels (METHODS §12,
     features with lineage; None when its prompts read none): which features, the samples they were counted over
@@ -168,12 +195,8 @@ def features_record(cfg: ExperimentConfig, splits: Splits) -> dict | None:
     record is its recomputation without them and ``privrec forget --verify`` can recompute it from the data."""
     if not cfg.shows_labels:
         return None
-    pool = labelled_pool(cfg, splits)
-    uses = [name for name, on in (("prompt.item_stats", cfg.prompt.item_stats),
-                                  ("prompt.cf_score", cfg.prompt.cf_score), ("collab.inject", cfg.collab.inject)) if on]
-    return {"uses": uses, "counted_over": "the protocol's training pool minus deleted data", "n_samples": len(pool),
-            "lineage_sha256": lineage_of(pool),
-            "digest": features_digest(item_stats(cfg, splits), collab_features(cfg, splits))}
+    return features_block(cfg, labelled_pool(cfg, splits), "the protocol's training pool minus deleted data",
+                          (item_stats(cfg, splits), collab_features(cfg, splits)))
 
 
 def references(cfg: ExperimentConfig, splits: Splits) -> dict:

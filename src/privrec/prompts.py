@@ -82,8 +82,13 @@ class PromptBuilder:
         self.like_threshold = like_threshold
         self.item_stats = item_stats
         self.collab = collab
+        self.plain = False  # render no counted line (the partition of shard training reads prompts so)
 
     # --- the optional counter lines ------------------------------------------------------------------
+    def _shows(self, key: str) -> bool:
+        """Whether prompts show the counted line ``key`` (``item_stats``, ``cf_score``) now."""
+        return bool(getattr(self.cfg, key, False)) and not self.plain
+
     def _n_liked(self, history) -> int:
         return sum(r > self.like_threshold for _, r in history)
 
@@ -141,9 +146,9 @@ class PromptBuilder:
     def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
         """(the history lists [+ summary], [the item-stats line +] the target question)."""
         tail = f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?"
-        if getattr(self.cfg, "cf_score", False):
+        if self._shows("cf_score"):
             tail = self.cf_sentence(s) + "\n" + tail
-        if self.cfg.item_stats:
+        if self._shows("item_stats"):
             tail = self.stats_sentence(s) + "\n" + tail
         return self._tallrec_lists(s.history), tail
 
@@ -169,9 +174,9 @@ class PromptBuilder:
         if self.cfg.history_summary:
             fields["summary"] = self._summary_value(s.history)
         fields.update(title=_quote(item.title), genres=", ".join(item.genres), year=item.year)
-        if self.cfg.item_stats:
+        if self._shows("item_stats"):
             fields["item_stats"] = self._stats_value(s)
-        if getattr(self.cfg, "cf_score", False):
+        if self._shows("cf_score"):
             fields["cf_score"] = f"{self._cf_rating(s):.1f} of 5"
         return fields
 

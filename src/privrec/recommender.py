@@ -227,7 +227,7 @@ class ShardAggregation:
 
         md.require_adapters()
         self.md, self.cfg, self.splits = md, md.cfg, splits
-        self.model, _ = build_shard_model(md.cfg, splits.dataset)
+        self.model, _ = build_shard_model(md.cfg, splits)
         self.states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
         self.batch_size = md.cfg.train.eval_batch_size
         self._pool = None

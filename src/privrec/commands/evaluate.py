@@ -70,7 +70,7 @@ def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
     from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features
 
     cfg = md.cfg
-    model, _ = build_model(cfg, splits.dataset)
+    model, _ = build_model(cfg, splits)
     states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
     samples = splits.get(split)
     va, te = model.encode(splits.valid), model.encode(samples)

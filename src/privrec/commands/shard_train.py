@@ -39,6 +39,7 @@ from privrec.unlearning.exact.shards import (
     evaluate_shards,
     load_features,
     model_batch,
+    plain_encodings,
     reusable,
     setup_shard_data,
     shard_dir,
@@ -80,7 +81,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         tombstones = ledger.tombstones()
         # 2. data, then the model (the prompt builder needs the dataset's records)
         splits = setup_shard_data(cfg, tombstones)
-        model, init_state = build_model(cfg, splits.dataset)
+        model, init_state = build_model(cfg, splits)
         run.write_config(cfg)
         run.log(
             f"privrec shard-train -> {run.path} (model {cfg.model.name}, K={cfg.shards.k}, partition "
@@ -88,17 +89,20 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         )
         run.log(f"samples: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test")
 
-        # 3. tokenise once; the frozen-layer cache once for every prompt (shared by all shards)
+        # 3. tokenise once; the frozen-layer cache once for every prompt (shared by all shards). With counted
+        #    features (METHODS §12) the partition reads the training prompts without them (plain), each shard
+        #    trains on its own features (train_shard), and validation / test show those of all shards' samples
         tr, va, te = model.encode(splits.train), model.encode(splits.valid), model.encode(splits.test)
+        plain = plain_encodings(model, splits.train) if cfg.shows_labels else tr
         t0 = time.perf_counter()
-        model.prepare(tr + va + te, model_batch(cfg), progress)
+        model.prepare((plain if plain is not tr else []) + tr + va + te, model_batch(cfg), progress)
         cache_seconds = time.perf_counter() - t0
 
         # 4. untuned hidden states: train (partition), valid + test (neighbours); only where needed
         need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user", "semantic-users")
         need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
         t0 = time.perf_counter()
-        f_tr = load_features(run, model, cfg, tr, progress) if need_train else None
+        f_tr = load_features(run, model, cfg, plain, progress) if need_train else None
         f_va = load_features(run, model, cfg, va, progress) if need_pool else None
         f_te = load_features(run, model, cfg, te, progress) if need_pool else None
         features_seconds = time.perf_counter() - t0

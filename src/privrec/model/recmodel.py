@@ -212,6 +212,30 @@ class RecLM(LayerStack):
         out.collab = collab
         return out
 
+    @property
+    def features(self) -> tuple | None:
+        """(item statistics, CF features) the prompts read now (METHODS §12); None: plain prompts."""
+        return None if self.builder.plain else (self.builder.item_stats, self.collab)
+
+    def set_features(self, features: tuple | None) -> None:
+        """Render and inject ``features`` ((item statistics, CF features)) from now on; None: render no counted
+        line at all (plain prompts)."""
+        self.builder.plain = features is None
+        self.builder.item_stats, self.builder.collab = features or (None, None)
+        self.collab = None if features is None else features[1]
+
+    @contextlib.contextmanager
+    def features_of(self, features: tuple | None):
+        """Render and inject ``features`` ((item statistics, CF features); None: no counted line) inside the
+        block, e.g. a shard's own, counted over its training samples alone; the model's own afterwards.
+        Encodings are cached by text, so prompts rendered under other features are other entries."""
+        kept = self.features
+        self.set_features(features)
+        try:
+            yield self
+        finally:
+            self.set_features(kept)
+
     @classmethod
     def tensors_to_load(cls, cfg) -> Callable[[str], bool] | None:
         """Which of the checkpoint's parameters :meth:`from_config` materialises (None: all of them)."""

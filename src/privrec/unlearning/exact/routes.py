@@ -30,6 +30,7 @@ from privrec.prepare import (
     Tombstones,
     build_model,
     collab_features,
+    counted_features,
     features_record,
     item_stats,
     setup_data,
@@ -60,12 +61,15 @@ from privrec.unlearning.exact.shards import (
     ApaConfig,
     purge_features,
     reusable,
+    setup_shard_data,
     shard_dir,
+    shard_features,
     shard_folders,
     shard_meta,
     train_shard,
 )
 from privrec.unlearning.exact.shards import build_model as shard_model
+from privrec.unlearning.exact.shards import features_record as shard_features_record
 from privrec.unlearning.exact.slices import (
     check_checkpoints,
     checkpoint_set,
@@ -217,8 +221,10 @@ class RetrainShards(Checkpointed):
         return f"shard {k}"
 
     def _built(self):
+        """The shards' model, built once (each retrain shows its shard's own features: train_shard)."""
         if self._model is None:
-            self._model = shard_model(self.cfg, source_data(self.cfg)[0])
+            ds, _, sp = source_data(self.cfg)
+            self._model = shard_model(self.cfg, Splits(ds, sp.train, [], []))
         return self._model
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
@@ -262,11 +268,49 @@ class RetrainShards(Checkpointed):
                      f"{len(ids)} samples in {seconds:.1f}s")
 
     def cached_model(self, before=frozenset()):
-        return self._built()[0]
+        model = self._built()[0]
+        if self.cfg.shows_labels:  # validation / test prompts show features counted over the shards' samples
+            model.set_features(counted_features(self.cfg, setup_shard_data(self.cfg, before).train))
+        return model
 
     def purge(self, removed_ids, universe, before=frozenset()):
-        n = purge_features(self.run / FEATURES_FILE, removed_ids)
-        return f"{n} feature rows, " + super().purge(removed_ids, universe, before)
+        if not self.cfg.shows_labels:
+            n = purge_features(self.run / FEATURES_FILE, removed_ids)
+            return f"{n} feature rows, " + super().purge(removed_ids, universe, before)
+        # counted features (METHODS §12): the affected shards' training prompts showed features counted over
+        # their samples, and every validation / test prompt features counted over all shards' samples, deleted
+        # ones included: drop the cached states of all of them as they were rendered, and the hidden-state rows
+        # (all computed under the old features); the removed samples' own prompts as the partition read them
+        model = self.cached_model(before)
+        shown = []
+        if model.cache is not None:
+            for folder in self.folders().values():
+                ids = read_meta(folder)["sample_ids"]
+                if removed_ids.intersection(ids):
+                    old = [universe[i] for i in ids if i in universe]
+                    with model.features_of(shard_features(self.cfg, old)):
+                        shown += model.encode(old)
+            sp = setup_shard_data(self.cfg, before)
+            shown += model.encode(sp.valid + sp.test)
+        dropped = sum(model.cache.discard(e.key) for e in shown) if model.cache is not None else 0
+        had = (self.run / FEATURES_FILE).is_file()
+        remove_tree(self.run / FEATURES_FILE)
+        with model.features_of(None):
+            common = purge_common(self.run, model, removed_ids, universe)
+        return (f"{dropped} cached prompts that showed the old features, "
+                f"{FEATURES_FILE} {'removed' if had else 'absent'}, " + common)
+
+    def problems(self, k, folder, universe, tombstones):
+        out = super().problems(k, folder, universe, tombstones)
+        if not self.cfg.shows_labels:
+            return out
+        meta = read_meta(folder)
+        recorded = meta.get("features")
+        if recorded is None:
+            return [*out, FEATURES_UNRECORDED]
+        now = shard_features_record(self.cfg, [universe[i] for i in meta["sample_ids"] if i in universe])
+        return out + [f"its features' {key} differs from its own samples' (counted outside its lineage, or altered)"
+                      for key in ("lineage_sha256", "digest", "n_samples") if recorded.get(key) != now.get(key)]
 
     def run_info(self):
         return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
@@ -371,17 +415,10 @@ def open_run(run_path: str | Path, create_ledger: bool, routes: Routes = EXACT_R
     """
     manifest = models.load(run_path)
     run = RunDir(run_path, create=False)
-    way = models.exact_route(manifest)
-    if way is None:
-        cfg = run.load_config(cls=ExperimentConfig) if manifest.kind == "single" else None
-        raise UserError(models.refusal(manifest, bool(cfg and cfg.shows_labels), cfg.task if cfg else "",
-                                       run.path))
-    if way not in routes:
-        raise RunError(f"{run.path} forgets with {way}: open it with privrec.federated.forget.ROUTES")
-    route = routes[way](run, run.load_config(cls=routes[way].config))
-    cfg = route.cfg
-    if cfg.shows_labels and any("features" not in read_meta(f) for f in route.folders().values()):
-        raise UserError(f"{run.path}: {FEATURES_UNRECORDED}; train it again with privrec train")
+    route, why = _route_of(run, manifest, routes)
+    if route is None:
+        raise UserError(why)
+    cfg, way = route.cfg, models.exact_route(manifest)
     ds, universe, splits = source_data(cfg)
     ledger = None
     if (run / LEDGER_FILE).is_file() or create_ledger or way == "retrain-shards":
@@ -390,6 +427,27 @@ def open_run(run_path: str | Path, create_ledger: bool, routes: Routes = EXACT_R
         if not ledger.latest_adapters():  # the first request on a model whose command kept no ledger
             record_trained(run, manifest, route, ledger)
     return Run(run, manifest, cfg, route, ledger, ds, universe, splits)
+
+
+def _route_of(run: RunDir, manifest, routes: Routes) -> tuple[Route | None, str]:
+    """(the route this model forgets by, "") or (None, the one line saying why it cannot forget exactly)."""
+    way = models.exact_route(manifest)
+    if way is None:
+        cfg = run.load_config(cls=ExperimentConfig) if manifest.kind == "single" else None
+        return None, models.refusal(manifest, bool(cfg and cfg.shows_labels), cfg.task if cfg else "", run.path)
+    if way not in routes:
+        raise RunError(f"{run.path} forgets with {way}: open it with privrec.federated.forget.ROUTES")
+    route = routes[way](run, run.load_config(cls=routes[way].config))
+    if route.cfg.shows_labels and any("features" not in read_meta(f) for f in route.folders().values()):
+        return None, f"{run.path}: {FEATURES_UNRECORDED}; train it again with privrec train"
+    return route, ""
+
+
+def forget_refusal(run_path: str | Path, routes: Routes = EXACT_ROUTES) -> str | None:
+    """Why the model directory cannot forget exactly (the line ``privrec forget`` would refuse with), None: it
+    can. Reads only the manifest, the config and the adapters' metadata (no data, no ledger)."""
+    run = RunDir(run_path, create=False)
+    return _route_of(run, models.load(run_path), routes)[1] or None
 
 
 def record_trained(run: RunDir, manifest, route: Route, ledger: Ledger) -> None:

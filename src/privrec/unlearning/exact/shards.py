@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privrec import prepare
 from privrec.config import ExperimentConfig
-from privrec.data import Dataset, Sample, Splits
+from privrec.data import Sample, Splits
 from privrec.errors import RunError, UserError
+from privrec.features import features_digest
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, read_adapter
 from privrec.model.recmodel import Encoded, RecLM
@@ -101,8 +102,13 @@ class ApaConfig(ExperimentConfig):
     @model_validator(mode="after")
     def _check_shards(self) -> ApaConfig:
         s = self.shards
-        self.refuse_item_stats("shard-train / forget", "a forgotten sample's label would stay in the item "
-                               "statistics of other shards' prompts, so retraining its shard would not erase it")
+        if self.collab.inject:
+            raise ValueError("collab.inject cannot be used with shard-train / forget yet: each shard's projector "
+                             "reads CF vectors of its own MF, which the aggregations cannot combine; set "
+                             "collab.inject=false (prompt.item_stats and prompt.cf_score are counted per shard)")
+        if self.shows_labels and s.slices > 1:
+            raise ValueError("prompt.item_stats / prompt.cf_score with shards.slices > 1 is not built yet (a "
+                             "stage would need features counted over the slices it has seen); set shards.slices=1")
         if s.primary not in s.aggregations:
             raise ValueError(f"shards.primary={s.primary} is not in shards.aggregations {s.aggregations}")
         if self.augment.copies > 0:
@@ -161,10 +167,28 @@ def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits
     return sp
 
 
-def build_model(cfg: ApaConfig, dataset: Dataset) -> tuple[RecLM, dict[str, torch.Tensor]]:
-    """The RecLM with a fresh seeded LoRA, and that fresh LoRA's tensors (every shard's starting point)."""
-    model = prepare.build_model(cfg, dataset)
+def build_model(cfg: ApaConfig, splits: Splits) -> tuple[RecLM, dict[str, torch.Tensor]]:
+    """The RecLM with a fresh seeded LoRA, and that fresh LoRA's tensors (every shard's starting point).
+
+    Prompts that read counted features (METHODS §12) show, at inference, features counted over ``splits.train``
+    (the shards' samples as they are now: the data that remains, never deleted data); each shard trains on
+    features counted over its own samples alone (:func:`train_shard`)."""
+    stats, collab = prepare.counted_features(cfg, splits.train) if cfg.shows_labels else (None, None)
+    model = prepare.build_model(cfg, splits.dataset, stats=stats, collab=collab)
     return model, adapter_state(model.model)
+
+
+def shard_features(cfg: ApaConfig, samples: list[Sample]) -> tuple:
+    """The counted features shard training shows its prompts: counted over the shard's own samples only, so no
+    label outside its lineage reaches it (METHODS §12); (None, None) when the prompts read none."""
+    return prepare.counted_features(cfg, samples) if cfg.shows_labels else (None, None)
+
+
+def plain_encodings(model: RecLM, samples: list[Sample]) -> list[Encoded]:
+    """``samples`` rendered without counted features: the partition of training samples reads these, so no
+    sample's shard depends on other samples' labels (a deletion would otherwise have moved it)."""
+    with model.features_of(None):
+        return model.encode(samples)
 
 
 # --- features: the untuned model's hidden states, cached per run ------------------------------------------
@@ -172,7 +196,10 @@ def _features_key(model: RecLM, cfg: ApaConfig) -> str:
     prec = "bf16" if model.bf16 else "fp32"
     prompt = cfg.prompt.model_dump_json()
     data = f"{cfg.data.history_len}|{cfg.data.like_threshold}|{cfg.data.history_gap}"
-    return f"{model.fingerprint}|{cfg.shards.features}|{prec}|{prompt}|{data}"
+    key = f"{model.fingerprint}|{cfg.shards.features}|{prec}|{prompt}|{data}"
+    if cfg.shows_labels:  # validation / test prompts show the counted features: a deletion changes them
+        key += f"|{features_digest(*model.features)}"
+    return key
 
 
 def load_features(
@@ -241,16 +268,26 @@ def train_shard(
     The model holds the trained adapter afterwards."""
     samples = sorted(samples, key=lambda s: s.sample_id)
     load_adapter_state(model.model, init_state)
-    return train(model, model.encode(samples), cfg.train, shard_seed(cfg.seed, k), progress=progress)
+    with model.features_of(shard_features(cfg, samples)):
+        return train(model, model.encode(samples), cfg.train, shard_seed(cfg.seed, k), progress=progress)
 
 
 def shard_meta(
     cfg: ApaConfig, model: RecLM, k: int, samples: list[Sample], origin: str, result: TrainResult
 ) -> dict:
+    extra = {}
+    if cfg.shows_labels:
+        extra["features"] = features_record(cfg, samples)
     return prepare.adapter_meta(
         cfg, model, samples, config_digest=cfg.digest(*ADAPTER_SECTIONS), kind="shard-adapter", shard=k,
         partition=cfg.shards.partition, n_samples=len(samples), train_seed=shard_seed(cfg.seed, k), origin=origin,
-        epochs_run=result.epochs_run, train_seconds=result.seconds)
+        epochs_run=result.epochs_run, train_seconds=result.seconds, **extra)
+
+
+def features_record(cfg: ApaConfig, samples: list[Sample]) -> dict | None:
+    """A shard adapter's ``features`` record: counted over its own training samples (METHODS §12)."""
+    samples = sorted(samples, key=lambda s: s.sample_id)
+    return prepare.features_block(cfg, samples, "the shard's own training samples", shard_features(cfg, samples))
 
 
 def read_states(run: RunDir) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
