@@ -289,7 +289,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
     #    fails with its one-line error and leaves nothing behind)
     splits = setup_data(cfg, deleted_interactions(run_path))  # a model that forgot data keeps it forgotten
-    trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed,
+                   splits.dataset.schema.kv_keys())
 
     # 2. the forget set: every training sample (augmented copies too) of the forget users
     users, forget_s, retain_s = forget_set(cfg, splits, trained, run_path)

@@ -287,7 +287,7 @@ class Service:
         self.check_user(user)
         rows = self.rec.ds.inter[self.rec.ds.inter["user_id"] == user]
         items = self.rec.ds.items
-        return [{"item_id": int(i), "title": items[int(i)].title, "year": items[int(i)].year, "rating": float(r),
+        return [{"item_id": int(i), "title": items[int(i)].title, "year": self.rec.ds.schema.suffix(items[int(i)]), "rating": float(r),
                  "timestamp": int(t)} for i, r, t in zip(rows["item_id"], rows["rating"], rows["timestamp"])]
 
     # --- deletion requests ----------------------------------------------------------------------------------
