@@ -287,7 +287,8 @@ class Service:
         self.check_user(user)
         rows = self.rec.ds.inter[self.rec.ds.inter["user_id"] == user]
         items = self.rec.ds.items
-        return [{"item_id": int(i), "title": items[int(i)].title, "year": self.rec.ds.schema.suffix(items[int(i)]), "rating": float(r),
+        suffix = self.rec.ds.schema.suffix
+        return [{"item_id": int(i), "title": items[int(i)].title, "year": suffix(items[int(i)]), "rating": float(r),
                  "timestamp": int(t)} for i, r, t in zip(rows["item_id"], rows["rating"], rows["timestamp"])]
 
     # --- deletion requests ----------------------------------------------------------------------------------
