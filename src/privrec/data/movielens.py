@@ -169,7 +169,8 @@ def load_ml1m(folder: Path) -> Dataset:
 
 
 def load_dataset(source: str, path: str | None) -> Dataset:
-    """Load a dataset by source name; ``path`` None means the embedded, fetched copy of ml-100k.
+    """Load a dataset by source name; ``path`` None means the embedded, fetched copy of ml-100k; ``table``: a
+    schema file or its folder (:mod:`privrec.data.table`).
 
     Raises:
         DataError: the folder or a file is missing, or rows are malformed.
@@ -185,4 +186,10 @@ def load_dataset(source: str, path: str | None) -> Dataset:
         return load_grouplens_ml100k(Path(path).expanduser())
     if source == "ml-1m":
         return load_ml1m(Path(path).expanduser())
+    if source == "table":
+        from privrec.data.table import load_table
+
+        if path is None:
+            raise DataError("data.source=table needs data.path (the schema file or its folder)")
+        return load_table(path)[0]
     raise DataError(f"unknown data source {source!r}")
