@@ -267,7 +267,7 @@ def read_table(spec: _TableFile, folder: Path, section: str) -> Table:
                 raise DataError(f"{path}: the header {head[:60]!r} is one column with separator {sep!r}; it looks "
                                 f"separated by {guess!r}: set {section}.separator: {guess!r}")
         table = Table(path, section, df, text=True, header=True)
-    if table.df.empty:
+    if table.df.empty and section != "users":  # a users table may be empty (a client folder without records)
         raise DataError(f"{path}: no rows below the header")
     return table
 
