@@ -241,7 +241,7 @@ def _recommend(args, progress: bool) -> int:
 
     for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress, candidates=args.candidates,
                            blend=args.blend, source=args.candidate_source):
-        print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
+        print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']}" + (f" ({r['year']})" if r["year"] else ""))
     return 0
 
 
