@@ -254,3 +254,23 @@ def test_write_table_round_trips_a_table_source(books, tmp_path):
         load_table(tmp_path / "nowhere")
     shutil.rmtree(tmp_path / "copy")
     assert np.isfinite(books.inter["timestamp"]).all()
+
+
+def test_federate_split_data_writes_each_clients_rows_of_a_table_source_in_the_table_format(books_dir, books,
+                                                                                           tmp_path):
+    from privrec.config import load_config
+    from privrec.federated.client_data import load_client_data, split_data
+    from privrec.federated.config import FederatedConfig
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "pplr-tiny.yaml"),
+                      ["data.source=table", f"data.path={books_dir}", "federated.partition=by-attribute",
+                       "federated.attribute=country"], cls=FederatedConfig)
+    content = split_data(cfg, tmp_path / "fed")  # it rebuilds every client's samples from its folder and compares
+    for c, folder in content["folders"].items():
+        ds, _ = load_table(tmp_path / "fed" / folder)
+        mine = {int(u) for u, cc in content["assignment"].items() if cc == int(c)}
+        assert set(ds.inter["user_id"]) <= mine and set(ds.users) <= mine and ds.items == books.items
+        others = {int(u) for u, cc in content["assignment"].items() if cc != int(c)}
+        country = {u: r.get("country") for u, r in books.users.items()}
+        assert {country[u] for u in mine} & {country[u] for u in others} == set()  # grouped by country
+        assert load_client_data(tmp_path / "fed" / folder, cfg).client == int(c)
