@@ -9,6 +9,7 @@ from pathlib import Path
 
 from privrec.cli import main
 from privrec.data.table import load_table
+from privrec.recommender import open_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # kv with InstructMK shuffle + mask: the augmented views run over the schema's keys too
@@ -66,3 +67,22 @@ def test_the_books_catalogue_trains_recommends_and_forgets(tmp_path, capsys):
     assert after and not any(i.startswith(f"u{victim}-") for i in after)
     assert main(["--no-progress", "forget", str(run), "--verify"]) == 0
     assert "verified: all checks passed" in capsys.readouterr().out
+
+    # new data over time: the manifest recorded the source's files; appended rows are detected, and rows of the
+    # forgotten user that reappear in the newer copy are left out and reported
+    assert set(json.loads((run / "model.json").read_text())["data_files"]) == {"schema", "interactions", "items",
+                                                                               "users"}
+    assert main(["data", "status", str(run)]) == 0
+    assert "the source is the one the model was trained on" in capsys.readouterr().out
+    with open(books / "interactions.csv", "a") as f:
+        f.write(f"{victim},1,5,2024-02-01 10:00:00\n{victim},2,5,2024-02-02 10:00:00\n1,3,4,2024-02-03 10:00:00\n")
+    assert main(["data", "status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "interactions (interactions.csv): 3 rows appended since training" in out
+    assert "items (books.csv): unchanged" in out and "train a new model" in out
+    assert f"dropped: 2 rows of forgotten users {victim} are in the source now" in out
+    assert main(["recommend", str(run), "--user", str(victim)]) == 2
+    assert f"user {victim} was forgotten by deletion request" in capsys.readouterr().err
+    md = open_model(run)
+    assert {(victim, 1), (victim, 2)} <= md.tombstones
+    assert not (md.seen(md.splits().dataset).inter["user_id"] == victim).any()

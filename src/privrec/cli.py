@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("export", help="write a built-in source in the table format (schema.yaml + three TSV files)")
     d.add_argument("source", choices=["ml-100k"], help="ml-100k: the embedded copy")
     d.add_argument("out", help="a new folder")
+    d = dsub.add_parser("status", help="compare a model's data source now with the files it was trained on")
+    d.add_argument("run", help="model directory")
     d = dsub.add_parser("example", help="write a generated catalogue of another domain (planted preferences)")
     d.add_argument("name", choices=["books"], help="books: readers (country, age band) and books (author, "
                    "publisher, subjects, language, price band)")
@@ -391,6 +393,8 @@ def _data(args, progress: bool) -> int:
 
     if args.data_command == "check":
         print("\n".join(data.check(args.data, args.like_threshold, args.history_len)))
+    elif args.data_command == "status":
+        print("\n".join(data.status(args.run)))
     elif args.data_command == "export":
         print(f"wrote {data.export(args.source, args.out)} (use it with data.source=table data.path={args.out})")
     else:

@@ -94,3 +94,54 @@ def example(name: str, out: str, seed: int = 0) -> Path:
     if name != "books":
         raise UserError(f"privrec data example knows books, not {name!r}")
     return write_books(out, seed)
+
+
+def status(run: str) -> list[str]:
+    """``privrec data status MODEL``: the model's source now against the files it was trained on (its manifest's
+    ``data_files``), and rows of users it forgot that are in the source now.
+
+    Raises:
+        RunError: not a model directory, or one written before manifests recorded the source.
+    """
+    from privrec.data import load_dataset
+    from privrec.data.digest import compare
+    from privrec.errors import RunError
+    from privrec.recommender import open_model
+    from privrec.unlearning.exact.ledger import deletion_record
+
+    md = open_model(run, pending_ok=True)
+    record = md.manifest.data_files
+    if record is None:
+        raise RunError(f"{run} was written before model manifests recorded their data source's files; "
+                       "nothing to compare with")
+    d = md.cfg.data
+    lines = [f"{run}: trained on {d.source}" + (f" at {d.path}" if d.path else " (the embedded copy)")]
+    states = compare(record, d.source, d.path)
+    for name, state, rows in states:
+        what = f"{rows} rows appended since training" if state == "appended" else state
+        lines.append(f"  {name} ({record[name]['file']}): {what}")
+    if all(s == "unchanged" for _, s, _ in states):
+        lines.append("the source is the one the model was trained on")
+    else:
+        appended = [n for n, s, _ in states if s == "appended"]
+        lines.append("the model has not seen the new data: its adapters hold only the samples its manifest lists "
+                     f"(forget and verify read those); to take the new data in, train a new model: privrec train "
+                     f"{run}/config.yaml --out NEW" + ("" if appended and len(appended) == sum(
+                         s != "unchanged" for _, s, _ in states) else "; rows were changed or removed, not only "
+                         "appended: lineage checks of the existing samples may now fail (privrec forget --verify)"))
+    rows = deletion_record(run) if md.tombstones else []
+    if rows:
+        deleted = {r["user_id"] for r in rows} & set(md.deleted_by)
+        inter = load_dataset(d.source, d.path).inter
+        back = inter[inter["user_id"].isin(deleted)]
+        tomb = {(r["user_id"], r["item_id"]) for r in rows}
+        new = [(u, i) for u, i in zip(back["user_id"], back["item_id"]) if (u, i) not in tomb]
+        if new:
+            users = sorted({u for u, _ in new})
+            lines.append(f"  dropped: {len(new)} rows of forgotten users {', '.join(map(str, users[:10]))} are in the "
+                         "source now; this model never shows or trains on them (recommend, evaluate, serve, unlearn "
+                         "and train into it leave them out), but a new model trained on this copy would: remove "
+                         "them from it first")
+        else:
+            lines.append(f"  no rows of the {len(deleted)} forgotten users are in the source beyond those deleted")
+    return lines
