@@ -58,13 +58,17 @@ def test_a_small_table_loads_into_the_dataset_the_prompts_read(tmp_path):
     assert report.repeated == 0 and report.unrated_items == 0
 
 
-def test_a_label_column_becomes_ratings_the_like_rule_reads_and_repeats_keep_the_latest(tmp_path):
+def test_a_label_column_becomes_ratings_the_like_rule_reads_and_repeats_keep_the_latest(tmp_path, capsys):
     schema = {**SCHEMA, "interactions": {**SCHEMA["interactions"], "rating": None, "label": "liked"}}
     inter = "uid,iid,liked,when\n1,1,1,2023-01-01\n1,2,0,2023-01-02\n1,1,0,2023-01-05\n2,3,1,2023-01-04\n"
     ds, report = load_table(write(tmp_path / "d", schema, inter))
     assert report.repeated == 1  # user 1's first reading of item 1 is dropped, the latest (label 0) kept
     got = {(u, i): r for u, i, r in ds.inter[["user_id", "item_id", "rating"]].itertuples(index=False)}
     assert got == {(1, 2): 1.0, (1, 1): 1.0, (2, 3): 5.0}
+    assert main(["data", "check", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "like rate 33.3% (label 1)" in out and "1 repeated (user, book) interactions dropped" in out
+    assert "warning: no user has more than 10 interactions" in out
 
 
 def _latin1(folder):

@@ -50,8 +50,9 @@ def check(data: str, like_threshold: float = 3.0, history_len: int = 10) -> list
         f"  {len(inter)} interactions ({files['interactions']}), {inter['user_id'].nunique()} users, "
         f"{inter['item_id'].nunique()} of {len(ds.items)} {sch.plural} rated ({files['items']})"
         + (f", {len(ds.users)} user records ({files['users']})" if "users" in files else ", no users table"),
-        f"  like rate {100 * liked:.1f}% (rating > {like_threshold:g}); ratings {inter['rating'].min():g} to "
-        f"{inter['rating'].max():g}; per user {counts.min()} to {counts.max()} (median {counts.median():g})",
+        (f"  like rate {100 * liked:.1f}% (label 1)" if report.label else
+         f"  like rate {100 * liked:.1f}% (rating > {like_threshold:g}); ratings {inter['rating'].min():g} to "
+         f"{inter['rating'].max():g}") + f"; per user {counts.min()} to {counts.max()} (median {counts.median():g})",
         f"  time span {t0:%Y-%m-%d %H:%M} to {t1:%Y-%m-%d %H:%M} UTC ({(t1 - t0).days} days)",
         "  fields (the kv prompt shows each as 'user NAME' or 'target " + sch.noun + " NAME'):",
         _field_line("item", "title", sch.title_name, [it.title for it in ds.items.values()]),
@@ -72,8 +73,11 @@ def check(data: str, like_threshold: float = 3.0, history_len: int = 10) -> list
                      f"show no user fields); {report.users_without_interactions} user records without interactions")
     lines.append(f"    {report.unrated_items} {sch.plural} never rated (kept: recommend may propose them)")
     ex = next(iter(ds.items.values()))
-    lines.append(f"  e.g. {sch.noun} {next(iter(ds.items))}: \"{ex.title}\"; "
-                 + "; ".join(f"{f.name}: {fmt(ex.get(f.key))}" for f in sch.item_fields))
+    lines.append(f"  e.g. {sch.noun} {next(iter(ds.items))}: \"{ex.title}\""
+                 + "".join(f"; {f.name}: {fmt(ex.get(f.key))}" for f in sch.item_fields))
+    if len(short) == len(counts):
+        lines.append(f"warning: no user has more than {history_len} interactions, so no sample can be made; lower "
+                     "data.history_len or bring more interactions")
     lines.append(f"ok: use it with data.source=table data.path={schema_path(data)}")
     return lines
 

@@ -361,6 +361,7 @@ class LoadReport:
     users_without_record: int = 0  # users who interact but have no row in the users table
     unrated_items: int = 0  # items never interacted with (kept in the catalogue: recommend can propose them)
     users_without_interactions: int = 0
+    label: bool = False  # the interactions carry a 0/1 label (stored as the ratings 5 / 1), not a rating
 
 
 def load_table(path: str | Path):
@@ -372,7 +373,7 @@ def load_table(path: str | Path):
     from privrec.data.movielens import Dataset
 
     schema, folder = read_schema(path)
-    report = LoadReport()
+    report = LoadReport(label=schema.interactions.label is not None)
     it = read_table(schema.items, folder, "items")
     item_ids = _ints(it, schema.items.id, "id")
     _unique(it, item_ids, schema.items.id, "item")
