@@ -9,7 +9,7 @@ from pathlib import Path
 
 from privrec.cli import main
 from privrec.data.table import load_table
-from privrec.recommender import open_model
+from privrec.recommender import Recommender, open_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # kv with InstructMK shuffle + mask: the augmented views run over the schema's keys too
@@ -85,4 +85,7 @@ def test_the_books_catalogue_trains_recommends_and_forgets(tmp_path, capsys):
     assert f"user {victim} was forgotten by deletion request" in capsys.readouterr().err
     md = open_model(run)
     assert {(victim, 1), (victim, 2)} <= md.tombstones
-    assert not (md.seen(md.splits().dataset).inter["user_id"] == victim).any()
+    seen = md.seen(md.splits().dataset)  # what recommend and serve read after deletions: still the books' schema
+    assert not (seen.inter["user_id"] == victim).any() and seen.schema.noun == "book"
+    [row] = Recommender(run).recommend(12, 1)
+    assert set(row["fields"]) == {"author", "publisher", "subjects", "language", "price"} and row["year"] == ""

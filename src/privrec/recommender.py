@@ -399,9 +399,10 @@ class Recommender:
         items = self.candidates(user, seen, two_stage, max_candidates, source)
         probs = self.p_yes(user, items, shared_prefix)
         order = blended_order(probs, blend if two_stage else 0.0)[:top]
-        its = self.ds.items
+        its, sch = self.ds.items, self.ds.schema
         return [{"rank": r + 1, "item_id": items[i], "title": its[items[i]].title,
-                 "year": self.ds.schema.suffix(its[items[i]]), "p_yes": float(probs[i])} for r, i in enumerate(order)]
+                 "year": sch.suffix(its[items[i]]), "fields": sch.shown(its[items[i]]), "p_yes": float(probs[i])}
+                for r, i in enumerate(order)]
 
 
 def blended_order(scores: np.ndarray, blend: float) -> np.ndarray:

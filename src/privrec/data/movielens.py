@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ class Dataset:
     inter: pd.DataFrame
     items: dict[int, Item]
     users: dict[int, User]
-    schema: RecordSchema = field(default=MOVIELENS)
+    schema: RecordSchema  # required: a copy that dropped it would show another dataset's keys
 
     def __post_init__(self) -> None:
         self.inter = self.inter.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
@@ -129,7 +129,7 @@ def load_recbole_ml100k(folder: Path) -> Dataset:
                  for r in users_df.itertuples()}
     except ValueError as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-100k", _interactions(inter, folder / "ml-100k.inter"), items, users)
+    return Dataset("ml-100k", _interactions(inter, folder / "ml-100k.inter"), items, users, MOVIELENS)
 
 
 def load_grouplens_ml100k(folder: Path) -> Dataset:
@@ -148,7 +148,7 @@ def load_grouplens_ml100k(folder: Path) -> Dataset:
                  for r in users_df.itertuples()}
     except (ValueError, KeyError) as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-100k", _interactions(inter, folder / "u.data"), items, users)
+    return Dataset("ml-100k", _interactions(inter, folder / "u.data"), items, users, MOVIELENS)
 
 
 def load_ml1m(folder: Path) -> Dataset:
@@ -165,7 +165,7 @@ def load_ml1m(folder: Path) -> Dataset:
                                          _ML1M_OCC[int(r.occupation)]) for r in users_df.itertuples()}
     except (ValueError, IndexError) as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-1m", _interactions(inter, folder / "ratings.dat"), items, users)
+    return Dataset("ml-1m", _interactions(inter, folder / "ratings.dat"), items, users, MOVIELENS)
 
 
 def load_dataset(source: str, path: str | None) -> Dataset:

@@ -91,6 +91,12 @@ class RecordSchema:
         ``year`` shows."""
         return fmt(item.get(self.title_suffix)) if self.title_suffix else ""
 
+    def shown(self, item: Item) -> dict[str, str]:
+        """The item's fields by display name, as the service and its page show them (the title and the
+        ``title_suffix`` field apart; empty values left out): MovieLens ``{"genres": "Comedy, Drama"}``."""
+        return {f.name: fmt(v) for f in self.item_fields
+                if f.key != self.title_suffix and (v := item.get(f.key))}
+
     def target_keys(self) -> frozenset[str]:
         """The like-prompt's keys that depend on the target (the prefix/suffix cut falls before the first)."""
         return frozenset({"title", "item_stats", "cf_score", *(f.key for f in self.item_fields)})
