@@ -127,11 +127,13 @@ class PromptBuilder:
         return f"Other users liked the target {self.texts.noun} {pct}% of the time ({_ratings(n)})."
 
     def _cf_rating(self, s: Sample) -> float:
-        """The MF's predicted rating of the target (cross-fitted for a counted sample), on the 1-5 scale."""
-        return min(5.0, max(1.0, self.collab.predict(s)))
+        """The MF's predicted rating of the target (cross-fitted for a counted sample), on the 1 to
+        ``rating_scale`` scale (MovieLens: 1-5)."""
+        return min(self.schema.rating_scale, max(1.0, self.collab.predict(s)))
 
     def cf_sentence(self, s: Sample) -> str:
-        return (f"A rating model of other users' ratings predicts {self._cf_rating(s):.1f} of 5 stars for the "
+        return (f"A rating model of other users' ratings predicts {self._cf_rating(s):.1f} of "
+                f"{self.schema.rating_scale:g} stars for the "
                 f"target {self.texts.noun}.")
 
     def _summary_value(self, history) -> str:
@@ -195,7 +197,7 @@ class PromptBuilder:
         if self.cfg.item_stats:
             fields["item_stats"] = self._stats_value(s)
         if getattr(self.cfg, "cf_score", False):
-            fields["cf_score"] = f"{self._cf_rating(s):.1f} of 5"
+            fields["cf_score"] = f"{self._cf_rating(s):.1f} of {self.schema.rating_scale:g}"
         return fields
 
     def _user_fields(self, user_id: int) -> dict[str, str]:
