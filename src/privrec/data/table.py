@@ -239,7 +239,8 @@ def read_table(spec: _TableFile, folder: Path, section: str) -> Table:
         try:
             df = pd.read_parquet(io.BytesIO(data))
         except ImportError:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or the "
+                            "parquet extra: pip install -e '.[parquet]')") from None
         except Exception as e:  # pyarrow raises its own error types for a file that is not Parquet
             raise DataError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
         table = Table(path, section, _as_strings(df), text=False, header=False)
