@@ -3,8 +3,8 @@
 - ``like-rate``: the user's like-rate over the history items shown in the prompt (no learning at all);
 - ``item-mean``: the target item's like-rate among the training samples, shrunk to the global like-rate
   with k=5 pseudo-counts: (likes + k * global) / (n + k);
-- ``lr-onehot``: logistic regression on one-hot user id, item id, item genres and user fields
-  (gender, age, occupation);
+- ``lr-onehot``: logistic regression on one-hot user id, item id and the schema's categorical fields (MovieLens:
+  item genres, multi-hot, and user gender, age, occupation);
 - ``lr-onehot+like-rate``: the same plus the history like-rate as a numeric feature;
 - ``lr-like-rate+item-mean``: logistic regression on the two counters above;
 - ``mf``: a trained collaborative filter (METHODS §12): the biased MF of :mod:`privrec.features` fit on the
@@ -42,25 +42,43 @@ def item_mean(train: list[Sample], samples: list[Sample], k: float = SHRINK_K) -
     return np.array([stats.read(s)[0] for s in samples])
 
 
-def _categorical(ds: Dataset, samples: list[Sample]) -> tuple[list[list[str]], list[str]]:
-    rows, genres = [], []
+def _categorical(ds: Dataset, samples: list[Sample]) -> tuple[list[list[str]], list[list[tuple[str, ...]]]]:
+    """Per sample: [user id, item id, each categorical user field, each categorical scalar item field] (one-hot),
+    and each categorical list-valued item field's values (multi-hot; MovieLens: genres)."""
+    sch = ds.schema
+    ufields = [f.key for f in sch.user_fields if f.categorical]
+    ifields = [f.key for f in sch.item_fields if f.categorical and not f.is_list]
+    lfields = [f.key for f in sch.item_fields if f.categorical and f.is_list]
+    rows, lists = [], []
     for s in samples:
-        u = ds.users.get(s.user_id)
-        rows.append([f"u{s.user_id}", f"i{s.item_id}", u.gender if u else "?", u.age if u else "?",
-                     u.occupation if u else "?"])
-        genres.append("|".join(ds.items[s.item_id].genres))
-    return rows, genres
+        u, it = ds.users.get(s.user_id), ds.items[s.item_id]
+        rows.append([f"u{s.user_id}", f"i{s.item_id}", *(str(u.get(k)) if u else "?" for k in ufields),
+                     *(str(it.get(k)) for k in ifields)])
+        lists.append([tuple(it.get(k, ())) for k in lfields])
+    return rows, lists
 
 
-def _features(enc: OneHotEncoder, genre_index: dict[str, int], ds: Dataset, samples: list[Sample],
+def _list_index(ds: Dataset) -> list[dict[str, int]]:
+    """Per categorical list-valued item field, its values' column offsets (all fields in one block)."""
+    out, offset = [], 0
+    for f in ds.schema.item_fields:
+        if f.categorical and f.is_list:
+            values = sorted({v for it in ds.items.values() for v in it.get(f.key, ())})
+            out.append({v: offset + i for i, v in enumerate(values)})
+            offset += len(values)
+    return out
+
+
+def _features(enc: OneHotEncoder, list_index: list[dict[str, int]], ds: Dataset, samples: list[Sample],
               extra: np.ndarray | None):
-    rows, genres = _categorical(ds, samples)
+    rows, lists = _categorical(ds, samples)
     x = enc.transform(rows)
-    g = sparse.lil_matrix((len(samples), len(genre_index)))
-    for i, gs in enumerate(genres):
-        for name in gs.split("|"):
-            if name in genre_index:
-                g[i, genre_index[name]] = 1.0
+    g = sparse.lil_matrix((len(samples), sum(len(ix) for ix in list_index)))
+    for i, per_field in enumerate(lists):
+        for index, values in zip(list_index, per_field):
+            for name in values:
+                if name in index:
+                    g[i, index[name]] = 1.0
     parts = [x, g.tocsr()]
     if extra is not None:
         parts.append(sparse.csr_matrix(extra))
@@ -69,18 +87,19 @@ def _features(enc: OneHotEncoder, genre_index: dict[str, int], ds: Dataset, samp
 
 def logistic_onehot(ds: Dataset, train: list[Sample], test: list[Sample], threshold: float,
                     with_like_rate: bool, seed: int = 0) -> np.ndarray:
-    """P(like) from logistic regression on one-hot ids, genres and user fields (+ history like-rate)."""
+    """P(like) from logistic regression on one-hot ids, the schema's categorical fields (MovieLens: genres and
+    the user's gender, age, occupation) (+ history like-rate)."""
     rows, _ = _categorical(ds, train)
     enc = OneHotEncoder(handle_unknown="ignore").fit(rows)
-    genre_index = {g: i for i, g in enumerate(sorted({g for it in ds.items.values() for g in it.genres}))}
+    list_index = _list_index(ds)
     ex_tr = like_rate(train, threshold)[:, None] if with_like_rate else None
     ex_te = like_rate(test, threshold)[:, None] if with_like_rate else None
     y = np.array([s.label for s in train])
     if len(np.unique(y)) < 2:
         return np.full(len(test), float(y.mean()) if len(y) else 0.5)
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
-    clf.fit(_features(enc, genre_index, ds, train, ex_tr), y)
-    return clf.predict_proba(_features(enc, genre_index, ds, test, ex_te))[:, 1]
+    clf.fit(_features(enc, list_index, ds, train, ex_tr), y)
+    return clf.predict_proba(_features(enc, list_index, ds, test, ex_te))[:, 1]
 
 
 def logistic_counters(train: list[Sample], test: list[Sample], threshold: float) -> np.ndarray:

@@ -163,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run", help="model directory")
     t.add_argument("token_id", help="the token's id, its first characters, or the token itself")
 
+    p = sub.add_parser("data", help="bring your own data: check a table source, export MovieLens, write an example "
+                       "(docs/data.md)")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser("check", help="validate a table source and summarise it (one line per problem, exit 2)")
+    d.add_argument("data", help="the schema file, or the folder holding schema.yaml")
+    d.add_argument("--like-threshold", type=float, default=3.0,
+                   help="the like rule's threshold the summary's like rate uses (data.like_threshold; default 3)")
+    d.add_argument("--history-len", type=int, default=10,
+                   help="data.history_len: users with no more interactions than this give no sample (default 10)")
+    d = dsub.add_parser("export", help="write a built-in source in the table format (schema.yaml + three TSV files)")
+    d.add_argument("source", choices=["ml-100k"], help="ml-100k: the embedded copy")
+    d.add_argument("out", help="a new folder")
+    d = dsub.add_parser("status", help="compare a model's data source now with the files it was trained on")
+    d.add_argument("run", help="model directory")
+    d = dsub.add_parser("example", help="write a generated catalogue of another domain (planted preferences)")
+    d.add_argument("name", choices=["books"], help="books: readers (country, age band) and books (author, "
+                   "publisher, subjects, language, price band)")
+    d.add_argument("out", help="a new folder")
+    d.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("report", help="tables from run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--markdown", action="store_true")
@@ -223,7 +243,7 @@ def _recommend(args, progress: bool) -> int:
 
     for r in run_recommend(args.run, args.user, args.top, args.max_candidates, progress, candidates=args.candidates,
                            blend=args.blend, source=args.candidate_source):
-        print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']} ({r['year']})")
+        print(f"{r['rank']:>3}  {r['p_yes']:.4f}  {r['title']}" + (f" ({r['year']})" if r["year"] else ""))
     return 0
 
 
@@ -368,7 +388,22 @@ def _token(args, progress: bool) -> int:
     return 0
 
 
-COMMANDS = {"fetch": _fetch, "report": _report, "train": _train, "baseline": _baseline, "evaluate": _evaluate,
+def _data(args, progress: bool) -> int:
+    from privrec.commands import data
+
+    if args.data_command == "check":
+        print("\n".join(data.check(args.data, args.like_threshold, args.history_len)))
+    elif args.data_command == "status":
+        print("\n".join(data.status(args.run)))
+    elif args.data_command == "export":
+        print(f"wrote {data.export(args.source, args.out)} (use it with data.source=table data.path={args.out})")
+    else:
+        print(f"wrote {data.example(args.name, args.out, args.seed)} (check it with privrec data check {args.out})")
+    return 0
+
+
+COMMANDS = {"data": _data, "fetch": _fetch,
+            "report": _report, "train": _train, "baseline": _baseline, "evaluate": _evaluate,
             "recommend": _recommend, "unlearn": _unlearn, "federate": _federate,
             "federate-split-data": _federate_split_data, "shard-train": _shard_train,
             "forget": _forget, "serve": _serve, "token": _token}

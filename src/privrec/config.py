@@ -23,12 +23,15 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["ml-100k", "ml-100k-grouplens", "ml-1m"] = Field(
+    source: Literal["ml-100k", "ml-100k-grouplens", "ml-1m", "table"] = Field(
         "ml-100k",
         description="ml-100k: the embedded copy fetched from the recbole wheel; ml-100k-grouplens: an original "
-        "GroupLens folder (u.data, u.item, u.user) at `path`; ml-1m: ratings.dat/movies.dat/users.dat at `path`.",
+        "GroupLens folder (u.data, u.item, u.user) at `path`; ml-1m: ratings.dat/movies.dat/users.dat at `path`; "
+        "table: your own interactions, items and users tables described by a schema file at `path` (the file or "
+        "its folder; docs/data.md; check it with `privrec data check`).",
     )
-    path: str | None = Field(None, description="Local folder for the dataset; None uses the embedded copy.")
+    path: str | None = Field(None, description="Local folder for the dataset (table: the schema file or its "
+                             "folder); None uses the embedded copy.")
     protocol: Literal["tallrec", "all-users"] = Field(
         "tallrec",
         description="tallrec: last `last_n` windows split 8:1:1 by time (METHODS §0); all-users: per user, last 3 "

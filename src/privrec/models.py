@@ -117,6 +117,10 @@ class _Manifest(_Strict):
     adapters: list[AdapterRecord]
     forget: list[Forgetting] = Field(description="What privrec commands can do on it to forget.")
     inferred: bool = Field(False, description="Inferred from the files of a directory written before manifests.")
+    data_files: dict[str, dict] | None = Field(
+        None, description="The data source's files when it was trained: per file its name, size and sha256 "
+        "(privrec.data.digest; `privrec data status` compares the source with it). None in a directory written "
+        "before.")
 
     def adapter(self, name: str) -> AdapterRecord:
         for a in self.adapters:
@@ -250,6 +254,10 @@ def build(cfg, run: str | Path, kind: str, **fields) -> _Manifest:
     """The manifest of the model in ``run`` as its adapter folders are now, plus the kind's ``fields``."""
     run = Path(run)
     command = fields.pop("command", KINDS[kind].trained_by)
+    if "data_files" not in fields:  # the source as it is now, which it was trained on (an inferred one: None)
+        from privrec.data.digest import source_record
+
+        fields["data_files"] = source_record(cfg.data.source, cfg.data.path)
     return _ADAPTER.validate_python({"kind": kind, **_common(cfg, run, kind, command), **fields})
 
 
@@ -323,12 +331,13 @@ def infer(run: Path) -> _Manifest:
         cfg = _loose_config(raw, parse_config)
         return build(cfg, run, "shards", partition=sh.get("partition", "semantic"),
                      aggregations=sh.get("aggregations", ["uniform", "apa-d", "apa-nd", "sisa"]),
-                     primary=sh.get("primary", "apa-nd"), forget=["retrain-shards"], inferred=True)
+                     primary=sh.get("primary", "apa-nd"), forget=["retrain-shards"], inferred=True,
+                     data_files=None)
     if is_adapter(run / LEGACY_ADAPTER_DIR):
         from privrec.config import parse_config
 
         cfg = _loose_config(raw, parse_config)
-        m = build(cfg, run, "student" if "unlearn" in raw else "single", forget=[], inferred=True,
+        m = build(cfg, run, "student" if "unlearn" in raw else "single", forget=[], inferred=True, data_files=None,
                   **(_legacy_student(run, raw) if "unlearn" in raw else {}))
         legacy = [a.model_copy(update={"lineage_sha256": None}) for a in m.adapters]  # an ids-only hash
         return m.model_copy(update={"adapters": legacy})

@@ -109,7 +109,7 @@ def without_interactions(ds: Dataset, tombstones: Tombstones) -> Dataset:
         return ds
     keys = zip(ds.inter["user_id"].tolist(), ds.inter["item_id"].tolist())
     keep = np.array([k not in tombstones for k in keys], dtype=bool)
-    return Dataset(ds.name, ds.inter[keep], ds.items, ds.users)
+    return Dataset(ds.name, ds.inter[keep], ds.items, ds.users, ds.schema)
 
 
 def labelled_pool(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:

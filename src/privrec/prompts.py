@@ -27,32 +27,43 @@ which one the user watches next; a candidate's score is the log-likelihood of it
 
 from __future__ import annotations
 
-from privrec.data import KV_FIELDS, Dataset, ItemStats, Sample, View
+from privrec.data import MOVIELENS, Dataset, ItemStats, RecordSchema, Sample, View
+from privrec.data.records import fmt
 from privrec.data.samples import without_recent
 
-TALLREC_INSTRUCTION = (
-    'Given the user\'s preference and unpreference, identify whether the user will like the target movie '
-    'by answering "Yes." or "No.".'
-)
-KV_INSTRUCTION = (
-    'Given the user\'s profile, rating history and a target movie, identify whether the user will like the '
-    'target movie by answering "Yes." or "No.".'
-)
-KV_QUESTION = "Will the user like the target movie?"
+
+class Texts:
+    """The fixed sentences of the prompts, with the dataset's item noun (MovieLens: movie, watch)."""
+
+    def __init__(self, schema: RecordSchema):
+        n, ns, v = schema.noun, schema.plural, schema.verb
+        self.tallrec_instruction = (
+            "Given the user's preference and unpreference, identify whether the user will like the target "
+            f'{n} by answering "Yes." or "No.".')
+        self.kv_instruction = (
+            f"Given the user's profile, rating history and a target {n}, identify whether the user will like the "
+            f'target {n} by answering "Yes." or "No.".')
+        self.kv_question = f"Will the user like the target {n}?"
+        self.tallrec_target_line = f"Whether the user will like the target {n} "
+        self.next_instruction = (
+            f"Given the user's profile, rating history and a list of candidate {ns}, predict which candidate {n} "
+            f"the user will {v} next. Answer with the title of the {n}.")
+        self.next_question = f"Which candidate {n} will the user {v} next?"
+        self.candidates_head = f"Candidate {ns}: "
+        self.noun, self.plural = n, ns
+
+
+_ML = Texts(MOVIELENS)
+TALLREC_INSTRUCTION = _ML.tallrec_instruction
+KV_INSTRUCTION = _ML.kv_instruction
+KV_QUESTION = _ML.kv_question
 ANSWERS = ("Yes", "No")
-TALLREC_TARGET_LINE = "Whether the user will like the target movie "
-KV_NAMES = {"gender": "user gender", "age": "user age", "occupation": "user occupation", "history": "user history",
-            "title": "target movie title", "genres": "target movie genres", "year": "target movie year",
-            "candidates": "candidate movies", "summary": "user history likes",
-            "item_stats": "target movie like rate among other users",
-            "cf_score": "target movie rating predicted from other users' ratings"}
-NEXT_INSTRUCTION = (
-    "Given the user's profile, rating history and a list of candidate movies, predict which candidate movie "
-    "the user will watch next. Answer with the title of the movie."
-)
-NEXT_QUESTION = "Which candidate movie will the user watch next?"
+TALLREC_TARGET_LINE = _ML.tallrec_target_line
+KV_NAMES = MOVIELENS.kv_names()
+NEXT_INSTRUCTION = _ML.next_instruction
+NEXT_QUESTION = _ML.next_question
 # the like-prompt's fields that depend on the target (the prefix/suffix cut falls before the first of them)
-TARGET_FIELDS = frozenset({"title", "genres", "year", "item_stats", "cf_score"})
+TARGET_FIELDS = MOVIELENS.target_keys()
 
 
 def _quote(title: str) -> str:
@@ -78,6 +89,9 @@ class PromptBuilder:
         if getattr(cfg, "cf_score", False) and collab is None:
             raise ValueError("prompt.cf_score is on but no collaborative features were given to the prompt builder")
         self.ds = dataset
+        self.schema: RecordSchema = dataset.schema
+        self.texts = Texts(self.schema)
+        self.kv_names = self.schema.kv_names()
         self.cfg = cfg
         self.like_threshold = like_threshold
         self.item_stats = item_stats
@@ -107,22 +121,25 @@ class PromptBuilder:
     def summary_sentence(self, history) -> str:
         counted = self._counted(history)
         if len(counted) == len(history):
-            return f"The user liked {self._n_liked(counted)} of these {len(history)} movies."
-        return f"The user liked {self._n_liked(counted)} of the {len(counted)} earliest of these movies."
+            return f"The user liked {self._n_liked(counted)} of these {len(history)} {self.texts.plural}."
+        return (f"The user liked {self._n_liked(counted)} of the {len(counted)} earliest of these "
+                f"{self.texts.plural}.")
 
     def stats_sentence(self, s: Sample) -> str:
         pct, n = self._stat(s)
         if n == 0:
-            return "No other user has rated the target movie yet."
-        return f"Other users liked the target movie {pct}% of the time ({_ratings(n)})."
+            return f"No other user has rated the target {self.texts.noun} yet."
+        return f"Other users liked the target {self.texts.noun} {pct}% of the time ({_ratings(n)})."
 
     def _cf_rating(self, s: Sample) -> float:
-        """The MF's predicted rating of the target (cross-fitted for a counted sample), on the 1-5 scale."""
-        return min(5.0, max(1.0, self.collab.predict(s)))
+        """The MF's predicted rating of the target (cross-fitted for a counted sample), on the 1 to
+        ``rating_scale`` scale (MovieLens: 1-5)."""
+        return min(self.schema.rating_scale, max(1.0, self.collab.predict(s)))
 
     def cf_sentence(self, s: Sample) -> str:
-        return (f"A rating model of other users' ratings predicts {self._cf_rating(s):.1f} of 5 stars for the "
-                "target movie.")
+        return (f"A rating model of other users' ratings predicts {self._cf_rating(s):.1f} of "
+                f"{self.schema.rating_scale:g} stars for the "
+                f"target {self.texts.noun}.")
 
     def _summary_value(self, history) -> str:
         counted = self._counted(history)
@@ -145,7 +162,7 @@ class PromptBuilder:
 
     def tallrec_input_parts(self, s: Sample) -> tuple[str, str]:
         """(the history lists [+ summary], [the item-stats line +] the target question)."""
-        tail = f"{TALLREC_TARGET_LINE}{_quote(self.ds.items[s.item_id].title)}?"
+        tail = f"{self.texts.tallrec_target_line}{_quote(self.ds.items[s.item_id].title)}?"
         if self._shows("cf_score"):
             tail = self.cf_sentence(s) + "\n" + tail
         if self._shows("item_stats"):
@@ -158,32 +175,40 @@ class PromptBuilder:
     def _history_entry(self, item_id: int, rating: float) -> str:
         it = self.ds.items[item_id]
         if self.cfg.rating_style == "rating":
-            opinion = f"rated {rating:g}/5"
+            opinion = f"rated {rating:g}/{self.schema.rating_scale:g}"
         else:
             opinion = "liked" if rating > self.like_threshold else "disliked"
-        parts = [f"{_quote(it.title)} ({it.year})" if it.year else _quote(it.title), opinion]
-        if self.cfg.history_genres and it.genres:
-            parts.append(", ".join(it.genres))
+        parts = [self._titled(item_id), opinion]
+        if self.cfg.history_genres:
+            parts += [fmt(v) for v in (it.get(k) for k in self.schema.history_fields) if v]
         return "; ".join(parts)
 
+    def _titled(self, item_id: int) -> str:
+        """The quoted title, with the schema's ``title_suffix`` field in parentheses when it has a value."""
+        it = self.ds.items[item_id]
+        suffix = fmt(it.get(self.schema.title_suffix)) if self.schema.title_suffix else ""
+        return f"{_quote(it.title)} ({suffix})" if suffix else _quote(it.title)
+
     def kv_fields(self, s: Sample) -> dict[str, str]:
-        """The seven key-value pairs of METHODS §1, in the template's order (+ the optional counter lines)."""
+        """Every key-value pair of METHODS §1 (user fields, history, target title and fields), in the
+        template's order (+ the optional counter lines)."""
         item = self.ds.items[s.item_id]
         fields = self._user_fields(s.user_id)
         fields["history"] = self._history(s.history)
         if self.cfg.history_summary:
             fields["summary"] = self._summary_value(s.history)
-        fields.update(title=_quote(item.title), genres=", ".join(item.genres), year=item.year)
+        fields["title"] = _quote(item.title)
+        fields.update({f.key: fmt(item.get(f.key)) for f in self.schema.item_fields})
         if self._shows("item_stats"):
             fields["item_stats"] = self._stats_value(s)
         if self._shows("cf_score"):
-            fields["cf_score"] = f"{self._cf_rating(s):.1f} of 5"
+            fields["cf_score"] = f"{self._cf_rating(s):.1f} of {self.schema.rating_scale:g}"
         return fields
 
     def _user_fields(self, user_id: int) -> dict[str, str]:
         user = self.ds.users.get(user_id)
         if self.cfg.user_fields and user is not None:
-            return {"gender": user.gender, "age": user.age, "occupation": user.occupation}
+            return {f.key: fmt(user.get(f.key)) for f in self.schema.user_fields}
         return {}
 
     def _history(self, history) -> str:
@@ -195,12 +220,13 @@ class PromptBuilder:
         The counter lines are not key-value pairs InstructMK shuffles or masks: the history summary always
         follows the history line, the item-stats line always ends the fields (both kept by every view)."""
         fields = self.kv_fields(s)
-        order = self._with_counters(s.view.order or KV_FIELDS)
-        lines = [(k, f"{KV_NAMES[k]}: {fields[k]}") for k in order if k in fields and k not in s.view.dropped]
-        cut = next((i for i, (k, _) in enumerate(lines) if k in TARGET_FIELDS), len(lines))
+        order = self._with_counters(s.view.order or self.schema.kv_keys())
+        lines = [(k, f"{self.kv_names[k]}: {fields[k]}") for k in order if k in fields and k not in s.view.dropped]
+        targets = self.schema.target_keys()
+        cut = next((i for i, (k, _) in enumerate(lines) if k in targets), len(lines))
         head = "".join(line + "\n" for _, line in lines[:cut])
         tail = "".join(line + "\n" for _, line in lines[cut:])
-        return head, tail + KV_QUESTION
+        return head, tail + self.texts.kv_question
 
     @staticmethod
     def _with_counters(order) -> list[str]:
@@ -217,8 +243,8 @@ class PromptBuilder:
     def input_parts(self, s: Sample) -> tuple[str, str, str]:
         """(instruction, input prefix, input suffix) of the like-prompt."""
         if self.cfg.template == "tallrec":
-            return (TALLREC_INSTRUCTION, *self.tallrec_input_parts(s))
-        return (KV_INSTRUCTION, *self.kv_input_parts(s))
+            return (self.texts.tallrec_instruction, *self.tallrec_input_parts(s))
+        return (self.texts.kv_instruction, *self.kv_input_parts(s))
 
     def parts(self, s: Sample) -> tuple[str, str]:
         instruction, head, tail = self.input_parts(s)
@@ -260,29 +286,29 @@ class PromptBuilder:
 
     # --- next-item prompt (BIGRec-style title likelihood) --------------------------------------------
     def _candidate_entry(self, item_id: int) -> str:
-        it = self.ds.items[item_id]
-        return f"{_quote(it.title)} ({it.year})" if it.year else _quote(it.title)
+        return self._titled(item_id)
 
     def next_item_input(self, user_id: int, history, candidates, view: View | None = None) -> str:
         """Input of the next-item prompt: the user's fields and history and the candidate list (in the given
         order), as key-value lines (``kv``) or TALLRec's liked/disliked lists (``tallrec``)."""
         cands = "\n" + "\n".join(f"- {self._candidate_entry(i)}" for i in candidates)
         if self.cfg.template == "tallrec":
-            return f"{self._tallrec_lists(history)}Candidate movies: {cands}\n{NEXT_QUESTION}"
+            return f"{self._tallrec_lists(history)}{self.texts.candidates_head}{cands}\n{self.texts.next_question}"
         view = view or View()
         fields = self._user_fields(user_id)
         fields.update(history=self._history(history), candidates=cands)
         if self.cfg.history_summary:
             fields["summary"] = self._summary_value(history)
         # the candidate list stands where the like-prompt's target fields stand (after the history by default)
-        order = ["candidates" if k == "title" else k for k in self._with_counters(view.order or KV_FIELDS)]
-        return "".join(f"{KV_NAMES[k]}: {fields[k]}\n" for k in order
-                       if k in fields and k not in view.dropped) + NEXT_QUESTION
+        order = ["candidates" if k == "title" else k
+                 for k in self._with_counters(view.order or self.schema.kv_keys())]
+        return "".join(f"{self.kv_names[k]}: {fields[k]}\n" for k in order
+                       if k in fields and k not in view.dropped) + self.texts.next_question
 
     def next_item_prompt(self, user_id: int, history, candidates, tokenizer, view: View | None = None) -> str:
         """The whole next-item prompt through the assistant header (shared by all candidates: the suffix of
         a candidate is its answer, :meth:`item_answer`)."""
-        prefix, suffix = self._wrap(NEXT_INSTRUCTION, "", self.next_item_input(user_id, history, candidates,
+        prefix, suffix = self._wrap(self.texts.next_instruction, "", self.next_item_input(user_id, history, candidates,
                                                                                 view), tokenizer)
         return prefix + suffix
 

@@ -34,7 +34,7 @@ from privrec.model.recmodel import PrefixGroup, RecLM
 from privrec.prepare import build_model, collab_features, item_stats, setup_data, without_interactions
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
-from privrec.unlearning.exact.ledger import Ledger, deletion_record, last_request_of
+from privrec.unlearning.exact.ledger import Ledger, deletion_record, last_request_of, user_requests
 from privrec.unlearning.exact.shards import ApaConfig
 
 CONFIG_OF: dict[str, type[ExperimentConfig]] = {"single": ExperimentConfig, "shards": ApaConfig,
@@ -105,10 +105,20 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
         rows += deletion_record(manifest.original)
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
     if rows:  # a user every one of whose interactions is deleted is forgotten
-        counts = load_dataset(cfg.data.source, cfg.data.path).inter.groupby("user_id").size()
+        inter = load_dataset(cfg.data.source, cfg.data.path).inter
+        counts = inter.groupby("user_id").size()
         deleted = Counter(u for u, _ in md.tombstones)
         last = last_request_of(rows)
         md.deleted_by = {u: last[u] for u, n in deleted.items() if n >= int(counts.get(u, 0))}
+        # a user a whole-user request deleted stays forgotten in a later copy of the source: rows of theirs that
+        # reappear there (a newer export) are left out like the deleted ones (issue 31; privrec data status)
+        whole = user_requests(run.path) & set(deleted)
+        if manifest.kind == "student" and Path(manifest.original).is_dir():
+            whole |= user_requests(manifest.original) & set(deleted)
+        for u in whole:
+            md.deleted_by.setdefault(u, last[u])
+        back = inter[inter["user_id"].isin(whole)]
+        md.tombstones |= set(zip(back["user_id"].tolist(), back["item_id"].tolist()))
     return md
 
 
@@ -389,8 +399,10 @@ class Recommender:
         items = self.candidates(user, seen, two_stage, max_candidates, source)
         probs = self.p_yes(user, items, shared_prefix)
         order = blended_order(probs, blend if two_stage else 0.0)[:top]
-        return [{"rank": r + 1, "item_id": items[i], "title": self.ds.items[items[i]].title,
-                 "year": self.ds.items[items[i]].year, "p_yes": float(probs[i])} for r, i in enumerate(order)]
+        its, sch = self.ds.items, self.ds.schema
+        return [{"rank": r + 1, "item_id": items[i], "title": its[items[i]].title,
+                 "year": sch.suffix(its[items[i]]), "fields": sch.shown(its[items[i]]), "p_yes": float(probs[i])}
+                for r, i in enumerate(order)]
 
 
 def blended_order(scores: np.ndarray, blend: float) -> np.ndarray:

@@ -306,7 +306,8 @@ def epoch_line(r: dict) -> str:
 
 def training_samples(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
     """The drawn training samples, each followed by its augmented copies (none unless ``augment`` asks)."""
-    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    return augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed,
+                   splits.dataset.schema.kv_keys())
 
 
 def fit_single(cfg: ExperimentConfig, model: RecLM, tr: list[Encoded], va: list[Encoded], checkpoint_dir: Path,

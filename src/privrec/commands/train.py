@@ -97,7 +97,7 @@ def run_train(cfg: ExperimentConfig, out: str | Path, resume: bool = False, prog
 def _train(cfg: ExperimentConfig, out: str | Path, resume: bool, progress: bool) -> dict:
     # 1. data (minus deleted data), then the model (the prompt builder needs the dataset's records); both
     #    before the run directory is touched, so bad input fails with its one-line error and leaves nothing
-    splits = setup_data(cfg, deleted_interactions(out))
+    splits = setup_data(cfg, deleted_interactions(out, cfg.data))
     train_samples = training_samples(cfg, splits)
     model = setup_model(cfg, splits)
 

@@ -288,8 +288,9 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     method = cfg.unlearn.method
     # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
     #    fails with its one-line error and leaves nothing behind)
-    splits = setup_data(cfg, deleted_interactions(run_path))  # a model that forgot data keeps it forgotten
-    trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed)
+    splits = setup_data(cfg, deleted_interactions(run_path, cfg.data))  # a model that forgot data keeps it forgotten
+    trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed,
+                   splits.dataset.schema.kv_keys())
 
     # 2. the forget set: every training sample (augmented copies too) of the forget users
     users, forget_s, retain_s = forget_set(cfg, splits, trained, run_path)
@@ -399,7 +400,7 @@ def run_unlearn_shards(cfg: ShardUnlearnConfig, run_path: Path, out: str | Path,
                         f"retrain-shards, measured) or original on it; {method} acts on one adapter: use a "
                         "privrec train model")
     # 1-3. the model's samples (minus what it already forgot), the forget set, the reference
-    splits = setup_data(cfg, deleted_interactions(run_path))
+    splits = setup_data(cfg, deleted_interactions(run_path, cfg.data))
     users, forget_s, retain_s = forget_set(cfg, splits, splits.train, run_path)
     forget_ids = [s.sample_id for s in forget_s]
     ref_probs, ref_seconds, ref_path = None, None, None

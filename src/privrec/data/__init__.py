@@ -1,12 +1,16 @@
 """Datasets -> interaction tables, key-value records, samples, protocol splits, augmentation."""
 
-from privrec.data.movielens import Dataset, Item, User, load_dataset
+from privrec.data.movielens import Dataset, load_dataset
 from privrec.data.ranking import RankingSample, RankingSplits, build_ranking_splits, like_splits
+from privrec.data.records import MOVIELENS, FieldInfo, Item, RecordSchema, User
 from privrec.data.samples import KV_FIELDS, Sample, Splits, View, augment, build_splits, sample_id, windows
 from privrec.data.stats import ItemStats
 
 __all__ = [
     "KV_FIELDS",
+    "MOVIELENS",
+    "FieldInfo",
+    "RecordSchema",
     "Dataset",
     "Item",
     "ItemStats",

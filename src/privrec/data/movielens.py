@@ -16,32 +16,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from privrec.data.records import MOVIELENS, Item, RecordSchema, User
 from privrec.errors import DataError
 
 
-@dataclass(frozen=True)
-class Item:
-    title: str
-    year: str
-    genres: tuple[str, ...]
+def movie(title: str, year: str, genres: tuple[str, ...]) -> Item:
+    return Item(title, (("genres", genres), ("year", year)))
 
 
-@dataclass(frozen=True)
-class User:
-    age: str
-    gender: str
-    occupation: str
+def ml_user(age: str, gender: str, occupation: str) -> User:
+    return User((("gender", gender), ("age", age), ("occupation", occupation)))
 
 
 @dataclass
 class Dataset:
     """``inter`` has columns user_id, item_id, rating, timestamp, sorted by (user, time) with the file's
-    row order as the tie-break (many ratings of one user share a timestamp)."""
+    row order as the tie-break (many ratings of one user share a timestamp). ``schema``: how the records'
+    keys are shown (:mod:`privrec.data.records`)."""
 
     name: str
     inter: pd.DataFrame
     items: dict[int, Item]
     users: dict[int, User]
+    schema: RecordSchema  # required: a copy that dropped it would show another dataset's keys
 
     def __post_init__(self) -> None:
         self.inter = self.inter.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
@@ -126,13 +123,13 @@ def load_recbole_ml100k(folder: Path) -> Dataset:
     items_df = _read_table(folder / "ml-100k.item", "\t", ["item_id", "title", "year", "genres"], True)
     users_df = _read_table(folder / "ml-100k.user", "\t", ["user_id", "age", "gender", "occupation", "zip"], True)
     try:
-        items = {int(r.item_id): Item(clean_title(r.title)[0], r.year, tuple(r.genres.split()))
+        items = {int(r.item_id): movie(clean_title(r.title)[0], r.year, tuple(r.genres.split()))
                  for r in items_df.itertuples()}
-        users = {int(r.user_id): User(r.age, _GENDER.get(r.gender, r.gender), r.occupation)
+        users = {int(r.user_id): ml_user(r.age, _GENDER.get(r.gender, r.gender), r.occupation)
                  for r in users_df.itertuples()}
     except ValueError as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-100k", _interactions(inter, folder / "ml-100k.inter"), items, users)
+    return Dataset("ml-100k", _interactions(inter, folder / "ml-100k.inter"), items, users, MOVIELENS)
 
 
 def load_grouplens_ml100k(folder: Path) -> Dataset:
@@ -146,12 +143,12 @@ def load_grouplens_ml100k(folder: Path) -> Dataset:
         for r in items_df.to_dict("records"):
             title, year = clean_title(r["title"])
             year = year or r["date"][-4:]
-            items[int(r["item_id"])] = Item(title, year, tuple(g for g in _ML100K_GENRES if r[g] == "1"))
-        users = {int(r.user_id): User(r.age, _GENDER.get(r.gender, r.gender), r.occupation)
+            items[int(r["item_id"])] = movie(title, year, tuple(g for g in _ML100K_GENRES if r[g] == "1"))
+        users = {int(r.user_id): ml_user(r.age, _GENDER.get(r.gender, r.gender), r.occupation)
                  for r in users_df.itertuples()}
     except (ValueError, KeyError) as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-100k", _interactions(inter, folder / "u.data"), items, users)
+    return Dataset("ml-100k", _interactions(inter, folder / "u.data"), items, users, MOVIELENS)
 
 
 def load_ml1m(folder: Path) -> Dataset:
@@ -163,16 +160,17 @@ def load_ml1m(folder: Path) -> Dataset:
         items = {}
         for r in items_df.itertuples():
             title, year = clean_title(r.title)
-            items[int(r.item_id)] = Item(title, year, tuple(r.genres.split("|")))
-        users = {int(r.user_id): User(_ML1M_AGE.get(r.age, r.age), _GENDER.get(r.gender, r.gender),
-                                      _ML1M_OCC[int(r.occupation)]) for r in users_df.itertuples()}
+            items[int(r.item_id)] = movie(title, year, tuple(r.genres.split("|")))
+        users = {int(r.user_id): ml_user(_ML1M_AGE.get(r.age, r.age), _GENDER.get(r.gender, r.gender),
+                                         _ML1M_OCC[int(r.occupation)]) for r in users_df.itertuples()}
     except (ValueError, IndexError) as e:
         raise DataError(f"{folder}: malformed item/user rows ({e})") from None
-    return Dataset("ml-1m", _interactions(inter, folder / "ratings.dat"), items, users)
+    return Dataset("ml-1m", _interactions(inter, folder / "ratings.dat"), items, users, MOVIELENS)
 
 
 def load_dataset(source: str, path: str | None) -> Dataset:
-    """Load a dataset by source name; ``path`` None means the embedded, fetched copy of ml-100k.
+    """Load a dataset by source name; ``path`` None means the embedded, fetched copy of ml-100k; ``table``: a
+    schema file or its folder (:mod:`privrec.data.table`).
 
     Raises:
         DataError: the folder or a file is missing, or rows are malformed.
@@ -188,4 +186,10 @@ def load_dataset(source: str, path: str | None) -> Dataset:
         return load_grouplens_ml100k(Path(path).expanduser())
     if source == "ml-1m":
         return load_ml1m(Path(path).expanduser())
+    if source == "table":
+        from privrec.data.table import load_table
+
+        if path is None:
+            raise DataError("data.source=table needs data.path (the schema file or its folder)")
+        return load_table(path)[0]
     raise DataError(f"unknown data source {source!r}")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from privrec.data.movielens import Dataset
+from privrec.data.records import MOVIELENS
 
 if TYPE_CHECKING:
     from privrec.data.ranking import RankingSplits
@@ -179,27 +180,29 @@ def build_splits(ds: Dataset, cfg, seed: int, exclude: set[str] | frozenset[str]
     )
 
 
-KV_FIELDS = ("gender", "age", "occupation", "history", "title", "genres", "year")
-MASKABLE = tuple(f for f in KV_FIELDS if f != "history")
+KV_FIELDS = MOVIELENS.kv_keys()  # ("gender", "age", "occupation", "history", "title", "genres", "year")
 
 
-def augment(samples: list[Sample], shuffle: bool, mask: int, copies: int, seed: int) -> list[Sample]:
+def augment(samples: list[Sample], shuffle: bool, mask: int, copies: int, seed: int,
+            keys: tuple[str, ...] = KV_FIELDS) -> list[Sample]:
     """InstructMK augmentation (METHODS §1): each original followed by ``copies`` augmented copies.
 
-    A copy keeps the original's label, target and history; only its view changes: key-value pairs in a
-    random order (``shuffle``) and/or ``mask`` pairs removed at random (the history is never removed).
+    A copy keeps the original's label, target and history; only its view changes: the key-value pairs
+    ``keys`` (the dataset's :meth:`~privrec.data.records.RecordSchema.kv_keys`) in a random order
+    (``shuffle``) and/or ``mask`` of them removed at random (the history is never removed).
     """
     if copies == 0:
         return list(samples)
-    if mask > len(MASKABLE):
-        raise ValueError(f"augment.mask={mask} exceeds the {len(MASKABLE)} maskable pairs")
+    maskable = tuple(f for f in keys if f != "history")
+    if mask > len(maskable):
+        raise ValueError(f"augment.mask={mask} exceeds the {len(maskable)} maskable pairs")
     rng = np.random.default_rng([seed, 7])
     out: list[Sample] = []
     for s in samples:
         out.append(s)
         for k in range(copies):
-            order = tuple(str(f) for f in rng.permutation(KV_FIELDS)) if shuffle else None
-            dropped = frozenset(str(f) for f in rng.choice(MASKABLE, size=mask, replace=False))
+            order = tuple(str(f) for f in rng.permutation(keys)) if shuffle else None
+            dropped = frozenset(str(f) for f in rng.choice(maskable, size=mask, replace=False))
             out.append(replace(s, sample_id=f"{s.sample_id}#aug{k}", source_id=s.sample_id,
                                view=View(order, dropped)))
     return out

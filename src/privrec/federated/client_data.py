@@ -4,7 +4,8 @@
 same samples and the same partition: :func:`privrec.federated.runner.plan_federation`) into
 
 - ``DIR/client-{c}/``: the files of the config's ``data.source`` (the folder is a ``data.path`` that source
-  reads) holding only client c's rows: its users' interactions and user records, and the whole item catalogue
+  reads; a ``table`` source's clients get the table format, ``schema.yaml`` and three TSV files) holding only
+  client c's rows: its users' interactions and user records, and the whole item catalogue
   (prompts name the items; ranking negatives are drawn from it); and ``privrec-client.json``: the client id,
   the fingerprint of the settings that decide the samples (:func:`samples_fingerprint`) and the protocol's
   cut of the client's samples: their ids per split, in the run's order. The cut is decided when the data is
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privrec.data import Dataset, Sample, load_dataset, windows
+from privrec.data.export import write_table
 from privrec.data.movielens import SOURCE_FILES
 from privrec.data.ranking import RankingSplits, build_ranking_splits, like_splits
 from privrec.errors import DataError, RunError, UserError
@@ -180,12 +182,16 @@ def split_data(cfg: FederatedConfig, out: str | Path) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; give --out a new folder")
     fed = plan_federation(cfg)
-    src = source_folder(cfg)
-    (inter_f, inter_sep, inter_h), (user_f, user_sep, user_h), (item_f, _, _) = SOURCE_FILES[cfg.data.source]
-    inter_head, inter_rows = _rows_by_user(src / inter_f, inter_sep.encode(), inter_h)
-    user_head, user_rows = _rows_by_user(src / user_f, user_sep.encode(), user_h)
-    if not (src / item_f).is_file():
-        raise DataError(f"{src}: missing {item_f}")
+    table = cfg.data.source == "table"
+    if table:  # a table source's clients get the table format: schema.yaml + their rows (privrec.data.export)
+        ds = load_dataset("table", cfg.data.path)
+    else:
+        src = source_folder(cfg)
+        (inter_f, inter_sep, inter_h), (user_f, user_sep, user_h), (item_f, _, _) = SOURCE_FILES[cfg.data.source]
+        inter_head, inter_rows = _rows_by_user(src / inter_f, inter_sep.encode(), inter_h)
+        user_head, user_rows = _rows_by_user(src / user_f, user_sep.encode(), user_h)
+        if not (src / item_f).is_file():
+            raise DataError(f"{src}: missing {item_f}")
     fingerprint = samples_fingerprint(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -196,10 +202,16 @@ def split_data(cfg: FederatedConfig, out: str | Path) -> dict:
         for c in fed.clients:
             users = sorted(u for u, cc in fed.assignment.items() if cc == c)
             folder = tmp / CLIENT_DIR.format(c)
-            folder.mkdir()
-            (folder / inter_f).write_bytes(b"".join(inter_head + [r for u in users for r in inter_rows.get(u, [])]))
-            (folder / user_f).write_bytes(b"".join(user_head + [r for u in users for r in user_rows.get(u, [])]))
-            shutil.copyfile(src / item_f, folder / item_f)
+            if table:
+                mine = set(users)
+                write_table(Dataset(ds.name, ds.inter[ds.inter["user_id"].isin(mine)], ds.items,
+                                    {u: r for u, r in ds.users.items() if u in mine}, ds.schema), folder)
+            else:
+                folder.mkdir()
+                (folder / inter_f).write_bytes(b"".join(inter_head + [r for u in users
+                                                                      for r in inter_rows.get(u, [])]))
+                (folder / user_f).write_bytes(b"".join(user_head + [r for u in users for r in user_rows.get(u, [])]))
+                shutil.copyfile(src / item_f, folder / item_f)
             tr, va, te = fed.samples(c)
             ids = sample_ids(fed, c)
             meta = {"format": FORMAT, "client": c, "clients": len(fed.clients), "source": cfg.data.source,

@@ -28,8 +28,9 @@ class FederatedSection(_Section):
     partition: Literal["kmeans", "random", "by-attribute"] = Field(
         "kmeans", description="kmeans: k-means over matrix-factorisation user embeddings (the paper); random: "
         "users dealt evenly at random; by-attribute: one group per value of `attribute`.")
-    attribute: Literal["occupation", "age", "gender"] = Field(
-        "occupation", description="by-attribute: the user field that groups users (age is banded).")
+    attribute: str = Field(
+        "occupation", description="by-attribute: the user field (a key of the data's user records: MovieLens "
+        "occupation, age or gender; a table source's users fields) that groups users (a numeric age is banded).")
     mf_dim: int = Field(DEFAULT_DIM, ge=2,
                         description="kmeans: user/item embedding size of the matrix factorisation.")
     mf_epochs: int = Field(DEFAULT_EPOCHS, ge=1,

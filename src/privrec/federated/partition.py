@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from privrec.data import Dataset, Sample
+from privrec.data.records import fmt
 from privrec.errors import ConfigError
 from privrec.model.mf import fit_mf
 
@@ -80,9 +81,15 @@ def attribute_partition(ds: Dataset, users: list[int], n_clients: int, attribute
     Raises:
         ConfigError: fewer distinct values than clients.
     """
+    keys = [f.key for f in ds.schema.user_fields]
+    if attribute not in keys:
+        raise ConfigError(f"federated.attribute={attribute} is not a user field of {ds.name} (its user fields: "
+                          f"{', '.join(keys) or 'none'})")
+
     def value(u: int) -> str:
-        rec = ds.users[u]
-        return age_band(rec.age) if attribute == "age" else getattr(rec, attribute)
+        rec = ds.users.get(u)
+        v = fmt(rec.get(attribute)) if rec is not None else "?"
+        return age_band(v) if attribute == "age" else v
 
     groups: dict[str, list[int]] = defaultdict(list)
     for u in sorted(users):

@@ -54,11 +54,16 @@ class Me(_Body):
                                                "deletion requests answer 409)")
 
 
+FIELDS_HELP = ("the item's other fields by the data's display names (MovieLens: genres; a table source: its "
+               "schema's item fields); `year` is the schema's title_suffix field")
+
+
 class Item(_Body):
     rank: int
     item_id: int
     title: str
     year: int | str | None
+    fields: dict[str, str] = Field(default_factory=dict, description=FIELDS_HELP)
     p_yes: float
 
 
@@ -74,6 +79,7 @@ class Rating(_Body):
     item_id: int
     title: str
     year: int | str | None
+    fields: dict[str, str] = Field(default_factory=dict, description=FIELDS_HELP)
     rating: float
     timestamp: int
 

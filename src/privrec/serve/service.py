@@ -296,7 +296,9 @@ class Service:
         self.check_user(user)
         rows = self.rec.ds.inter[self.rec.ds.inter["user_id"] == user]
         items = self.rec.ds.items
-        return [{"item_id": int(i), "title": items[int(i)].title, "year": items[int(i)].year, "rating": float(r),
+        suffix, shown = self.rec.ds.schema.suffix, self.rec.ds.schema.shown
+        return [{"item_id": int(i), "title": items[int(i)].title, "year": suffix(items[int(i)]),
+                 "fields": shown(items[int(i)]), "rating": float(r),
                  "timestamp": int(t)} for i, r, t in zip(rows["item_id"], rows["rating"], rows["timestamp"])]
 
     # --- deletion requests ----------------------------------------------------------------------------------

@@ -325,7 +325,32 @@ def last_request_of(rows: list[dict]) -> dict[int, str]:
     return {u: rid for u, (_, rid) in out.items()}
 
 
-def deleted_interactions(out: str | Path) -> set[tuple[int, int]]:
+def user_requests(out: str | Path) -> set[int]:
+    """The users named by a model directory's whole-user deletion requests (``forget --users``, the service's
+    forget): they stay forgotten in any later copy of the source (issue 31)."""
+    path = Path(out) / LEDGER_FILE
+    if not path.is_file():
+        return set()
+    ledger = Ledger(path, create=False)
+    try:
+        return {int(u) for q in ledger.requests() if q["kind"] == "users"
+                for u in json.loads(q["spec"]).get("users", [])}
+    finally:
+        ledger.close()
+
+
+def deleted_interactions(out: str | Path, data=None) -> set[tuple[int, int]]:
     """The (user, item) interactions a model directory deleted: deleted data stays deleted when the model is
-    used, unlearnt from or trained again into the same directory."""
-    return {(r["user_id"], r["item_id"]) for r in deletion_record(out)}
+    used, unlearnt from or trained again into the same directory. With ``data`` (the config's ``data`` section),
+    also every interaction the source holds now of a user a whole-user request deleted (rows of theirs that
+    reappear in a later copy of the source, issue 31)."""
+    rows = deletion_record(out)
+    out_set = {(r["user_id"], r["item_id"]) for r in rows}
+    whole = user_requests(out) & {r["user_id"] for r in rows} if data is not None and rows else set()
+    if whole:
+        from privrec.data import load_dataset
+
+        inter = load_dataset(data.source, data.path).inter
+        back = inter[inter["user_id"].isin(whole)]
+        out_set |= set(zip(back["user_id"].tolist(), back["item_id"].tolist()))
+    return out_set
