@@ -35,6 +35,39 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.epochs=2 (repeatable)")
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
+def _add_executor(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help=f"run {what} as Ray tasks on a local Ray cluster of N single-threaded workers "
+                   "(executor.kind=ray, executor.workers=N; docs/scaling.md)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help=f"run {what} as Ray tasks on the running Ray cluster at ADDR (`ray start --head` "
+                   "prints it; executor.kind=ray, executor.address=ADDR)")
+
+
+def _executor(args, base=None):
+    """The executor a command runs with: ``base`` (a config's ``executor`` section; default local) with the
+    command line's --workers / --ray-address over it."""
+    from privrec.config import ExecutorConfig
+
+    cfg = base or ExecutorConfig()
+    if args.workers is not None:
+        return cfg.model_copy(update={"kind": "ray", "workers": args.workers, "address": None})
+    if args.ray_address is not None:
+        return cfg.model_copy(update={"kind": "ray", "address": args.ray_address})
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.", epilog=PROGRESS_HELP)
     ap.add_argument("--no-progress", action="store_true",
@@ -80,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
+    _add_executor(p, "the shards")
 
     p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a model (shard-train: "
                        "retrain the shards that held them; train: retrain its adapter from scratch; federate: "
@@ -95,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-federation", action="store_true", help="a pplr / fedavg / fedprox / centralised "
                    "federate model: exact forgetting retrains the whole federation without the data (all rounds, "
                    "every client; as slow as training it): asked for explicitly")
+    _add_executor(p, "the shards a request retrains (a shards model)")
 
     p = sub.add_parser("federate", help="federated LoRA tuning: PPLR, FedAvg, FedProx, local, centralised; "
                        "FedABC loss; executed layer split")
@@ -285,7 +320,8 @@ def _shard_train(args, progress: bool) -> int:
     from privrec.config import load_config
     from privrec.unlearning.exact.shards import ApaConfig
 
-    m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume, progress)
+    cfg = load_config(args.config, args.overrides, cls=ApaConfig)
+    m = run_shard_train(cfg, args.out, args.resume, progress, executor=_executor(args, cfg.executor))
     rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}
     rows["single shards (mean)"] = m["single_shard_mean_auc"]
     if m.get("retrain"):
@@ -308,7 +344,7 @@ def _forget(args, progress: bool) -> int:
         print("verified: all checks passed" if report["ok"] else "verification FAILED")
         return 0 if report["ok"] else 1
     if args.resume:
-        cert = forget.run_resume(args.run, progress)
+        cert = forget.run_resume(args.run, progress, executor=_executor(args))
         if cert is None:
             print("nothing to resume: every request is done")
             return 0
@@ -316,7 +352,8 @@ def _forget(args, progress: bool) -> int:
         users = forget.parse_users(args.users) if args.users is not None else None
         clients = forget.parse_clients(args.clients) if args.clients is not None else None
         cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress,
-                                 clients=clients, retrain_federation=args.retrain_federation)
+                                 clients=clients, retrain_federation=args.retrain_federation,
+                                 executor=_executor(args))
         if cert.get("noop"):
             print(cert["message"])
             return 0
