@@ -60,11 +60,14 @@ def _executor(args, base=None):
     command line's --workers / --ray-address over it."""
     from privrec.config import ExecutorConfig
 
+    from privrec.executor import check
+
     cfg = base or ExecutorConfig()
     if args.workers is not None:
-        return cfg.model_copy(update={"kind": "ray", "workers": args.workers, "address": None})
-    if args.ray_address is not None:
-        return cfg.model_copy(update={"kind": "ray", "address": args.ray_address})
+        cfg = cfg.model_copy(update={"kind": "ray", "workers": args.workers, "address": None})
+    elif args.ray_address is not None:
+        cfg = cfg.model_copy(update={"kind": "ray", "address": args.ray_address})
+    check(cfg)  # before anything is recorded or written
     return cfg
 
 
@@ -343,8 +346,9 @@ def _forget(args, progress: bool) -> int:
             print(f"certificate {c['request']}: {'ok' if c['ok'] else 'FAILED: ' + '; '.join(c['problems'])}")
         print("verified: all checks passed" if report["ok"] else "verification FAILED")
         return 0 if report["ok"] else 1
+    executor = _executor(args)
     if args.resume:
-        cert = forget.run_resume(args.run, progress, executor=_executor(args))
+        cert = forget.run_resume(args.run, progress, executor=executor)
         if cert is None:
             print("nothing to resume: every request is done")
             return 0
@@ -353,7 +357,7 @@ def _forget(args, progress: bool) -> int:
         clients = forget.parse_clients(args.clients) if args.clients is not None else None
         cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress,
                                  clients=clients, retrain_federation=args.retrain_federation,
-                                 executor=_executor(args))
+                                 executor=executor)
         if cert.get("noop"):
             print(cert["message"])
             return 0

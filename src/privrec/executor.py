@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -129,6 +130,34 @@ def _short_link(target: Path) -> Path:
     return link
 
 
+def check(cfg: ExecutorConfig) -> None:
+    """Fail fast, in one line, before a command records or writes anything: ``ray`` needs the ray package, and
+    ``address`` (``host:port``, or ``ray://host:port``) must accept a connection (``ray.init`` would wait on an
+    unreachable one for minutes).
+
+    Raises:
+        UserError: ray is not installed, or nothing answers at the address.
+    """
+    if cfg.kind == "local":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("executor ray needs the ray package: pip install -e '.[federated]' (flwr[simulation] "
+                        "brings it), or run with executor.kind=local") from None
+    if cfg.address is None or cfg.address == "auto":
+        return
+    host, _, port = cfg.address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address / executor.address expects host:port (e.g. 10.0.0.1:6379), got "
+                        f"{cfg.address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {cfg.address} ({e.strerror or type(e).__name__}); start one "
+                        "with `ray start --head` (docs/scaling.md) or leave out --ray-address") from None
+
+
 @contextlib.contextmanager
 def open_executor(cfg: ExecutorConfig, home: Path, log: Log | None = None) -> Iterator[Executor]:
     """The executor of ``cfg`` for one command; ``home``: the model directory (Ray's temp folder goes under it
@@ -141,11 +170,9 @@ def open_executor(cfg: ExecutorConfig, home: Path, log: Log | None = None) -> It
     if cfg.kind == "local":
         yield Executor()
         return
-    try:
-        import ray
-    except ImportError:
-        raise UserError("executor ray needs the ray package: pip install -e '.[federated]' (flwr[simulation] "
-                        "brings it), or run with executor.kind=local") from None
+    check(cfg)
+    import ray
+
     if ray.is_initialized():
         yield RayExecutor(cfg.max_retries)
         return
