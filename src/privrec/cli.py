@@ -59,7 +59,6 @@ def _executor(args, base=None):
     """The executor a command runs with: ``base`` (a config's ``executor`` section; default local) with the
     command line's --workers / --ray-address over it."""
     from privrec.config import ExecutorConfig
-
     from privrec.executor import check
 
     cfg = base or ExecutorConfig()
