@@ -218,3 +218,18 @@ def test_an_unreachable_ray_address_is_one_line_before_anything_is_recorded(loca
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no Ray cluster answers at 127.0.0.1:9" in err
     assert Ledger(run / "ledger.sqlite", create=False).unfinished() is None
+
+
+def test_ray_federate_equals_local(ray_session, tmp_path):
+    from privrec.federated.config import FederatedConfig
+    from privrec.federated.runner import run_federate
+
+    fast = ["model.precision=fp32", "data.n_train=60", "data.n_valid=24", "data.n_test=24"]
+    cfg = load_config(str(ROOT / "configs" / "pplr-tiny.yaml"), fast, cls=FederatedConfig)
+    metrics = {name: run_federate(cfg, tmp_path / name, progress=False, executor=ex)
+               for name, ex in (("local", None), ("ray", RAY2))}
+    assert files(tmp_path / "ray") == files(tmp_path / "local") and len(files(tmp_path / "local")) == 3
+    assert lineage(tmp_path / "ray") == lineage(tmp_path / "local")
+    assert [r["mean_train_loss"] for r in metrics["ray"]["rounds"]] == \
+        [r["mean_train_loss"] for r in metrics["local"]["rounds"]]
+    assert metrics["ray"]["auc"] == metrics["local"]["auc"]

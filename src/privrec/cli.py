@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-data", metavar="DIR", default=None,
                    help="with --runner flower: the client folders of `privrec federate-split-data` with this "
                    "config, one per simulated node (default: split into a temp folder)")
+    _add_executor(p, "each round's clients (in-process)")
 
     p = sub.add_parser("federate-split-data", help="client-local data for a Flower deployment: one folder per "
                        "client of `privrec federate`'s partition (only its users' rows) and the operator's "
@@ -284,6 +285,9 @@ def _federate(args, progress: bool) -> int:
     cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
     if args.client_data is not None and args.runner != "flower":
         raise UserError("--client-data gives the simulated Flower nodes their folders: add --runner flower")
+    if args.runner == "flower" and (args.workers is not None or args.ray_address is not None):
+        raise UserError("--workers / --ray-address run in-process clients as Ray tasks; --runner flower has its "
+                        "own simulation engine")
     if args.runner == "flower":
         from privrec.federated.flower_app import check_flower_config
 
@@ -297,7 +301,7 @@ def _federate(args, progress: bool) -> int:
     else:
         from privrec.federated.runner import run_federate
 
-        m = run_federate(cfg, args.out, progress=progress)
+        m = run_federate(cfg, args.out, progress=progress, executor=_executor(args, cfg.executor))
     print(render_summary(m))
     return 0
 

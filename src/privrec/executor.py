@@ -68,7 +68,7 @@ def _ray_task(fn, shared_box: list, item):
     ref = shared_box[0]
     key = ref.hex()
     if key not in _SHARED:
-        _SHARED.clear()  # a later map's object replaces an earlier one's
+        _SHARED.clear()  # another run's object replaces an earlier one's
         _SHARED[key] = ray.get(ref)
     return fn(_SHARED[key], item)
 
@@ -78,6 +78,14 @@ class RayExecutor(Executor):
 
     def __init__(self, max_retries: int):
         self.max_retries = max_retries
+        self._refs: dict[int, tuple[Any, Any]] = {}  # id(shared) -> (shared, its object ref): put once per run
+
+    def _ref(self, ray, shared):
+        """The object-store reference of ``shared``: the same Python object is put once, however many maps use
+        it (a federation's rounds), so each worker fetches it once."""
+        if id(shared) not in self._refs:
+            self._refs[id(shared)] = (shared, ray.put(shared))
+        return self._refs[id(shared)][1]
 
     def map(self, fn, shared, items, labels=None, on_result=None, log=None):
         import ray
@@ -86,7 +94,7 @@ class RayExecutor(Executor):
             return []
         labels = list(labels) if labels is not None else [f"task {i}" for i in range(len(items))]
         task = ray.remote(num_cpus=1, max_retries=self.max_retries)(_ray_task)
-        box = [ray.put(shared)]
+        box = [self._ref(ray, shared)]
         refs = [task.options(name=f"privrec {lab}").remote(fn, box, item) for lab, item in zip(labels, items)]
         index = {r: i for i, r in enumerate(refs)}
         out: list[Any] = [None] * len(items)
