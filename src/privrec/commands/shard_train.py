@@ -137,6 +137,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             plan.append((k, samples, slices, kept))
         # every unsliced shard to train is one unit of the executor (a Ray task with `executor: ray`), saved here
         # as it finishes; sliced shards train here, stage by stage, writing their checkpoints
+        t_shards = time.perf_counter()
         todo = [(k, samples) for k, samples, slices, kept in plan if kept is None and slices is None]
         trained: dict[int, tuple] = {}
 
@@ -177,6 +178,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                     + (f" in {len(slices)} slices of {[len(sl) for sl in slices]}" if slices else "")
                     + f", trained {res.seconds:.1f}s"
                     + (f", last loss {res.history[-1]['train_loss']:.4f}" if res.history else ""))
+        shards_wall = time.perf_counter() - t_shards
         _retire_extra_shards(run, ledger, cfg.shards.k, origin)
         models.write(run.path, models.build(cfg, run.path, "shards", partition=cfg.shards.partition,
                                             aggregations=cfg.shards.aggregations, primary=cfg.shards.primary,
@@ -214,6 +216,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 "n_tombstoned_interactions": len(tombstones),
                 "train_seconds": float(sum(shard_seconds)),
                 "shard_train_seconds": shard_seconds,
+                "shards_wall_seconds": shards_wall,  # step 5's wall time: the shards at once with `ray`
                 "cache_seconds": cache_seconds,
                 "features_seconds": features_seconds,
                 "partition_seconds": partition_seconds,
