@@ -169,6 +169,11 @@ class ExecutorDispatcher(InProcessDispatcher):
     def __init__(self, clients: dict[int, FederatedClient], executor: Executor, progress: bool = False):
         super().__init__(clients, progress)
         self.executor = executor
+        # the frozen-layer cache in memory before the clients are shipped, client by client as the first local
+        # round fills it: no worker reads or writes the asset home's cache (a cluster node may have none)
+        for cid in sorted(clients):
+            c = clients[cid]
+            c.model.prepare(c.items["train"], c.cfg.train.eval_batch_size, progress)
 
     def fit(self, rnd, tasks):
         cids = sorted(tasks)

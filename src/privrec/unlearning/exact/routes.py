@@ -249,6 +249,10 @@ class RetrainShards(Checkpointed):
         if not todo:
             return
         model, init_state = self._built()
+        if self.executor.kind != "local":  # the tasks get the frozen-layer cache in memory: no worker reads or
+            for job in todo:                # writes the asset home's cache (a cluster node may have none)
+                model.prepare(model.encode(sorted(job.samples, key=lambda s: s.sample_id)),
+                              self.cfg.train.eval_batch_size, progress)
 
         def save(i: int, result: tuple) -> None:
             job, (state, res) = todo[i], result
