@@ -233,3 +233,21 @@ def test_ray_federate_equals_local(ray_session, tmp_path):
     assert [r["mean_train_loss"] for r in metrics["ray"]["rounds"]] == \
         [r["mean_train_loss"] for r in metrics["local"]["rounds"]]
     assert metrics["ray"]["auc"] == metrics["local"]["auc"]
+
+
+def test_ray_store_fill_equals_local(ray_session, served_model, tmp_path):
+    from serve_helpers import copy_model
+
+    from privrec.serve.service import Service
+
+    stores = {}
+    for name, ex in (("local", None), ("ray", RAY2)):
+        model = copy_model(served_model, tmp_path / name)
+        service = Service(model, candidates=8, store_k=5, precompute=True, executor=ex)
+        try:
+            users = service.rec.users()[:20]  # two blocks of FILL_BLOCK=16
+            assert service.precompute_now(users) == 20
+        finally:
+            service.close()
+        stores[name] = (model / "serve" / "recommendations.json").read_text()
+    assert stores["ray"] == stores["local"]
