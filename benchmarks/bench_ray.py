@@ -1,7 +1,7 @@
 """Shard-train past one process (issue 33, docs/scaling.md): the K shards of ``privrec shard-train`` one after
 another on one core, one after another on two threads, and as Ray tasks on a local cluster of two single-threaded
-workers, on the same samples, in one run; then the store fill of ``privrec serve --precompute-only`` on one core
-and on two threads.
+workers, on the same samples, in one run; then the store fill of ``privrec serve --precompute-only`` (whole
+command, every user) on one core, on two threads and with the Ray workers.
 
 Each variant is its own ``privrec`` process (its own torch threads), writing its own run directory under
 ``--runs``, all with one frozen-layer cache (PRIVREC_CACHE_DIR under ``--runs``: the first variant fills it, so
@@ -13,8 +13,8 @@ bit the one-core run's (both train each shard with one thread and the shard's ow
     python benchmarks/bench_ray.py                                         # SmolLM2, 4,096 samples, K=4
     python benchmarks/bench_ray.py --config configs/apa-tiny.yaml --n-train 64 --runs /tmp/bench-ray   # smoke
 
-The store fill runs each model directory's own config (model.threads 1 or 2); the Ray store fill is not
-built yet (docs/scaling.md): its row says so. Prints a markdown table and writes the
+The store fill runs each model directory's own config (model.threads 1 or 2; Ray: the one-thread model again,
+checked to give the same store). Prints a markdown table and writes the
 numbers to ``--record`` (JSON).
 """
 
@@ -83,12 +83,16 @@ def main() -> None:
     ray_name = next(n for n in rows if n.startswith("ray"))
     identical = tensors(Path(rows[ray_name]["out"])) == tensors(Path(rows[base_name]["out"]))
 
-    store = {}
+    store, store_identical = {}, None
     if not a.no_store:
+        fill = ["--precompute-only", "--candidates", str(a.store_candidates)]
         for name in ("local, 1 thread", "local, 2 threads"):  # each model serves with its config's model.threads
-            store[name] = privrec(["serve", rows[name]["out"], "--precompute-only", "--candidates",
-                                   str(a.store_candidates)], env)
-        store["ray"] = None  # not built: the store fill runs in one process (docs/scaling.md)
+            store[name] = privrec(["serve", rows[name]["out"], *fill], env)
+        base_model = Path(rows[base_name]["out"])
+        filled = (base_model / "serve" / "recommendations.json").read_text()
+        shutil.rmtree(base_model / "serve")
+        store[ray_name] = privrec(["serve", str(base_model), *fill, "--workers", str(a.workers)], env)
+        store_identical = (base_model / "serve" / "recommendations.json").read_text() == filled
 
     from privrec.prepare import machine
 
@@ -102,11 +106,13 @@ def main() -> None:
     if store:
         print("\n| store fill (serve --precompute-only) | seconds |\n|---|---|")
         for name, s in store.items():
-            print(f"| {name} | {'not built' if s is None else f'{s:.1f}'} |")
+            print(f"| {name} | {s:.1f} |")
+        print(f"\nray store identical to the one-thread store: {store_identical}")
     if a.record:
         Path(a.record).write_text(json.dumps({"config": a.config, "n_train": a.n_train, "k": a.k,
                                               "workers": a.workers, "machine": machine(), "shard_train": rows,
-                                              "ray_bit_identical": identical, "store_fill": store}, indent=1))
+                                              "ray_bit_identical": identical, "store_fill": store,
+                                              "store_identical": store_identical}, indent=1))
 
 
 if __name__ == "__main__":
