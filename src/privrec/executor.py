@@ -1,5 +1,6 @@
 """The executor seam: how a command runs its independent units (the shards of ``shard-train``, the shards a
-``forget`` request retrains), one after another in this process (``local``, the reference) or as Ray tasks
+``forget`` request retrains, the clients of an in-process ``federate`` round, blocks of users of the store fill of
+``serve --precompute-only``), one after another in this process (``local``, the reference) or as Ray tasks
 (``ray``) on a local cluster of single-threaded workers or on a running cluster (docs/scaling.md).
 
 A command hands :meth:`Executor.map` a function ``fn(shared, item)`` defined at module level in privrec, one

@@ -10,7 +10,8 @@ The procedure (torchtune style, one fixed life):
   4. the untuned model's hidden states (cached per run in ``features.npz``) for the partition and the
      neighbour search;
   5. partition, then train every shard from the common init with the one training loop and save it with
-     its lineage (``adapters/shard-k``), recording each in the ledger;
+     its lineage (``adapters/shard-k``), recording each in the ledger (unsliced shards through the executor:
+     one after another here, or one Ray task each with ``executor: ray``; this process alone writes);
   6. optionally the full-retrain baseline (one adapter on all shards' samples; its adapter is not kept);
   7. score: every single adapter, SISA, uniform, APA(D), APA(ND); write ``metrics.json``.
 

@@ -249,6 +249,9 @@ def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None 
 
 def _finish(r: Run, rid: str, progress: bool, fault: Fault | None,
             swap_guard: contextlib.AbstractContextManager | None = None) -> dict:
+    if r.route.executor.kind != "local" and r.route.name != "retrain-shards":
+        r.run.log(f"forget {rid}: {r.route.name} retrains in this process (only a shards model's shards run as "
+                  "Ray tasks)")
     if r.ledger.request(rid)["status"] == PENDING:
         _replan(r, rid)
         r.route.fault = fault
