@@ -35,6 +35,41 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.epochs=2 (repeatable)")
 
 
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
+def _add_executor(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help=f"run {what} as Ray tasks on a local Ray cluster of N single-threaded workers "
+                   "(executor.kind=ray, executor.workers=N; docs/scaling.md)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help=f"run {what} as Ray tasks on the running Ray cluster at ADDR (`ray start --head` "
+                   "prints it; executor.kind=ray, executor.address=ADDR)")
+
+
+def _executor(args, base=None):
+    """The executor a command runs with: ``base`` (a config's ``executor`` section; default local) with the
+    command line's --workers / --ray-address over it."""
+    from privrec.config import ExecutorConfig
+    from privrec.executor import check
+
+    cfg = base or ExecutorConfig()
+    if args.workers is not None:
+        cfg = cfg.model_copy(update={"kind": "ray", "workers": args.workers, "address": None})
+    elif args.ray_address is not None:
+        cfg = cfg.model_copy(update={"kind": "ray", "address": args.ray_address})
+    check(cfg)  # before anything is recorded or written
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="privrec", description="Privacy-preserving LLM recommendation.", epilog=PROGRESS_HELP)
     ap.add_argument("--no-progress", action="store_true",
@@ -80,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="keep shards already trained on the same samples")
+    _add_executor(p, "the shards")
 
     p = sub.add_parser("forget", help="exact unlearning: delete users or samples from a model (shard-train: "
                        "retrain the shards that held them; train: retrain its adapter from scratch; federate: "
@@ -95,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-federation", action="store_true", help="a pplr / fedavg / fedprox / centralised "
                    "federate model: exact forgetting retrains the whole federation without the data (all rounds, "
                    "every client; as slow as training it): asked for explicitly")
+    _add_executor(p, "the shards a request retrains (a shards model)")
 
     p = sub.add_parser("federate", help="federated LoRA tuning: PPLR, FedAvg, FedProx, local, centralised; "
                        "FedABC loss; executed layer split")
@@ -105,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-data", metavar="DIR", default=None,
                    help="with --runner flower: the client folders of `privrec federate-split-data` with this "
                    "config, one per simulated node (default: split into a temp folder)")
+    _add_executor(p, "each round's clients (in-process)")
 
     p = sub.add_parser("federate-split-data", help="client-local data for a Flower deployment: one folder per "
                        "client of `privrec federate`'s partition (only its users' rows) and the operator's "
@@ -147,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every user's top-k precomputed (at start and after each applied deletion)")
     g.add_argument("--precompute-only", action="store_true",
                    help="write every user's top-k into MODEL/serve/recommendations.json and exit")
+    _add_executor(p, "the store fill of --precompute-only (blocks of users)")
     p.add_argument("--swap-at-once", action="store_true",
                    help="with --precompute: swap a deletion's new adapters in as soon as they are trained and fill "
                    "the store afterwards, answering online meanwhile (default: fill it first, while the old "
@@ -267,6 +306,9 @@ def _federate(args, progress: bool) -> int:
     cfg = load_config(args.config, args.overrides, cls=FederatedConfig)
     if args.client_data is not None and args.runner != "flower":
         raise UserError("--client-data gives the simulated Flower nodes their folders: add --runner flower")
+    if args.runner == "flower" and (args.workers is not None or args.ray_address is not None):
+        raise UserError("--workers / --ray-address run in-process clients as Ray tasks; --runner flower has its "
+                        "own simulation engine")
     if args.runner == "flower":
         from privrec.federated.flower_app import check_flower_config
 
@@ -280,7 +322,7 @@ def _federate(args, progress: bool) -> int:
     else:
         from privrec.federated.runner import run_federate
 
-        m = run_federate(cfg, args.out, progress=progress)
+        m = run_federate(cfg, args.out, progress=progress, executor=_executor(args, cfg.executor))
     print(render_summary(m))
     return 0
 
@@ -305,7 +347,8 @@ def _shard_train(args, progress: bool) -> int:
     from privrec.config import load_config
     from privrec.unlearning.exact.shards import ApaConfig
 
-    m = run_shard_train(load_config(args.config, args.overrides, cls=ApaConfig), args.out, args.resume, progress)
+    cfg = load_config(args.config, args.overrides, cls=ApaConfig)
+    m = run_shard_train(cfg, args.out, args.resume, progress, executor=_executor(args, cfg.executor))
     rows = {f"aggregation {k}": v for k, v in m["auc_by_aggregation"].items()}
     rows["single shards (mean)"] = m["single_shard_mean_auc"]
     if m.get("retrain"):
@@ -327,8 +370,9 @@ def _forget(args, progress: bool) -> int:
             print(f"certificate {c['request']}: {'ok' if c['ok'] else 'FAILED: ' + '; '.join(c['problems'])}")
         print("verified: all checks passed" if report["ok"] else "verification FAILED")
         return 0 if report["ok"] else 1
+    executor = _executor(args)
     if args.resume:
-        cert = forget.run_resume(args.run, progress)
+        cert = forget.run_resume(args.run, progress, executor=executor)
         if cert is None:
             print("nothing to resume: every request is done")
             return 0
@@ -336,7 +380,8 @@ def _forget(args, progress: bool) -> int:
         users = forget.parse_users(args.users) if args.users is not None else None
         clients = forget.parse_clients(args.clients) if args.clients is not None else None
         cert = forget.run_forget(args.run, users=users, samples_file=args.samples, progress=progress,
-                                 clients=clients, retrain_federation=args.retrain_federation)
+                                 clients=clients, retrain_federation=args.retrain_federation,
+                                 executor=executor)
         if cert.get("noop"):
             print(cert["message"])
             return 0
@@ -363,9 +408,12 @@ def _serve(args, progress: bool) -> int:
     candidates = args.candidates or None
     if args.precompute_only:
         n = run_precompute(args.run, candidates, args.blend, args.store_k, progress=progress,
-                           source=args.candidate_source)
+                           source=args.candidate_source, executor=_executor(args))
         print(f"stored the top {args.store_k} of {n} users in {args.run}/serve/recommendations.json")
         return 0
+    if args.workers is not None or args.ray_address is not None:
+        raise UserError("--workers / --ray-address fill the store of --precompute-only; the live service fills "
+                        "in its own process: run --precompute-only --workers N first, then serve --precompute")
     print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
     if args.swap_at_once and not args.precompute:
         raise UserError("--swap-at-once only changes --precompute; add --precompute or drop it")

@@ -220,6 +220,28 @@ class EvalConfig(_Section):
     splits: list[Literal["valid", "test"]] = Field(["test"])
 
 
+class ExecutorConfig(_Section):
+    """How a command runs its independent units (shards, a forget request's shards): never what a model is, so
+    it is left out of every config digest (docs/scaling.md)."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: one unit after another in this process (the reference); ray: each unit a Ray "
+        "task (results bit-identical to local in fp32), on a local cluster of `workers` single-threaded workers "
+        "or on the cluster at `address`.")
+    workers: int | None = Field(
+        None, ge=1, description="ray: CPUs (single-threaded workers) of the local cluster it starts; None = all "
+        "CPUs of this machine. Ignored with `address`.")
+    address: str | None = Field(
+        None, description="ray: join the running cluster at this address (`ray start --head` prints it, e.g. "
+        "10.0.0.1:6379) instead of starting a local one; None = start a local one.")
+    temp_dir: str | None = Field(
+        None, description="ray, local cluster: Ray's temp folder (sockets, logs, object spill); None = "
+        "MODEL/.ray, removed when the command ends. Ray is given a short link to it under the system temp folder "
+        "(Unix socket paths are limited to 107 bytes).")
+    max_retries: int = Field(
+        3, ge=0, description="ray: times a task whose worker process died is run again (the result is the same).")
+
+
 class ExperimentConfig(_Section):
     seed: int = Field(0, description="Drives few-shot sampling, LoRA init, shuffling and dropout.")
     task: Literal["like-prediction", "ranking"] = Field(
@@ -235,6 +257,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     ranking: RankingConfig = RankingConfig()
     collab: CollabConfig = CollabConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
     @property
     def shows_labels(self) -> bool:
@@ -288,6 +311,8 @@ class ExperimentConfig(_Section):
         after digests were first recorded (:data:`ADDED_KEYS`) is left out while it holds its default, so the
         digests of run directories, adapters, certificates and records written before it stay what they were."""
         d = json.loads(self.model_dump_json())
+        for name in RUNTIME_SECTIONS:
+            d.pop(name, None)
         for path in ADDED_KEYS:
             node = d
             for part in path[:-1]:
@@ -301,6 +326,10 @@ class ExperimentConfig(_Section):
 
 # keys added to ExperimentConfig after digests were recorded (round 3: the collaborative signal, METHODS §12)
 ADDED_KEYS: tuple[tuple[str, ...], ...] = (("collab",), ("prompt", "cf_score"), ("ranking", "cf_references"))
+
+
+# sections that say how a command runs, never what it computes: no digest ever includes them
+RUNTIME_SECTIONS: tuple[str, ...] = ("executor",)
 
 
 @functools.cache

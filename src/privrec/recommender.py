@@ -310,6 +310,13 @@ class Recommender:
         self._by_user = {int(u): rows for u, rows in self.ds.inter.groupby("user_id", sort=False)}
         self.digest = ",".join(a.tensors_sha256 or "" for a in self.md.manifest.adapters)
 
+    def __getstate__(self) -> dict:  # shipped to a Ray worker (the store fill): a lock does not travel
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
     @property
     def generator(self) -> CandidateGenerator:
         if self._generator is None:

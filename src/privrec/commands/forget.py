@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privrec.config import ExecutorConfig
 from privrec.data.idfiles import read_sample_ids
 from privrec.errors import UserError
 from privrec.federated.forget import ROUTES
@@ -40,7 +41,7 @@ def parse_clients(text: str) -> list[int]:
 
 def run_forget(run_path: str | Path, users: list[int] | None = None, samples_file: str | Path | None = None,
                progress: bool = True, fault: Fault | None = None, clients: list[int] | None = None,
-               retrain_federation: bool = False, remote=None) -> dict:
+               retrain_federation: bool = False, remote=None, executor: ExecutorConfig | None = None) -> dict:
     """Delete users', samples' (a file of sample ids) or whole clients' data from a model that forgets exactly;
     returns the certificate (``{"noop": True, ...}`` when everything asked for is already deleted). See
     :func:`privrec.unlearning.exact.forget.run_forget`.
@@ -52,12 +53,13 @@ def run_forget(run_path: str | Path, users: list[int] | None = None, samples_fil
         raise UserError("give exactly one of --users, --samples or --clients")
     sample_ids = read_sample_ids(samples_file) if samples_file is not None else None
     return engine.run_forget(run_path, users, sample_ids, progress, fault, clients, retrain_federation, remote,
-                             routes=ROUTES)
+                             routes=ROUTES, executor=executor)
 
 
-def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None) -> dict | None:
+def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None,
+               executor: ExecutorConfig | None = None) -> dict | None:
     """Finish the model's first unfinished deletion request; its certificate, None when none is unfinished."""
-    return engine.run_resume(run_path, progress, fault, routes=ROUTES)
+    return engine.run_resume(run_path, progress, fault, routes=ROUTES, executor=executor)
 
 
 def run_verify(run_path: str | Path) -> dict:

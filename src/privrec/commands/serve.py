@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from privrec.config import ExecutorConfig
 from privrec.errors import UserError
 
 
@@ -39,13 +40,14 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
 
 def run_precompute(model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
-                   progress: bool = False, source: str = "popularity") -> int:
-    """Every user's top-``store_k`` into ``MODEL/serve/recommendations.json``; returns how many users."""
+                   progress: bool = False, source: str = "popularity", executor: ExecutorConfig | None = None) -> int:
+    """Every user's top-``store_k`` into ``MODEL/serve/recommendations.json``; returns how many users.
+    ``executor``: the users in one process (default) or in blocks as Ray tasks (the same store)."""
     from privrec.serve.service import Service
 
     _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=True,
-                      progress=progress, source=source)
+                      progress=progress, source=source, executor=executor)
     try:
         return service.precompute_now()
     finally:

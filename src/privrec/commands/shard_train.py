@@ -10,7 +10,8 @@ The procedure (torchtune style, one fixed life):
   4. the untuned model's hidden states (cached per run in ``features.npz``) for the partition and the
      neighbour search;
   5. partition, then train every shard from the common init with the one training loop and save it with
-     its lineage (``adapters/shard-k``), recording each in the ledger;
+     its lineage (``adapters/shard-k``), recording each in the ledger (unsliced shards through the executor:
+     one after another here, or one Ray task each with ``executor: ray``; this process alone writes);
   6. optionally the full-retrain baseline (one adapter on all shards' samples; its adapter is not kept);
   7. score: every single adapter, SISA, uniform, APA(D), APA(ND); write ``metrics.json``.
 
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 from privrec import baselines, models
+from privrec.config import ExecutorConfig
 from privrec.errors import RunError
+from privrec.executor import open_executor
 from privrec.metrics import binary_metrics
 from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
 from privrec.prepare import machine
@@ -35,17 +38,20 @@ from privrec.unlearning.exact.ledger import Ledger
 from privrec.unlearning.exact.partition import partition
 from privrec.unlearning.exact.shards import (
     ApaConfig,
+    ShardJob,
     build_model,
     evaluate_shards,
     load_features,
     model_batch,
     plain_encodings,
+    shard_encodings,
     reusable,
+    save_trained,
     setup_shard_data,
     shard_dir,
     shard_folders,
     shard_meta,
-    train_shard,
+    train_task,
 )
 from privrec.unlearning.exact.slices import (
     StageState,
@@ -57,8 +63,12 @@ from privrec.unlearning.exact.slices import (
 )
 
 
-def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                    executor: ExecutorConfig | None = None) -> dict:
     """Train K shard adapters and evaluate every aggregation; returns metrics.json's content.
+
+    ``executor`` (default: the config's ``executor`` section): unsliced shards run one after another here
+    (``local``) or as Ray tasks (``ray``), with the same adapters, ledger rows and manifest either way.
 
     With ``resume``, a shard whose saved adapter already holds exactly its shard's samples under the same
     config is kept instead of retrained.
@@ -122,15 +132,37 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         run.log(f"partition {cfg.shards.partition}: shard sizes {[len(s) for s in shards]}")
         by_id = {s.sample_id: s for s in splits.train}
         origin = ledger.next_origin("shard-train")
-        states, shard_seconds = [], []
+        plan = []  # (k, samples, slice map or None, kept adapter or None), in shard order
         for k, ids in enumerate(shards):
             samples = [by_id[i] for i in ids]
-            folder = shard_dir(run, k)
             slices = slice_map(samples, cfg.shards.slices) if cfg.shards.slices > 1 else None
-            kept = reusable(folder, cfg, samples, slices) if resume else None
+            kept = reusable(shard_dir(run, k), cfg, samples, slices) if resume else None
             if kept is not None and slices is not None and check_checkpoints(
-                    checkpoint_set(run.path, k), read_adapter(folder)[1], by_id, tombstones):
+                    checkpoint_set(run.path, k), read_adapter(shard_dir(run, k))[1], by_id, tombstones):
                 kept = None  # its checkpoints are not all there: train the shard again
+            plan.append((k, samples, slices, kept))
+        # every unsliced shard to train is one unit of the executor (a Ray task with `executor: ray`), saved here
+        # as it finishes; sliced shards train here, stage by stage, writing their checkpoints
+        t_shards = time.perf_counter()
+        todo = [(k, samples) for k, samples, slices, kept in plan if kept is None and slices is None]
+        if cfg.shows_labels:  # each shard's prompts show its own features: cached here, not in a task
+            model.prepare([e for _, samples in todo for e in shard_encodings(model, cfg, samples)],
+                          model_batch(cfg), progress)
+        trained: dict[int, tuple] = {}
+
+        def save(i: int, result: tuple) -> None:
+            k, samples = todo[i]
+            state, res = result
+            shutil.rmtree(checkpoint_set(run.path, k), ignore_errors=True)  # of an earlier, sliced training
+            save_trained(model, shard_dir(run, k), state, shard_meta(cfg, model, k, samples, origin, res))
+            trained[k] = result
+
+        with open_executor(executor or cfg.executor, run.path, run.log) as ex:
+            ex.map(train_task, (model, init_state, cfg, progress), [ShardJob(k, samples) for k, samples in todo],
+                   labels=[f"shard {k}" for k, _ in todo], on_result=save, log=run.log)
+        states, shard_seconds = [], []
+        for k, samples, slices, kept in plan:
+            folder = shard_dir(run, k)
             if kept is not None:
                 run.log(f"shard {k}: kept (resume), {len(samples)} samples")
                 _, meta = read_adapter(folder)
@@ -142,15 +174,20 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 states.append(kept)
                 shard_seconds.append(0.0)
                 continue
-            res = _train_one(run, model, init_state, samples, slices, cfg, k, origin, progress)
+            if slices is None:
+                state, res = trained[k]
+            else:
+                res = _train_sliced(run, model, init_state, samples, slices, cfg, k, origin, progress)
+                state = adapter_state(model.model)
             _, meta = read_adapter(folder)
             ledger.record_adapter(k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin)
-            states.append(adapter_state(model.model))
+            states.append(state)
             shard_seconds.append(res.seconds)
             run.log(f"shard {k}: {len(samples)} samples"
                     + (f" in {len(slices)} slices of {[len(sl) for sl in slices]}" if slices else "")
                     + f", trained {res.seconds:.1f}s"
                     + (f", last loss {res.history[-1]['train_loss']:.4f}" if res.history else ""))
+        shards_wall = time.perf_counter() - t_shards
         _retire_extra_shards(run, ledger, cfg.shards.k, origin)
         models.write(run.path, models.build(cfg, run.path, "shards", partition=cfg.shards.partition,
                                             aggregations=cfg.shards.aggregations, primary=cfg.shards.primary,
@@ -188,6 +225,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 "n_tombstoned_interactions": len(tombstones),
                 "train_seconds": float(sum(shard_seconds)),
                 "shard_train_seconds": shard_seconds,
+                "shards_wall_seconds": shards_wall,  # step 5's wall time: the shards at once with `ray`
                 "cache_seconds": cache_seconds,
                 "features_seconds": features_seconds,
                 "partition_seconds": partition_seconds,
@@ -212,15 +250,11 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
 
 
 
-def _train_one(run: RunDir, model, init_state, samples, slices: list[list[str]] | None, cfg: ApaConfig, k: int,
-               origin: str, progress: bool) -> TrainResult:
-    """Train shard k from the common init (sliced: in stages, a checkpoint after each) and save it."""
+def _train_sliced(run: RunDir, model, init_state, samples, slices: list[list[str]], cfg: ApaConfig, k: int,
+                  origin: str, progress: bool) -> TrainResult:
+    """Train sliced shard k from the common init in stages, a checkpoint after each, and save it."""
     set_dir = checkpoint_set(run.path, k)
     shutil.rmtree(set_dir, ignore_errors=True)  # checkpoints of an earlier training of this shard
-    if slices is None:
-        res = train_shard(model, init_state, samples, cfg, k, progress)
-        save_adapter(model.model, shard_dir(run, k), shard_meta(cfg, model, k, samples, origin, res))
-        return res
     by_id = {s.sample_id: s for s in samples}
     base = shard_meta(cfg, model, k, samples, origin, TrainResult())
     seconds = train_sliced(model, StageState(init_state, None), [[by_id[i] for i in sl] for sl in slices], cfg, k,

@@ -26,7 +26,9 @@ from typing import Protocol
 import numpy as np
 
 from privrec import baselines, models, prepare, ranking
+from privrec.config import ExecutorConfig
 from privrec.data import Sample, Splits
+from privrec.executor import Executor, open_executor
 from privrec.federated import slicing
 from privrec.federated.client import (
     ClientMetrics,
@@ -148,6 +150,37 @@ class InProcessDispatcher:
             p, omega = self.clients[cid].predict_mixture(states, split)
             out[cid] = (p, own_weight(omega, sorted(states), cid))
         return out
+
+
+def fit_task(clients: dict[int, FederatedClient], job: tuple) -> FitResult | str:
+    """One client's local epochs of a round as a unit of an executor (a Ray task with ``executor: ray``): the
+    client's FitResult, or the one-line error of a client that failed (as :class:`InProcessDispatcher` gives)."""
+    cid, state, ins = job
+    try:
+        return clients[cid].fit(state, ins)
+    except Exception as e:  # noqa: BLE001 - a failed client is left out of the round; the run goes on
+        return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+
+
+class ExecutorDispatcher(InProcessDispatcher):
+    """The in-process clients, their rounds' local training run by an executor (one Ray task per client with
+    ``executor: ray``; the clients and their model reach each worker once); scoring stays in this process."""
+
+    def __init__(self, clients: dict[int, FederatedClient], executor: Executor, progress: bool = False):
+        super().__init__(clients, progress)
+        self.executor = executor
+        # the frozen-layer cache in memory before the clients are shipped, client by client as the first local
+        # round fills it: no worker reads or writes the asset home's cache (a cluster node may have none)
+        for cid in sorted(clients):
+            c = clients[cid]
+            c.model.prepare(c.items["train"], c.cfg.train.eval_batch_size, progress)
+
+    def fit(self, rnd, tasks):
+        cids = sorted(tasks)
+        results = self.executor.map(fit_task, self.clients, [(c, *tasks[c]) for c in cids],
+                                    labels=[f"round {rnd} client {c}" for c in cids],
+                                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        return dict(zip(cids, results))
 
 
 # --- rounds ---------------------------------------------------------------------------------------------
@@ -348,17 +381,25 @@ def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strat
 
 
 # --- the procedure --------------------------------------------------------------------------------------
-def make_in_process(fed: Federation, model: RecLM, strategy: Strategy, progress: bool) -> InProcessDispatcher:
+def make_in_process(fed: Federation, model: RecLM, strategy: Strategy, progress: bool,
+                    executor: Executor | None = None) -> InProcessDispatcher:
+    """The clients in this process; with an ``executor`` other than local their local training runs there."""
     clients = {c: FederatedClient(c, model, *fed.samples(c), fed.cfg, progress=progress)
                for c in sorted(set(fed.clients) | set(fed.train_clients(strategy)))}
+    if executor is not None and executor.kind != "local":
+        return ExecutorDispatcher(clients, executor, progress)
     return InProcessDispatcher(clients, progress)
 
 
 def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
                  make_dispatcher: Callable[[Federation, RecLM, Strategy], Dispatcher] | None = None,
                  runner: str = "in-process", tombstones: frozenset | set = frozenset(),
-                 assignment: dict[int, int] | None = None) -> dict:
+                 assignment: dict[int, int] | None = None, executor: ExecutorConfig | None = None) -> dict:
     """Federated LoRA tuning (METHODS §2, §3, §10); returns metrics.json's content.
+
+    ``executor`` (default: the config's ``executor`` section): in-process, each round's clients train one after
+    another here (``local``) or as Ray tasks (``ray``), with the same adapters either way. A layer split keeps
+    its clients here (they share the server's state).
 
     ``tombstones`` and ``assignment``: a model's deleted interactions and its users -> clients, for a federated
     retrain without the data (``privrec forget --retrain-federation``): the same draw minus the deleted samples,
@@ -371,8 +412,14 @@ def run_federate(cfg: FederatedConfig, out: str | Path, progress: bool = True,
     fed = plan_federation(cfg, setup_data(cfg, tombstones) if tombstones else None, assignment)
     strategy = make_strategy(cfg.federated)
     model = build_model(cfg, fed.splits)
+    ex_cfg = executor or cfg.executor
+    if make_dispatcher is not None or cfg.federated.split:
+        ex_cfg = ExecutorConfig()
     with run_lock(out):
-        return _federate(cfg, RunDir(out), fed, strategy, model, progress, make_dispatcher, runner)
+        run = RunDir(out)
+        with open_executor(ex_cfg, run.path, run.log) as ex:
+            dispatch = make_dispatcher or (lambda fe, m, s: make_in_process(fe, m, s, progress, ex))
+            return _federate(cfg, run, fed, strategy, model, progress, dispatch, runner)
 
 
 def _federate(cfg: FederatedConfig, run: RunDir, fed: Federation, strategy: Strategy, model: RecLM, progress: bool,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 import traceback
@@ -33,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from privrec import models
+from privrec.config import ExecutorConfig
 from privrec.errors import NotFoundError, RunError, UserError
+from privrec.executor import open_executor
 from privrec.federated.forget import ROUTES
 from privrec.prepare import source_data
 from privrec.progress import track
@@ -117,8 +120,9 @@ class Service:
 
     def __init__(self, model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
                  precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity",
-                 refill_before_swap: bool = True):
+                 refill_before_swap: bool = True, executor: ExecutorConfig | None = None):
         self.path = Path(model)
+        self.executor = executor or ExecutorConfig()  # precompute_now's fill: one process, or Ray tasks
         self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
         self.refill_before_swap = refill_before_swap
         self.max_k, self.progress, self.source = max_k, progress, source
@@ -463,6 +467,9 @@ class Service:
         try:
             todo = [u for u in self._fill_order(rec.users() if only is None else only)
                     if u not in self.forgotten and u not in store.users]
+            if self.executor.kind != "local":
+                self._fill_with(rec, store, todo)
+                return True
             for u in track(todo, len(todo), "filling the store", enabled=self.progress, unit="user"):
                 if interrupt.is_set() or self._stop.is_set():
                     return False
@@ -482,6 +489,28 @@ class Service:
             return True
         finally:
             store.flush()
+
+    def _fill_with(self, rec: Recommender, store: RecStore, todo: list[int]) -> None:
+        """:meth:`_fill`'s users as Ray tasks of :data:`FILL_BLOCK` users each (``precompute_now`` with an
+        executor other than local): the recommender reaches each worker once; this process adds each block to
+        the store as it finishes (the store is written sorted by user: the same file as a local fill)."""
+        key = self._key(rec)
+        blocks = [todo[i:i + FILL_BLOCK] for i in range(0, len(todo), FILL_BLOCK)]
+
+        def add(i: int, rows: list[tuple[int, list[dict] | None, str | None]]) -> None:
+            for u, items, why in rows:
+                if why is not None:
+                    if self.skipped.get(u) != why:
+                        self.rec.md.run.log(f"serve: user {u} left out of the store: {why}", echo=False)
+                    self.skipped[u] = why
+                    continue
+                self.skipped.pop(u, None)
+                store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+
+        with open_executor(self.executor, self.path, self.rec.md.run.log) as ex:
+            ex.map(fill_task, (rec, self.store_k, self.candidates, self.blend, self.source), blocks,
+                   labels=[f"users {b[0]}..{b[-1]}" for b in blocks], on_result=add,
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
@@ -511,6 +540,22 @@ class Service:
             return 0
         with self._ledger() as ledger:
             return sum(1 for r in ledger.requests() if r["status"] != DONE)
+
+
+FILL_BLOCK = 16  # users per Ray task of a store fill
+
+
+def fill_task(shared: tuple, users: list[int]) -> list[tuple[int, list[dict] | None, str | None]]:
+    """A block of users' top-k as a unit of an executor: (user, items, None), or (user, None, why) for a user the
+    store cannot hold (answered online with its error)."""
+    rec, k, candidates, blend, source = shared
+    out: list[tuple[int, list[dict] | None, str | None]] = []
+    for u in users:
+        try:
+            out.append((u, rec.recommend(u, k, two_stage=candidates, blend=blend, source=source), None))
+        except UserError as e:
+            out.append((u, None, " ".join(str(e).split())))
+    return out
 
 
 def read_spec(req: dict) -> dict:

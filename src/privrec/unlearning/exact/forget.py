@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from privrec import models
+from privrec.config import ExecutorConfig
 from privrec.data import Dataset
 from privrec.data.idfiles import SAMPLE_ID
 from privrec.errors import NotFoundError, RunError, UserError
@@ -71,6 +72,7 @@ def run_forget(
     retrain_federation: bool = False,
     remote=None,
     routes: Routes = EXACT_ROUTES,
+    executor: ExecutorConfig | None = None,
 ) -> dict:
     """Delete users', samples' or (a ``clients`` model) whole clients' data from a model that forgets exactly;
     returns the certificate. ``routes``: the routes it may take (:data:`privrec.federated.forget.ROUTES` for
@@ -82,7 +84,8 @@ def run_forget(
     ``remote``: a model deployed on Flower (:class:`privrec.federated.flower_app.FlowerForget`): a client's
     retrain runs on the node holding its data; a federated retrain runs on every node, the deleted interactions
     sent only to the nodes that held them.
-    ``fault(point)`` is called at every step boundary (tests inject crashes there).
+    ``fault(point)`` is called at every step boundary (tests inject crashes there). ``executor``: how the shards
+    a request retrains run (default local; ``ray``: one Ray task each, the same certificate).
     Returns ``{"noop": True, ...}`` when everything asked for is already deleted.
 
     Raises:
@@ -114,6 +117,7 @@ def run_forget(
         if recorded.get("noop"):
             return recorded
         _fault(fault, "recorded")
+        r.route.executor = executor or ExecutorConfig()
         return _finish(r, recorded["request"], progress, fault)
 
 
@@ -228,7 +232,7 @@ def _record(r: Run, users: list[int] | None, sample_ids: list[str] | None,
 
 def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None = None, lock: bool = True,
                swap_guard: contextlib.AbstractContextManager | None = None,
-               routes: Routes = EXACT_ROUTES) -> dict | None:
+               routes: Routes = EXACT_ROUTES, executor: ExecutorConfig | None = None) -> dict | None:
     """Finish the first unfinished request of a model, if any; returns its certificate (None: nothing to do).
 
     ``lock=False``: the caller holds the run lock (the service). ``swap_guard`` is held while adapters are
@@ -239,11 +243,15 @@ def run_resume(run_path: str | Path, progress: bool = True, fault: Fault | None 
         if req is None:
             return None
         r.run.log(f"forget --resume: {req['id']} from status {req['status']}")
+        r.route.executor = executor or ExecutorConfig()
         return _finish(r, req["id"], progress, fault, swap_guard)
 
 
 def _finish(r: Run, rid: str, progress: bool, fault: Fault | None,
             swap_guard: contextlib.AbstractContextManager | None = None) -> dict:
+    if r.route.executor.kind != "local" and r.route.name != "retrain-shards":
+        r.run.log(f"forget {rid}: {r.route.name} retrains in this process (only a shards model's shards run as "
+                  "Ray tasks)")
     if r.ledger.request(rid)["status"] == PENDING:
         _replan(r, rid)
         r.route.fault = fault
@@ -298,25 +306,28 @@ def _retrain(r: Run, rid: str, progress: bool) -> float:
     tombstones = r.ledger.tombstones_upto(rid)  # not those of a request queued after it (the service)
     before = tombstones - {(t["user_id"], t["item_id"]) for t in r.ledger.tombstone_rows() if t["request_id"] == rid}
     r.run.log(f"forget {rid}: purged {r.route.purge(removed_ids, r.universe, before)}")
+    slots, jobs = r.ledger.request_shards(rid), {}
+    for s in slots:
+        if s["retrain"]:
+            meta = read_meta(r.route.folders()[s["shard"]])
+            jobs[s["shard"]] = [i for i in meta["sample_ids"] if i not in removed_ids]
+    staged = {k: _staged(r, rid, k) for k in jobs}
+    for k, ids in jobs.items():
+        if not ids:  # every sample of the adapter was deleted: it is retired
+            staged[k].mkdir(parents=True, exist_ok=True)
+            (staged[k] / RETIRED).write_text(rid)
+    # the slots' retraining, independent of each other (the route may run them as Ray tasks)
+    r.route.retrain_slots(rid, {k: ids for k, ids in jobs.items() if ids}, r.universe, tombstones, staged, progress)
     seconds = 0.0
-    for s in r.ledger.request_shards(rid):
+    for s in slots:  # the ledger rows in slot order, however the retraining ran
         k = s["shard"]
         if not s["retrain"]:
             r.ledger.set_after(rid, k, s["before_sha256"], s["n_before"])
             continue
-        meta = read_meta(r.route.folders()[k])
-        ids = [i for i in meta["sample_ids"] if i not in removed_ids]
-        staged = _staged(r, rid, k)
-        if not ids:  # every sample of the adapter was deleted: it is retired
-            staged.mkdir(parents=True, exist_ok=True)
-            (staged / RETIRED).write_text(rid)
+        if (staged[k] / RETIRED).exists():  # every sample went, or the route dropped it (a client that left)
             r.ledger.set_after(rid, k, None, 0)
             continue
-        r.route.retrain(rid, k, ids, r.universe, tombstones, staged, progress)
-        if (staged / RETIRED).exists():  # the route dropped it (a client that left a federated retrain)
-            r.ledger.set_after(rid, k, None, 0)
-            continue
-        staged_meta = read_meta(staged)
+        staged_meta = read_meta(staged[k])
         seconds += float(staged_meta.get("train_seconds", 0.0))
         r.ledger.set_after(rid, k, staged_meta["tensors_sha256"], len(staged_meta["sample_ids"]))
     return seconds

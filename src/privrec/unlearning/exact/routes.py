@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privrec import models
-from privrec.config import ExperimentConfig
+from privrec.config import ExecutorConfig, ExperimentConfig
 from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
+from privrec.executor import open_executor
 from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
 from privrec.prepare import (
     Tombstones,
@@ -59,14 +60,17 @@ from privrec.unlearning.exact.ledger import Ledger
 from privrec.unlearning.exact.shards import (
     ADAPTER_SECTIONS,
     ApaConfig,
+    ShardJob,
     purge_features,
     reusable,
+    save_trained,
     setup_shard_data,
     shard_dir,
+    shard_encodings,
     shard_features,
     shard_folders,
     shard_meta,
-    train_shard,
+    train_task,
 )
 from privrec.unlearning.exact.shards import build_model as shard_model
 from privrec.unlearning.exact.shards import features_record as shard_features_record
@@ -99,6 +103,7 @@ class Route:
     config: type[ExperimentConfig] = ExperimentConfig  # the config class of the models it forgets
     disjoint = True  # every sample reaches at most one slot (a partition); else every slot holds the union
     fault: Fault | None = None  # called at the route's own step boundaries (a replayed checkpoint; tests crash there)
+    executor: ExecutorConfig = ExecutorConfig()  # how independent slots retrain (RetrainShards: Ray tasks with ray)
 
     def __init__(self, run: RunDir, cfg: ExperimentConfig):
         self.run, self.cfg = run, cfg
@@ -122,6 +127,13 @@ class Route:
                 staged: Path, progress: bool) -> None:
         """Train slot ``k`` from scratch without the deleted data into ``staged`` (unless already there)."""
         raise NotImplementedError
+
+    def retrain_slots(self, rid: str, jobs: dict[int, list[str]], universe: dict[str, Sample], tombstones: set,
+                      staged: dict[int, Path], progress: bool) -> None:
+        """:meth:`retrain` every slot of ``jobs`` (slot -> the ids it keeps) into ``staged[slot]``; here one after
+        another (a route whose slots are independent may run them at once)."""
+        for k, ids in jobs.items():
+            self.retrain(rid, k, ids, universe, tombstones, staged[k], progress)
 
     def purge(self, removed_ids: set[str], universe: dict[str, Sample], before: Tombstones = frozenset()) -> str:
         """Drop derived copies of the removed samples (``before``: the interactions deleted before this
@@ -228,15 +240,36 @@ class RetrainShards(Checkpointed):
         return self._model
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
-        samples = [universe[i] for i in ids]
-        old = read_meta(self.folders()[k])
-        if old.get("slices"):
-            return self._replay(rid, k, ids, universe, old, staged, progress)
-        if reusable(staged, self.cfg, samples) is None:
-            model, init_state = self._built()
-            res = train_shard(model, init_state, samples, self.cfg, k, progress)
-            save_adapter(model.model, staged, shard_meta(self.cfg, model, k, samples, rid, res))
-            self.run.log(f"forget {rid}: shard {k} retrained on {len(ids)} samples in {res.seconds:.1f}s")
+        self.retrain_slots(rid, {k: ids}, universe, tombstones, {k: staged}, progress)
+
+    def retrain_slots(self, rid, jobs, universe, tombstones, staged, progress):
+        """Unsliced shards retrain from the common init as units of the executor (Ray tasks with ``ray``), each
+        saved into staging here as it finishes (a staged adapter already there is kept: a resumed request);
+        sliced shards replay here, stage by stage."""
+        todo = []
+        for k, ids in jobs.items():
+            old = read_meta(self.folders()[k])
+            if old.get("slices"):
+                self._replay(rid, k, ids, universe, old, staged[k], progress)
+            elif reusable(staged[k], self.cfg, [universe[i] for i in ids]) is None:
+                todo.append(ShardJob(k, [universe[i] for i in ids]))
+        if not todo:
+            return
+        model, init_state = self._built()
+        if self.executor.kind != "local":  # the tasks get the frozen-layer cache in memory: no worker reads or
+            for job in todo:                # writes the asset home's cache (a cluster node may have none)
+                model.prepare(shard_encodings(model, self.cfg, job.samples), self.cfg.train.eval_batch_size,
+                              progress)
+
+        def save(i: int, result: tuple) -> None:
+            job, (state, res) = todo[i], result
+            save_trained(model, staged[job.k], state, shard_meta(self.cfg, model, job.k, job.samples, rid, res))
+            self.run.log(f"forget {rid}: shard {job.k} retrained on {len(job.samples)} samples in "
+                         f"{res.seconds:.1f}s")
+
+        with open_executor(self.executor, self.run.path, self.run.log) as ex:
+            ex.map(train_task, (model, init_state, self.cfg, progress), todo,
+                   labels=[f"shard {job.k}" for job in todo], on_result=save, log=self.run.log)
 
     def _replay(self, rid, k, ids, universe, old, staged, progress):
         """A sliced shard (METHODS §9): restore the checkpoint before the first slice that lost samples, replay

@@ -11,6 +11,7 @@ shard-train would have produced without them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from privrec.data import Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.features import features_digest
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, read_adapter
+from privrec.model.adapters import adapter_state, lineage_of, load_adapter_state, read_adapter, save_adapter
 from privrec.model.recmodel import Encoded, RecLM
 from privrec.prepare import source_data
 from privrec.rundir import (
@@ -184,6 +185,13 @@ def shard_features(cfg: ApaConfig, samples: list[Sample]) -> tuple:
     return prepare.counted_features(cfg, samples) if cfg.shows_labels else (None, None)
 
 
+def shard_encodings(model: RecLM, cfg: ApaConfig, samples: list[Sample]) -> list[Encoded]:
+    """A shard's training prompts as :func:`train_shard` renders them (under its own features)."""
+    samples = sorted(samples, key=lambda s: s.sample_id)
+    with model.features_of(shard_features(cfg, samples)):
+        return model.encode(samples)
+
+
 def plain_encodings(model: RecLM, samples: list[Sample]) -> list[Encoded]:
     """``samples`` rendered without counted features: the partition of training samples reads these, so no
     sample's shard depends on other samples' labels (a deletion would otherwise have moved it)."""
@@ -270,6 +278,29 @@ def train_shard(
     load_adapter_state(model.model, init_state)
     with model.features_of(shard_features(cfg, samples)):
         return train(model, model.encode(samples), cfg.train, shard_seed(cfg.seed, k), progress=progress)
+
+
+@dataclass
+class ShardJob:
+    """One shard's training as a unit of work (:mod:`privrec.executor`): shard k on ``samples``."""
+
+    k: int
+    samples: list[Sample]
+
+
+def train_task(shared: tuple, job: ShardJob) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """THE unit of shard training for an executor: ``shared`` = (model, common init, config, progress); returns
+    the trained adapter's tensors and the training result (no optimizer state). Writes nothing: the caller saves
+    the adapter (:func:`save_trained`). Run locally or in a Ray worker, it is :func:`train_shard`."""
+    model, init_state, cfg, progress = shared
+    res = train_shard(model, init_state, job.samples, cfg, job.k, progress)
+    return adapter_state(model.model), dataclasses.replace(res, optimizer_state=None)
+
+
+def save_trained(model: RecLM, folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """Save an adapter a task trained (its tensors put into the driver's model first)."""
+    load_adapter_state(model.model, state)
+    save_adapter(model.model, folder, meta)
 
 
 def shard_meta(
