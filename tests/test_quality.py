@@ -148,16 +148,21 @@ def test_prompt_options_change_the_frozen_cache_keys(ml100k, tiny_splits):
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------
-def test_federate_and_shard_train_refuse_item_stats():
+def test_federate_refuses_item_stats_and_shard_train_counts_it_per_shard():
     from privrec.federated.config import FederatedConfig
     from privrec.unlearning.exact.shards import ApaConfig
 
-    for path, cls, word in [(ROOT / "configs" / "pplr-tiny.yaml", FederatedConfig, "federate"),
-                            (ROOT / "configs" / "apa-tiny.yaml", ApaConfig, "shard-train")]:
-        with pytest.raises(ConfigError, match=f"item_stats cannot be used with {word}") as e:
-            load_config(path, ["prompt.item_stats=true"], cls=cls)
-        assert "\n" not in str(e.value)
+    fed, apa = ROOT / "configs" / "pplr-tiny.yaml", ROOT / "configs" / "apa-tiny.yaml"
+    with pytest.raises(ConfigError, match="item_stats cannot be used with federate") as e:
+        load_config(fed, ["prompt.item_stats=true"], cls=FederatedConfig)
+    assert "\n" not in str(e.value)
+    for path, cls in ((fed, FederatedConfig), (apa, ApaConfig)):
         assert load_config(path, ["prompt.history_summary=true"], cls=cls).prompt.history_summary  # own data only
+    # shards count the line over each shard's own samples (tests/test_features_lineage.py); the CF projector not yet
+    assert load_config(apa, ["prompt.item_stats=true"], cls=ApaConfig).prompt.item_stats
+    with pytest.raises(ConfigError, match="collab.inject cannot be used with shard-train") as e:
+        load_config(apa, ["collab.inject=true"], cls=ApaConfig)
+    assert "\n" not in str(e.value)
 
 
 def test_unlearn_refuses_a_run_trained_with_item_stats(tmp_path):
