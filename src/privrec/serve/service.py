@@ -479,16 +479,22 @@ class Service:
                     items = rec.recommend(u, self.store_k, two_stage=self.candidates, blend=self.blend,
                                           source=self.source)
                 except UserError as e:  # e.g. too short a history: answered online (with its error), counted
-                    why = " ".join(str(e).split())
-                    if self.skipped.get(u) != why:
-                        self.rec.md.run.log(f"serve: user {u} left out of the store: {why}", echo=False)
-                    self.skipped[u] = why
+                    self._keep(store, key, u, None, " ".join(str(e).split()))
                     continue
-                self.skipped.pop(u, None)
-                store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+                self._keep(store, key, u, items, None)
             return True
         finally:
             store.flush()
+
+    def _keep(self, store: RecStore, key: dict, user: int, items: list[dict] | None, why: str | None) -> None:
+        """Add ``user``'s top-k to ``store``, or (``why``: the store cannot hold them) log and count it once."""
+        if why is not None:
+            if self.skipped.get(user) != why:
+                self.rec.md.run.log(f"serve: user {user} left out of the store: {why}", echo=False)
+            self.skipped[user] = why
+            return
+        self.skipped.pop(user, None)
+        store.add(key, self.store_k, {user: items}, self.forgotten.__contains__)
 
     def _fill_with(self, rec: Recommender, store: RecStore, todo: list[int]) -> None:
         """:meth:`_fill`'s users as Ray tasks of :data:`FILL_BLOCK` users each (``precompute_now`` with an
@@ -499,13 +505,7 @@ class Service:
 
         def add(i: int, rows: list[tuple[int, list[dict] | None, str | None]]) -> None:
             for u, items, why in rows:
-                if why is not None:
-                    if self.skipped.get(u) != why:
-                        self.rec.md.run.log(f"serve: user {u} left out of the store: {why}", echo=False)
-                    self.skipped[u] = why
-                    continue
-                self.skipped.pop(u, None)
-                store.add(key, self.store_k, {u: items}, self.forgotten.__contains__)
+                self._keep(store, key, u, items, why)
 
         with open_executor(self.executor, self.path, self.rec.md.run.log) as ex:
             ex.map(fill_task, (rec, self.store_k, self.candidates, self.blend, self.source), blocks,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privrec import prepare
 from privrec.config import ExperimentConfig
-from privrec.data import Sample, Splits
+from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.features import features_digest
 from privrec.metrics import binary_metrics
@@ -168,14 +168,18 @@ def setup_shard_data(cfg: ApaConfig, tombstones: set[tuple[int, int]]) -> Splits
     return sp
 
 
-def build_model(cfg: ApaConfig, splits: Splits) -> tuple[RecLM, dict[str, torch.Tensor]]:
+def build_model(cfg: ApaConfig, data: Splits | Dataset) -> tuple[RecLM, dict[str, torch.Tensor]]:
     """The RecLM with a fresh seeded LoRA, and that fresh LoRA's tensors (every shard's starting point).
 
-    Prompts that read counted features (METHODS §12) show, at inference, features counted over ``splits.train``
-    (the shards' samples as they are now: the data that remains, never deleted data); each shard trains on
-    features counted over its own samples alone (:func:`train_shard`)."""
-    stats, collab = prepare.counted_features(cfg, splits.train) if cfg.shows_labels else (None, None)
-    model = prepare.build_model(cfg, splits.dataset, stats=stats, collab=collab)
+    Prompts that read counted features (METHODS §12) show, at inference, features counted over ``data.train``
+    (the shards' samples as they are now: the data that remains, never deleted data; ``data`` must then be the
+    splits); each shard trains on features counted over its own samples alone (:func:`train_shard`)."""
+    if isinstance(data, Dataset):
+        if cfg.shows_labels:
+            raise ValueError("a shards model whose prompts read counted features is built from its splits")
+        data = Splits(data, [], [], [])
+    stats, collab = prepare.counted_features(cfg, data.train) if cfg.shows_labels else (None, None)
+    model = prepare.build_model(cfg, data.dataset, stats=stats, collab=collab)
     return model, adapter_state(model.model)
 
 
