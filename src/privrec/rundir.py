@@ -91,6 +91,25 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path} is not valid JSON") from None
 
 
+@contextlib.contextmanager
+def written_folder(out: str | Path) -> Iterator[Path]:
+    """Write a new folder whole or not at all: the block fills a temporary sibling, which replaces ``out`` (absent
+    or empty: the caller checks) when the block ends; on any error it is removed and ``out`` left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            out.rmdir()  # empty (the caller checked)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def remove_tree(path: str | Path) -> None:
     """Remove a folder (or a file) if it is there.
 

@@ -19,6 +19,7 @@ import yaml
 from privrec.data.records import RecordSchema
 from privrec.data.table import SCHEMA_FILE
 from privrec.errors import UserError
+from privrec.rundir import written_folder
 
 FILES = {"interactions": "interactions.tsv", "items": "items.tsv", "users": "users.tsv"}
 _LIST_SEPARATORS = ("|", ";", "/", "#")
@@ -95,11 +96,7 @@ def write_table(ds, out: str | Path) -> Path:
     user_ids = sorted(ds.users)
     users = _frame(user_ids, "user_id", [ds.users[u] for u in user_ids], [f.key for f in sch.user_fields], seps)
     inter = ds.inter[["user_id", "item_id", "rating", "timestamp"]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with written_folder(out) as tmp:
         inter.to_csv(tmp / FILES["interactions"], sep="\t", index=False)
         items.to_csv(tmp / FILES["items"], sep="\t", index=False)
         has_users = sch.user_fields or ds.users
@@ -107,12 +104,6 @@ def write_table(ds, out: str | Path) -> Path:
             users.to_csv(tmp / FILES["users"], sep="\t", index=False)
         (tmp / SCHEMA_FILE).write_text(yaml.safe_dump(schema_dict(ds, seps), sort_keys=False, allow_unicode=True),
                                        encoding="utf-8")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / SCHEMA_FILE
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from privrec.data.movielens import SOURCE_FILES
 from privrec.data.ranking import RankingSplits, build_ranking_splits, like_splits
 from privrec.errors import DataError, RunError, UserError
 from privrec.federated.config import FederatedConfig
-from privrec.rundir import atomic_write_text
+from privrec.rundir import atomic_write_text, written_folder
 
 META = "privrec-client.json"
 ASSIGNMENT = "assignment.json"
@@ -193,11 +192,7 @@ def split_data(cfg: FederatedConfig, out: str | Path) -> dict:
         if not (src / item_f).is_file():
             raise DataError(f"{src}: missing {item_f}")
     fingerprint = samples_fingerprint(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with written_folder(out) as tmp:
         shas = {}
         for c in fed.clients:
             users = sorted(u for u, cc in fed.assignment.items() if cc == c)
@@ -227,12 +222,6 @@ def split_data(cfg: FederatedConfig, out: str | Path) -> dict:
                    "assignment": {str(u): c for u, c in sorted(fed.assignment.items())}}
         atomic_write_text(tmp / ASSIGNMENT, json.dumps(content, indent=1) + "\n")
         atomic_write_text(tmp / "config.yaml", cfg.to_yaml())
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return content
 
 
