@@ -102,15 +102,15 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         # 3. tokenise once; the frozen-layer cache once for every prompt (shared by all shards). With counted
         #    features (METHODS §12) the partition reads the training prompts without them (plain), each shard
         #    trains on its own features (train_shard), and validation / test show those of all shards' samples
+        need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user", "semantic-users")
+        need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
         tr, va, te = model.encode(splits.train), model.encode(splits.valid), model.encode(splits.test)
-        plain = plain_encodings(model, splits.train) if cfg.shows_labels else tr
+        plain = plain_encodings(model, splits.train) if cfg.shows_labels and need_train else tr
         t0 = time.perf_counter()
         model.prepare((plain if plain is not tr else []) + tr + va + te, model_batch(cfg), progress)
         cache_seconds = time.perf_counter() - t0
 
         # 4. untuned hidden states: train (partition), valid + test (neighbours); only where needed
-        need_train = cfg.shards.partition in ("semantic", "kmeans-balanced", "user", "semantic-users")
-        need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
         t0 = time.perf_counter()
         f_tr = load_features(run, model, cfg, plain, progress) if need_train else None
         f_va = load_features(run, model, cfg, va, progress) if need_pool else None
