@@ -4,12 +4,16 @@
     python benchmarks/bench_federated.py split [--runs runs/federated]   # -> docs/benchmarks.md
     python benchmarks/bench_federated.py all                             # both
     python benchmarks/bench_federated.py forget [--runs runs/federated]  # -> docs/federated.md
+    python benchmarks/bench_federated.py features --runs runs/federated-features   # -> docs/results.md
 
 ``table``: centralised, local, FedAvg, FedProx, PPLR and PPLR + FedABC on exactly the same samples and the
 same C = 5 k-means clients (configs/pplr-ml100k.yaml): overall AUC, per-client AUC, std / min / gap, the
 history like-rate reference per client on the same test samples, and a plot of per-client AUC by method.
 Each method is one ``privrec federate`` run directory under ``--runs``; a method whose run directory already
 holds metrics.json for the same config is not run again (an interrupted benchmark continues).
+
+``features``: FedAvg, PPLR and mixture with client-local counted features (:data:`FEATURES`; METHODS §12):
+each client's prompts show the target item's like-rate counted over its own users' share of the training pool.
 
 ``forget``: federated forgetting (METHODS §10) on the mixture and PPLR runs of the table (the same clients
 and samples): their quality side by side with the like-rate reference; then, each on a fresh copy of its run
@@ -69,6 +73,10 @@ METHODS = [  # (row name, --set overrides on top of the config)
     ("PPLR + FedABC", ["federated.strategy=pplr", "federated.loss=fedabc"]),
     ("mixture", ["federated.strategy=mixture"]),
 ]
+# client-local counted features (METHODS §12, issue 35): the history summary (the user's own data) and the target
+# item's like-rate counted over the client's own users' share of the training pool (no label crosses clients)
+FEATURES = ["prompt.history_summary=true", "prompt.item_stats=true"]
+FEATURE_METHODS = [m for m in METHODS if m[0] in ("FedAvg", "PPLR", "mixture")]
 SLICED = ("mixture, 4 slices", ["federated.strategy=mixture", "federated.slices=4"])  # forget: METHODS §9 in a client
 # The split table: a smaller sample, one round, k = 2 client layers at the bottom, m = 1 at the top.
 SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federated.rounds=1",
@@ -137,10 +145,12 @@ def plot(rows: list[tuple[str, dict]], ref: list[float], path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def results_table(runs: Path, progress: bool) -> str:
+def results_table(runs: Path, progress: bool, methods=METHODS, features: bool = False) -> str:
+    """The table of ``methods``; ``features``: every run with :data:`FEATURES` (client-local counted features)."""
     t0 = time.perf_counter()
-    rows = [(name, run_once(name, ov, runs, progress)) for name, ov in METHODS]
-    cfg = config([])
+    extra = FEATURES if features else []
+    rows = [(name, run_once(name, ov + extra, runs, progress)) for name, ov in methods]
+    cfg = config(extra)
     ref_overall, ref_clients = like_rate_reference(cfg)
     n = len(rows[0][1]["clients"])
     head = ["method", "overall AUC", "LogLoss"] + [f"client {c}" for c in range(n)] + ["std", "min", "gap",
@@ -167,15 +177,25 @@ def results_table(runs: Path, progress: bool) -> str:
              f"layers (bottom layers cached); PPLR alpha {f.alpha}, beta {f.beta}, T {f.temperature}; FedProx mu "
              f"{f.mu}; FedABC r {f.fedabc_ratio}, h {f.fedabc_hard}. Centralised trains one adapter on the union "
              "for the same rounds x epochs.")
+    rounds = ["| method | " + " | ".join(f"valid AUC r{r['round']}" for r in rows[0][1]["rounds"]) + " |",
+              "|" + "---|" * (1 + len(rows[0][1]["rounds"]))]
+    rounds += ["| " + " | ".join([name] + [fmt(r.get("valid_auc")) for r in m["rounds"]]) + " |" for name, m in rows]
+    title, what, img = ("Federated LLMRec: quality and balance across clients (METHODS §2, §3)", "table",
+                        "federated_client_auc.png")
+    if features:
+        title, what, img = ("Federated LLMRec with client-local counted features (METHODS §2, §10, §12)",
+                            "features", "federated_client_auc_features.png")
     body = "\n".join([
-        "### Federated LLMRec: quality and balance across clients (METHODS §2, §3)", "",
-        (f"Config `{Path(ARGS.config).name}`{' with ' + ' '.join(ARGS.set) if ARGS.set else ''}; command "
-        f"`python benchmarks/bench_federated.py table`; machine: "
-        f"{machine()}; wall time {time.perf_counter() - t0:.0f}s."), "", sizes, "",
+        f"### {title}", "",
+        (f"Config `{Path(ARGS.config).name}`{' with ' + ' '.join(ARGS.set + extra) if ARGS.set + extra else ''}; "
+         f"command `python benchmarks/bench_federated.py {what}`; machine: "
+         f"{machine()}; wall time {time.perf_counter() - t0:.0f}s."), "", sizes, "",
         *lines, "",
-        "![per-client AUC by method](img/federated_client_auc.png)",
+        "Validation AUC after each round (the overall valid AUC the runs record; what picks the rounds):", "",
+        *rounds, "",
+        f"![per-client AUC by method](img/{img})",
     ])
-    plot(rows, ref_clients, Path(ARGS.docs) / "img" / "federated_client_auc.png")
+    plot(rows, ref_clients, Path(ARGS.docs) / "img" / img)
     return body
 
 
@@ -520,7 +540,7 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["table", "split", "memory", "forget", "all"])
+    ap.add_argument("what", choices=["table", "features", "split", "memory", "forget", "all"])
     ap.add_argument("--runs", default="runs/federated", help="run directories (reused when complete)")
     ap.add_argument("--config", default=str(ARGS.config), help="base config (default configs/pplr-ml100k.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
@@ -534,6 +554,9 @@ def main() -> None:
     if args.what in ("table", "all"):
         body = results_table(runs, args.progress)
         publish(Path(args.docs) / "results.md", "bench_federated_table", body)
+    if args.what == "features":
+        body = results_table(runs, args.progress, FEATURE_METHODS, features=True)
+        publish(Path(args.docs) / "results.md", "bench_federated_features", body)
     if args.what == "forget":
         body = forget_table(runs, args.progress, args.part)
         publish(Path(args.docs) / "federated.md", "bench_federated_forget", body)

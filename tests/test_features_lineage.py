@@ -45,7 +45,7 @@ def test_the_adapter_records_what_its_features_were_counted_over(trained):
     assert rec == features_record(cfg, setup_data(cfg))
     assert rec["n_samples"] == len(setup_data(cfg).pool)
     manifest = json.loads((out / "model.json").read_text())
-    assert manifest["forget"] == ["retrain-all"]
+    assert manifest["forget"] == ["retrain-all", "approximate"]
 
 
 def test_forgetting_a_pool_only_user_retrains_without_their_labels_in_any_feature(trained, tmp_path, capsys):
@@ -84,6 +84,32 @@ def test_forgetting_a_pool_only_user_retrains_without_their_labels_in_any_featur
     assert features_digest(served.builder.item_stats, served.collab) == after["features"]["digest"]
     code, out_text, err = run_cli(capsys, "forget", str(out), "--verify")
     assert code == 0, out_text + err
+
+
+def test_approximate_unlearning_recounts_the_features_without_the_forgotten_users(trained, tmp_path, capsys):
+    """An approximate method (METHODS §8) works and serves under features counted over its retained set: the
+    forgotten users' labels are in no feature the unlearnt model reads, and its adapter records so."""
+    from privrec.prepare import counted_features, user_interactions
+    from privrec.recommender import Recommender
+
+    src, cfg, _ = trained
+    splits = setup_data(cfg)
+    user = splits.train[0].user_id
+    (tmp_path / "users.txt").write_text(f"{user}\n")
+    out = tmp_path / "neggrad"
+    code, _, err = run_cli(capsys, "unlearn", str(src), "--method", "neggrad", "--forget-users",
+                           str(tmp_path / "users.txt"), "--out", str(out))
+    assert code == 0, err
+    kept = setup_data(cfg, user_interactions(splits.dataset, [user]))
+    meta = _meta(out)
+    assert meta["features"] == features_record(cfg, kept) != _meta(src)["features"]
+    assert not any(s.user_id == user for s in labelled_pool(cfg, kept))
+    served = Recommender(out).scorer.model
+    assert features_digest(*served.features) == meta["features"]["digest"]
+    assert not any(sid.startswith(f"u{user}-") for sid in served.builder.item_stats.members)
+    assert not any(sid.startswith(f"u{user}-") for sid in served.collab.fold_of)
+    # the pooled features (the original's) differ: the recount is what changed them
+    assert features_digest(*counted_features(cfg, labelled_pool(cfg, splits))) == _meta(src)["features"]["digest"]
 
 
 def test_features_from_outside_the_lineage_are_refused_and_fail_verification(trained, tmp_path, capsys):

@@ -232,16 +232,19 @@ def test_client_local_protocol_sends_no_user_and_replies_only_client_metrics(tmp
     assert np.isfinite(m["rounds"][-1]["valid_auc"])
 
 
-@pytest.mark.parametrize("pooled", [True, False])
-def test_mixture_on_flower_gives_the_in_process_metrics(tmp_path, task_identity, pooled):
+@pytest.mark.parametrize("pooled,features", [(True, False), (False, False), (True, True)],
+                         ids=["pooled", "client-metrics", "pooled-counted-features"])
+def test_mixture_on_flower_gives_the_in_process_metrics(tmp_path, task_identity, pooled, features):
     """Strategy mixture on Flower: every node trains alone (no adapter travels in training), the test
     evaluation sends each node every client's adapter and nothing else, and the node weighs them on its own
     validation samples: the in-process metrics (per client exactly; overall pooled, or the client-weighted
-    mean without pooled scores) and bit-identical adapters."""
+    mean without pooled scores) and bit-identical adapters. With counted features (METHODS §12) each node
+    counts them over its own folder's share of the pool, as the in-process client does."""
     from privrec.federated.runner import run_federate
     from privrec.model.adapters import read_adapter
 
-    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture", "pooled_scores": pooled})
+    extra = {"prompt": {"item_stats": True}} if features else {}
+    cfg = fed_config(federated={"clients": 3, "rounds": 2, "strategy": "mixture", "pooled_scores": pooled}, **extra)
     sent: list = []
     m = _run_on(_FakeGrid(_split(cfg, tmp_path / "split")), cfg, tmp_path / "flower", sent)
     local = run_federate(cfg, tmp_path / "in-process", progress=False)
@@ -253,8 +256,19 @@ def test_mixture_on_flower_gives_the_in_process_metrics(tmp_path, task_identity,
     if pooled:
         assert m["overall"] == pytest.approx(local["overall"], rel=1e-9, nan_ok=True)
     for c in range(3):
-        assert (read_adapter(tmp_path / "flower" / "adapters" / f"client-{c}")[1]["tensors_sha256"]
-                == read_adapter(tmp_path / "in-process" / "adapters" / f"client-{c}")[1]["tensors_sha256"])
+        flower_meta = read_adapter(tmp_path / "flower" / "adapters" / f"client-{c}")[1]
+        local_meta = read_adapter(tmp_path / "in-process" / "adapters" / f"client-{c}")[1]
+        assert flower_meta["tensors_sha256"] == local_meta["tensors_sha256"]
+        assert flower_meta.get("features") == local_meta.get("features")
+    if features:
+        from privrec.federated import flower_app
+        from privrec.federated.runner import plan_federation
+
+        fed = plan_federation(cfg)
+        held = {c.cid: c for c in flower_app._CLIENTS.values()}
+        for c, client in held.items():
+            assert client.counted == fed.counted(c)  # from its folder alone, as the run counts it
+            assert {s.user_id for s in client.counted} <= {u for u, cc in fed.assignment.items() if cc == c}
 
 
 @pytest.mark.parametrize("slices", [1, 2])

@@ -148,33 +148,20 @@ def test_prompt_options_change_the_frozen_cache_keys(ml100k, tiny_splits):
 
 
 # --- refusals -----------------------------------------------------------------------------------------------------
-def test_federate_refuses_item_stats_and_shard_train_counts_it_per_shard():
+def test_federate_and_shard_train_count_item_stats_apart_and_refuse_the_cf_projector():
     from privrec.federated.config import FederatedConfig
     from privrec.unlearning.exact.shards import ApaConfig
 
     fed, apa = ROOT / "configs" / "pplr-tiny.yaml", ROOT / "configs" / "apa-tiny.yaml"
-    with pytest.raises(ConfigError, match="item_stats cannot be used with federate") as e:
-        load_config(fed, ["prompt.item_stats=true"], cls=FederatedConfig)
-    assert "\n" not in str(e.value)
     for path, cls in ((fed, FederatedConfig), (apa, ApaConfig)):
         assert load_config(path, ["prompt.history_summary=true"], cls=cls).prompt.history_summary  # own data only
-    # shards count the line over each shard's own samples (tests/test_features_lineage.py); the CF projector not yet
-    assert load_config(apa, ["prompt.item_stats=true"], cls=ApaConfig).prompt.item_stats
-    with pytest.raises(ConfigError, match="collab.inject cannot be used with shard-train") as e:
-        load_config(apa, ["collab.inject=true"], cls=ApaConfig)
-    assert "\n" not in str(e.value)
-
-
-def test_unlearn_refuses_a_run_trained_with_item_stats(tmp_path):
-    from privrec.commands.unlearn import load_unlearn_config
-    from privrec.rundir import RunDir
-
-    for item_stats, name in [(True, "with"), (False, "without")]:
-        RunDir(tmp_path / name).write_config(load_config(TINY, [f"prompt.item_stats={item_stats}"]))
-    with pytest.raises(ConfigError, match="item_stats cannot be used with unlearn") as e:
-        load_unlearn_config(tmp_path / "with", forget_fraction=0.2)
-    assert "\n" not in str(e.value)
-    assert not load_unlearn_config(tmp_path / "without", forget_fraction=0.2).prompt.item_stats
+        # clients and shards count the line over their own samples (tests/test_features_lineage*.py) ...
+        assert load_config(path, ["prompt.item_stats=true"], cls=cls).prompt.item_stats
+        # ... the CF projector not yet
+        command = "federate" if cls is FederatedConfig else "shard-train"
+        with pytest.raises(ConfigError, match=f"collab.inject cannot be used with {command}") as e:
+            load_config(path, ["collab.inject=true"], cls=cls)
+        assert "\n" not in str(e.value)
 
 
 def test_ranking_refuses_item_stats():

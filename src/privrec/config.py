@@ -94,8 +94,9 @@ class PromptConfig(_Section):
         "of the protocol, not only the n_train drawn; shrunk to the global rate with k=5 like the item-mean "
         "reference, a training sample's own label left out) and its count ('Other users liked the target movie "
         "82% of the time (45 ratings).'). Training labels only; the run's references then learn from the same "
-        "pool. It puts other users' labels into every prompt, so federate and the unlearning commands refuse "
-        "it; like-prediction only.")
+        "pool. It puts other users' labels into every prompt, so they carry their lineage (METHODS §12): shard-train "
+        "counts them per shard over its own samples, federate per client over its own data, unlearn over the "
+        "retained set; like-prediction only.")
     cf_score: bool = Field(
         False, description="Add the collaborative model's predicted rating of the target ('A rating model of other "
         "users' ratings predicts 4.2 of 5 stars for the target movie.'; kv: a 'target movie rating predicted from "
@@ -291,17 +292,6 @@ class ExperimentConfig(_Section):
                 raise ValueError("prompt.cf_score reads like-prediction training labels; task ranking has "
                                  "none: set prompt.cf_score=false")
         return self
-
-    def refuse_item_stats(self, command: str, why: str) -> None:
-        """For commands whose guarantee ``prompt.item_stats`` would break (it shows every prompt other users'
-        training labels).
-
-        Raises:
-            ValueError: the option is on (inside a pydantic validator: a one-line ConfigError)."""
-        for key, on in (("prompt.item_stats", self.prompt.item_stats), ("prompt.cf_score", self.prompt.cf_score),
-                        ("collab.inject", self.collab.inject)):
-            if on:
-                raise ValueError(f"{key} cannot be used with {command}: {why}; set {key}=false")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

@@ -196,14 +196,14 @@ def folders_of(run: Path, kind: str) -> list[Path]:
 
 
 def single_forgetting(cfg) -> list[str]:
-    """What a one-adapter model of this config can do to forget: retrain-all for like-prediction models (their
-    counted features, if any, carry their lineage and are recomputed by the retrain), and approximate unlearning
-    for those whose prompts read no counted features."""
+    """What a one-adapter model of this config can do to forget: for like-prediction models retrain-all (their
+    counted features, if any, carry their lineage and are recomputed by the retrain) and approximate unlearning
+    (which recounts them over its retained set)."""
     if cfg.task != "like-prediction":
         return []
     # features counted from labels (METHODS §12) carry their lineage: retraining recomputes them without the
-    # deleted data; the approximate methods do not recompute them yet
-    return ["retrain-all"] if cfg.shows_labels else ["retrain-all", "approximate"]
+    # deleted data, and the approximate methods recount them over their retained set
+    return ["retrain-all", "approximate"]
 
 
 def strategy_allows(strategy: str) -> list[str]:

@@ -112,6 +112,12 @@ def without_interactions(ds: Dataset, tombstones: Tombstones) -> Dataset:
     return Dataset(ds.name, ds.inter[keep], ds.items, ds.users, ds.schema)
 
 
+def user_interactions(ds: Dataset, users: Iterable[int]) -> set[tuple[int, int]]:
+    """Every (user, item) interaction of ``users`` in ``ds`` (what forgetting them whole deletes)."""
+    rows = ds.inter[ds.inter["user_id"].isin(list(users))]
+    return set(zip(rows["user_id"].tolist(), rows["item_id"].tolist()))
+
+
 def labelled_pool(cfg: ExperimentConfig, splits: Splits) -> list[Sample]:
     """The training labels a run may count beyond its own training samples: the whole training pool of the
     protocol when its prompts show counted features (``prompt.item_stats``, ``prompt.cf_score``,
@@ -209,15 +215,16 @@ def references(cfg: ExperimentConfig, splits: Splits) -> dict:
 # --- the model ----------------------------------------------------------------------------------------------
 def build_model(cfg: ExperimentConfig, dataset: Dataset, *, lora: LoraConfig | None = None, seed: int | None = None,
                 stats: ItemStats | None = None, collab: CollabFeatures | None = None, cls: type[RecLM] = RecLM,
-                before_lora: Callable[[RecLM], None] | None = None) -> RecLM:
+                before_lora: Callable[[RecLM], None] | None = None, plain: bool = False) -> RecLM:
     """THE place a model is built: the backbone and prompt builder of ``cfg`` with a fresh seeded LoRA.
 
     ``lora`` / ``seed`` default to the config's (an E2URec student has its own LoRA); ``cls`` and
     ``before_lora`` let the federated split build its :class:`SplitRecLM` and cut it before LoRA is attached
     (which sets the frozen-cache cut). ``stats`` / ``collab``: the counted features the prompts read
     (:func:`item_stats`, :func:`collab_features`); with ``collab.inject`` the model gets its seeded projector.
+    ``plain``: none yet (a federation's model: each client renders under its own, :class:`FederatedClient`).
     """
-    model = cls.from_config(cfg, dataset, item_stats=stats, collab=collab)
+    model = cls.from_config(cfg, dataset, item_stats=stats, collab=collab, plain=plain)
     if before_lora is not None:
         before_lora(model)
     if cfg.collab.inject:

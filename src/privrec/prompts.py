@@ -80,13 +80,15 @@ class PromptBuilder:
     ``item_stats``: the counts ``prompt.item_stats`` reads (the run's training pool, computed by the caller
     from training labels only); required when that option is on. ``collab``: the
     :class:`privrec.features.CollabFeatures` whose predicted rating ``prompt.cf_score`` shows (METHODS §12).
+    ``plain``: start with no counted line and no features; whoever renders sets them first (a federation's
+    clients each render under features counted over their own samples).
     """
 
     def __init__(self, dataset: Dataset, cfg, like_threshold: float = 3.0, item_stats: ItemStats | None = None,
-                 collab=None):
-        if getattr(cfg, "item_stats", False) and item_stats is None:
+                 collab=None, plain: bool = False):
+        if getattr(cfg, "item_stats", False) and item_stats is None and not plain:
             raise ValueError("prompt.item_stats is on but no item statistics were given to the prompt builder")
-        if getattr(cfg, "cf_score", False) and collab is None:
+        if getattr(cfg, "cf_score", False) and collab is None and not plain:
             raise ValueError("prompt.cf_score is on but no collaborative features were given to the prompt builder")
         self.ds = dataset
         self.schema: RecordSchema = dataset.schema
@@ -96,7 +98,7 @@ class PromptBuilder:
         self.like_threshold = like_threshold
         self.item_stats = item_stats
         self.collab = collab
-        self.plain = False  # render no counted line (the partition of shard training reads prompts so)
+        self.plain = plain  # render no counted line (the partition of shard training reads prompts so)
 
     # --- the optional counter lines ------------------------------------------------------------------
     def _shows(self, key: str) -> bool:

@@ -15,6 +15,7 @@ A scorer answers P(Yes) for like-prompt samples, whatever the kind:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,14 @@ from privrec.errors import RunError, UserError
 from privrec.federated.config import FederatedConfig
 from privrec.model.adapters import install_adapter, load_adapter_state, read_adapter
 from privrec.model.recmodel import PrefixGroup, RecLM
-from privrec.prepare import build_model, collab_features, item_stats, setup_data, without_interactions
+from privrec.prepare import (
+    build_model,
+    collab_features,
+    item_stats,
+    setup_data,
+    user_interactions,
+    without_interactions,
+)
 from privrec.rundir import LEDGER_FILE, RunDir
 from privrec.unlearning.approx.task import UnlearnConfig
 from privrec.unlearning.exact.ledger import Ledger, deletion_record, last_request_of, user_requests
@@ -104,6 +112,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
     if manifest.kind == "student" and Path(manifest.original).is_dir():  # what its original forgot, it forgot
         rows += deletion_record(manifest.original)
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
+    if manifest.kind == "student" and cfg.shows_labels:  # its prompts' features were counted without them
+        md.tombstones |= user_interactions(load_dataset(cfg.data.source, cfg.data.path), manifest.forgotten_users)
     if rows:  # a user every one of whose interactions is deleted is forgotten
         inter = load_dataset(cfg.data.source, cfg.data.path).inter
         counts = inter.groupby("user_id").size()
@@ -165,6 +175,24 @@ class _Clients:
         self.model = build_federated(md.cfg, splits)
         self.states = {int(a.name.split("-")[1]): md.adapter_state(a)[0] for a in md.manifest.adapters}
         self.batch_size = md.cfg.train.eval_batch_size
+        self._features: dict[int, tuple | None] = {}
+
+    def features(self, c: int) -> tuple | None:
+        """The counted features client ``c``'s prompts show (METHODS §12): counted over what remains of its own
+        data (:func:`~privrec.federated.client.client_pool`; a centralised model's one client: everyone's), never
+        over deleted or other clients' data; None when the prompts read none."""
+        from privrec.federated.client import POOLED, client_features, client_pool
+
+        if c not in self._features:
+            m = self.md.manifest
+            counted = client_pool(self.md.cfg, self.splits, m.clients, POOLED if m.strategy == "centralised" else c)
+            self._features[c] = client_features(self.md.cfg, counted)
+        return self._features[c]
+
+    def encode(self, c: int, samples: list[Sample]) -> list:
+        """``samples`` rendered as client ``c``'s prompts (under its features)."""
+        with self.model.features_of(self.features(c)) if self.md.cfg.shows_labels else contextlib.nullcontext():
+            return self.model.encode(samples)
 
     def client_of(self, user: int) -> int:
         c = self.md.manifest.clients.get(user)
@@ -193,7 +221,7 @@ class ClientMixture(_Clients):
 
         if c not in self._pools:
             valid = [s for s in self.splits.valid if self.md.manifest.clients.get(s.user_id) == c]
-            self._pools[c] = client_pool(self.model, self.model.encode(valid), list(self.states.values()),
+            self._pools[c] = client_pool(self.model, self.encode(c, valid), list(self.states.values()),
                                          self.batch_size, progress)
         return self._pools[c]
 
@@ -203,7 +231,7 @@ class ClientMixture(_Clients):
         out = np.zeros(len(samples))
         states = list(self.states.values())  # in client order (the manifest's adapters are sorted)
         for c, idx in self.by_client(samples).items():
-            items = self.model.encode([samples[i] for i in idx])
+            items = self.encode(c, [samples[i] for i in idx])
             out[idx] = mixture_scores(self.model, items, self.pool(c, progress), states, self.md.cfg.federated,
                                       self.batch_size, progress)[0]
         return out
@@ -217,7 +245,10 @@ class ClientAdapters(_Clients):
         return self._client(self.client_of(user))
 
     def _client(self, c: int) -> RecLM:
+        """The model with client ``c``'s adapter and, when prompts read counted features, its features."""
         load_adapter_state(self.model.model, self.states[c])
+        if self.md.cfg.shows_labels:
+            self.model.set_features(self.features(c))
         return self.model
 
     def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:

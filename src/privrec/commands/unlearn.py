@@ -27,7 +27,15 @@ from privrec.config import apply_overrides, parse_config, read_yaml
 from privrec.data import Sample, Splits, augment
 from privrec.errors import ConfigError, RunError, UserError
 from privrec.model.adapters import install_adapter, originals, read_adapter, save_adapter
-from privrec.prepare import adapter_meta, machine, setup_data, setup_model, write_predictions
+from privrec.prepare import (
+    adapter_meta,
+    features_record,
+    machine,
+    setup_data,
+    setup_model,
+    user_interactions,
+    write_predictions,
+)
 from privrec.rundir import (
     ADAPTERS_DIR,
     CERTIFICATES_DIR,
@@ -92,7 +100,7 @@ def unlearnable(run_path: str | Path):
                         f"per-client adapters; forget from it exactly with privrec forget {run_path} --users ... "
                         "(docs/federated.md), or unlearn from a privrec train model")
     why = ("it was written before lineage hashes covered sample content" if m.inferred
-           else "its prompts show other users' labels (prompt.item_stats) or it is a ranking model")
+           else "it is a ranking model")
     raise UserError(f"{run_path} is {m.describe()} that cannot be unlearnt: {why}; train it again with privrec train")
 
 
@@ -156,8 +164,11 @@ class ShardUnlearnConfig(ApaConfig, UnlearnConfig):
 
 
 # --- 2. the original run -----------------------------------------------------------------------------------
-def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: list[Sample]):
-    """(model with the run's adapter as "default", its tensors, its metadata).
+def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: list[Sample],
+                  retained: Splits | None = None):
+    """(model with the run's adapter as "default", its tensors, its metadata). Prompts that read counted features
+    (METHODS §12) show them counted over ``retained`` (the data without the forget users): the unlearning and
+    everything after it never read the forgotten labels through a feature.
 
     Raises:
         RunError: no adapter, different base weights, or the rebuilt training set differs from the one that
@@ -169,7 +180,7 @@ def load_original(cfg: UnlearnConfig, splits: Splits, run_path: Path, trained: l
     if recorded is not None and sorted(recorded) != sorted({s.source_id for s in trained}):
         raise RunError(f"{folder}: the samples recorded as its lineage are not the ones its config yields; "
                        "was the data changed?")
-    model = setup_model(cfg, splits)
+    model = setup_model(cfg, retained or splits)
     install_adapter(model, folder, state, meta, cfg.model.name)
     return model, state, meta
 
@@ -301,8 +312,11 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     ref_probs, ref_seconds, ref_path = None, None, None
     if retrained is not None:
         ref_probs, ref_seconds, ref_path = read_reference(retrained, forget_ids)
-    # 4. the original model, checked against the adapter's lineage; the attack's samples
-    model, original_state, original_meta = load_original(cfg, splits, run_path, trained)
+    # 4. the original model, checked against the adapter's lineage, its prompts' counted features recounted
+    #    without the forget users (METHODS §12: the retained set's); the attack's samples
+    deleted = deleted_interactions(run_path, cfg.data)
+    kept = setup_data(cfg, deleted | user_interactions(splits.dataset, users)) if cfg.shows_labels else None
+    model, original_state, original_meta = load_original(cfg, splits, run_path, trained, kept)
     mia_s, mia_info = mia_samples(cfg, splits, trained, users, retained)
 
     out_run = RunDir(out)
@@ -343,6 +357,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     exact = result.trained_on_retained_only
     # every sample whose gradient reached these weights: approximate methods start from the original
     lineage = {} if exact else {k: original_meta.get(k) for k in ("sample_ids", "lineage_sha256")}
+    if kept is not None:  # what its prompts' features were counted over: the data without the forget users
+        lineage["features"] = features_record(cfg, kept)
     save_adapter(result.model.model, out_run / ADAPTERS_DIR / SINGLE_ADAPTER, adapter_meta(
         cfg, result.model, originals(retain_s), method=method, exact=exact, original_run=str(run_path),
         lora=result.lora.model_dump(), forgotten_users=users,

@@ -10,6 +10,7 @@ scorer. Both the in-process runner and the Flower ClientApp call exactly these m
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from privrec.federated.strategies import Instructions, State, Update
 from privrec.metrics import binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state
 from privrec.model.recmodel import RecLM
+from privrec.prepare import counted_features, features_block, labelled_pool
 from privrec.train import bce_loss, train
 from privrec.unlearning.exact.slices import cumulative
 
@@ -90,17 +92,54 @@ def _channel_bytes(model: RecLM) -> int:
     return ch.total_bytes if ch is not None else 0
 
 
+POOLED = -1  # the centralised reference's one "client": the union of every client's data
+
+
+def client_pool(cfg, splits, assignment: dict[int, int], client: int) -> list[Sample]:
+    """What client ``client``'s counted features are counted over (METHODS §12): its own users' share of the
+    protocol's labelled pool (:func:`~privrec.prepare.labelled_pool`: their training windows, not only the
+    drawn ones; POOLED: the whole pool). A user on no client is counted by none."""
+    pool = labelled_pool(cfg, splits)
+    return pool if client == POOLED else [s for s in pool if assignment.get(s.user_id) == client]
+
+
+def client_features(cfg, counted: list[Sample]) -> tuple | None:
+    """The counted features (METHODS §12) a client's prompts show: counted over its own data alone
+    (:func:`client_pool`), so no label crosses clients (None when the prompts read none)."""
+    return counted_features(cfg, counted) if cfg.shows_labels else None
+
+
+def features_record(cfg, by_client: dict[int, list[Sample]]) -> dict | None:
+    """The ``features`` record of a client adapter whose prompts read counted features (None when they read
+    none): for each client whose prompts it trained on (``by_client``: its :func:`client_pool`; POOLED the
+    centralised reference's one client), what its features were counted over (count, lineage hash: part of the
+    adapter's lineage) and their digest; ``privrec forget --verify`` recomputes them."""
+    if not cfg.shows_labels:
+        return None
+    blocks = {str(c): features_block(cfg, samples, "the client's own data",
+                                     client_features(cfg, samples)) for c, samples in sorted(by_client.items())}
+    uses = next(iter(blocks.values()))["uses"] if blocks else []
+    return {"uses": uses, "counted_over": "each client's own data (its users' share of the training pool)",
+            "clients": {c: {k: b[k] for k in ("n_samples", "lineage_sha256", "digest")} for c, b in blocks.items()}}
+
+
 class FederatedClient:
     """A client: an id, its samples (tokenised once) and the shared model it borrows for its turn.
 
     ``slices``: its slice map under ``federated.slices`` (default: cut from ``train_samples``; a deletion's
-    replay passes the model's map without the deleted samples)."""
+    replay passes the model's map without the deleted samples). Prompts that read counted features show the
+    client's own, counted over ``counted`` (its :func:`client_pool`; default its training samples), in training
+    and in scoring."""
 
     def __init__(self, cid: int, model: RecLM, train_samples: list[Sample], valid: list[Sample],
-                 test: list[Sample], cfg, progress: bool = False, slices: list[list[str]] | None = None):
+                 test: list[Sample], cfg, progress: bool = False, slices: list[list[str]] | None = None,
+                 counted: list[Sample] | None = None):
         self.cid, self.model, self.cfg, self.progress = cid, model, cfg, progress
         self.samples = {"train": train_samples, "valid": valid, "test": test}
-        self.items = {k: model.encode(v) for k, v in self.samples.items()}
+        self.counted = train_samples if counted is None else counted
+        self.features = client_features(cfg, self.counted)
+        with model.features_of(self.features) if cfg.shows_labels else contextlib.nullcontext():
+            self.items = {k: model.encode(v) for k, v in self.samples.items()}
         self._features: dict[str, np.ndarray] = {}  # split -> untuned features (the mixture's, computed once)
         fed = getattr(cfg, "federated", None)
         self.slices = slices if slices is not None else client_slices(train_samples, fed.slices if fed else 1)

@@ -40,6 +40,7 @@ ASSIGNMENT = "assignment.json"
 CLIENT_DIR = "client-{}"
 FORMAT = 1
 PARTS = ("train", "valid", "test")
+POOL = "pool"  # with counted features: the samples the client's features count (its users' training windows)
 # the federated settings that decide which user is on which client
 PARTITION_FIELDS = ("clients", "partition", "attribute", "mf_dim", "mf_epochs")
 
@@ -60,12 +61,15 @@ def sample_ids(fed, c: int) -> dict[str, list[str]]:
     rs = fed.splits.ranking
     if fed.cfg.task == "ranking":
         return {k: [r.sample_id for r in rs.get(k) if fed.assignment[r.user_id] == c] for k in PARTS}
-    return {k: [s.sample_id for s in part] for k, part in zip(PARTS, fed.samples(c))}
+    ids = {k: [s.sample_id for s in part] for k, part in zip(PARTS, fed.samples(c))}
+    if fed.cfg.shows_labels:  # what its counted features count (METHODS §12): its users' share of the pool
+        ids[POOL] = [s.sample_id for s in fed.counted(c)]
+    return ids
 
 
 def ids_sha256(ids: dict[str, list[str]]) -> str:
     """Hash of a client's sample ids (what a node reports in its query reply and the server checks)."""
-    return hashlib.sha256(json.dumps({k: ids[k] for k in PARTS}).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({k: ids[k] for k in (*PARTS, POOL) if k in ids}).encode()).hexdigest()
 
 
 @dataclass
@@ -78,6 +82,7 @@ class ClientData:
     valid: list[Sample]
     test: list[Sample]
     fingerprint: str  # samples_fingerprint of the config the folder was split with
+    pool: list[Sample] | None = None  # what its counted features count (a config whose prompts read them)
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -139,7 +144,16 @@ def load_client_data(folder: str | Path, cfg: FederatedConfig) -> ClientData:
     parts = [[universe[i] for i in ids[k]] for k in PARTS]
     if cfg.task == "ranking":
         parts = list(like_splits(RankingSplits(ds, *parts, popularity={}), cfg.ranking.negatives))
-    return ClientData(int(meta["client"]), ds, *parts, meta["fingerprint"])
+    pool = None
+    if cfg.shows_labels:
+        if not isinstance(ids.get(POOL), list):
+            raise DataError(f"{folder} was split for prompts without counted features (no {POOL} ids): write the "
+                            "folders with privrec federate-split-data and this config")
+        missing = [i for i in ids[POOL] if i not in universe]
+        if missing:
+            raise DataError(f"{folder}: its interactions give no sample {missing[0]} ({len(missing)} missing)")
+        pool = [universe[i] for i in ids[POOL]]
+    return ClientData(int(meta["client"]), ds, *parts, meta["fingerprint"], pool)
 
 
 def source_folder(cfg: FederatedConfig) -> Path:

@@ -91,8 +91,14 @@ class FederatedConfig(ExperimentConfig):
     @model_validator(mode="after")
     def _check_federated(self) -> FederatedConfig:
         f = self.federated
-        self.refuse_item_stats("federate", "the item statistics pool every client's training labels, which "
-                               "would move other clients' data into each client's prompts")
+        if self.collab.inject:  # prompt.item_stats / prompt.cf_score: each client counts its own (METHODS §12)
+            raise ValueError("collab.inject cannot be used with federate: each client's CF vectors come from its "
+                             "own MF, so one projector cannot read them all; use prompt.cf_score or set "
+                             "collab.inject=false")
+        if self.shows_labels and f.slices > 1:
+            raise ValueError("prompt.item_stats / prompt.cf_score with federated.slices > 1 is not built yet (a "
+                             "checkpoint would need features counted over the slices it has seen); set "
+                             "federated.slices=1")
         if self.train.early_stopping is not None:
             raise ValueError("train.early_stopping is not used by federate (clients train train.epochs local "
                              "epochs per round); remove it")

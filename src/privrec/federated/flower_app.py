@@ -115,9 +115,11 @@ def _client_for(msg, folder: Path) -> tuple[FederatedClient, FederatedConfig]:
             raise DataError(f"{folder} holds client {data.client}'s data; the server sent client {conf['client']} "
                             "a request")
         # a process may serve several nodes (the simulation): each client's prompts read its own records
-        model.builder = PromptBuilder(data.dataset, cfg.prompt, cfg.data.like_threshold)
+        model.builder = PromptBuilder(data.dataset, cfg.prompt, cfg.data.like_threshold, plain=cfg.shows_labels)
         parts = [[x for x in part if not shows_tombstoned(x, drop)] for part in (data.train, data.valid, data.test)]
-        _CLIENTS[(key, folder, drop)] = FederatedClient(data.client, model, *parts, cfg, progress=False)
+        counted = None if data.pool is None else [x for x in data.pool if not shows_tombstoned(x, drop)]
+        _CLIENTS[(key, folder, drop)] = FederatedClient(data.client, model, *parts, cfg, progress=False,
+                                                        counted=counted)
     return _CLIENTS[(key, folder, drop)], cfg
 
 
@@ -181,7 +183,8 @@ def _client_forget(msg, folder: Path):
     keep = [s for s in client.samples["train"] if not shows_tombstoned(s, gone)]
     ids = {s.sample_id for s in keep}
     slices = None if client.slices is None else [[i for i in sl if i in ids] for sl in client.slices]
-    alone = FederatedClient(client.cid, client.model, keep, [], [], cfg, slices=slices)
+    counted = [s for s in client.counted if not shows_tombstoned(s, gone)]
+    alone = FederatedClient(client.cid, client.model, keep, [], [], cfg, slices=slices, counted=counted)
     ckpts: dict[int, State] = {}
     state, seconds = alone.train_alone(_state_from(msg.content["adapter"]), first, ckpts.__setitem__)
     metrics = MetricRecord({"n_train": len(keep), "seconds": seconds})

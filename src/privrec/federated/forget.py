@@ -17,16 +17,24 @@ import os
 import shutil
 
 from privrec import models
+from privrec.data import Sample
 from privrec.errors import RunError
 from privrec.federated import slicing
-from privrec.federated.client import FederatedClient
+from privrec.federated.client import POOLED, FederatedClient, client_features, client_pool, features_record
 from privrec.federated.config import FederatedConfig
 from privrec.federated.runner import build_model as federated_model
 from privrec.federated.runner import run_federate
 from privrec.model.adapters import ADAPTER_META, adapter_state, load_adapter_state, read_meta, save_adapter
-from privrec.prepare import adapter_meta, source_data
+from privrec.prepare import adapter_meta, setup_data, source_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, METRICS_FILE, RunDir, atomic_write_text, is_adapter, remove_tree
-from privrec.unlearning.exact.routes import EXACT_ROUTES, RETIRED, Checkpointed, Route
+from privrec.unlearning.exact.routes import (
+    EXACT_ROUTES,
+    FEATURES_UNRECORDED,
+    RETIRED,
+    Checkpointed,
+    Route,
+    purge_common,
+)
 from privrec.unlearning.exact.slices import first_affected, load_checkpoint, restore, stage_dir, stage_label
 
 
@@ -65,6 +73,54 @@ class _ClientSlots(Checkpointed):
         manifest = models.load(self.run.path)
         return dict(super().run_info(), kind="clients", strategy=manifest.strategy)
 
+    def counted(self, tombstones, clients) -> dict[int, list[Sample]]:
+        """What each of ``clients``' counted features are counted over with ``tombstones`` deleted (its
+        :func:`~privrec.federated.client.client_pool`)."""
+        splits, assignment = setup_data(self.cfg, frozenset(tombstones)), models.load(self.run.path).clients
+        return {c: client_pool(self.cfg, splits, assignment, c) for c in clients}
+
+    def pool_hits(self, removed) -> set[int]:
+        """The clients whose counted features read a removed sample of the training pool (METHODS §12: a sample
+        no adapter trained on, whose label only a client's features counted); none without counted features."""
+        if not self.cfg.shows_labels:
+            return set()
+        m = models.load(self.run.path)
+        if m.strategy == "centralised":
+            return {POOLED} if any(x["split"] == "pool" for x in removed) else set()
+        return {m.clients[x["user_id"]] for x in removed if x["split"] == "pool" and x["user_id"] in m.clients}
+
+    def problems(self, k, folder, universe, tombstones):
+        """Also, when prompts read counted features (METHODS §12): the adapter's record of each client's
+        features must be what that client's data that remains gives (recomputed here)."""
+        out = super().problems(k, folder, universe, tombstones)
+        if not self.cfg.shows_labels:
+            return out
+        recorded = read_meta(folder).get("features")
+        if recorded is None:
+            return [*out, FEATURES_UNRECORDED]
+        now = features_record(self.cfg, self.counted(tombstones, [int(c) for c in recorded.get("clients", {})]))
+        return out + [f"its features' record differs from its clients' data that remains ({what}: counted outside "
+                      "its lineage, or altered)" for what in ("uses", "clients") if recorded.get(what) != now.get(what)]
+
+    def purge(self, removed_ids, universe, before=frozenset()):
+        model = self.cached_model(before)
+        if not self.cfg.shows_labels or model is None or model.cache is None:
+            return super().purge(removed_ids, universe, before)
+        # counted features (METHODS §12): every prompt of a client whose features counted removed samples showed
+        # them: drop the cached states of all its prompts as they were rendered
+        manifest = models.load(self.run.path)
+        pooled = manifest.strategy == "centralised"
+        hit = [POOLED] if pooled else sorted({manifest.clients.get(universe[i].user_id) for i in removed_ids
+                                              if i in universe} - {None})
+        splits, dropped = setup_data(self.cfg, before), 0
+        for c, counted in self.counted(before, hit).items():
+            shown = [s for part in (splits.train, splits.valid, splits.test) for s in part
+                     if pooled or manifest.clients.get(s.user_id) == c]
+            with model.features_of(client_features(self.cfg, counted)):
+                dropped += sum(model.cache.discard(e.key) for e in model.encode(shown))
+        return f"{dropped} cached prompts that showed the old features, " + purge_common(
+            self.run, model, removed_ids, universe)
+
 
 class RetrainClient(_ClientSlots):
     """local / mixture (METHODS §10): a client adapter saw only its own users' samples, so forgetting a user
@@ -80,6 +136,9 @@ class RetrainClient(_ClientSlots):
     # the node holding the client replays its rounds from first_round
     remote = None
 
+    def affected(self, removed):
+        return super().affected(removed) | (self.pool_hits(removed) & set(self.folders()))
+
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if is_adapter(staged):
             return
@@ -88,8 +147,10 @@ class RetrainClient(_ClientSlots):
         model, init = self._built()
         manifest = models.load(self.run.path)
         old = read_meta(self.folders()[k])
+        counted = self.counted(tombstones, [k])[k] if self.cfg.shows_labels else None
+        extra = {"features": features_record(self.cfg, {k: counted})} if counted is not None else {}
         meta = adapter_meta(self.cfg, model, samples, client=k, strategy=manifest.strategy,
-                            rounds=self.cfg.federated.rounds, trained_on_clients=[k], request=rid)
+                            rounds=self.cfg.federated.rounds, trained_on_clients=[k], request=rid, **extra)
         rounds, slices, replay = self.cfg.federated.rounds, None, {}
         start, first = init, 0
         there = self.checkpoints(staged.parent, k)
@@ -123,7 +184,7 @@ class RetrainClient(_ClientSlots):
             for s, st in sorted(ckpts.items()):
                 saved(s, st)
         else:
-            client = FederatedClient(k, model, samples, [], [], self.cfg, slices=slices)
+            client = FederatedClient(k, model, samples, [], [], self.cfg, slices=slices, counted=counted)
             state, seconds = client.train_alone(start, first, saved)
         load_adapter_state(model.model, state)
         meta.update(train_seconds=seconds)
@@ -147,7 +208,8 @@ class RetrainFederation(_ClientSlots):
     remote = None
 
     def affected(self, removed):
-        return set(self.folders()) if any(x["shard"] is not None for x in removed) else set()
+        hit = any(x["shard"] is not None for x in removed) or self.pool_hits(removed)
+        return set(self.folders()) if hit else set()
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if staged.exists():

@@ -31,10 +31,13 @@ from privrec.data import Sample, Splits
 from privrec.executor import Executor, open_executor
 from privrec.federated import slicing
 from privrec.federated.client import (
+    POOLED,
     ClientMetrics,
     FederatedClient,
     FitResult,
     Predictions,
+    client_pool,
+    features_record,
     round_seed,
     split_metrics,
 )
@@ -49,8 +52,6 @@ from privrec.model.adapters import adapter_state, load_adapter_state, save_adapt
 from privrec.model.recmodel import RecLM
 from privrec.prepare import machine, setup_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, SLICES_DIR, RunDir, run_lock
-
-POOLED = -1  # the centralised reference's one "client": the union of every client's data
 
 
 # --- the plan: samples and clients ----------------------------------------------------------------------
@@ -73,6 +74,10 @@ class Federation:
         if cid == POOLED:
             return sp.train, sp.valid, sp.test
         return tuple(client_samples(part, self.assignment, cid) for part in (sp.train, sp.valid, sp.test))
+
+    def counted(self, cid: int) -> list[Sample]:
+        """What client ``cid``'s counted features are counted over (:func:`~.client.client_pool`)."""
+        return client_pool(self.cfg, self.splits, self.assignment, cid)
 
     def train_clients(self, strategy: Strategy) -> list[int]:
         return [POOLED] if strategy.pooled else self.clients
@@ -98,10 +103,10 @@ def plan_federation(cfg: FederatedConfig, splits: Splits | None = None,
 
 def build_model(cfg: FederatedConfig, splits: Splits, record: bool = False) -> RecLM:
     """The model every client borrows in turn: a :class:`SplitRecLM` under ``federated.split``."""
-    split = cfg.federated.split
+    split, plain = cfg.federated.split, cfg.shows_labels  # counted features: each client's own (FederatedClient)
     if split is None:
-        return prepare.build_model(cfg, splits.dataset)
-    return prepare.build_model(cfg, splits.dataset, cls=SplitRecLM,
+        return prepare.build_model(cfg, splits.dataset, plain=plain)
+    return prepare.build_model(cfg, splits.dataset, cls=SplitRecLM, plain=plain,
                        before_lora=lambda m: m.configure_split(split.client_first, split.client_last, record=record))
 
 
@@ -337,8 +342,11 @@ def peak_rss_mb() -> float:
 def client_meta(fed: Federation, model: RecLM, strategy: Strategy, c: int, trained_on: list[int]) -> dict:
     cfg = fed.cfg
     samples = [s for cc in trained_on for s in fed.samples(cc)[0]]
+    extra = {}
+    if cfg.shows_labels:
+        extra["features"] = features_record(cfg, {cc: fed.counted(cc) for cc in trained_on})
     return prepare.adapter_meta(cfg, model, samples, client=c, strategy=strategy.name, rounds=cfg.federated.rounds,
-                                trained_on_clients=trained_on)
+                                trained_on_clients=trained_on, **extra)
 
 
 def client_slice_maps(fed: Federation) -> dict[int, list[list[str]]]:
@@ -384,7 +392,7 @@ def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strat
 def make_in_process(fed: Federation, model: RecLM, strategy: Strategy, progress: bool,
                     executor: Executor | None = None) -> InProcessDispatcher:
     """The clients in this process; with an ``executor`` other than local their local training runs there."""
-    clients = {c: FederatedClient(c, model, *fed.samples(c), fed.cfg, progress=progress)
+    clients = {c: FederatedClient(c, model, *fed.samples(c), fed.cfg, progress=progress, counted=fed.counted(c))
                for c in sorted(set(fed.clients) | set(fed.train_clients(strategy)))}
     if executor is not None and executor.kind != "local":
         return ExecutorDispatcher(clients, executor, progress)

@@ -241,8 +241,8 @@ class SplitRecLM(RecLM):
 
     @classmethod
     def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None,
-                    collab=None) -> SplitRecLM:
-        model = super().from_config(cfg, dataset, device, item_stats, collab)
+                    collab=None, plain: bool = False) -> SplitRecLM:
+        model = super().from_config(cfg, dataset, device, item_stats, collab, plain)
         model.model_config = cfg.model
         model._loaded_cut = (cfg.federated.split.client_first, cfg.federated.split.client_last)
         return model

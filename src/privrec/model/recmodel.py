@@ -191,12 +191,14 @@ class RecLM(LayerStack):
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None, collab=None) -> RecLM:
+    def from_config(cls, cfg, dataset, device: torch.device | None = None, item_stats=None, collab=None,
+                    plain: bool = False) -> RecLM:
         """Load the backbone of ``cfg.model`` and wire the prompt builder of ``cfg.prompt``.
 
         ``item_stats``: the :class:`privrec.data.ItemStats` that ``prompt.item_stats`` shows (the caller
         counts them from training labels only); required when that option is on. ``collab``: the
         :class:`privrec.features.CollabFeatures` that ``prompt.cf_score`` and ``collab.inject`` read.
+        ``plain``: no features yet; prompts show no counted line until :meth:`set_features`.
 
         Raises:
             ModelError: the model cannot be loaded or has no decoder layers to run.
@@ -206,7 +208,7 @@ class RecLM(LayerStack):
         default_threads(cfg.model.threads)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, tok = load_backbone(cfg.model.name, cfg.model.gguf_file, device, keep=cls.tensors_to_load(cfg))
-        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats, collab)
+        builder = PromptBuilder(dataset, cfg.prompt, cfg.data.like_threshold, item_stats, collab, plain=plain)
         out = cls(model, tok, builder, cfg.model.precision, cfg.prompt.max_length,
                   cache_dir=assets.cache_dir() / "frozen", share_prefix=cfg.model.share_prefix)
         out.collab = collab

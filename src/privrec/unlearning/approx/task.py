@@ -179,12 +179,6 @@ class UnlearnConfig(ExperimentConfig):
 
     unlearn: UnlearnSection = UnlearnSection()
 
-    @model_validator(mode="after")
-    def _check_unlearn(self) -> UnlearnConfig:
-        self.refuse_item_stats("unlearn", "a forgotten user's labels would stay in the item statistics of the "
-                               "retained samples' prompts")
-        return self
-
     @property
     def forget_seed(self) -> int:
         return self.seed if self.unlearn.forget_seed is None else self.unlearn.forget_seed
