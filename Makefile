@@ -31,13 +31,18 @@ browser:
 	@if [ ! -x /usr/bin/chromedriver ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; fi
 
+# the suite in TEST_WORKERS processes (pytest-xdist; a test file stays in one process, its fixtures with it):
+# every tiny-model test trains on one thread, so one worker per core
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile
+
 test: setup browser
-	$(BIN)/python -m pytest -q -x
+	$(PYTEST)
 
 # the suite again with `precision: auto` resolving as on the other CPU kind (bf16 autocast on an AVX2-only
 # machine, fp32 on an AVX512-BF16 one); `pytest --cpu-bf16=yes|no` picks one kind by hand
 test-other-cpu: setup browser
-	$(BIN)/python -m pytest -q -x --cpu-bf16=$$($(BIN)/python -c "import torch; \
+	$(PYTEST) --cpu-bf16=$$($(BIN)/python -c "import torch; \
 	from privrec.model.backbone import supports_bf16; print('no' if supports_bf16(torch.device('cpu')) else 'yes')")
 
 test-slow: fetch

@@ -203,6 +203,36 @@ def test_ray_forget_resumes_after_the_driver_is_killed(ray_session, local, forgo
     assert files(run) == files(forgotten)
 
 
+def checkpoint_files(run: Path) -> dict[str, bytes]:
+    """Every checkpoint's tensors and optimizer state (sliced shards, METHODS §9)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob("slices/*/stage-*/*"))
+            if p.suffix in (".safetensors", ".pt")}
+
+
+def test_sliced_shards_train_and_replay_as_ray_tasks_as_they_do_locally(ray_session, cfg, tmp_path, capsys):
+    """A sliced shard (shards.slices=2) is one Ray task that returns its checkpoints: shard-train and a forget
+    request's replay give the local run's adapters, checkpoints, ledger and certificate bit for bit."""
+    sliced = load_config(APA_TINY, [*FAST, "shards.slices=2"], cls=ApaConfig)
+    runs = {}
+    for name, ex in (("local", None), ("ray", RAY2)):
+        runs[name] = tmp_path / name / "run"
+        run_shard_train(sliced, runs[name], progress=False, executor=ex)
+    assert capsys.readouterr().err.count("ray: shard") >= 4
+    assert len(checkpoint_files(runs["ray"])) == 8  # 4 shards x 1 checkpoint x (adapter, optimizer)
+    assert checkpoint_files(runs["ray"]) == checkpoint_files(runs["local"])
+    assert files(runs["ray"]) == files(runs["local"]) and lineage(runs["ray"]) == lineage(runs["local"])
+    users = ",".join(map(str, victims(runs["local"])))
+    for name, extra in (("local", []), ("ray", ["--workers", "2"])):
+        assert main(["--no-progress", "forget", str(runs[name]), "--users", users, *extra]) == 0
+    err = capsys.readouterr().err
+    assert "ray: shard" in err and "replayed stages" in err  # the replays ran as Ray tasks
+    assert certificate_body(only_certificate(runs["ray"])) == certificate_body(only_certificate(runs["local"]))
+    assert files(runs["ray"]) == files(runs["local"])
+    assert checkpoint_files(runs["ray"]) == checkpoint_files(runs["local"])
+    assert ledger_rows(runs["ray"]) == ledger_rows(runs["local"])
+    assert main(["--no-progress", "forget", str(runs["ray"]), "--verify"]) == 0
+
+
 def test_bad_worker_count_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--no-progress", "shard-train", APA_TINY, "--out", str(tmp_path / "run"), "--workers", "0"])

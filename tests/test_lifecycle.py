@@ -385,8 +385,12 @@ def test_bad_input_on_the_new_paths(single, tmp_path, capsys, case):
         run = tmp_path / "stats"
         assert main(["--no-progress", "train", TINY, "--out", str(run), *FAST, "--set", "eval.zero_shot=false",
                      "--set", "prompt.item_stats=true"]) == 0
-        # its counted features carry their lineage (METHODS §12): it forgets by retraining, never approximately
-        assert models.load(run).forget == ["retrain-all"]
-        assert "prompt.item_stats" in one_line_exit_2(capsys, "unlearn", str(run), "--out", str(tmp_path / "u"))
+        # its counted features carry their lineage (METHODS §12): it forgets by retraining, and approximately with
+        # them recounted over the retained users (tests/test_features_lineage.py); a forget user it never had is
+        # still one line
+        assert models.load(run).forget == ["retrain-all", "approximate"]
+        (tmp_path / "users.txt").write_text("999999\n")
+        assert "no training samples" in one_line_exit_2(capsys, "unlearn", str(run), "--forget-users",
+                                                        str(tmp_path / "users.txt"), "--out", str(tmp_path / "u"))
     else:
         assert "not found" in one_line_exit_2(capsys, "evaluate", str(tmp_path / "nope"))

@@ -70,10 +70,14 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    if final.exists():  # another process won the race; keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, final)
+    if not final.exists():
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:  # another process published between the check and the rename
+            if not final.exists():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; keep theirs
 
 
 def fetch_wheel(wheel: Wheel) -> Path:

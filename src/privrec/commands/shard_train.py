@@ -30,7 +30,7 @@ from privrec.config import ExecutorConfig
 from privrec.errors import RunError
 from privrec.executor import open_executor
 from privrec.metrics import binary_metrics
-from privrec.model.adapters import adapter_state, load_adapter_state, read_adapter, save_adapter
+from privrec.model.adapters import load_adapter_state, read_adapter
 from privrec.prepare import machine
 from privrec.rundir import LEDGER_FILE, RunDir, run_lock
 from privrec.train import TrainResult, train
@@ -45,6 +45,7 @@ from privrec.unlearning.exact.shards import (
     model_batch,
     plain_encodings,
     reusable,
+    save_checkpoints,
     save_trained,
     setup_shard_data,
     shard_dir,
@@ -54,12 +55,10 @@ from privrec.unlearning.exact.shards import (
     train_task,
 )
 from privrec.unlearning.exact.slices import (
-    StageState,
     check_checkpoints,
     checkpoint_set,
     slice_map,
     sliced_fields,
-    train_sliced,
 )
 
 
@@ -141,25 +140,32 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                     checkpoint_set(run.path, k), read_adapter(shard_dir(run, k))[1], by_id, tombstones):
                 kept = None  # its checkpoints are not all there: train the shard again
             plan.append((k, samples, slices, kept))
-        # every unsliced shard to train is one unit of the executor (a Ray task with `executor: ray`), saved here
-        # as it finishes; sliced shards train here, stage by stage, writing their checkpoints
+        # every shard to train is one unit of the executor (a Ray task with `executor: ray`), saved here as it
+        # finishes (a sliced shard's unit returns its checkpoints too, written here)
         t_shards = time.perf_counter()
-        todo = [(k, samples) for k, samples, slices, kept in plan if kept is None and slices is None]
+        todo = [(k, samples, slices) for k, samples, slices, kept in plan if kept is None]
+        jobs = [ShardJob(k, samples, None if slices is None else _of(samples, slices)) for k, samples, slices in todo]
         if cfg.shows_labels:  # each shard's prompts show its own features: cached here, not in a task
-            model.prepare([e for _, samples in todo for e in shard_encodings(model, cfg, samples)],
+            model.prepare([e for job in jobs for e in shard_encodings(model, cfg, job.samples)],
                           model_batch(cfg), progress)
         trained: dict[int, tuple] = {}
 
         def save(i: int, result: tuple) -> None:
-            k, samples = todo[i]
-            state, res = result
-            shutil.rmtree(checkpoint_set(run.path, k), ignore_errors=True)  # of an earlier, sliced training
-            save_trained(model, shard_dir(run, k), state, shard_meta(cfg, model, k, samples, origin, res))
-            trained[k] = result
+            job, slices = jobs[i], todo[i][2]
+            state, res, checkpoints = result
+            set_dir = checkpoint_set(run.path, job.k)
+            shutil.rmtree(set_dir, ignore_errors=True)  # of an earlier training of this shard
+            meta = shard_meta(cfg, model, job.k, job.samples, origin, res)
+            if slices is not None:
+                save_checkpoints(model, set_dir, job, checkpoints,
+                                 shard_meta(cfg, model, job.k, job.samples, origin, TrainResult()))
+                meta = dict(meta, **sliced_fields(cfg, slices, set_dir))
+            save_trained(model, shard_dir(run, job.k), state, meta)
+            trained[job.k] = (state, res)
 
         with open_executor(executor or cfg.executor, run.path, run.log) as ex:
-            ex.map(train_task, (model, init_state, cfg, progress), [ShardJob(k, samples) for k, samples in todo],
-                   labels=[f"shard {k}" for k, _ in todo], on_result=save, log=run.log)
+            ex.map(train_task, (model, init_state, cfg, progress), jobs, labels=[f"shard {job.k}" for job in jobs],
+                   on_result=save, log=run.log)
         states, shard_seconds = [], []
         for k, samples, slices, kept in plan:
             folder = shard_dir(run, k)
@@ -174,11 +180,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                 states.append(kept)
                 shard_seconds.append(0.0)
                 continue
-            if slices is None:
-                state, res = trained[k]
-            else:
-                res = _train_sliced(run, model, init_state, samples, slices, cfg, k, origin, progress)
-                state = adapter_state(model.model)
+            state, res = trained[k]
             _, meta = read_adapter(folder)
             ledger.record_adapter(k, meta["tensors_sha256"], meta["lineage_sha256"], len(samples), origin)
             states.append(state)
@@ -250,19 +252,10 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
 
 
 
-def _train_sliced(run: RunDir, model, init_state, samples, slices: list[list[str]], cfg: ApaConfig, k: int,
-                  origin: str, progress: bool) -> TrainResult:
-    """Train sliced shard k from the common init in stages, a checkpoint after each, and save it."""
-    set_dir = checkpoint_set(run.path, k)
-    shutil.rmtree(set_dir, ignore_errors=True)  # checkpoints of an earlier training of this shard
+def _of(samples: list, slices: list[list[str]]) -> list[list]:
+    """A slice map of ids as slices of the samples."""
     by_id = {s.sample_id: s for s in samples}
-    base = shard_meta(cfg, model, k, samples, origin, TrainResult())
-    seconds = train_sliced(model, StageState(init_state, None), [[by_id[i] for i in sl] for sl in slices], cfg, k,
-                           1, set_dir, base, progress)
-    res = TrainResult(epochs_run=cfg.shards.slices, seconds=seconds)
-    save_adapter(model.model, shard_dir(run, k),
-                 dict(shard_meta(cfg, model, k, samples, origin, res), **sliced_fields(cfg, slices, set_dir)))
-    return res
+    return [[by_id[i] for i in sl] for sl in slices]
 
 
 def _retire_extra_shards(run: RunDir, ledger: Ledger, k: int, origin: str) -> None:

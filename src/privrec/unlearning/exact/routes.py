@@ -26,7 +26,14 @@ from privrec.config import ExecutorConfig, ExperimentConfig
 from privrec.data import Dataset, Sample, Splits
 from privrec.errors import RunError, UserError
 from privrec.executor import open_executor
-from privrec.model.adapters import read_adapter, read_meta, save_adapter, tensors_digest
+from privrec.model.adapters import (
+    adapter_state,
+    load_adapter_state,
+    read_adapter,
+    read_meta,
+    save_adapter,
+    tensors_digest,
+)
 from privrec.prepare import (
     Tombstones,
     build_model,
@@ -63,6 +70,7 @@ from privrec.unlearning.exact.shards import (
     ShardJob,
     purge_features,
     reusable,
+    save_checkpoints,
     save_trained,
     setup_shard_data,
     shard_dir,
@@ -243,14 +251,22 @@ class RetrainShards(Checkpointed):
         self.retrain_slots(rid, {k: ids}, universe, tombstones, {k: staged}, progress)
 
     def retrain_slots(self, rid, jobs, universe, tombstones, staged, progress):
-        """Unsliced shards retrain from the common init as units of the executor (Ray tasks with ``ray``), each
-        saved into staging here as it finishes (a staged adapter already there is kept: a resumed request);
-        sliced shards replay here, stage by stage."""
-        todo = []
+        """The shards retrain as units of the executor, each saved into staging here as it finishes (a staged
+        adapter already there is kept: a resumed request): an unsliced shard from the common init; a sliced one
+        (METHODS §9) replays from the checkpoint before its first affected slice: here, stage by stage with each
+        checkpoint written as it is reached (``executor: local``), or as one Ray task that returns them."""
+        todo, replays = [], {}
         for k, ids in jobs.items():
             old = read_meta(self.folders()[k])
             if old.get("slices"):
-                self._replay(rid, k, ids, universe, old, staged[k], progress)
+                got = self._replay_job(rid, k, ids, universe, old, staged[k])
+                if got is None:
+                    continue
+                if self.executor.kind == "local":
+                    self._replay(rid, got, staged[k], progress)
+                else:
+                    todo.append(got[0])
+                    replays[k] = got[1]
             elif reusable(staged[k], self.cfg, [universe[i] for i in ids]) is None:
                 todo.append(ShardJob(k, [universe[i] for i in ids]))
         if not todo:
@@ -262,7 +278,13 @@ class RetrainShards(Checkpointed):
                               progress)
 
         def save(i: int, result: tuple) -> None:
-            job, (state, res) = todo[i], result
+            job, (state, res, checkpoints) = todo[i], result
+            if job.k in replays:
+                ctx = replays[job.k]
+                save_checkpoints(model, ctx["there"], job, checkpoints,
+                                 shard_meta(self.cfg, model, job.k, job.samples, rid, TrainResult()))
+                self._save_replay(rid, job, ctx, state, res.seconds, staged[job.k])
+                return
             save_trained(model, staged[job.k], state, shard_meta(self.cfg, model, job.k, job.samples, rid, res))
             self.run.log(f"forget {rid}: shard {job.k} retrained on {len(job.samples)} samples in "
                          f"{res.seconds:.1f}s")
@@ -271,10 +293,11 @@ class RetrainShards(Checkpointed):
             ex.map(train_task, (model, init_state, self.cfg, progress), todo,
                    labels=[f"shard {job.k}" for job in todo], on_result=save, log=self.run.log)
 
-    def _replay(self, rid, k, ids, universe, old, staged, progress):
-        """A sliced shard (METHODS §9): restore the checkpoint before the first slice that lost samples, replay
-        the later stages without them into staging (copying the unaffected checkpoints beside them). A
-        resumed request continues from the last checkpoint it staged."""
+    def _replay_job(self, rid, k, ids, universe, old, staged) -> tuple[ShardJob, dict] | None:
+        """A sliced shard's replay (METHODS §9) as a unit, with what saving it needs; None: already staged (a
+        resumed request). Restores the checkpoint before the first slice that lost samples (copying the
+        unaffected checkpoints beside the replayed ones in staging); a resumed request continues from the last
+        checkpoint it staged."""
         keep = set(ids)
         slices = [[i for i in sl if i in keep] for sl in old["slices"]]
         r, j = len(slices), first_affected(old["slices"], slices)
@@ -283,22 +306,36 @@ class RetrainShards(Checkpointed):
                            "is corrupt); train the model again")
         samples = [universe[i] for i in ids]
         if reusable(staged, self.cfg, samples, slices) is not None:
-            return
-        model, init_state = self._built()
+            return None
+        _, init_state = self._built()
         here, there = self.checkpoints(self.run.path, k), self.checkpoints(staged.parent, k)
         self.stage_unaffected(here, there, j)
         start = self.resume_point(there, old, slices, j)
         state = restore(there, old, start, init_state) if start < j else load_checkpoint(stage_dir(there, start))[0]
-        base = shard_meta(self.cfg, model, k, samples, rid, TrainResult())
-        seconds = train_sliced(model, state, [[universe[i] for i in sl] for sl in slices], self.cfg, k, start + 1,
-                               there, base, progress, self.fault)
+        job = ShardJob(k, samples, [[universe[i] for i in sl] for sl in slices], start + 1, state)
         replay = {"request": rid, "restored": stage_label(j - 1), "replayed": list(range(j, r + 1)),
                   "checkpoints_replaced": [stage_label(s) for s in range(j, r)]}
-        meta = dict(shard_meta(self.cfg, model, k, samples, rid, TrainResult(epochs_run=r - start, seconds=seconds)),
-                    **sliced_fields(self.cfg, slices, there), replay=replay)
+        return job, {"slices": slices, "there": there, "replay": replay}
+
+    def _replay(self, rid, got, staged, progress):
+        """A sliced shard's replay here, stage by stage, each checkpoint written into staging as it is reached."""
+        job, ctx = got
+        model, _ = self._built()
+        base = shard_meta(self.cfg, model, job.k, job.samples, rid, TrainResult())
+        seconds = train_sliced(model, job.start, job.slices, self.cfg, job.k, job.first, ctx["there"], base,
+                               progress, self.fault)
+        self._save_replay(rid, job, ctx, adapter_state(model.model), seconds, staged)
+
+    def _save_replay(self, rid, job, ctx, state, seconds, staged):
+        model, _ = self._built()
+        load_adapter_state(model.model, state)
+        r, start = len(ctx["slices"]), job.first - 1
+        meta = dict(shard_meta(self.cfg, model, job.k, job.samples, rid,
+                               TrainResult(epochs_run=r - start, seconds=seconds)),
+                    **sliced_fields(self.cfg, ctx["slices"], ctx["there"]), replay=ctx["replay"])
         save_adapter(model.model, staged, meta)
-        self.run.log(f"forget {rid}: shard {k} restored {replay['restored']}, replayed stages {start + 1}..{r} on "
-                     f"{len(ids)} samples in {seconds:.1f}s")
+        self.run.log(f"forget {rid}: shard {job.k} restored {ctx['replay']['restored']}, replayed stages "
+                     f"{start + 1}..{r} on {len(job.samples)} samples in {seconds:.1f}s")
 
     def cached_model(self, before=frozenset()):
         model = self._built()[0]

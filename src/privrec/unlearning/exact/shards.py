@@ -11,6 +11,7 @@ shard-train would have produced without them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -40,7 +41,14 @@ from privrec.rundir import (
 from privrec.train import TrainResult, train
 from privrec.unlearning.exact.apa import aggregate, apa_weights, score_each
 from privrec.unlearning.exact.ledger import excluded_ids
-from privrec.unlearning.exact.slices import slicing_record
+from privrec.unlearning.exact.slices import (
+    StageState,
+    run_stages,
+    save_checkpoint,
+    slicing_record,
+    stage_dir,
+    stage_meta,
+)
 
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
 ADAPTER_SECTIONS = ("seed", "data", "prompt", "model", "lora", "train")
@@ -286,19 +294,46 @@ def train_shard(
 
 @dataclass
 class ShardJob:
-    """One shard's training as a unit of work (:mod:`privrec.executor`): shard k on ``samples``."""
+    """One shard's training as a unit of work (:mod:`privrec.executor`): shard k on ``samples``; a sliced shard
+    (METHODS §9) also with its ``slices`` (of samples), trained in stages ``first``..R from ``start`` (the state
+    after stage first-1; None: the common init)."""
 
     k: int
     samples: list[Sample]
+    slices: list[list[Sample]] | None = None
+    first: int = 1
+    start: StageState | None = None
 
 
-def train_task(shared: tuple, job: ShardJob) -> tuple[dict[str, torch.Tensor], TrainResult]:
+def train_task(shared: tuple, job: ShardJob) -> tuple[dict[str, torch.Tensor], TrainResult, dict[int, StageState]]:
     """THE unit of shard training for an executor: ``shared`` = (model, common init, config, progress); returns
-    the trained adapter's tensors and the training result (no optimizer state). Writes nothing: the caller saves
-    the adapter (:func:`save_trained`). Run locally or in a Ray worker, it is :func:`train_shard`."""
+    the trained adapter's tensors, the training result (no optimizer state) and, for a sliced shard, the state
+    after every stage s < R (its checkpoints: adapter and optimizer state). Writes nothing: the caller saves the
+    adapter (:func:`save_trained`) and the checkpoints. Run locally or in a Ray worker, it is :func:`train_shard`
+    or :func:`~privrec.unlearning.exact.slices.run_stages`."""
     model, init_state, cfg, progress = shared
-    res = train_shard(model, init_state, job.samples, cfg, job.k, progress)
-    return adapter_state(model.model), dataclasses.replace(res, optimizer_state=None)
+    if job.slices is None:
+        res = train_shard(model, init_state, job.samples, cfg, job.k, progress)
+        return adapter_state(model.model), dataclasses.replace(res, optimizer_state=None), {}
+    checkpoints: dict[int, StageState] = {}
+
+    def keep(s: int, _data, state: StageState) -> None:  # a copy: the next stage's optimizer steps its tensors
+        checkpoints[s] = StageState(state.adapter, copy.deepcopy(state.optimizer))
+
+    start = job.start or StageState(init_state, None)
+    seconds = run_stages(model, start, job.slices, cfg, job.k, job.first, keep, progress)
+    return adapter_state(model.model), TrainResult(epochs_run=len(job.slices) - job.first + 1,
+                                                   seconds=seconds), checkpoints
+
+
+def save_checkpoints(model: RecLM, set_dir: Path, job: ShardJob, checkpoints: dict[int, StageState],
+                     base_meta: dict) -> None:
+    """Write the checkpoints a sliced unit returned (:func:`train_task`) under ``set_dir``, each with its stage's
+    lineage, as :func:`~privrec.unlearning.exact.slices.train_sliced` writes them."""
+    for s, state in sorted(checkpoints.items()):
+        data = sorted((x for sl in job.slices[:s] for x in sl), key=lambda x: x.sample_id)
+        load_adapter_state(model.model, state.adapter)
+        save_checkpoint(model, stage_dir(set_dir, s), state, stage_meta(base_meta, s, data))
 
 
 def save_trained(model: RecLM, folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
