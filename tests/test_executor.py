@@ -280,3 +280,51 @@ def test_ray_store_fill_equals_local(ray_session, served_model, tmp_path):
             service.close()
         stores[name] = (model / "serve" / "recommendations.json").read_text()
     assert stores["ray"] == stores["local"]
+
+
+def test_a_live_service_applies_a_deletion_with_ray_as_it_does_locally(ray_session, local, tmp_path, capsys):
+    """``privrec serve --workers N``: a deletion on a shards model retrains its shards as Ray tasks; the same
+    certificate body and adapters as a service without Ray."""
+    import time
+
+    from privrec.serve.service import Service
+
+    user = victims(local)[0]
+    out = {}
+    for name, ex in (("local", None), ("ray", RAY2)):
+        run = shutil.copytree(local, tmp_path / name)
+        service = Service(run, candidates=8, store_k=5, precompute=False, executor=ex)
+        try:
+            rid = service.forget(user)[0]["id"]
+            service.start()
+            deadline = time.time() + 300
+            while service.request(rid)["status"] != "done":
+                assert time.time() < deadline and not service.request(rid).get("error")
+                time.sleep(0.2)
+        finally:
+            service.close()
+        out[name] = run
+    assert "ray: shard" in capsys.readouterr().err
+    assert certificate_body(only_certificate(out["ray"])) == certificate_body(only_certificate(out["local"]))
+    assert files(out["ray"]) == files(out["local"])
+
+
+def square_after(seconds: float, _shared, x: int) -> int:
+    import time
+
+    time.sleep(seconds)
+    return x * x
+
+
+def test_a_stopped_map_cancels_what_is_left(ray_session, tmp_path):
+    """The store's fill stops when a deletion arrives: ``stop`` ends a map early, locally and on Ray."""
+    from privrec.executor import open_executor
+
+    for ex in (ExecutorConfig(), RAY2):
+        seen: list[int] = []
+        with open_executor(ex, tmp_path, None) as e:
+            out = e.map(functools.partial(square_after, 0.5), None, list(range(8)),
+                        on_result=lambda i, r: seen.append(i), stop=lambda: len(seen) >= 2)
+        assert 2 <= len(seen) < 8 and all(out[i] == i * i for i in seen)
+        assert all(out[i] is None for i in range(8) if i not in seen)
+

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every user's top-k precomputed (at start and after each applied deletion)")
     g.add_argument("--precompute-only", action="store_true",
                    help="write every user's top-k into MODEL/serve/recommendations.json and exit")
-    _add_executor(p, "the store fill of --precompute-only (blocks of users)")
+    _add_executor(p, "the store fills (blocks of users) and a deletion's shards (a shards model)")
     p.add_argument("--swap-at-once", action="store_true",
                    help="with --precompute: swap a deletion's new adapters in as soon as they are trained and fill "
                    "the store afterwards, answering online meanwhile (default: fill it first, while the old "
@@ -411,14 +411,11 @@ def _serve(args, progress: bool) -> int:
                            source=args.candidate_source, executor=_executor(args))
         print(f"stored the top {args.store_k} of {n} users in {args.run}/serve/recommendations.json")
         return 0
-    if args.workers is not None or args.ray_address is not None:
-        raise UserError("--workers / --ray-address fill the store of --precompute-only; the live service fills "
-                        "in its own process: run --precompute-only --workers N first, then serve --precompute")
     print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
     if args.swap_at_once and not args.precompute:
         raise UserError("--swap-at-once only changes --precompute; add --precompute or drop it")
     run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute,
-              source=args.candidate_source, refill_before_swap=not args.swap_at_once)
+              source=args.candidate_source, refill_before_swap=not args.swap_at_once, executor=_executor(args))
     return 0
 
 

@@ -48,14 +48,17 @@ class Executor:
 
     def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any],
             labels: Sequence[str] | None = None, on_result: OnResult | None = None,
-            log: Log | None = None) -> list[Any]:
-        """``on_result(i, result)`` is called in this process as item i finishes (here: in order)."""
-        out = []
+            log: Log | None = None, stop: Callable[[], bool] | None = None) -> list[Any]:
+        """``on_result(i, result)`` is called in this process as item i finishes (here: in order). ``stop``:
+        asked after each item; True ends the map early (the items not run yet stay None)."""
+        out: list[Any] = [None] * len(items)
         for i, item in enumerate(items):
+            if stop is not None and stop():
+                break
             res = fn(shared, item)
             if on_result is not None:
                 on_result(i, res)
-            out.append(res)
+            out[i] = res
         return out
 
 
@@ -88,7 +91,7 @@ class RayExecutor(Executor):
             self._refs[id(shared)] = (shared, ray.put(shared))
         return self._refs[id(shared)][1]
 
-    def map(self, fn, shared, items, labels=None, on_result=None, log=None):
+    def map(self, fn, shared, items, labels=None, on_result=None, log=None, stop=None):
         import ray
 
         if not items:
@@ -109,6 +112,12 @@ class RayExecutor(Executor):
                 log(f"ray: {labels[i]} finished ({done}/{len(items)}, {time.perf_counter() - t0:.1f}s)")
             if on_result is not None:
                 on_result(i, out[i])
+            if pending and stop is not None and stop():  # the tasks still queued or running are cancelled
+                for r in pending:
+                    ray.cancel(r)
+                if log is not None:
+                    log(f"ray: stopped with {len(pending)} of {len(items)} tasks unfinished")
+                break
         return out
 
 

@@ -16,8 +16,10 @@ from privrec.errors import UserError
 
 def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, candidates: int | None = 50,
               blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False,
-              source: str = "popularity", refill_before_swap: bool = True) -> None:
-    """Serve ``model`` until interrupted (``refill_before_swap``: see :class:`~privrec.serve.service.Service`).
+              source: str = "popularity", refill_before_swap: bool = True,
+              executor: ExecutorConfig | None = None) -> None:
+    """Serve ``model`` until interrupted (``refill_before_swap``, ``executor``: see
+    :class:`~privrec.serve.service.Service`).
 
     Raises:
         RunError: not a model directory, another privrec command holds it, an unfinished request that fails.
@@ -29,7 +31,7 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
     _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
-                      progress=progress, source=source, refill_before_swap=refill_before_swap)
+                      progress=progress, source=source, refill_before_swap=refill_before_swap, executor=executor)
     try:
         if service.refusal is not None:  # said when it starts, and on its page (no promise, no button)
             print(f"privrec serve: deletion requests will be refused (409): {service.refusal}", file=sys.stderr)

@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,9 @@ class Service:
         refill_before_swap: with ``precompute``, fill the store under a deletion's new adapters before swapping
             them in (the old adapters keep answering from their store meanwhile); False: swap at once and fill
             the store afterwards, answering the users not yet filled online.
+        executor: where the store's fills and a deletion's retrains run (default: this process); ``ray``: the
+            fill in blocks of users and a shards model's affected shards as Ray tasks (docs/scaling.md), the
+            same store and certificate as here.
 
     Raises:
         RunError: not a model directory, or another privrec command holds it.
@@ -122,7 +126,7 @@ class Service:
                  precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity",
                  refill_before_swap: bool = True, executor: ExecutorConfig | None = None):
         self.path = Path(model)
-        self.executor = executor or ExecutorConfig()  # precompute_now's fill: one process, or Ray tasks
+        self.executor = executor or ExecutorConfig()  # the store's fills and a deletion's shards: here or Ray tasks
         self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
         self.refill_before_swap = refill_before_swap
         self.max_k, self.progress, self.source = max_k, progress, source
@@ -191,7 +195,7 @@ class Service:
         finally:
             ledger.close()
         if req is not None and req["status"] != PENDING:
-            run_resume(self.path, progress=self.progress, lock=False, routes=ROUTES)
+            run_resume(self.path, progress=self.progress, lock=False, routes=ROUTES, executor=self.executor)
 
     def _continue_interrupted_refill(self) -> None:
         """A service killed while it filled the store under new adapters (already on disk) takes that store
@@ -405,7 +409,8 @@ class Service:
         self.worker_state = f"applying {rid}"
         self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
-            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES)
+            run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES,
+                       executor=self.executor)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
             filled = False
             if self.precompute and self.refill_before_swap:
@@ -468,8 +473,7 @@ class Service:
             todo = [u for u in self._fill_order(rec.users() if only is None else only)
                     if u not in self.forgotten and u not in store.users]
             if self.executor.kind != "local":
-                self._fill_with(rec, store, todo)
-                return True
+                return self._fill_with(rec, store, todo, lambda: interrupt.is_set() or self._stop.is_set())
             for u in track(todo, len(todo), "filling the store", enabled=self.progress, unit="user"):
                 if interrupt.is_set() or self._stop.is_set():
                     return False
@@ -496,21 +500,26 @@ class Service:
         self.skipped.pop(user, None)
         store.add(key, self.store_k, {user: items}, self.forgotten.__contains__)
 
-    def _fill_with(self, rec: Recommender, store: RecStore, todo: list[int]) -> None:
-        """:meth:`_fill`'s users as Ray tasks of :data:`FILL_BLOCK` users each (``precompute_now`` with an
-        executor other than local): the recommender reaches each worker once; this process adds each block to
-        the store as it finishes (the store is written sorted by user: the same file as a local fill)."""
+    def _fill_with(self, rec: Recommender, store: RecStore, todo: list[int], stop: Callable[[], bool]) -> bool:
+        """:meth:`_fill`'s users as Ray tasks of :data:`FILL_BLOCK` users each (an executor other than local):
+        the recommender reaches each worker once; this process adds each block to the store as it finishes (the
+        store is written sorted by user: the same file as a local fill). ``stop`` (a deletion request arrived, or
+        the service stops) cancels the blocks not finished; returns False when it did."""
         key = self._key(rec)
         blocks = [todo[i:i + FILL_BLOCK] for i in range(0, len(todo), FILL_BLOCK)]
+        done = [0]
 
         def add(i: int, rows: list[tuple[int, list[dict] | None, str | None]]) -> None:
             for u, items, why in rows:
-                self._keep(store, key, u, items, why)
+                if u not in self.forgotten:  # a deletion accepted while the block ran: never stored
+                    self._keep(store, key, u, items, why)
+            done[0] += 1
 
         with open_executor(self.executor, self.path, self.rec.md.run.log) as ex:
             ex.map(fill_task, (rec, self.store_k, self.candidates, self.blend, self.source), blocks,
                    labels=[f"users {b[0]}..{b[-1]}" for b in blocks], on_result=add,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True), stop=stop)
+        return done[0] == len(blocks)
 
     def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""
