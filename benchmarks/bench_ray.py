@@ -42,6 +42,31 @@ def privrec(args: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
+FILL_SOME = """
+import sys
+from privrec.config import ExecutorConfig
+from privrec.serve.service import Service
+model, n, candidates, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ex = ExecutorConfig(kind="ray", workers=workers) if workers else None
+service = Service(model, candidates=candidates, precompute=True, executor=ex)
+try:
+    service.precompute_now(service.rec.users()[:n])
+finally:
+    service.close()
+"""
+
+
+def fill_some(model: str, n: int, candidates: int, workers: int | None, env: dict) -> float:
+    """The store fill of the first ``n`` users (``Service.precompute_now``, what ``serve --precompute-only``
+    runs for every user) in its own process; its wall seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", FILL_SOME, model, str(n), str(candidates), str(workers or 0)],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"store fill of {model} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def tensors(run: Path) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in sorted(run.glob("adapters/shard-*/adapter_model.safetensors"))}
 
@@ -56,6 +81,10 @@ def main() -> None:
     ap.add_argument("--record", default=None, help="write the numbers here (JSON)")
     ap.add_argument("--store-candidates", type=int, default=20, help="serve --precompute-only --candidates")
     ap.add_argument("--no-store", action="store_true", help="skip the store fill")
+    ap.add_argument("--store-users", type=int, default=None,
+                    help="fill the store for the first N users only (default: every user, the whole command)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every shard-train run (e.g. data.n_test=200: a shorter evaluation)")
     a = ap.parse_args()
 
     runs = Path(a.runs)
@@ -63,7 +92,7 @@ def main() -> None:
     runs.mkdir(parents=True)
     env = dict(os.environ, PRIVREC_CACHE_DIR=str(runs / "cache"), TOKENIZERS_PARALLELISM="false")
     common = ["--set", f"data.n_train={a.n_train}", "--set", f"shards.k={a.k}",
-              "--set", "shards.full_retrain=false"]
+              "--set", "shards.full_retrain=false", *[x for kv in a.set for x in ("--set", kv)]]
 
     variants = {
         "local, 1 thread": ["--set", "model.threads=1"],
@@ -85,13 +114,19 @@ def main() -> None:
 
     store, store_identical = {}, None
     if not a.no_store:
-        fill = ["--precompute-only", "--candidates", str(a.store_candidates)]
+        def fill(model: str, workers: int | None = None) -> float:
+            if a.store_users is None:  # the whole command: every user
+                extra = ["--workers", str(workers)] if workers else []
+                return privrec(["serve", model, "--precompute-only", "--candidates", str(a.store_candidates),
+                                *extra], env)
+            return fill_some(model, a.store_users, a.store_candidates, workers, env)
+
         for name in ("local, 1 thread", "local, 2 threads"):  # each model serves with its config's model.threads
-            store[name] = privrec(["serve", rows[name]["out"], *fill], env)
+            store[name] = fill(rows[name]["out"])
         base_model = Path(rows[base_name]["out"])
         filled = (base_model / "serve" / "recommendations.json").read_text()
         shutil.rmtree(base_model / "serve")
-        store[ray_name] = privrec(["serve", str(base_model), *fill, "--workers", str(a.workers)], env)
+        store[ray_name] = fill(str(base_model), a.workers)
         store_identical = (base_model / "serve" / "recommendations.json").read_text() == filled
 
     from privrec.prepare import machine
@@ -104,12 +139,15 @@ def main() -> None:
               f"{r['wall_seconds']:.1f} | {r['auc']:.4f} |")
     print(f"\nray adapters bit-identical to the one-thread run: {identical}")
     if store:
-        print("\n| store fill (serve --precompute-only) | seconds |\n|---|---|")
-        for name, s in store.items():
-            print(f"| {name} | {s:.1f} |")
+        who = "every user" if a.store_users is None else f"the first {a.store_users} users"
+        print(f"\n| store fill ({who}, {a.store_candidates} candidates) | seconds | speed-up vs 1 thread |")
+        print("|---|---|---|")
+        for name, sec in store.items():
+            print(f"| {name} | {sec:.1f} | {store[base_name] / sec:.2f}x |")
         print(f"\nray store identical to the one-thread store: {store_identical}")
     if a.record:
-        Path(a.record).write_text(json.dumps({"config": a.config, "n_train": a.n_train, "k": a.k,
+        Path(a.record).write_text(json.dumps({"config": a.config, "n_train": a.n_train, "k": a.k, "set": a.set,
+                                              "store_users": a.store_users, "store_candidates": a.store_candidates,
                                               "workers": a.workers, "machine": machine(), "shard_train": rows,
                                               "ray_bit_identical": identical, "store_fill": store,
                                               "store_identical": store_identical}, indent=1))
