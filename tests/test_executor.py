@@ -324,7 +324,7 @@ def test_a_stopped_map_cancels_what_is_left(ray_session, tmp_path):
         seen: list[int] = []
         with open_executor(ex, tmp_path, None) as e:
             out = e.map(functools.partial(square_after, 0.5), None, list(range(8)),
-                        on_result=lambda i, r: seen.append(i), stop=lambda: len(seen) >= 2)
+                        on_result=lambda i, _r, seen=seen: seen.append(i), stop=lambda seen=seen: len(seen) >= 2)
         assert 2 <= len(seen) < 8 and all(out[i] == i * i for i in seen)
         assert all(out[i] is None for i in range(8) if i not in seen)
 
