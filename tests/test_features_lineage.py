@@ -112,6 +112,39 @@ def test_approximate_unlearning_recounts_the_features_without_the_forgotten_user
     assert features_digest(*counted_features(cfg, labelled_pool(cfg, splits))) == _meta(src)["features"]["digest"]
 
 
+def test_a_student_of_an_original_that_forgot_counts_neither(trained, tmp_path, capsys):
+    """Unlearning from a model that already forgot a user by request: the student's features leave out both the
+    deleted user and the unlearnt one, and opening it tells the two apart (the deleted user was deleted by the
+    original's request; the unlearnt one is refused as unlearnt)."""
+    import shutil
+
+    from privrec.errors import UserError
+    from privrec.prepare import user_interactions
+    from privrec.recommender import Recommender
+    from privrec.unlearning.exact.ledger import deleted_interactions
+
+    src, cfg, pool_only = trained
+    original = shutil.copytree(src, tmp_path / "m")
+    code, _, err = run_cli(capsys, "forget", str(original), "--users", str(pool_only))
+    assert code == 0, err
+    splits = setup_data(cfg)
+    user = next(s.user_id for s in splits.train if s.user_id != pool_only)
+    (tmp_path / "users.txt").write_text(f"{user}\n")
+    out = tmp_path / "student"
+    code, _, err = run_cli(capsys, "unlearn", str(original), "--method", "neggrad", "--forget-users",
+                           str(tmp_path / "users.txt"), "--out", str(out))
+    assert code == 0, err
+    kept = setup_data(cfg, deleted_interactions(original) | user_interactions(splits.dataset, [user]))
+    assert _meta(out)["features"] == features_record(cfg, kept)
+    rec = Recommender(out)
+    assert features_digest(*rec.scorer.model.features) == _meta(out)["features"]["digest"]
+    assert {s.user_id for s in labelled_pool(cfg, kept)}.isdisjoint({user, pool_only})
+    with pytest.raises(UserError, match="deletion request"):
+        rec.history(pool_only)
+    with pytest.raises(UserError, match="unlearnt"):
+        rec.history(user)
+
+
 def test_features_from_outside_the_lineage_are_refused_and_fail_verification(trained, tmp_path, capsys):
     import shutil
 

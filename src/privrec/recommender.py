@@ -112,10 +112,10 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
     if manifest.kind == "student" and Path(manifest.original).is_dir():  # what its original forgot, it forgot
         rows += deletion_record(manifest.original)
     md.tombstones = {(r["user_id"], r["item_id"]) for r in rows}
-    if manifest.kind == "student" and cfg.shows_labels:  # its prompts' features were counted without them
-        md.tombstones |= user_interactions(load_dataset(cfg.data.source, cfg.data.path), manifest.forgotten_users)
+    unlearnt = manifest.kind == "student" and cfg.shows_labels  # its prompts' features were counted without them
+    ds = load_dataset(cfg.data.source, cfg.data.path) if rows or unlearnt else None
     if rows:  # a user every one of whose interactions is deleted is forgotten
-        inter = load_dataset(cfg.data.source, cfg.data.path).inter
+        inter = ds.inter
         counts = inter.groupby("user_id").size()
         deleted = Counter(u for u, _ in md.tombstones)
         last = last_request_of(rows)
@@ -129,6 +129,8 @@ def open_model(path: str | Path, overrides: list[str] | None = None, pending_ok:
             md.deleted_by.setdefault(u, last[u])
         back = inter[inter["user_id"].isin(whole)]
         md.tombstones |= set(zip(back["user_id"].tolist(), back["item_id"].tolist()))
+    if unlearnt:  # after the deletion requests' own accounting: these users were unlearnt, not deleted
+        md.tombstones |= user_interactions(ds, manifest.forgotten_users)
     return md
 
 

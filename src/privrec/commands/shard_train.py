@@ -10,8 +10,9 @@ The procedure (torchtune style, one fixed life):
   4. the untuned model's hidden states (cached per run in ``features.npz``) for the partition and the
      neighbour search;
   5. partition, then train every shard from the common init with the one training loop and save it with
-     its lineage (``adapters/shard-k``), recording each in the ledger (unsliced shards through the executor:
-     one after another here, or one Ray task each with ``executor: ray``; this process alone writes);
+     its lineage (``adapters/shard-k``), recording each in the ledger (every shard through the executor: one
+     after another here, or one Ray task each with ``executor: ray``, a sliced shard's task returning its
+     checkpoints; this process alone writes);
   6. optionally the full-retrain baseline (one adapter on all shards' samples; its adapter is not kept);
   7. score: every single adapter, SISA, uniform, APA(D), APA(ND); write ``metrics.json``.
 
@@ -66,8 +67,9 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
                     executor: ExecutorConfig | None = None) -> dict:
     """Train K shard adapters and evaluate every aggregation; returns metrics.json's content.
 
-    ``executor`` (default: the config's ``executor`` section): unsliced shards run one after another here
-    (``local``) or as Ray tasks (``ray``), with the same adapters, ledger rows and manifest either way.
+    ``executor`` (default: the config's ``executor`` section): the shards run one after another here
+    (``local``) or as Ray tasks (``ray``), with the same adapters, checkpoints, ledger rows and manifest either
+    way.
 
     With ``resume``, a shard whose saved adapter already holds exactly its shard's samples under the same
     config is kept instead of retrained.
@@ -143,23 +145,22 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         # every shard to train is one unit of the executor (a Ray task with `executor: ray`), saved here as it
         # finishes (a sliced shard's unit returns its checkpoints too, written here)
         t_shards = time.perf_counter()
-        todo = [(k, samples, slices) for k, samples, slices, kept in plan if kept is None]
-        jobs = [ShardJob(k, samples, None if slices is None else _of(samples, slices)) for k, samples, slices in todo]
+        jobs = [ShardJob(k, samples, None if slices is None else _of(samples, slices))
+                for k, samples, slices, kept in plan if kept is None]
         if cfg.shows_labels:  # each shard's prompts show its own features: cached here, not in a task
             model.prepare([e for job in jobs for e in shard_encodings(model, cfg, job.samples)],
                           model_batch(cfg), progress)
         trained: dict[int, tuple] = {}
 
         def save(i: int, result: tuple) -> None:
-            job, slices = jobs[i], todo[i][2]
-            state, res, checkpoints = result
+            job, (state, res, checkpoints) = jobs[i], result
             set_dir = checkpoint_set(run.path, job.k)
             shutil.rmtree(set_dir, ignore_errors=True)  # of an earlier training of this shard
             meta = shard_meta(cfg, model, job.k, job.samples, origin, res)
-            if slices is not None:
+            if job.slices is not None:
                 save_checkpoints(model, set_dir, job, checkpoints,
                                  shard_meta(cfg, model, job.k, job.samples, origin, TrainResult()))
-                meta = dict(meta, **sliced_fields(cfg, slices, set_dir))
+                meta = dict(meta, **sliced_fields(cfg, job.slice_ids, set_dir))
             save_trained(model, shard_dir(run, job.k), state, meta)
             trained[job.k] = (state, res)
 

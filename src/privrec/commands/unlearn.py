@@ -299,7 +299,8 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
     method = cfg.unlearn.method
     # 1. the original run's samples (everything up to step 4 happens before OUT is touched, so bad input
     #    fails with its one-line error and leaves nothing behind)
-    splits = setup_data(cfg, deleted_interactions(run_path, cfg.data))  # a model that forgot data keeps it forgotten
+    deleted = deleted_interactions(run_path, cfg.data)
+    splits = setup_data(cfg, deleted)  # a model that forgot data keeps it forgotten
     trained = augment(splits.train, cfg.augment.shuffle, cfg.augment.mask, cfg.augment.copies, cfg.seed,
                    splits.dataset.schema.kv_keys())
 
@@ -314,7 +315,6 @@ def run_unlearn(cfg: UnlearnConfig, run_path: str | Path, out: str | Path, retra
         ref_probs, ref_seconds, ref_path = read_reference(retrained, forget_ids)
     # 4. the original model, checked against the adapter's lineage, its prompts' counted features recounted
     #    without the forget users (METHODS §12: the retained set's); the attack's samples
-    deleted = deleted_interactions(run_path, cfg.data)
     kept = setup_data(cfg, deleted | user_interactions(splits.dataset, users)) if cfg.shows_labels else None
     model, original_state, original_meta = load_original(cfg, splits, run_path, trained, kept)
     mia_s, mia_info = mia_samples(cfg, splits, trained, users, retained)

@@ -507,19 +507,17 @@ class Service:
         the service stops) cancels the blocks not finished; returns False when it did."""
         key = self._key(rec)
         blocks = [todo[i:i + FILL_BLOCK] for i in range(0, len(todo), FILL_BLOCK)]
-        done = [0]
 
         def add(i: int, rows: list[tuple[int, list[dict] | None, str | None]]) -> None:
             for u, items, why in rows:
                 if u not in self.forgotten:  # a deletion accepted while the block ran: never stored
                     self._keep(store, key, u, items, why)
-            done[0] += 1
 
         with open_executor(self.executor, self.path, self.rec.md.run.log) as ex:
-            ex.map(fill_task, (rec, self.store_k, self.candidates, self.blend, self.source), blocks,
-                   labels=[f"users {b[0]}..{b[-1]}" for b in blocks], on_result=add,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True), stop=stop)
-        return done[0] == len(blocks)
+            rows = ex.map(fill_task, (rec, self.store_k, self.candidates, self.blend, self.source), blocks,
+                          labels=[f"users {b[0]}..{b[-1]}" for b in blocks], on_result=add,
+                          log=lambda msg: print(msg, file=sys.stderr, flush=True), stop=stop)
+        return all(r is not None for r in rows)  # a stopped map leaves the blocks it cancelled None
 
     def precompute_now(self, users: list[int] | None = None) -> int:
         """Compute the store in this thread (``privrec serve --precompute-only``); returns the users stored."""

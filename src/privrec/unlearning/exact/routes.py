@@ -280,10 +280,9 @@ class RetrainShards(Checkpointed):
         def save(i: int, result: tuple) -> None:
             job, (state, res, checkpoints) = todo[i], result
             if job.k in replays:
-                ctx = replays[job.k]
-                save_checkpoints(model, ctx["there"], job, checkpoints,
+                save_checkpoints(model, self.checkpoints(staged[job.k].parent, job.k), job, checkpoints,
                                  shard_meta(self.cfg, model, job.k, job.samples, rid, TrainResult()))
-                self._save_replay(rid, job, ctx, state, res.seconds, staged[job.k])
+                self._save_replay(rid, job, replays[job.k], state, res.seconds, staged[job.k])
                 return
             save_trained(model, staged[job.k], state, shard_meta(self.cfg, model, job.k, job.samples, rid, res))
             self.run.log(f"forget {rid}: shard {job.k} retrained on {len(job.samples)} samples in "
@@ -294,7 +293,7 @@ class RetrainShards(Checkpointed):
                    labels=[f"shard {job.k}" for job in todo], on_result=save, log=self.run.log)
 
     def _replay_job(self, rid, k, ids, universe, old, staged) -> tuple[ShardJob, dict] | None:
-        """A sliced shard's replay (METHODS §9) as a unit, with what saving it needs; None: already staged (a
+        """A sliced shard's replay (METHODS §9) as a unit, with its ``replay`` record; None: already staged (a
         resumed request). Restores the checkpoint before the first slice that lost samples (copying the
         unaffected checkpoints beside the replayed ones in staging); a resumed request continues from the last
         checkpoint it staged."""
@@ -315,26 +314,27 @@ class RetrainShards(Checkpointed):
         job = ShardJob(k, samples, [[universe[i] for i in sl] for sl in slices], start + 1, state)
         replay = {"request": rid, "restored": stage_label(j - 1), "replayed": list(range(j, r + 1)),
                   "checkpoints_replaced": [stage_label(s) for s in range(j, r)]}
-        return job, {"slices": slices, "there": there, "replay": replay}
+        return job, replay
 
     def _replay(self, rid, got, staged, progress):
         """A sliced shard's replay here, stage by stage, each checkpoint written into staging as it is reached."""
-        job, ctx = got
+        job, replay = got
         model, _ = self._built()
         base = shard_meta(self.cfg, model, job.k, job.samples, rid, TrainResult())
-        seconds = train_sliced(model, job.start, job.slices, self.cfg, job.k, job.first, ctx["there"], base,
-                               progress, self.fault)
-        self._save_replay(rid, job, ctx, adapter_state(model.model), seconds, staged)
+        seconds = train_sliced(model, job.start, job.slices, self.cfg, job.k, job.first,
+                               self.checkpoints(staged.parent, job.k), base, progress, self.fault)
+        self._save_replay(rid, job, replay, adapter_state(model.model), seconds, staged)
 
-    def _save_replay(self, rid, job, ctx, state, seconds, staged):
+    def _save_replay(self, rid, job, replay, state, seconds, staged):
+        """The replayed shard's adapter into staging, beside its staged checkpoints."""
         model, _ = self._built()
         load_adapter_state(model.model, state)
-        r, start = len(ctx["slices"]), job.first - 1
+        r, start = len(job.slices), job.first - 1
         meta = dict(shard_meta(self.cfg, model, job.k, job.samples, rid,
                                TrainResult(epochs_run=r - start, seconds=seconds)),
-                    **sliced_fields(self.cfg, ctx["slices"], ctx["there"]), replay=ctx["replay"])
+                    **sliced_fields(self.cfg, job.slice_ids, self.checkpoints(staged.parent, job.k)), replay=replay)
         save_adapter(model.model, staged, meta)
-        self.run.log(f"forget {rid}: shard {job.k} restored {ctx['replay']['restored']}, replayed stages "
+        self.run.log(f"forget {rid}: shard {job.k} restored {replay['restored']}, replayed stages "
                      f"{start + 1}..{r} on {len(job.samples)} samples in {seconds:.1f}s")
 
     def cached_model(self, before=frozenset()):

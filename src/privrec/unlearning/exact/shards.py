@@ -304,6 +304,11 @@ class ShardJob:
     first: int = 1
     start: StageState | None = None
 
+    @property
+    def slice_ids(self) -> list[list[str]] | None:
+        """The slice map as sample ids (what the adapter records: ``sliced_fields``); None unsliced."""
+        return None if self.slices is None else [[s.sample_id for s in sl] for sl in self.slices]
+
 
 def train_task(shared: tuple, job: ShardJob) -> tuple[dict[str, torch.Tensor], TrainResult, dict[int, StageState]]:
     """THE unit of shard training for an executor: ``shared`` = (model, common init, config, progress); returns
