@@ -76,7 +76,13 @@ METHODS = [  # (row name, --set overrides on top of the config)
 # client-local counted features (METHODS §12, issue 35): the history summary (the user's own data) and the target
 # item's like-rate counted over the client's own users' share of the training pool (no label crosses clients)
 FEATURES = ["prompt.history_summary=true", "prompt.item_stats=true"]
-FEATURE_METHODS = [m for m in METHODS if m[0] in ("FedAvg", "PPLR", "mixture")]
+# rounds chosen on validation (issue 35): FedAvg's and PPLR's validation AUC still rose at round 4 of 4, so they run
+# up to 8 and keep the round that validates best (federated.keep=best-valid, which their federated retrain repeats);
+# a mixture client retrains alone, so its rounds come from the 4-round run's validation curve (peak at round 3)
+FEATURE_ROUNDS = {"FedAvg": ["federated.rounds=8", "federated.keep=best-valid"],
+                  "PPLR": ["federated.rounds=8", "federated.keep=best-valid"],
+                  "mixture": ["federated.rounds=3"]}
+FEATURE_METHODS = [(name, ov + FEATURE_ROUNDS[name]) for name, ov in METHODS if name in FEATURE_ROUNDS]
 SLICED = ("mixture, 4 slices", ["federated.strategy=mixture", "federated.slices=4"])  # forget: METHODS §9 in a client
 # The split table: a smaller sample, one round, k = 2 client layers at the bottom, m = 1 at the top.
 SPLIT_SIZES = ["data.n_train=160", "data.n_valid=40", "data.n_test=100", "federated.rounds=1",
@@ -154,32 +160,36 @@ def results_table(runs: Path, progress: bool, methods=METHODS, features: bool = 
     ref_overall, ref_clients = like_rate_reference(cfg)
     n = len(rows[0][1]["clients"])
     head = ["method", "overall AUC", "LogLoss"] + [f"client {c}" for c in range(n)] + ["std", "min", "gap",
-                                                                                      "train s"]
+                                                                                      "rounds (kept)", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in rows:
         b = m["balance"]
         lines.append("| " + " | ".join([name, fmt(m["overall"]["auc"]), fmt(m["overall"]["logloss"])]
                                        + [fmt(c["auc"]) for c in m["clients"]]
                                        + [fmt(b["std"]), fmt(b["min"]), fmt(b["gap"]),
+                                          f"{len(m['rounds'])} ({m.get('kept_round', len(m['rounds']))})",
                                           f"{m['train_seconds']:.0f}"]) + " |")
     ra = np.array(ref_clients, dtype=float)
     lines.append("| " + " | ".join(["reference: history like-rate", fmt(ref_overall), "-"]
                                    + [fmt(v) for v in ref_clients]
                                    + [fmt(np.nanstd(ra)), fmt(np.nanmin(ra)), fmt(np.nanmax(ra) - np.nanmin(ra)),
-                                      "-"]) + " |")
+                                      "-", "-"]) + " |")
     clients = rows[0][1]["clients"]
     f = cfg.federated
     sizes = (f"Sizes: all-users protocol, {cfg.data.n_train} training / {cfg.data.n_valid} validation / "
              f"{cfg.data.n_test} test samples (the same for every row), {f.clients} k-means clients "
              f"(MF dim {f.mf_dim}) with " + ", ".join(f"{c['n_train']}/{c['n_test']}" for c in clients)
-             + f" train/test samples; {f.rounds} rounds x {cfg.train.epochs} local epoch(s), batch "
+             + f" train/test samples; {' / '.join(sorted({str(len(m['rounds'])) for _, m in rows}))} rounds x "
+             f"{cfg.train.epochs} local epoch(s) (a row's kept round in brackets), batch "
              f"{cfg.train.batch_size}, lr {cfg.train.lr:g}, LoRA r={cfg.lora.r} on the top {cfg.lora.top_layers} "
              f"layers (bottom layers cached); PPLR alpha {f.alpha}, beta {f.beta}, T {f.temperature}; FedProx mu "
              f"{f.mu}; FedABC r {f.fedabc_ratio}, h {f.fedabc_hard}. Centralised trains one adapter on the union "
              "for the same rounds x epochs.")
-    rounds = ["| method | " + " | ".join(f"valid AUC r{r['round']}" for r in rows[0][1]["rounds"]) + " |",
-              "|" + "---|" * (1 + len(rows[0][1]["rounds"]))]
-    rounds += ["| " + " | ".join([name] + [fmt(r.get("valid_auc")) for r in m["rounds"]]) + " |" for name, m in rows]
+    most = max(len(m["rounds"]) for _, m in rows)
+    rounds = ["| method | " + " | ".join(f"valid AUC r{r + 1}" for r in range(most)) + " |", "|" + "---|" * (1 + most)]
+    rounds += ["| " + " | ".join([name] + [("**" + fmt(r.get("valid_auc")) + "**") if r.get("kept") else
+                                           fmt(r.get("valid_auc")) for r in m["rounds"]]
+                                 + ["-"] * (most - len(m["rounds"]))) + " |" for name, m in rows]
     title, what, img = ("Federated LLMRec: quality and balance across clients (METHODS §2, §3)", "table",
                         "federated_client_auc.png")
     if features:

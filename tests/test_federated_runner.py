@@ -184,6 +184,39 @@ def test_split_federation_end_to_end(tmp_path):
     assert m["rounds"][0]["bytes"]["adapters"] == pytest.approx(6 * state_bytes(client_part), rel=0.01)
 
 
+def test_keep_best_valid_ends_with_the_best_rounds_adapters(tmp_path, monkeypatch):
+    """federated.keep=best-valid: the run ends with (and scores) the adapters of the round whose validation AUC was
+    highest, bit-identical to a run stopped after that round; later rounds' training does not leak into them."""
+    from privrec.federated import runner
+
+    curve = iter([0.60, 0.70, 0.65])  # the second round validates best
+    real = runner.pooled_auc
+    monkeypatch.setattr(runner, "pooled_auc", lambda preds: (real(preds), next(curve))[1])
+    cfg = fed_config(federated={"strategy": "fedavg", "rounds": 3, "keep": "best-valid"})
+    m = run_federate(cfg, tmp_path / "best", progress=False)
+    assert m["kept_round"] == 2 and [r.get("kept", False) for r in m["rounds"]] == [False, True, False]
+    assert "kept round 2/3" in (tmp_path / "best" / "log.txt").read_text()
+    monkeypatch.setattr(runner, "pooled_auc", real)
+    two = run_federate(fed_config(federated={"strategy": "fedavg", "rounds": 2}), tmp_path / "two", progress=False)
+    three = run_federate(fed_config(federated={"strategy": "fedavg", "rounds": 3}), tmp_path / "three",
+                         progress=False)
+    digest = {name: json.loads((tmp_path / name / "adapters" / "client-0" / "privrec.json").read_text())
+              ["tensors_sha256"] for name in ("best", "two", "three")}
+    assert digest["best"] == digest["two"] != digest["three"]
+    assert m["auc"] == two["auc"] != three["auc"] and three["kept_round"] == 3
+
+
+@pytest.mark.parametrize("federated,match", [
+    ({"strategy": "mixture", "keep": "best-valid"}, "mixture client retrains alone"),
+    ({"strategy": "fedavg", "keep": "best-valid", "valid_every_round": False}, "valid_every_round"),
+])
+def test_keep_best_valid_is_refused_where_a_forget_could_not_choose_again(federated, match):
+    from privrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        fed_config(federated=federated)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--set", "federated.clients=400"], "users"),
     (["--set", "federated.split.client_first=2"], "no layer for the server"),

@@ -83,6 +83,13 @@ class FederatedSection(_Section):
         "mean of the client AUCs. The in-process runner holds every score and always pools.")
     valid_every_round: bool = Field(True, description="Score every client's validation samples after each "
                                     "round (the `rounds` record's overall valid AUC).")
+    keep: Literal["last", "best-valid"] = Field(
+        "last", description="The adapters the run ends with: those of the last round, or (best-valid) those of the "
+        "round with the highest overall validation AUC (ties: the earliest), so that `rounds` is an upper bound "
+        "chosen on validation, never on test. best-valid needs valid_every_round and a strategy that mixes "
+        "clients (fedavg, fedprox, pplr, centralised): its forget retrains the whole federation and chooses the "
+        "round again without the deleted data; a mixture or local client retrains alone, so choose their "
+        "rounds on validation instead.")
 
 
 class FederatedConfig(ExperimentConfig):
@@ -117,6 +124,15 @@ class FederatedConfig(ExperimentConfig):
         if f.slices > f.rounds:
             raise ValueError(f"federated.slices={f.slices} exceeds federated.rounds={f.rounds} (each slice enters at "
                              "the start of a round)")
+        if f.keep == "best-valid":
+            why = [w for w, bad in [
+                (f"a {f.strategy} client retrains alone when it forgets", f.strategy in ("local", "mixture")),
+                ("a sliced client's checkpoints follow the rounds", f.slices > 1),
+                ("it needs federated.valid_every_round=true", not f.valid_every_round)] if bad]
+            if why:
+                raise ValueError("federated.keep=best-valid chooses a round on the whole federation's validation AUC "
+                                 f"({'; '.join(why)}): use it with fedavg, fedprox, pplr or centralised, unsliced, or "
+                                 "set federated.rounds from a validation curve instead")
         if f.lr_scale and f.strategy != "pplr":
             raise ValueError("federated.lr_scale is PPLR's learning-speed option: set federated.strategy=pplr")
         return self

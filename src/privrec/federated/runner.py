@@ -236,13 +236,17 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
                on_round: Callable[[int, dict[int, State]], None] | None = None,
                ) -> tuple[dict[int, State], list[dict], list[dict]]:
     """All rounds: instructions -> client updates -> aggregation -> validation (-> ``on_round(rnd, states)``).
-    Returns (the states the clients end with, one record per round, one record per failure)."""
+    Returns (the states the clients end with, one record per round, one record per failure); with
+    ``federated.keep: best-valid`` they end with the states of the round whose overall validation AUC was highest
+    (the earliest of ties; a round with no AUC is never chosen over one with it), and that round's record says
+    ``kept: true``."""
     f = fed.cfg.federated
     cids = fed.train_clients(strategy)
     states: dict[int, State] = {c: init for c in cids}
     last_losses: dict[int, float] = {}
     rounds, failures = [], []
     exchanges = strategy.mixes
+    best: tuple[float, int, dict[int, State]] | None = None  # keep: best-valid
 
     def wire(state: State) -> State:  # what travels for aggregation (the client part under a split)
         return {k: v for k, v in state.items() if is_client_tensor is None or is_client_tensor(k)}
@@ -279,11 +283,18 @@ def run_rounds(fed: Federation, strategy: Strategy, dispatcher: Dispatcher, init
         if f.valid_every_round:
             record["valid_auc"] = pooled_auc(dispatcher.predict("valid", eval_states(fed, strategy, states)))
         rounds.append(record)
+        if f.keep == "best-valid" and not np.isnan(record.get("valid_auc", np.nan)) \
+                and (best is None or record["valid_auc"] > best[0]):
+            best = (record["valid_auc"], rnd, {c: {k: v.clone() for k, v in s.items()} for c, s in states.items()})
         if on_round is not None:
             on_round(rnd, states)
         log(f"round {rnd + 1}/{f.rounds}: mean train loss {mean_loss:.4f}"
             + (f", valid AUC {record['valid_auc']:.4f}" if "valid_auc" in record else "")
             + f", {seconds:.1f}s" + (f", failed {record['failed']}" if record["failed"] else ""))
+    if best is not None:
+        _, rnd, states = best
+        rounds[rnd]["kept"] = True
+        log(f"kept round {rnd + 1}/{f.rounds}: the highest validation AUC ({best[0]:.4f})")
     return states, rounds, failures
 
 
@@ -489,6 +500,7 @@ def _federate(cfg: FederatedConfig, run: RunDir, fed: Federation, strategy: Stra
         "method": f"federated {f.strategy}" + (" + fedabc" if f.loss == "fedabc" else ""),
         "strategy": f.strategy, "loss": f.loss, "partition": f.partition, "n_clients": f.clients,
         "runner": runner, "rounds": rounds, "failures": failures,
+        "kept_round": next((r["round"] for r in rounds if r.get("kept")), len(rounds)),
         "bytes_per_round": [r["bytes"] for r in rounds],
         "bytes_per_training_sample": activation_bytes / seen if (f.split and seen) else None,
         "client_parameters": counts["client"], "server_parameters": counts["server"],
