@@ -272,6 +272,92 @@ def test_shards_refuse_what_is_not_counted_per_shard_yet(tmp_path, capsys):
     from privrec.errors import ConfigError
     from privrec.unlearning.exact.shards import ApaConfig
 
-    for sets, what in ((["collab.inject=true"], "collab.inject"), (["shards.slices=2"], "slices")):
-        with pytest.raises(ConfigError, match=what):
-            load_config("configs/apa-tiny.yaml", cls=ApaConfig, overrides=[*SHARD_SETS, *sets])
+    with pytest.raises(ConfigError, match="collab.inject"):
+        load_config("configs/apa-tiny.yaml", cls=ApaConfig, overrides=[*SHARD_SETS, "collab.inject=true"])
+
+
+# --- slices: a stage's features from the slices it has seen ---------------------------------------------------
+@pytest.fixture(scope="module")
+def sliced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sliced") / "m"
+    _shard_train(out, "shards.slices=2")
+    return out
+
+
+def _stage_meta(out, shard, s):
+    return json.loads((out / "slices" / shard / f"stage-{s}" / "privrec.json").read_text())
+
+
+def test_a_stage_counts_over_the_slices_it_has_seen_and_a_replay_recounts_only_later_stages(sliced, tmp_path,
+                                                                                             capsys):
+    import shutil
+
+    import torch
+
+    from privrec.model.adapters import adapter_state, read_adapter
+    from privrec.unlearning.exact.ledger import deleted_interactions
+    from privrec.unlearning.exact.shards import ApaConfig, build_model, setup_shard_data
+    from privrec.unlearning.exact.slices import StageState, load_checkpoint, run_stages, stage_features_record
+
+    cfg = load_config(sliced / "config.yaml", cls=ApaConfig)
+    by_id = {s.sample_id: s for s in setup_shard_data(cfg, set()).train}
+    before = _shard_metas(sliced)
+    for name, meta in before.items():  # stage 1 showed slice 1's counts, not the whole shard's
+        stage = _stage_meta(sliced, name, 1)
+        assert stage["sample_ids"] == sorted(meta["slices"][0])
+        assert stage["features"] == stage_features_record(cfg, [by_id[i] for i in stage["sample_ids"]], 1)
+        assert stage["features"]["digest"] != meta["features"]["digest"]
+    # a user of slice 2: the stage-1 checkpoint keeps its features, stage 2 (the adapter) is recounted
+    name = next(n for n, m in before.items() if m["slices"][1])
+    user = int(before[name]["slices"][1][0].split("-")[0][1:])
+    out = tmp_path / "m"
+    shutil.copytree(sliced, out)
+    code, _, err = run_cli(capsys, "forget", str(out), "--users", str(user))
+    assert code == 0, err
+    after = _shard_metas(out)
+    assert _stage_meta(out, name, 1) == _stage_meta(sliced, name, 1)
+    assert after[name]["features"] != before[name]["features"]
+    remaining = {s.sample_id: s for s in setup_shard_data(cfg, deleted_interactions(out)).train}
+    for shard, meta in after.items():  # no adapter or checkpoint counted the user's labels
+        assert not any(i.startswith(f"u{user}-") for i in meta["sample_ids"])
+        for s in range(1, len(meta["slices"])):
+            stage = _stage_meta(out, shard, s)
+            assert stage["features"] == stage_features_record(cfg, [remaining[i] for i in stage["sample_ids"]], s)
+    # the replayed shard is bit for bit stage 2 trained again from the kept checkpoint on what remains, and
+    # sliced training from scratch on what remains up to the frozen-layer cache's rounding (fp32: the purge of the
+    # old stage-2 prompts drops cache pieces the stage-1 prompts share, recomputed in another batch)
+    model, init = build_model(cfg, setup_shard_data(cfg, deleted_interactions(out)))
+    slices = [[remaining[i] for i in sl] for sl in after[name]["slices"]]
+    k = int(name.split("-")[1])
+    state, _ = read_adapter(out / "adapters" / name)
+    run_stages(model, load_checkpoint(out / "slices" / name / "stage-1")[0], slices, cfg, k, 2, progress=False)
+    replayed = adapter_state(model.model)
+    assert replayed.keys() == state.keys() and all(torch.equal(replayed[n], state[n]) for n in state)
+    from privrec.unlearning.exact import slices as slices_mod
+
+    shown, real_train = [], slices_mod.train
+
+    def spy(m, items, *a, **kw):  # the features each stage's prompts were rendered under
+        shown.append(features_digest(*m.features))
+        return real_train(m, items, *a, **kw)
+
+    slices_mod.train = spy
+    try:
+        run_stages(model, StageState(init, None), slices, cfg, k, 1, progress=False)
+    finally:
+        slices_mod.train = real_train
+    assert shown == [_stage_meta(out, name, 1)["features"]["digest"], after[name]["features"]["digest"]]
+    fresh = adapter_state(model.model)
+    for n in state:
+        torch.testing.assert_close(fresh[n], state[n], rtol=0, atol=1e-6)
+    old, _ = read_adapter(sliced / "adapters" / name)
+    assert any((old[n] - state[n]).abs().max() > 1e-4 for n in state)  # the replay did change the adapter
+    code, text, err = run_cli(capsys, "forget", str(out), "--verify")
+    assert code == 0, text + err
+    # a checkpoint whose features came from outside its slices fails verification
+    path = out / "slices" / name / "stage-1" / "privrec.json"
+    meta = json.loads(path.read_text())
+    meta["features"]["digest"] = "0" * 64
+    path.write_text(json.dumps(meta))
+    code, text, err = run_cli(capsys, "forget", str(out), "--verify")
+    assert code == 1 and "checkpoint stage-1: its features' digest" in text + err

@@ -42,6 +42,7 @@ from privrec.unlearning.exact.shards import (
     ShardJob,
     build_model,
     evaluate_shards,
+    job_encodings,
     load_features,
     model_batch,
     plain_encodings,
@@ -50,7 +51,6 @@ from privrec.unlearning.exact.shards import (
     save_trained,
     setup_shard_data,
     shard_dir,
-    shard_encodings,
     shard_folders,
     shard_meta,
     train_task,
@@ -148,7 +148,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
         jobs = [ShardJob(k, samples, None if slices is None else _of(samples, slices))
                 for k, samples, slices, kept in plan if kept is None]
         if cfg.shows_labels:  # each shard's prompts show its own features: cached here, not in a task
-            model.prepare([e for job in jobs for e in shard_encodings(model, cfg, job.samples)],
+            model.prepare([e for job in jobs for e in job_encodings(model, cfg, job)],
                           model_batch(cfg), progress)
         trained: dict[int, tuple] = {}
 
@@ -158,7 +158,7 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             shutil.rmtree(set_dir, ignore_errors=True)  # of an earlier training of this shard
             meta = shard_meta(cfg, model, job.k, job.samples, origin, res)
             if job.slices is not None:
-                save_checkpoints(model, set_dir, job, checkpoints,
+                save_checkpoints(model, cfg, set_dir, job, checkpoints,
                                  shard_meta(cfg, model, job.k, job.samples, origin, TrainResult()))
                 meta = dict(meta, **sliced_fields(cfg, job.slice_ids, set_dir))
             save_trained(model, shard_dir(run, job.k), state, meta)

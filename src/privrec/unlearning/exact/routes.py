@@ -68,13 +68,13 @@ from privrec.unlearning.exact.shards import (
     ADAPTER_SECTIONS,
     ApaConfig,
     ShardJob,
+    job_encodings,
     purge_features,
     reusable,
     save_checkpoints,
     save_trained,
     setup_shard_data,
     shard_dir,
-    shard_encodings,
     shard_features,
     shard_folders,
     shard_meta,
@@ -93,6 +93,7 @@ from privrec.unlearning.exact.slices import (
     restore,
     sliced_fields,
     stage_dir,
+    stage_features_record,
     stage_label,
     train_sliced,
 )
@@ -101,6 +102,7 @@ Fault = Callable[[str], None]
 RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
 FEATURES_UNRECORDED = ("its prompts read features counted from other samples' labels, but its adapter does not "
                        "record what they were counted over (trained before features had lineage, or altered)")
+FEATURE_KEYS = ("lineage_sha256", "digest", "n_samples")  # what a features record is checked by
 
 
 class Route:
@@ -274,13 +276,12 @@ class RetrainShards(Checkpointed):
         model, init_state = self._built()
         if self.executor.kind != "local":  # the tasks get the frozen-layer cache in memory: no worker reads or
             for job in todo:                # writes the asset home's cache (a cluster node may have none)
-                model.prepare(shard_encodings(model, self.cfg, job.samples), self.cfg.train.eval_batch_size,
-                              progress)
+                model.prepare(job_encodings(model, self.cfg, job), self.cfg.train.eval_batch_size, progress)
 
         def save(i: int, result: tuple) -> None:
             job, (state, res, checkpoints) = todo[i], result
             if job.k in replays:
-                save_checkpoints(model, self.checkpoints(staged[job.k].parent, job.k), job, checkpoints,
+                save_checkpoints(model, self.cfg, self.checkpoints(staged[job.k].parent, job.k), job, checkpoints,
                                  shard_meta(self.cfg, model, job.k, job.samples, rid, TrainResult()))
                 self._save_replay(rid, job, replays[job.k], state, res.seconds, staged[job.k])
                 return
@@ -355,11 +356,14 @@ class RetrainShards(Checkpointed):
         shown = []
         if model.cache is not None:
             for folder in self.folders().values():
-                ids = read_meta(folder)["sample_ids"]
-                if removed_ids.intersection(ids):
-                    old = [universe[i] for i in ids if i in universe]
-                    with model.features_of(shard_features(self.cfg, old)):
-                        shown += model.encode(old)
+                meta = read_meta(folder)
+                if removed_ids.intersection(meta["sample_ids"]):  # a sliced shard's stages that saw them
+                    stages = [cumulative(meta["slices"], s) for s in range(1, len(meta["slices"]) + 1)] \
+                        if meta.get("slices") else [meta["sample_ids"]]
+                    for ids in (ids for ids in stages if removed_ids.intersection(ids)):
+                        old = [universe[i] for i in ids if i in universe]
+                        with model.features_of(shard_features(self.cfg, old)):
+                            shown += model.encode(old)
             sp = setup_shard_data(self.cfg, before)
             shown += model.encode(sp.valid + sp.test)
         dropped = sum(model.cache.discard(e.key) for e in shown) if model.cache is not None else 0
@@ -379,8 +383,22 @@ class RetrainShards(Checkpointed):
         if recorded is None:
             return [*out, FEATURES_UNRECORDED]
         now = shard_features_record(self.cfg, [universe[i] for i in meta["sample_ids"] if i in universe])
-        return out + [f"its features' {key} differs from its own samples' (counted outside its lineage, or altered)"
-                      for key in ("lineage_sha256", "digest", "n_samples") if recorded.get(key) != now.get(key)]
+        out += [f"its features' {key} differs from its own samples' (counted outside its lineage, or altered)"
+                for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
+        for rec in meta.get("checkpoints") or []:  # a stage's: counted over the slices it had seen
+            folder = stage_dir(self.checkpoints(self.run.path, k), rec["stage"])
+            if not is_adapter(folder):
+                continue  # missing: check_checkpoints says so
+            stage = read_meta(folder)
+            recorded = stage.get("features")
+            if recorded is None:
+                out.append(f"checkpoint {folder.name}: {FEATURES_UNRECORDED}")
+                continue
+            now = stage_features_record(self.cfg, [universe[i] for i in stage["sample_ids"] if i in universe],
+                                        rec["stage"])
+            out += [f"checkpoint {folder.name}: its features' {key} differs from slices 1..{rec['stage']}' (counted "
+                    "outside its lineage, or altered)" for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
+        return out
 
     def run_info(self):
         return dict(super().run_info(), kind="shards", config_digest=self.cfg.digest(*ADAPTER_SECTIONS),
@@ -414,7 +432,7 @@ class RetrainAll(Route):
             return [FEATURES_UNRECORDED]
         now = features_record(self.cfg, setup_data(self.cfg, tombstones))
         return [f"its features' {key} differs from the data that remains (counted outside its lineage, or altered)"
-                for key in ("lineage_sha256", "digest", "n_samples") if recorded.get(key) != now.get(key)]
+                for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if not is_adapter(staged):

@@ -47,6 +47,8 @@ from privrec.unlearning.exact.slices import (
     save_checkpoint,
     slicing_record,
     stage_dir,
+    stage_features,
+    stage_features_record,
     stage_meta,
 )
 
@@ -115,9 +117,6 @@ class ApaConfig(ExperimentConfig):
             raise ValueError("collab.inject cannot be used with shard-train / forget yet: each shard's projector "
                              "reads CF vectors of its own MF, which the aggregations cannot combine; set "
                              "collab.inject=false (prompt.item_stats and prompt.cf_score are counted per shard)")
-        if self.shows_labels and s.slices > 1:
-            raise ValueError("prompt.item_stats / prompt.cf_score with shards.slices > 1 is not built yet (a "
-                             "stage would need features counted over the slices it has seen); set shards.slices=1")
         if s.primary not in s.aggregations:
             raise ValueError(f"shards.primary={s.primary} is not in shards.aggregations {s.aggregations}")
         if self.augment.copies > 0:
@@ -202,6 +201,20 @@ def shard_encodings(model: RecLM, cfg: ApaConfig, samples: list[Sample]) -> list
     samples = sorted(samples, key=lambda s: s.sample_id)
     with model.features_of(shard_features(cfg, samples)):
         return model.encode(samples)
+
+
+def job_encodings(model: RecLM, cfg: ApaConfig, job: ShardJob) -> list[Encoded]:
+    """Every training prompt of a unit of shard work as it trains on them: the shard's under its own features;
+    a sliced shard whose prompts read counted features, each stage's from ``job.first`` on under the features of
+    the slices it has seen (:func:`~privrec.unlearning.exact.slices.stage_features`)."""
+    if job.slices is None or not cfg.shows_labels:
+        return shard_encodings(model, cfg, job.samples)
+    out = []
+    for s in range(job.first, len(job.slices) + 1):
+        data = sorted((x for sl in job.slices[:s] for x in sl), key=lambda x: x.sample_id)
+        with model.features_of(stage_features(cfg, data)):
+            out += model.encode(data)
+    return out
 
 
 def plain_encodings(model: RecLM, samples: list[Sample]) -> list[Encoded]:
@@ -331,14 +344,15 @@ def train_task(shared: tuple, job: ShardJob) -> tuple[dict[str, torch.Tensor], T
                                                    seconds=seconds), checkpoints
 
 
-def save_checkpoints(model: RecLM, set_dir: Path, job: ShardJob, checkpoints: dict[int, StageState],
-                     base_meta: dict) -> None:
+def save_checkpoints(model: RecLM, cfg: ApaConfig, set_dir: Path, job: ShardJob,
+                     checkpoints: dict[int, StageState], base_meta: dict) -> None:
     """Write the checkpoints a sliced unit returned (:func:`train_task`) under ``set_dir``, each with its stage's
     lineage, as :func:`~privrec.unlearning.exact.slices.train_sliced` writes them."""
     for s, state in sorted(checkpoints.items()):
         data = sorted((x for sl in job.slices[:s] for x in sl), key=lambda x: x.sample_id)
         load_adapter_state(model.model, state.adapter)
-        save_checkpoint(model, stage_dir(set_dir, s), state, stage_meta(base_meta, s, data))
+        save_checkpoint(model, stage_dir(set_dir, s), state,
+                        stage_meta(base_meta, s, data, features=stage_features_record(cfg, data, s)))
 
 
 def save_trained(model: RecLM, folder: Path, state: dict[str, torch.Tensor], meta: dict) -> None:

@@ -17,6 +17,11 @@ checkpoint j-1 without the deleted samples gives bit for bit what sliced trainin
 samples (same slice map, same seed) gives. A stage whose own slice is empty is skipped (its checkpoint equals
 the previous one).
 
+Counted features (METHODS §12): a stage's prompts show the features counted over the samples it has seen (slices
+1..s) and nothing else, so its checkpoint's lineage holds every label that reached it, and a deletion in slice j
+changes no feature of stages before j. The checkpoint's ``privrec.json`` records them (``features``), as the
+adapter records those of the whole shard (stage R).
+
 Checkpoints: ``RUN/slices/shard-K/stage-S/`` for S = 1..R-1 (the state after stage R is the shard adapter
 itself): a peft adapter folder whose ``privrec.json`` carries the checkpoint's own lineage (the samples of
 slices 1..S that reached it), plus ``optimizer.pt``. The shard adapter's ``privrec.json`` records each
@@ -28,6 +33,7 @@ request is installed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from privrec import prepare
 from privrec.data import Sample
 from privrec.errors import RunError
 from privrec.model.adapters import (
@@ -115,12 +122,26 @@ def _stage_plan(cfg):
     return tcfg, plan
 
 
+def stage_features(cfg, data: list[Sample]) -> tuple | None:
+    """The counted features a stage's prompts show: counted over ``data``, the samples of slices 1..s (METHODS
+    §12); None when the prompts read none."""
+    return prepare.counted_features(cfg, data) if cfg.shows_labels else None
+
+
+def stage_features_record(cfg, data: list[Sample], s: int) -> dict | None:
+    """A checkpoint's ``features`` record (None when the prompts read none): counted over slices 1..s."""
+    if not cfg.shows_labels:
+        return None
+    return prepare.features_block(cfg, data, f"slices 1..{s} of the shard", stage_features(cfg, data))
+
+
 def run_stages(model: RecLM, start: StageState, slices: list[list[Sample]], cfg, k: int, first: int,
                on_stage: Callable[[int, list[Sample], StageState], None] | None = None,
                progress: bool = True) -> float:
     """Train stages ``first``..R of shard k from ``start`` (the state after stage first-1); the model holds the
     adapter after stage R. ``on_stage(s, samples of slices 1..s, state)`` is called after every stage s < R.
-    Returns the training seconds."""
+    Stage s's prompts show the counted features of slices 1..s (:func:`stage_features`). Returns the training
+    seconds."""
     tcfg, plan = _stage_plan(cfg)
     state, seconds = start, 0.0
     load_adapter_state(model.model, state.adapter)
@@ -129,8 +150,10 @@ def run_stages(model: RecLM, start: StageState, slices: list[list[Sample]], cfg,
         data = sorted((x for sl in slices[:s] for x in sl), key=lambda x: x.sample_id)
         if slices[s - 1]:  # a stage whose own slice is empty changes nothing: skipped
             load_adapter_state(model.model, state.adapter)
-            res = train(model, model.encode(data), tcfg, stage_seed(cfg.seed, k, s), batch_plan=plan,
-                        progress=progress, optimizer_state=state.optimizer)
+            counted = model.features_of(stage_features(cfg, data)) if cfg.shows_labels else contextlib.nullcontext()
+            with counted:
+                res = train(model, model.encode(data), tcfg, stage_seed(cfg.seed, k, s), batch_plan=plan,
+                            progress=progress, optimizer_state=state.optimizer)
             state = StageState(adapter_state(model.model), res.optimizer_state)
             seconds += res.seconds
         if s < r and on_stage is not None:
@@ -182,7 +205,8 @@ def train_sliced(model: RecLM, start: StageState, slices: list[list[Sample]], cf
     after each: tests kill the process there); the model holds the final adapter. Returns training seconds."""
 
     def on_stage(s: int, data: list[Sample], state: StageState) -> None:
-        save_checkpoint(model, stage_dir(set_dir, s), state, stage_meta(base_meta, s, data))
+        save_checkpoint(model, stage_dir(set_dir, s), state,
+                        stage_meta(base_meta, s, data, features=stage_features_record(cfg, data, s)))
         if fault is not None:
             fault(f"checkpoint-shard-{k}-stage-{s}")
 
@@ -207,9 +231,14 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     swap_in(tmp, dst)
 
 
-def stage_meta(base: dict, s: int, samples: list[Sample], kind: str = "shard-checkpoint") -> dict:
-    """A checkpoint's ``privrec.json``: the shard's (client's) adapter metadata with this stage's own lineage."""
-    return dict(base, kind=kind, stage=s, sample_ids=sorted(x.sample_id for x in samples),
+def stage_meta(base: dict, s: int, samples: list[Sample], kind: str = "shard-checkpoint",
+               features: dict | None = None) -> dict:
+    """A checkpoint's ``privrec.json``: the shard's (client's) adapter metadata with this stage's own lineage and
+    its own ``features`` record (:func:`stage_features_record`; never the whole shard's)."""
+    meta = {key: v for key, v in base.items() if key != "features"}
+    if features is not None:
+        meta["features"] = features
+    return dict(meta, kind=kind, stage=s, sample_ids=sorted(x.sample_id for x in samples),
                 lineage_sha256=lineage_of(samples), n_samples=len(samples))
 
 
