@@ -12,8 +12,10 @@ from privrec.unlearning.exact.apa import (
     apa_weights,
     nearest,
     neighbour_errors,
+    own_shares,
     prediction_errors,
     softmax_weights,
+    with_own,
 )
 
 
@@ -57,3 +59,14 @@ def test_sisa_averages_the_adapters_outputs():
     np.testing.assert_allclose(aggregate(None, "sisa", [], [{}, {}, {}], per_adapter=per), [0.5, 0.6])
     with pytest.raises(ValueError, match="omega"):
         aggregate(None, "apa-d", [], [{}])
+
+
+def test_own_weight_moves_a_users_weights_to_the_shards_holding_their_history():
+    # shard 0 holds users 1, 1, 2; shard 1 holds 2, 2, 2; user 3 has no training sample (cold)
+    own = own_shares([1, 2, 3], [[1, 1, 2], [2, 2, 2]])
+    np.testing.assert_allclose(own, [[1.0, 0.0], [0.25, 0.75], [0.0, 0.0]])
+    omega = np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]])
+    np.testing.assert_allclose(with_own(omega, own, 0.5), [[0.6, 0.4], [0.375, 0.625], [0.9, 0.1]])
+    np.testing.assert_array_equal(with_own(omega, own, 0.0), omega)
+    np.testing.assert_allclose(with_own(omega, own, 1.0)[:2], own[:2])  # w = 1: the user's own shards alone
+    assert np.allclose(with_own(omega, own, 0.3).sum(axis=1), 1.0)

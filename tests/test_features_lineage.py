@@ -215,6 +215,30 @@ def test_each_shard_counts_its_features_over_its_own_samples_and_the_partition_r
         {k: m["sample_ids"] for k, m in _shard_metas(plain).items()}
 
 
+def test_own_weight_scores_a_user_with_the_shard_that_holds_their_history(sharded):
+    """shards.own_weight=1 on semantic-users shards: a user's test sample is scored by the one shard adapter that
+    holds their training samples; a cold user's score is the plain aggregation's."""
+    import numpy as np
+
+    from privrec.recommender import ShardAggregation, open_model
+    from privrec.unlearning.exact.apa import score_each
+
+    md = open_model(sharded, ["shards.own_weight=1"])
+    splits = md.splits()
+    scorer = ShardAggregation(md, splits)
+    test = splits.test
+    got = scorer.score(test, progress=False, aggregation="apa-nd")
+    per = score_each(scorer.model, scorer.model.encode(test), scorer.states, 16, False)
+    home = {u: k for k, users in enumerate(scorer.shard_users) for u in users}
+    warm = [i for i, s in enumerate(test) if s.user_id in home]
+    assert warm
+    np.testing.assert_allclose(got[warm], per[warm, [home[test[i].user_id] for i in warm]], atol=1e-5)
+    plain = ShardAggregation(open_model(sharded), splits).score(test, progress=False, aggregation="apa-nd")
+    cold = [i for i in range(len(test)) if i not in set(warm)]
+    np.testing.assert_allclose(got[cold], plain[cold], atol=1e-6)
+    assert not np.allclose(got[warm], plain[warm], atol=1e-4)
+
+
 def test_forgetting_a_user_reaches_only_the_shards_whose_features_counted_them(sharded, tmp_path, capsys):
     import shutil
 

@@ -267,11 +267,14 @@ class ShardAggregation:
 
     def __init__(self, md: ModelDir, splits: Splits):
         from privrec.unlearning.exact.shards import build_model as build_shard_model
+        from privrec.unlearning.exact.shards import users_of
 
         md.require_adapters()
         self.md, self.cfg, self.splits = md, md.cfg, splits
         self.model, _ = build_shard_model(md.cfg, splits)
-        self.states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
+        read = [md.adapter_state(a) for a in md.manifest.adapters]
+        self.states = [state for state, _ in read]
+        self.shard_users = users_of([meta for _, meta in read], splits.train)  # shards.own_weight
         self.batch_size = md.cfg.train.eval_batch_size
         self._pool = None
 
@@ -292,7 +295,7 @@ class ShardAggregation:
         own (its splits), so their untuned features may come from and go to the run's feature cache; other
         prompts (a user's candidates) are computed fresh, never cached under a sample id they do not own."""
         from privrec.unlearning.exact.apa import aggregate, apa_weights
-        from privrec.unlearning.exact.shards import load_features
+        from privrec.unlearning.exact.shards import load_features, own_of
 
         name = aggregation or self.md.manifest.primary
         items = self.model.encode(samples)
@@ -308,7 +311,8 @@ class ShardAggregation:
             omega = apa_weights(f, f_pool, per_pool, [x.label for x in self.splits.valid], s.neighbours, s.tau,
                                 s.error)
         return aggregate(self.model, name, items, self.states, omega=omega, batch_size=self.batch_size,
-                         progress=progress)
+                         progress=progress, own=own_of(self.cfg, [x.user_id for x in samples], self.shard_users),
+                         own_weight=self.cfg.shards.own_weight)
 
 
 def scorer_of(md: ModelDir, splits: Splits):

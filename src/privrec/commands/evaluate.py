@@ -67,17 +67,18 @@ def _one_adapter(md: ModelDir, splits, split: str, tag: str, progress: bool) -> 
 
 
 def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
-    from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features
+    from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features, users_of
 
     cfg = md.cfg
     model, _ = build_model(cfg, splits)
-    states = [md.adapter_state(a)[0] for a in md.manifest.adapters]
+    states, metas = zip(*(md.adapter_state(a) for a in md.manifest.adapters))
     samples = splits.get(split)
     va, te = model.encode(splits.valid), model.encode(samples)
     need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
     f_va = load_features(md.run, model, cfg, va, progress) if need_pool else None
     f_te = load_features(md.run, model, cfg, te, progress) if need_pool else None
-    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, states, progress)
+    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, list(states), progress,
+                         users_of(list(metas), splits.train))
     metrics = dict(ev.metrics["aggregations"][cfg.shards.primary])
     metrics.update(ev.metrics, method=cfg.shards.primary, shards=[a.name for a in md.manifest.adapters])
     return metrics

@@ -208,7 +208,8 @@ def run_shard_train(cfg: ApaConfig, out: str | Path, resume: bool = False, progr
             run.log(f"full retrain: {len(tr)} samples, {res.seconds:.1f}s, test AUC {retrain['auc']:.4f}")
 
         # 7. score every aggregation
-        ev = evaluate_shards(cfg, model, splits.valid, splits.test, va, te, f_va, f_te, states, progress)
+        ev = evaluate_shards(cfg, model, splits.valid, splits.test, va, te, f_va, f_te, states, progress,
+                             [[by_id[i].user_id for i in ids] for ids in shards])
         primary = ev.metrics["aggregations"][cfg.shards.primary]
         metrics = dict(primary)
         metrics.update(ev.metrics)

@@ -15,6 +15,7 @@ output averaging). The weight maths are pure numpy functions, tested without a m
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
 
@@ -72,6 +73,24 @@ def uniform_weights(n: int, k: int) -> np.ndarray:
     return np.full((n, k), 1.0 / k)
 
 
+def own_shares(users: Sequence[int], shard_users: Sequence[Sequence[int]]) -> np.ndarray:
+    """(N, K): for each query's user, the share of their training samples that shard k holds (``shard_users[k]``:
+    the user of every training sample of shard k); a row of zeros for a user with none (a cold user)."""
+    counts = [Counter(u) for u in shard_users]
+    out = np.array([[c.get(u, 0) for c in counts] for u in users], dtype=np.float64).reshape(len(users), len(counts))
+    total = out.sum(axis=1, keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def with_own(omega: np.ndarray, own: np.ndarray | None, weight: float) -> np.ndarray:
+    """(1 - weight) omega + weight own: each query's weights moved towards the shards that hold its own user's
+    history (:func:`own_shares`; ``shards.own_weight``, issue 35); a cold user's row keeps omega."""
+    if own is None or weight == 0:
+        return omega
+    has = own.sum(axis=1, keepdims=True) > 0
+    return np.where(has, (1.0 - weight) * omega + weight * own, omega)
+
+
 def apa_weights(
     query: np.ndarray,
     pool: np.ndarray,
@@ -111,23 +130,27 @@ def aggregate(
     per_adapter: np.ndarray | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    own: np.ndarray | None = None,
+    own_weight: float = 0.0,
 ) -> np.ndarray:
     """P(Yes) of ``items`` under one aggregation of the K adapters ``states``.
 
     ``omega`` (N, K) is needed for apa-d / apa-nd; ``per_adapter`` (N, K), when given, saves SISA's K passes.
+    ``own`` (N, K) and ``own_weight``: the weighted aggregations (uniform, apa-d, apa-nd) move each sample's
+    weights towards the shards holding its user's history (:func:`with_own`); SISA's mean is left as it is.
     """
     if method == "sisa":
         if per_adapter is None:
             per_adapter = score_each(model, items, states, batch_size, progress)
         return per_adapter.mean(axis=1)
     if method == "uniform":
-        return score_mixture(
-            model, items, states, uniform_weights(len(items), len(states)), "nd", batch_size, progress
-        )
+        weights = with_own(uniform_weights(len(items), len(states)), own, own_weight)
+        return score_mixture(model, items, states, weights, "nd", batch_size, progress)
     if method in ("apa-d", "apa-nd"):
         if omega is None:
             raise AggregationError(f"{method} needs per-sample weights omega")
         return score_mixture(
-            model, items, states, omega, "d" if method == "apa-d" else "nd", batch_size, progress
+            model, items, states, with_own(omega, own, own_weight), "d" if method == "apa-d" else "nd", batch_size,
+            progress
         )
     raise AggregationError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")

@@ -39,7 +39,7 @@ from privrec.rundir import (
     is_adapter,
 )
 from privrec.train import TrainResult, train
-from privrec.unlearning.exact.apa import aggregate, apa_weights, score_each
+from privrec.unlearning.exact.apa import aggregate, apa_weights, own_shares, score_each
 from privrec.unlearning.exact.ledger import excluded_ids
 from privrec.unlearning.exact.slices import (
     StageState,
@@ -91,6 +91,12 @@ class ShardConfig(BaseModel):
     primary: Literal["uniform", "apa-d", "apa-nd", "sisa"] = Field(
         "apa-nd", description="The aggregation reported as the run's top-level auc / logloss / accuracy."
     )
+    own_weight: float = Field(
+        0.0, ge=0, le=1, description="Weight w moving each scored sample's aggregation weights towards the shards "
+        "that hold its own user's training samples: (1 - w) omega + w * (the share of the user's samples in each "
+        "shard), for uniform, apa-d and apa-nd (SISA's mean is left as it is); a user with no training sample "
+        "keeps omega. Inference only (no adapter changes); 0 = off. With semantic-users a user's samples sit in "
+        "one shard, so w = 1 scores them with that shard's adapter alone.")
     neighbours: int = Field(20, ge=1, description="n nearest validation samples per test sample (Movie: 20).")
     tau: float = Field(1000.0, ge=0, description="Softmax temperature on -error (tau=0: uniform weights).")
     error: Literal["abs", "squared"] = Field(
@@ -405,8 +411,10 @@ def evaluate_shards(
     f_te: np.ndarray | None,
     states: list[dict[str, torch.Tensor]],
     progress: bool = True,
+    shard_users: list[list[int]] | None = None,
 ) -> Evaluation:
-    """Score every single adapter and every configured aggregation on the test samples."""
+    """Score every single adapter and every configured aggregation on the test samples (``shard_users``: the user
+    of every training sample of each shard, for ``shards.own_weight``)."""
     bs = model_batch(cfg)
     y_te, users = [s.label for s in test], [s.user_id for s in test]
     seconds: dict[str, float] = {}
@@ -432,10 +440,12 @@ def evaluate_shards(
             cfg.shards.error,
         )
         seconds["weights"] = time.perf_counter() - t0
+    own = own_of(cfg, users, shard_users)
     for name in cfg.shards.aggregations:
         t0 = time.perf_counter()
         probs = aggregate(
-            model, name, te, states, omega=omega, per_adapter=per_te, batch_size=bs, progress=progress
+            model, name, te, states, omega=omega, per_adapter=per_te, batch_size=bs, progress=progress, own=own,
+            own_weight=cfg.shards.own_weight
         )
         if name != "sisa":
             seconds[name] = time.perf_counter() - t0
@@ -449,6 +459,22 @@ def evaluate_shards(
     if omega is not None:
         metrics["weights"] = {"mean": omega.mean(0).tolist(), "mean_max": float(omega.max(1).mean())}
     return Evaluation(metrics, seconds)
+
+
+def own_of(cfg: ApaConfig, users: list[int], shard_users: list[list[int]] | None) -> np.ndarray | None:
+    """(N, K) the share of each scored user's training samples in each shard (:func:`~.apa.own_shares`), or
+    None when ``shards.own_weight`` is 0."""
+    if cfg.shards.own_weight == 0:
+        return None
+    if shard_users is None:
+        raise ValueError("shards.own_weight needs the shards' users")
+    return own_shares(users, shard_users)
+
+
+def users_of(metas: list[dict], train: list[Sample]) -> list[list[int]]:
+    """The user of every current training sample of each shard, from the shard adapters' ``privrec.json``."""
+    user = {s.sample_id: s.user_id for s in train}
+    return [[user[i] for i in meta["sample_ids"] if i in user] for meta in metas]
 
 
 def reusable(folder: Path, cfg: ApaConfig, samples: list[Sample],
