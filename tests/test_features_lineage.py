@@ -215,11 +215,12 @@ def test_each_shard_counts_its_features_over_its_own_samples_and_the_partition_r
         {k: m["sample_ids"] for k, m in _shard_metas(plain).items()}
 
 
-def test_own_weight_scores_a_user_with_the_shard_that_holds_their_history(sharded):
+def test_own_weight_scores_a_user_with_the_shard_that_holds_their_history(sharded, capsys):
     """shards.own_weight=1 on semantic-users shards: a user's test sample is scored by the one shard adapter that
     holds their training samples; a cold user's score is the plain aggregation's."""
     import numpy as np
 
+    from privrec.metrics import auc
     from privrec.recommender import ShardAggregation, open_model
     from privrec.unlearning.exact.apa import score_each
 
@@ -237,6 +238,13 @@ def test_own_weight_scores_a_user_with_the_shard_that_holds_their_history(sharde
     cold = [i for i in range(len(test)) if i not in set(warm)]
     np.testing.assert_allclose(got[cold], plain[cold], atol=1e-6)
     assert not np.allclose(got[warm], plain[warm], atol=1e-4)
+    # evaluate tries a value on the trained model; what would change an adapter is refused in one line
+    code, text, err = run_cli(capsys, "evaluate", str(sharded), "--set", "shards.own_weight=1")
+    assert code == 0, err
+    assert json.loads(text[text.index("{"):])["auc"] == pytest.approx(  # apa-nd: the primary
+        auc([s.label for s in test], got))
+    code, _, err = run_cli(capsys, "evaluate", str(sharded), "--set", "train.lr=0.1")
+    assert code == 2 and "scoring" in err and len(err.strip().splitlines()) == 1
 
 
 def test_forgetting_a_user_reaches_only_the_shards_whose_features_counted_them(sharded, tmp_path, capsys):

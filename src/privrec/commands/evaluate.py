@@ -32,17 +32,26 @@ def run_evaluate(run_path: str | Path, split: str = "test", progress: bool = Tru
 
     Raises:
         RunError: not a model directory, an unfinished deletion request, or another privrec command working on
-            it (a service holds it while it serves). UserError: ``--set`` on a shards
-            or clients model.
+            it (a service holds it while it serves). UserError: ``--set`` on a clients
+            model, or on a shards model beyond :data:`SHARD_INFERENCE`.
     """
     with run_lock(run_path, create=False):  # it writes predictions: no deletion may land meanwhile
         return _evaluate(run_path, split, progress, overrides)
 
 
+# what a shards model's scoring alone reads: `--set` may try other values without retraining a shard
+SHARD_INFERENCE = ("shards.own_weight", "shards.neighbours", "shards.tau", "shards.error", "shards.aggregations",
+                   "shards.primary")
+
+
 def _evaluate(run_path: str | Path, split: str, progress: bool, overrides: list[str] | None) -> dict:
     md = open_model(run_path, overrides)
-    if overrides and md.kind not in ("single", "student"):
-        raise UserError(f"--set applies to one-adapter models; {run_path} is {md.manifest.describe()}")
+    keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    if md.kind == "shards" and keys and not all(k in SHARD_INFERENCE for k in keys):
+        raise UserError(f"--set on a shards model takes what only scoring reads ({', '.join(SHARD_INFERENCE)}); "
+                        f"{run_path} is {md.manifest.describe()}")
+    if keys and md.kind not in ("single", "student", "shards"):
+        raise UserError(f"--set applies to one-adapter and shards models; {run_path} is {md.manifest.describe()}")
     splits = md.splits()
     tag = split if md.cfg.task == md.manifest.task else f"{split}_{md.cfg.task}"
     metrics = {"single": _one_adapter, "student": _one_adapter, "shards": _shards,
