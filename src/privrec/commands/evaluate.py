@@ -80,14 +80,15 @@ def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
 
     cfg = md.cfg
     model, _ = build_model(cfg, splits)
-    states, metas = zip(*(md.adapter_state(a) for a in md.manifest.adapters))
+    read = [md.adapter_state(a) for a in md.manifest.adapters]
+    states, metas = [state for state, _ in read], [meta for _, meta in read]
     samples = splits.get(split)
     va, te = model.encode(splits.valid), model.encode(samples)
     need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
     f_va = load_features(md.run, model, cfg, va, progress) if need_pool else None
     f_te = load_features(md.run, model, cfg, te, progress) if need_pool else None
-    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, list(states), progress,
-                         users_of(list(metas), splits.train))
+    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, states, progress,
+                         users_of(metas, splits.train))
     metrics = dict(ev.metrics["aggregations"][cfg.shards.primary])
     metrics.update(ev.metrics, method=cfg.shards.primary, shards=[a.name for a in md.manifest.adapters])
     return metrics
