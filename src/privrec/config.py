@@ -307,15 +307,17 @@ class ExperimentConfig(_Section):
             node = d
             for part in path[:-1]:
                 node = node.get(part, {})
-            if path[-1] in node and node[path[-1]] == _default_at(path):
+            if path[-1] in node and node[path[-1]] == _default_at(path, type(self)):
                 del node[path[-1]]
         if sections:
             d = {s: d[s] for s in sections if s in d}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# keys added to ExperimentConfig after digests were recorded (round 3: the collaborative signal, METHODS §12)
-ADDED_KEYS: tuple[tuple[str, ...], ...] = (("collab",), ("prompt", "cf_score"), ("ranking", "cf_references"))
+# keys added to a config schema after digests were recorded (round 3: the collaborative signal, METHODS §12;
+# round 4: the federated round kept, the shards' own-history weight)
+ADDED_KEYS: tuple[tuple[str, ...], ...] = (("collab",), ("prompt", "cf_score"), ("ranking", "cf_references"),
+                                           ("federated", "keep"), ("shards", "own_weight"))
 
 
 # sections that say how a command runs, never what it computes: no digest ever includes them
@@ -323,13 +325,14 @@ RUNTIME_SECTIONS: tuple[str, ...] = ("executor",)
 
 
 @functools.cache
-def _defaults() -> dict:
-    return json.loads(ExperimentConfig().model_dump_json())
+def _defaults(cls: type[BaseModel]) -> dict:
+    return json.loads(cls().model_dump_json())
 
 
-def _default_at(path: tuple[str, ...]):
-    """The JSON form of the schema's default at ``path`` (a section or a field of one)."""
-    node = _defaults()
+def _default_at(path: tuple[str, ...], cls: type[BaseModel] | None = None):
+    """The JSON form of the default at ``path`` (a section or a field of one) of the schema ``cls`` (default
+    ExperimentConfig; a subclass adds its own sections)."""
+    node = _defaults(cls or ExperimentConfig)
     for part in path:
         node = node[part]
     return node
