@@ -47,9 +47,9 @@ from privrec.unlearning.exact.slices import (
     save_checkpoint,
     slicing_record,
     stage_dir,
-    stage_features,
     stage_features_record,
     stage_meta,
+    stage_samples,
 )
 
 # config sections that decide what an adapter is (its hash in the adapter's metadata)
@@ -212,15 +212,11 @@ def shard_encodings(model: RecLM, cfg: ApaConfig, samples: list[Sample]) -> list
 def job_encodings(model: RecLM, cfg: ApaConfig, job: ShardJob) -> list[Encoded]:
     """Every training prompt of a unit of shard work as it trains on them: the shard's under its own features;
     a sliced shard whose prompts read counted features, each stage's from ``job.first`` on under the features of
-    the slices it has seen (:func:`~privrec.unlearning.exact.slices.stage_features`)."""
+    the slices it has seen (as :func:`~privrec.unlearning.exact.slices.run_stages` renders them)."""
     if job.slices is None or not cfg.shows_labels:
         return shard_encodings(model, cfg, job.samples)
-    out = []
-    for s in range(job.first, len(job.slices) + 1):
-        data = sorted((x for sl in job.slices[:s] for x in sl), key=lambda x: x.sample_id)
-        with model.features_of(stage_features(cfg, data)):
-            out += model.encode(data)
-    return out
+    return [e for s in range(job.first, len(job.slices) + 1)
+            for e in shard_encodings(model, cfg, stage_samples(job.slices, s))]
 
 
 def plain_encodings(model: RecLM, samples: list[Sample]) -> list[Encoded]:
@@ -355,7 +351,7 @@ def save_checkpoints(model: RecLM, cfg: ApaConfig, set_dir: Path, job: ShardJob,
     """Write the checkpoints a sliced unit returned (:func:`train_task`) under ``set_dir``, each with its stage's
     lineage, as :func:`~privrec.unlearning.exact.slices.train_sliced` writes them."""
     for s, state in sorted(checkpoints.items()):
-        data = sorted((x for sl in job.slices[:s] for x in sl), key=lambda x: x.sample_id)
+        data = stage_samples(job.slices, s)
         load_adapter_state(model.model, state.adapter)
         save_checkpoint(model, stage_dir(set_dir, s), state,
                         stage_meta(base_meta, s, data, features=stage_features_record(cfg, data, s)))

@@ -93,6 +93,11 @@ def cumulative(slices: list[list[str]], s: int) -> list[str]:
     return sorted(i for sl in slices[:s] for i in sl)
 
 
+def stage_samples(slices: list[list[Sample]], s: int) -> list[Sample]:
+    """The samples of slices 1..s in sample-id order: what stage s trains on (:func:`cumulative` of samples)."""
+    return sorted((x for sl in slices[:s] for x in sl), key=lambda x: x.sample_id)
+
+
 def first_affected(old: list[list[str]], new: list[list[str]]) -> int | None:
     """The first slice (1-based) that lost samples, or None."""
     return next((j + 1 for j, (a, b) in enumerate(zip(old, new)) if len(b) < len(a)), None)
@@ -122,17 +127,12 @@ def _stage_plan(cfg):
     return tcfg, plan
 
 
-def stage_features(cfg, data: list[Sample]) -> tuple | None:
-    """The counted features a stage's prompts show: counted over ``data``, the samples of slices 1..s (METHODS
-    §12); None when the prompts read none."""
-    return prepare.counted_features(cfg, data) if cfg.shows_labels else None
-
-
 def stage_features_record(cfg, data: list[Sample], s: int) -> dict | None:
-    """A checkpoint's ``features`` record (None when the prompts read none): counted over slices 1..s."""
+    """A checkpoint's ``features`` record (None when the prompts read none): counted over ``data``, the samples
+    of slices 1..s (METHODS §12)."""
     if not cfg.shows_labels:
         return None
-    return prepare.features_block(cfg, data, f"slices 1..{s} of the shard", stage_features(cfg, data))
+    return prepare.features_block(cfg, data, f"slices 1..{s} of the shard", prepare.counted_features(cfg, data))
 
 
 def run_stages(model: RecLM, start: StageState, slices: list[list[Sample]], cfg, k: int, first: int,
@@ -140,17 +140,18 @@ def run_stages(model: RecLM, start: StageState, slices: list[list[Sample]], cfg,
                progress: bool = True) -> float:
     """Train stages ``first``..R of shard k from ``start`` (the state after stage first-1); the model holds the
     adapter after stage R. ``on_stage(s, samples of slices 1..s, state)`` is called after every stage s < R.
-    Stage s's prompts show the counted features of slices 1..s (:func:`stage_features`). Returns the training
+    Stage s's prompts show the counted features of slices 1..s alone (METHODS §12). Returns the training
     seconds."""
     tcfg, plan = _stage_plan(cfg)
     state, seconds = start, 0.0
     load_adapter_state(model.model, state.adapter)
     r = len(slices)
     for s in range(first, r + 1):
-        data = sorted((x for sl in slices[:s] for x in sl), key=lambda x: x.sample_id)
+        data = stage_samples(slices, s)
         if slices[s - 1]:  # a stage whose own slice is empty changes nothing: skipped
             load_adapter_state(model.model, state.adapter)
-            counted = model.features_of(stage_features(cfg, data)) if cfg.shows_labels else contextlib.nullcontext()
+            counted = (model.features_of(prepare.counted_features(cfg, data)) if cfg.shows_labels
+                       else contextlib.nullcontext())
             with counted:
                 res = train(model, model.encode(data), tcfg, stage_seed(cfg.seed, k, s), batch_plan=plan,
                             progress=progress, optimizer_state=state.optimizer)
