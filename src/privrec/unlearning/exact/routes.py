@@ -16,6 +16,7 @@ single model's one adapter is slot 0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -103,6 +104,16 @@ RETIRED = "RETIRED"  # marker file of a staged adapter that lost all its samples
 FEATURES_UNRECORDED = ("its prompts read features counted from other samples' labels, but its adapter does not "
                        "record what they were counted over (trained before features had lineage, or altered)")
 FEATURE_KEYS = ("lineage_sha256", "digest", "n_samples")  # what a features record is checked by
+
+
+def feature_problems(recorded: dict | None, recount: Callable[[], dict], against: str) -> list[str]:
+    """Problems of an adapter's (or checkpoint's) ``features`` record against ``recount()``, its recomputation
+    from ``against`` (what it must have been counted over): unrecorded, or differing in a :data:`FEATURE_KEYS`."""
+    if recorded is None:
+        return [FEATURES_UNRECORDED]
+    now = recount()
+    return [f"its features' {key} differs from {against} (counted outside its lineage, or altered)"
+            for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
 
 
 class Route:
@@ -379,25 +390,19 @@ class RetrainShards(Checkpointed):
         if not self.cfg.shows_labels:
             return out
         meta = read_meta(folder)
-        recorded = meta.get("features")
-        if recorded is None:
+        if meta.get("features") is None:
             return [*out, FEATURES_UNRECORDED]
-        now = shard_features_record(self.cfg, [universe[i] for i in meta["sample_ids"] if i in universe])
-        out += [f"its features' {key} differs from its own samples' (counted outside its lineage, or altered)"
-                for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
+        out += feature_problems(meta["features"], lambda: shard_features_record(
+            self.cfg, [universe[i] for i in meta["sample_ids"] if i in universe]), "its own samples'")
         for rec in meta.get("checkpoints") or []:  # a stage's: counted over the slices it had seen
             folder = stage_dir(self.checkpoints(self.run.path, k), rec["stage"])
             if not is_adapter(folder):
                 continue  # missing: check_checkpoints says so
             stage = read_meta(folder)
-            recorded = stage.get("features")
-            if recorded is None:
-                out.append(f"checkpoint {folder.name}: {FEATURES_UNRECORDED}")
-                continue
-            now = stage_features_record(self.cfg, [universe[i] for i in stage["sample_ids"] if i in universe],
-                                        rec["stage"])
-            out += [f"checkpoint {folder.name}: its features' {key} differs from slices 1..{rec['stage']}' (counted "
-                    "outside its lineage, or altered)" for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
+            recount = functools.partial(stage_features_record, self.cfg,
+                                        [universe[i] for i in stage["sample_ids"] if i in universe], rec["stage"])
+            out += [f"checkpoint {folder.name}: {p}"
+                    for p in feature_problems(stage.get("features"), recount, f"slices 1..{rec['stage']}'")]
         return out
 
     def run_info(self):
@@ -427,12 +432,9 @@ class RetrainAll(Route):
         data that remains gives (recomputed here), else the features came from outside its lineage."""
         if not self.cfg.shows_labels:
             return []
-        recorded = read_meta(folder).get("features")
-        if recorded is None:
-            return [FEATURES_UNRECORDED]
-        now = features_record(self.cfg, setup_data(self.cfg, tombstones))
-        return [f"its features' {key} differs from the data that remains (counted outside its lineage, or altered)"
-                for key in FEATURE_KEYS if recorded.get(key) != now.get(key)]
+        return feature_problems(read_meta(folder).get("features"),
+                                lambda: features_record(self.cfg, setup_data(self.cfg, tombstones)),
+                                "the data that remains")
 
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if not is_adapter(staged):
