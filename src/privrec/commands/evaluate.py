@@ -18,7 +18,7 @@ import numpy as np
 from privrec import ranking
 from privrec.errors import UserError
 from privrec.prepare import evaluate_split, write_predictions
-from privrec.recommender import ModelDir, OneAdapter, open_model, scorer_of
+from privrec.recommender import ModelDir, OneAdapter, ShardAggregation, open_model, scorer_of
 from privrec.rundir import atomic_write_text, run_lock
 
 
@@ -76,19 +76,18 @@ def _one_adapter(md: ModelDir, splits, split: str, tag: str, progress: bool) -> 
 
 
 def _shards(md: ModelDir, splits, split: str, tag: str, progress: bool) -> dict:
-    from privrec.unlearning.exact.shards import build_model, evaluate_shards, load_features, users_of
+    from privrec.unlearning.exact.shards import evaluate_shards, load_features
 
     cfg = md.cfg
-    model, _ = build_model(cfg, splits)
-    read = [md.adapter_state(a) for a in md.manifest.adapters]
-    states, metas = [state for state, _ in read], [meta for _, meta in read]
+    scorer = ShardAggregation(md, splits)  # the shards' model, adapters and users, as recommend reads them
+    model = scorer.model
     samples = splits.get(split)
     va, te = model.encode(splits.valid), model.encode(samples)
     need_pool = any(a in ("apa-d", "apa-nd") for a in cfg.shards.aggregations)
     f_va = load_features(md.run, model, cfg, va, progress) if need_pool else None
     f_te = load_features(md.run, model, cfg, te, progress) if need_pool else None
-    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, states, progress,
-                         users_of(metas, splits.train))
+    ev = evaluate_shards(cfg, model, splits.valid, samples, va, te, f_va, f_te, scorer.states, progress,
+                         scorer.shard_users)
     metrics = dict(ev.metrics["aggregations"][cfg.shards.primary])
     metrics.update(ev.metrics, method=cfg.shards.primary, shards=[a.name for a in md.manifest.adapters])
     return metrics
