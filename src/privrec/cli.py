@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precompute-only", action="store_true",
                    help="write every user's top-k into MODEL/serve/recommendations.json and exit")
     _add_executor(p, "the store fills (blocks of users) and a deletion's shards (a shards model)")
+    p.add_argument("--approximate", choices=["influence"], default=None,
+                   help="a shards model: serve each deletion's approximate answer (the affected shard's adapter "
+                   "moved by one influence step, METHODS §13) seconds after the request, until the exact replay's "
+                   "adapters replace it; only the exact model is certified (off by default)")
+    p.add_argument("--approximate-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --approximate influence: a setting of the step (unlearn.influence's keys, e.g. "
+                   "damping=0.01, iterations=8, hessian_samples=32, scale=1)")
     p.add_argument("--swap-at-once", action="store_true",
                    help="with --precompute: swap a deletion's new adapters in as soon as they are trained and fill "
                    "the store afterwards, answering online meanwhile (default: fill it first, while the old "
@@ -403,7 +410,7 @@ def _forget(args, progress: bool) -> int:
 
 
 def _serve(args, progress: bool) -> int:
-    from privrec.commands.serve import run_precompute, run_serve
+    from privrec.commands.serve import influence_section, run_precompute, run_serve
 
     candidates = args.candidates or None
     if args.precompute_only:
@@ -414,8 +421,11 @@ def _serve(args, progress: bool) -> int:
     print(f"privrec serve: http://{args.host}:{args.port}/ (docs at /docs); Ctrl-C stops", file=sys.stderr)
     if args.swap_at_once and not args.precompute:
         raise UserError("--swap-at-once only changes --precompute; add --precompute or drop it")
+    if args.approximate_set and not args.approximate:
+        raise UserError("--approximate-set only changes --approximate; add --approximate influence or drop it")
     run_serve(args.run, args.host, args.port, candidates, args.blend, args.store_k, args.precompute,
-              source=args.candidate_source, refill_before_swap=not args.swap_at_once, executor=_executor(args))
+              source=args.candidate_source, refill_before_swap=not args.swap_at_once, executor=_executor(args),
+              approximate=args.approximate, influence=influence_section(args.approximate_set))
     return 0
 
 

@@ -17,8 +17,8 @@ from privrec.errors import UserError
 def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, candidates: int | None = 50,
               blend: float = 0.0, store_k: int = 20, precompute: bool = False, progress: bool = False,
               source: str = "popularity", refill_before_swap: bool = True,
-              executor: ExecutorConfig | None = None) -> None:
-    """Serve ``model`` until interrupted (``refill_before_swap``, ``executor``: see
+              executor: ExecutorConfig | None = None, approximate: str | None = None, influence=None) -> None:
+    """Serve ``model`` until interrupted (``refill_before_swap``, ``executor``, ``approximate``, ``influence``: see
     :class:`~privrec.serve.service.Service`).
 
     Raises:
@@ -31,14 +31,41 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
     _check(candidates, blend, store_k, source)
     service = Service(model, candidates=candidates, blend=blend, store_k=store_k, precompute=precompute,
-                      progress=progress, source=source, refill_before_swap=refill_before_swap, executor=executor)
+                      progress=progress, source=source, refill_before_swap=refill_before_swap, executor=executor,
+                      approximate=approximate, influence=influence)
     try:
+        if approximate:
+            print(f"privrec serve: a deletion is answered at once by an approximate model ({approximate}); the "
+                  "exact one replaces it and alone is certified", file=sys.stderr)
         if service.refusal is not None:  # said when it starts, and on its page (no promise, no button)
             print(f"privrec serve: deletion requests will be refused (409): {service.refusal}", file=sys.stderr)
         service.start()
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
     finally:
         service.close()
+
+
+def influence_section(settings: list[str]):
+    """The influence step's settings from ``KEY=VALUE`` strings (``unlearn.influence``'s keys).
+
+    Raises:
+        UserError: not KEY=VALUE, an unknown key or a bad value (one line)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from privrec.unlearning.approx.task import InfluenceSection
+
+    raw = {}
+    for s in settings:
+        key, eq, value = s.partition("=")
+        if not eq or not key:
+            raise UserError(f"--approximate-set wants KEY=VALUE, got {s!r}")
+        raw[key.strip()] = yaml.safe_load(value)
+    try:
+        return InfluenceSection.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"--approximate-set {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
 
 
 def run_precompute(model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,

@@ -20,7 +20,7 @@ import torch
 
 from privrec.data import Sample
 from privrec.federated.fedabc import fedabc_plan
-from privrec.federated.slicing import checkpoint_after, client_slices, slices_seen
+from privrec.federated.slicing import checkpoint_after, client_slices, first_round, slices_seen, stage_pool
 from privrec.federated.strategies import Instructions, State, Update
 from privrec.metrics import binary_metrics, ranking_metrics, ranks_by_group
 from privrec.model.adapters import adapter_state, load_adapter_state
@@ -129,7 +129,8 @@ class FederatedClient:
     ``slices``: its slice map under ``federated.slices`` (default: cut from ``train_samples``; a deletion's
     replay passes the model's map without the deleted samples). Prompts that read counted features show the
     client's own, counted over ``counted`` (its :func:`client_pool`; default its training samples), in training
-    and in scoring."""
+    and in scoring; a sliced client's rounds before its last stage show those counted over the users of the
+    slices they see (:meth:`stage_counted`)."""
 
     def __init__(self, cid: int, model: RecLM, train_samples: list[Sample], valid: list[Sample],
                  test: list[Sample], cfg, progress: bool = False, slices: list[list[str]] | None = None,
@@ -143,6 +144,11 @@ class FederatedClient:
         self._features: dict[str, np.ndarray] = {}  # split -> untuned features (the mixture's, computed once)
         fed = getattr(cfg, "federated", None)
         self.slices = slices if slices is not None else client_slices(train_samples, fed.slices if fed else 1)
+        self._stage_items: dict[int, list] = {}  # stage -> its training prompts under its own counted features
+
+    def stage_counted(self, s: int) -> list[Sample]:
+        """What stage ``s``'s counted features are counted over (:func:`.slicing.stage_pool`)."""
+        return stage_pool(self.counted, self.samples["train"], self.slices, s)
 
     @property
     def n_train(self) -> int:
@@ -152,8 +158,23 @@ class FederatedClient:
         """The encoded training samples round ``rnd`` trains on (all, or its slices)."""
         if self.slices is None:
             return self.items["train"]
-        keep = set(cumulative(self.slices, slices_seen(rnd, len(self.slices), self.cfg.federated.rounds)))
-        return [e for e, s in zip(self.items["train"], self.samples["train"]) if s.sample_id in keep]
+        r = len(self.slices)
+        s = slices_seen(rnd, r, self.cfg.federated.rounds)
+        keep = set(cumulative(self.slices, s))
+        if not self.cfg.shows_labels or s == r:
+            return [e for e, x in zip(self.items["train"], self.samples["train"]) if x.sample_id in keep]
+        if s not in self._stage_items:  # METHODS §12: counted over the users of the slices this round sees
+            with self.model.features_of(client_features(self.cfg, self.stage_counted(s))):
+                self._stage_items[s] = self.model.encode([x for x in self.samples["train"] if x.sample_id in keep])
+        return self._stage_items[s]
+
+    def training_items(self) -> list[list]:
+        """Every list of prompts the client's rounds train on: its training prompts and, for a sliced client whose
+        prompts read counted features, each earlier stage's (rendered under that stage's features)."""
+        if self.slices is None or not self.cfg.shows_labels:
+            return [self.items["train"]]
+        r, rounds = len(self.slices), self.cfg.federated.rounds
+        return [self.round_items(first_round(s, r, rounds)) for s in range(1, r)] + [self.items["train"]]
 
     def fit(self, state: State, ins: Instructions) -> FitResult:
         """Local epochs from ``state`` on the round's samples; returns the new state and the last epoch's mean

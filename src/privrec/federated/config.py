@@ -102,10 +102,6 @@ class FederatedConfig(ExperimentConfig):
             raise ValueError("collab.inject cannot be used with federate: each client's CF vectors come from its "
                              "own MF, so one projector cannot read them all; use prompt.cf_score or set "
                              "collab.inject=false")
-        if self.shows_labels and f.slices > 1:
-            raise ValueError("prompt.item_stats / prompt.cf_score with federated.slices > 1 is not built yet (a "
-                             "checkpoint would need features counted over the slices it has seen); set "
-                             "federated.slices=1")
         if self.train.early_stopping is not None:
             raise ValueError("train.early_stopping is not used by federate (clients train train.epochs local "
                              "epochs per round); remove it")

@@ -24,7 +24,7 @@ from privrec.federated.client import POOLED, FederatedClient, client_features, c
 from privrec.federated.config import FederatedConfig
 from privrec.federated.runner import build_model as federated_model
 from privrec.federated.runner import run_federate
-from privrec.model.adapters import ADAPTER_META, adapter_state, load_adapter_state, read_meta, save_adapter
+from privrec.model.adapters import ADAPTER_META, adapter_state, lineage_of, load_adapter_state, read_meta, save_adapter
 from privrec.prepare import adapter_meta, setup_data, source_data
 from privrec.rundir import ADAPTERS_DIR, CLIENT_PREFIX, METRICS_FILE, RunDir, atomic_write_text, is_adapter, remove_tree
 from privrec.unlearning.exact.routes import (
@@ -99,8 +99,26 @@ class _ClientSlots(Checkpointed):
         if recorded is None:
             return [*out, FEATURES_UNRECORDED]
         now = features_record(self.cfg, self.counted(tombstones, [int(c) for c in recorded.get("clients", {})]))
-        return out + [f"its features' record differs from its clients' data that remains ({what}: counted outside "
-                      "its lineage, or altered)" for what in ("uses", "clients") if recorded.get(what) != now.get(what)]
+        out += [f"its features' record differs from its clients' data that remains ({what}: counted outside "
+                "its lineage, or altered)" for what in ("uses", "clients") if recorded.get(what) != now.get(what)]
+        meta = read_meta(folder)
+        if not meta.get("checkpoints"):
+            return out
+        counted = self.counted(tombstones, [k])[k]  # a sliced client's checkpoints: each counted over its stage's
+        train = [s for s in setup_data(self.cfg, frozenset(tombstones)).train
+                 if models.load(self.run.path).clients.get(s.user_id) == k]
+        for rec in meta["checkpoints"]:
+            s, ckpt = rec["stage"], stage_dir(self.checkpoints(self.run.path, k), rec["stage"])
+            if not is_adapter(ckpt):
+                continue  # missing: check_checkpoints says so
+            stage = read_meta(ckpt).get("features")
+            now = slicing.checkpoint_features(self.cfg, k, slicing.stage_pool(counted, train, meta["slices"], s), s)
+            if stage is None:
+                out.append(f"checkpoint {ckpt.name}: {FEATURES_UNRECORDED}")
+            elif stage != now:
+                out.append(f"checkpoint {ckpt.name}: its features' record differs from the client's data of the "
+                           f"users of slices 1..{s} that remains (counted outside its lineage, or altered)")
+        return out
 
     def purge(self, removed_ids, universe, before=frozenset()):
         model = self.cached_model(before)
@@ -118,8 +136,20 @@ class _ClientSlots(Checkpointed):
                      if pooled or manifest.clients.get(s.user_id) == c]
             with model.features_of(client_features(self.cfg, counted)):
                 dropped += sum(model.cache.discard(e.key) for e in model.encode(shown))
+            slices = None if pooled or c not in self.folders() else read_meta(self.folders()[c]).get("slices")
+            train = [s for s in splits.train if manifest.clients.get(s.user_id) == c]
+            for s in range(1, len(slices or [])):  # a sliced client's earlier stages, under their own features
+                with model.features_of(client_features(self.cfg, slicing.stage_pool(counted, train, slices, s))):
+                    dropped += sum(model.cache.discard(e.key) for e in model.encode(
+                        slicing.in_slices(train, slices, s)))
         return f"{dropped} cached prompts that showed the old features, " + purge_common(
             self.run, model, removed_ids, universe)
+
+
+def _counted_lineage(meta: dict, k: int) -> str | None:
+    """The lineage hash of what client ``k``'s counted features were counted over, as an adapter's (or a
+    checkpoint's) ``privrec.json`` records it (None: unrecorded)."""
+    return ((meta.get("features") or {}).get("clients") or {}).get(str(k), {}).get("lineage_sha256")
 
 
 class RetrainClient(_ClientSlots):
@@ -139,6 +169,24 @@ class RetrainClient(_ClientSlots):
     def affected(self, removed):
         return super().affected(removed) | (self.pool_hits(removed) & set(self.folders()))
 
+    def first_stage(self, k: int, old: dict, slices: list[list[str]], samples: list[Sample],
+                    counted: list[Sample] | None) -> int | None:
+        """The first stage of sliced client k a deletion reaches: the first slice that lost training samples, or,
+        when its prompts read counted features (METHODS §12), the first stage whose recorded features were counted
+        over data that changed (the last stage's record is the adapter's own: a pool-only user's data reaches it
+        alone); None when neither. ``slices``, ``samples``, ``counted``: what remains."""
+        j = first_affected(old["slices"], slices)
+        if counted is None:
+            return j
+        here = self.checkpoints(self.run.path, k)
+        for s in range(1, j or len(slices)):
+            if _counted_lineage(read_meta(stage_dir(here, s)), k) != lineage_of(
+                    slicing.stage_pool(counted, samples, slices, s)):
+                return s
+        if j is None and _counted_lineage(old, k) != lineage_of(counted):
+            return len(slices)
+        return j
+
     def retrain(self, rid, k, ids, universe, tombstones, staged, progress):
         if is_adapter(staged):
             return
@@ -156,8 +204,8 @@ class RetrainClient(_ClientSlots):
         there = self.checkpoints(staged.parent, k)
         if old.get("slices"):
             slices = [[i for i in sl if i in keep] for sl in old["slices"]]
-            r, j = len(slices), first_affected(old["slices"], slices)
-            if j is None:  # the client was affected, so one of its slices lost samples, unless its metadata lies
+            r, j = len(slices), self.first_stage(k, old, slices, samples, counted)
+            if j is None:  # affected: a slice or its counted data lost samples, unless its metadata lies
                 raise RunError(f"{self.folders()[k]}: its slice map does not hold its lineage's samples "
                                "(privrec.json is corrupt); train the model again")
             self.stage_unaffected(self.checkpoints(self.run.path, k), there, j)
@@ -171,7 +219,10 @@ class RetrainClient(_ClientSlots):
 
         def saved(s: int, state) -> None:  # a replayed round's checkpoint, into the request's staging folder
             load_adapter_state(model.model, state)
-            slicing.save_client_checkpoint(model, staged.parent, k, s, slicing.in_slices(samples, slices, s), meta)
+            feats = None if counted is None else slicing.checkpoint_features(
+                self.cfg, k, slicing.stage_pool(counted, samples, slices, s), s)
+            slicing.save_client_checkpoint(model, staged.parent, k, s, slicing.in_slices(samples, slices, s), meta,
+                                           feats)
             if self.fault is not None:
                 self.fault(f"checkpoint-client-{k}-stage-{s}")
 

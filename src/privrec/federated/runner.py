@@ -178,7 +178,8 @@ class ExecutorDispatcher(InProcessDispatcher):
         # round fills it: no worker reads or writes the asset home's cache (a cluster node may have none)
         for cid in sorted(clients):
             c = clients[cid]
-            c.model.prepare(c.items["train"], c.cfg.train.eval_batch_size, progress)
+            for items in c.training_items():
+                c.model.prepare(items, c.cfg.train.eval_batch_size, progress)
 
     def fit(self, rnd, tasks):
         cids = sorted(tasks)
@@ -383,7 +384,8 @@ def save_adapters(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy
 def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strategy,
                      maps: dict[int, list[list[str]]]):
     """``on_round`` of a sliced run: after the last round before a new slice enters, every client's state is
-    saved as its checkpoint of that stage (lineage: its slices 1..s of ``maps``)."""
+    saved as its checkpoint of that stage (lineage: its slices 1..s of ``maps``; its features record: what that
+    stage's prompts were counted over)."""
     f = fed.cfg.federated
 
     def save(rnd: int, states: dict[int, State]) -> None:
@@ -393,8 +395,10 @@ def checkpoint_saver(model: RecLM, run: RunDir, fed: Federation, strategy: Strat
         for c in sorted(states):
             load_adapter_state(model.model, states[c])
             own = fed.samples(c)[0]
+            counted = slicing.stage_pool(fed.counted(c), own, maps[c], s)
             slicing.save_client_checkpoint(model, run.path, c, s, slicing.in_slices(own, maps[c], s),
-                                           client_meta(fed, model, strategy, c, [c]))
+                                           client_meta(fed, model, strategy, c, [c]),
+                                           slicing.checkpoint_features(fed.cfg, c, counted, s))
 
     return save
 

@@ -11,6 +11,13 @@ holds None) and the state after round t is a function of slices 1..slices_seen(t
 replaying rounds ``first_round(j)``.. from checkpoint ``stage-(j-1)`` without a deleted user of slice j gives
 bit for bit what sliced training from scratch on the remaining samples (same slice map) gives.
 
+With counted features (METHODS §12: ``prompt.item_stats``, ``prompt.cf_score``), round t's training prompts show
+features counted over the client's data of the users of slices 1..slices_seen(t) (:func:`stage_pool`); the
+rounds of the last stage, and scoring, show the client's whole data (users of its labelled pool with no training
+sample too: they sit in no slice, so only the last stage counts them). A checkpoint records what its features
+were counted over; a deletion reaches the first stage that counted or trained on the deleted data
+(:func:`first_stage`) and every later one.
+
 Checkpoints live at ``MODEL/slices/client-C/stage-S`` (``checkpoint_set(MODEL, C, CLIENT_PREFIX)``), recorded
 in the client adapter's ``privrec.json`` (``slicing``, ``slices``, ``checkpoints``) and checked by ``forget
 --verify`` like the sliced shards'.
@@ -27,6 +34,7 @@ from privrec.unlearning.exact.slices import (
     checkpoint_records,
     checkpoint_set,
     cumulative,
+    first_affected,
     save_checkpoint,
     slice_map,
     stage_dir,
@@ -66,20 +74,62 @@ def in_slices(samples: list[Sample], slices: list[list[str]], s: int) -> list[Sa
     return [x for x in samples if x.sample_id in keep]
 
 
+def stage_pool(counted: list[Sample], samples: list[Sample], slices: list[list[str]], s: int) -> list[Sample]:
+    """What stage ``s``'s counted features are counted over (METHODS §9, §12): the samples of ``counted`` (the
+    client's :func:`~privrec.federated.client.client_pool`) whose user has a training sample (of ``samples``) in
+    slices 1..s; for the last stage, all of ``counted``."""
+    if s >= len(slices):
+        return counted
+    ids = set(cumulative(slices, s))
+    users = {x.user_id for x in samples if x.sample_id in ids}
+    return [x for x in counted if x.user_id in users]
+
+
+def user_stage(samples: list[Sample], slices: list[list[str]]) -> dict[int, int]:
+    """user -> the slice (from 1) that holds their training samples in ``slices`` (``samples``: the client's
+    training samples); a user with none is counted only by the last stage."""
+    where = {i: s for s, sl in enumerate(slices, 1) for i in sl}
+    return {x.user_id: where[x.sample_id] for x in samples if x.sample_id in where}
+
+
+def first_stage(old: list[list[str]], new: list[list[str]], samples: list[Sample],
+                counted_users: set[int]) -> int | None:
+    """The first stage (from 1) a deletion reaches: the first slice that lost training samples, or the stage that
+    first counted a user whose counted data lost samples (``counted_users``; METHODS §12), whichever comes first;
+    None when neither."""
+    j = first_affected(old, new)
+    if counted_users:
+        stage = user_stage(samples, old)
+        c = min(stage.get(u, len(old)) for u in counted_users)
+        j = c if j is None else min(j, c)
+    return j
+
+
+def checkpoint_features(cfg, client: int, counted: list[Sample], s: int) -> dict | None:
+    """A client checkpoint's ``features`` record (None when its prompts read none): as the client adapter's
+    (:func:`~privrec.federated.client.features_record`), counted over stage ``s``'s :func:`stage_pool`."""
+    from privrec.federated.client import features_record
+
+    rec = features_record(cfg, {client: counted})
+    return None if rec is None else dict(rec, counted_over=f"the client's data of the users of slices 1..{s}")
+
+
 def slicing_record(cfg) -> dict | None:
     f = cfg.federated
     return {"r": f.slices, "rounds": f.rounds} if f.slices > 1 else None
 
 
-def save_client_checkpoint(model, root: Path, client: int, s: int, samples: list[Sample], base_meta: dict) -> None:
+def save_client_checkpoint(model, root: Path, client: int, s: int, samples: list[Sample], base_meta: dict,
+                           features: dict | None = None) -> None:
     """Checkpoint ``stage-s`` of ``client`` under ``root`` (a model or a request's staging folder) from the
-    adapter the model holds; ``samples``: slices 1..s (its lineage)."""
+    adapter the model holds; ``samples``: slices 1..s (its lineage); ``features``: its own features record
+    (:func:`checkpoint_features`), never the whole client's."""
     from privrec.model.adapters import adapter_state
 
     folder = stage_dir(checkpoint_set(root, client, CLIENT_PREFIX), s)
     folder.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, folder, StageState(adapter_state(model.model), None),
-                    stage_meta(base_meta, s, samples, kind=CHECKPOINT_KIND))
+                    stage_meta(base_meta, s, samples, kind=CHECKPOINT_KIND, features=features))
 
 
 def sliced_fields(cfg, client: int, slices: list[list[str]], root: Path) -> dict:

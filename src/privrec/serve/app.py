@@ -73,6 +73,8 @@ class Recommendations(_Body):
     items: list[Item]
     source: str = Field(description="store (precomputed) or online")
     candidates: int | None = Field(description="C, the candidate stage's size (null: every unseen item)")
+    approximate: str | None = Field(None, description="with serve --approximate: the deletion request whose "
+                                    "approximate (not certified) model answered; null when the exact one did")
 
 
 class Rating(_Body):
@@ -116,7 +118,8 @@ class Event(_Body):
 
 class RequestStatus(_Body):
     id: str
-    status: str = Field(description="pending -> retrained -> installed -> done")
+    status: str = Field(description="pending -> retrained -> installed -> done (history may hold approximate: "
+                        "when an approximate model began to serve)")
     kind: str
     users: list[int] | None
     created: float
@@ -126,6 +129,9 @@ class RequestStatus(_Body):
     error: str | None = Field(None, description="why its last attempt failed (it is tried again)")
     attempts: int | None = Field(None, description="failed attempts so far, while it fails")
     next_attempt_in_seconds: float | None = Field(None, description="when the worker tries it again")
+    approximate: dict | None = Field(None, description="with serve --approximate: the approximate model served "
+                                     "before the exact one (method, shards moved, served_from, served_until, "
+                                     "certified: false)")
 
 
 class Problem(Exception):

@@ -43,8 +43,16 @@ from privrec.prepare import source_data
 from privrec.progress import track
 from privrec.recommender import Recommender
 from privrec.rundir import CERTIFICATES_DIR, LEDGER_FILE, read_json, run_lock
+from privrec.serve.approximate import (
+    ApproximateLog,
+    approximate_recommender,
+    check_approximate,
+    influence_states,
+    served_models,
+)
 from privrec.serve.auth import TokenStore
 from privrec.serve.store import NEXT_FILE, RecStore, store_key
+from privrec.unlearning.approx.task import InfluenceSection
 from privrec.unlearning.exact.forget import run_resume, submit_forget
 from privrec.unlearning.exact.ledger import DONE, INSTALLED, PENDING, Ledger, last_request_of
 from privrec.unlearning.exact.routes import forget_refusal
@@ -117,6 +125,10 @@ class Service:
         executor: where the store's fills and a deletion's retrains run (default: this process); ``ray``: the
             fill in blocks of users and a shards model's affected shards as Ray tasks (docs/scaling.md), the
             same store and certificate as here.
+        approximate: ``influence`` (a shards model only): before a users request's exact replay, serve the
+            shards with each affected shard's adapter moved by one influence step without the users
+            (:mod:`privrec.serve.approximate`); the exact adapters replace it, and only they are certified.
+            None (the default): the old adapters serve until the exact ones are swapped in.
 
     Raises:
         RunError: not a model directory, or another privrec command holds it.
@@ -124,8 +136,10 @@ class Service:
 
     def __init__(self, model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,
                  precompute: bool = False, max_k: int = 100, progress: bool = False, source: str = "popularity",
-                 refill_before_swap: bool = True, executor: ExecutorConfig | None = None):
+                 refill_before_swap: bool = True, executor: ExecutorConfig | None = None,
+                 approximate: str | None = None, influence: InfluenceSection | None = None):
         self.path = Path(model)
+        self.approximate, self.influence = approximate, influence or InfluenceSection()
         self.executor = executor or ExecutorConfig()  # the store's fills and a deletion's shards: here or Ray tasks
         self.candidates, self.blend, self.store_k, self.precompute = candidates, blend, store_k, precompute
         self.refill_before_swap = refill_before_swap
@@ -143,6 +157,8 @@ class Service:
             # None: deletion requests are taken; else the line privrec forget refuses this model with
             self.refusal: str | None = forget_refusal(self.path, ROUTES)
             self.forgets_by = None if self.refusal else models.exact_route(self.rec.md.manifest)
+            check_approximate(approximate, self.rec.md.kind)
+            self.approx_log = ApproximateLog(self.path)  # which model served each request's neighbours, when
             if self.refusal is None:
                 source_data(self.rec.cfg)  # every sample of the source, memoised: a forget request needs them
             self.forgotten: dict[int, str] = self._forgotten_users()
@@ -263,7 +279,10 @@ class Service:
             items = items[:k]
         if user in self.forgotten:  # accepted while it was being computed
             raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]})")
-        return {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
+        out = {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
+        if getattr(rec, "approximate", None):  # not the certified model: say so with the answer
+            out["approximate"] = rec.approximate
+        return out
 
     def _asked(self, user: int) -> None:
         with self._recent_lock:
@@ -369,10 +388,16 @@ class Service:
         status = req["status"]
         if status == DONE and rid == self._swapping:  # certified, but the old adapters still serve: not yet done
             status, events = INSTALLED, [e for e in events if e["status"] != DONE]
+        history = [{"status": e["status"], "at": e["at"]} for e in events]
+        approx = self.approx_log.get(rid)
+        if approx is not None:  # served before the exact adapters: in the history, in order, never certified
+            history.append({"status": "approximate", "at": approx["served_from"]})
+            history.sort(key=lambda e: e["at"])
         out = {"id": rid, "status": status, "kind": req["kind"], "users": spec.get("users"),
-               "created": req["created"], "updated": req["updated"],
-               "history": [{"status": e["status"], "at": e["at"]} for e in events],
+               "created": req["created"], "updated": req["updated"], "history": history,
                "certificate": f"/v1/requests/{rid}/certificate" if status == DONE else None}
+        if approx is not None:
+            out["approximate"] = approx
         if rid in self.errors:  # tried again every RETRY_SECONDS: how often it failed, when it is tried next
             n, at = self.attempts[rid]
             out.update(error=self.errors[rid], attempts=n,
@@ -384,7 +409,12 @@ class Service:
         req = self.request(rid)
         if req["status"] != DONE:
             raise NotReady(f"request {rid} is not done yet ({req['status']}); its certificate follows")
-        return read_json(self.path / CERTIFICATES_DIR / f"{rid}.json")
+        cert = read_json(self.path / CERTIFICATES_DIR / f"{rid}.json")
+        approx = req.get("approximate")
+        if approx is None:
+            return cert
+        done_at = next((e["at"] for e in req["history"] if e["status"] == DONE), None)
+        return dict(cert, served=served_models(approx, done_at))  # beside the signed body: what served when
 
     # --- the worker ----------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -409,6 +439,9 @@ class Service:
         self.worker_state = f"applying {rid}"
         self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
+            if self.approximate and req["kind"] == "users" and req["status"] == PENDING and \
+                    getattr(self.rec, "approximate", None) != rid:
+                self._serve_approximate(rid, {int(u) for u in read_spec(req)["users"]})
             run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES,
                        executor=self.executor)
             new = self._build()  # off to the side: requests keep using the old one meanwhile
@@ -426,6 +459,7 @@ class Service:
                     self.store.begin(self._key(new), self.store_k)  # continued when adopted
                 self.next_store = None
                 self.rec = new
+            self.approx_log.replaced(rid)
             self.errors.pop(rid, None)
             self.attempts.pop(rid, None)
             self._store_stale = self.precompute and not filled
@@ -440,6 +474,27 @@ class Service:
         finally:
             self._swapping = None
             self.worker_state = "idle"
+
+    def _serve_approximate(self, rid: str, users: set[int]) -> None:
+        """Serve request ``rid``'s approximate model (:mod:`privrec.serve.approximate`) until its exact adapters
+        are swapped in; a failure is logged and leaves the old adapters serving (the exact route goes on)."""
+        self.worker_state = f"approximating {rid}"
+        try:
+            t0 = time.perf_counter()
+            rec = self._build()
+            states, info = influence_states(rec, users, self.influence,
+                                            log=lambda m: self.rec.md.run.log(f"serve {rid}: {m}", echo=False))
+            if not states:  # the users held no training sample: no adapter moves
+                return
+            rec = approximate_recommender(rec, rid, states)
+            with self.swap_lock:
+                self.rec = rec
+            self.approx_log.served(rid, self.approximate, info, time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - the exact route is what the request needs; this only came first
+            self.rec.md.run.log(f"serve: the approximate answer to {rid} failed: {traceback.format_exc(limit=3)}",
+                                echo=False)
+        finally:
+            self.worker_state = f"applying {rid}"
 
     def _precompute(self, only: list[int] | None = None) -> None:
         """Fill the store with every servable user's top-``store_k`` (or those of ``only``), the users asked for
