@@ -16,7 +16,7 @@ features counted over the client's data of the users of slices 1..slices_seen(t)
 rounds of the last stage, and scoring, show the client's whole data (users of its labelled pool with no training
 sample too: they sit in no slice, so only the last stage counts them). A checkpoint records what its features
 were counted over; a deletion reaches the first stage that counted or trained on the deleted data
-(:func:`first_stage`) and every later one.
+(:meth:`privrec.federated.forget.RetrainClient.first_stage`) and every later one.
 
 Checkpoints live at ``MODEL/slices/client-C/stage-S`` (``checkpoint_set(MODEL, C, CLIENT_PREFIX)``), recorded
 in the client adapter's ``privrec.json`` (``slicing``, ``slices``, ``checkpoints``) and checked by ``forget
@@ -34,7 +34,6 @@ from privrec.unlearning.exact.slices import (
     checkpoint_records,
     checkpoint_set,
     cumulative,
-    first_affected,
     save_checkpoint,
     slice_map,
     stage_dir,
@@ -83,26 +82,6 @@ def stage_pool(counted: list[Sample], samples: list[Sample], slices: list[list[s
     ids = set(cumulative(slices, s))
     users = {x.user_id for x in samples if x.sample_id in ids}
     return [x for x in counted if x.user_id in users]
-
-
-def user_stage(samples: list[Sample], slices: list[list[str]]) -> dict[int, int]:
-    """user -> the slice (from 1) that holds their training samples in ``slices`` (``samples``: the client's
-    training samples); a user with none is counted only by the last stage."""
-    where = {i: s for s, sl in enumerate(slices, 1) for i in sl}
-    return {x.user_id: where[x.sample_id] for x in samples if x.sample_id in where}
-
-
-def first_stage(old: list[list[str]], new: list[list[str]], samples: list[Sample],
-                counted_users: set[int]) -> int | None:
-    """The first stage (from 1) a deletion reaches: the first slice that lost training samples, or the stage that
-    first counted a user whose counted data lost samples (``counted_users``; METHODS §12), whichever comes first;
-    None when neither."""
-    j = first_affected(old, new)
-    if counted_users:
-        stage = user_stage(samples, old)
-        c = min(stage.get(u, len(old)) for u in counted_users)
-        j = c if j is None else min(j, c)
-    return j
 
 
 def checkpoint_features(cfg, client: int, counted: list[Sample], s: int) -> dict | None:
