@@ -126,9 +126,9 @@ def test_an_approximate_answer_serves_at_once_and_the_certified_exact_one_replac
         gate.set()
         done = _wait(service, rid)
         deadline = time.time() + 60
-        while getattr(service.rec, "approximate", None) and time.time() < deadline:
+        while service.rec.approximate and time.time() < deadline:
             time.sleep(0.1)
-        assert getattr(service.rec, "approximate", None) is None  # the exact adapters replaced it
+        assert service.rec.approximate is None  # the exact adapters replaced it
         assert [e["status"] for e in done["history"]] == ["pending", "approximate", "retrained", "installed", "done"]
         assert "approximate" not in service.recommendations(bystander, 5)
         cert = service.certificate(rid)

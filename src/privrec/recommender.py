@@ -278,6 +278,13 @@ class ShardAggregation:
         self.batch_size = md.cfg.train.eval_batch_size
         self._pool = None
 
+    def use_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Score with ``states`` in place of the adapters at those positions (an approximate answer, METHODS §13);
+        the validation pool's scores, which are the adapters', are computed again."""
+        for k, state in states.items():
+            self.states[k] = state
+        self._pool = None
+
     def pool(self, progress: bool):
         """(features, per-adapter P(Yes)) of the validation pool, computed once."""
         from privrec.unlearning.exact.apa import score_each
@@ -346,6 +353,7 @@ class Recommender:
         self._generator: CandidateGenerator | None = None
         self._by_user = {int(u): rows for u, rows in self.ds.inter.groupby("user_id", sort=False)}
         self.digest = ",".join(a.tensors_sha256 or "" for a in self.md.manifest.adapters)
+        self.approximate: str | None = None  # the deletion request whose approximate adapters it scores with
 
     def __getstate__(self) -> dict:  # shipped to a Ray worker (the store fill): a lock does not travel
         return {k: v for k, v in self.__dict__.items() if k != "lock"}

@@ -46,26 +46,19 @@ def run_serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, cand
 
 
 def influence_section(settings: list[str]):
-    """The influence step's settings from ``KEY=VALUE`` strings (``unlearn.influence``'s keys).
+    """The influence step's settings from ``KEY=VALUE`` strings (``unlearn.influence``'s keys), read as ``--set``
+    reads its overrides.
 
     Raises:
         UserError: not KEY=VALUE, an unknown key or a bad value (one line)."""
-    import yaml
-    from pydantic import ValidationError
-
+    from privrec.config import apply_overrides, parse_config
+    from privrec.errors import ConfigError
     from privrec.unlearning.approx.task import InfluenceSection
 
-    raw = {}
-    for s in settings:
-        key, eq, value = s.partition("=")
-        if not eq or not key:
-            raise UserError(f"--approximate-set wants KEY=VALUE, got {s!r}")
-        raw[key.strip()] = yaml.safe_load(value)
     try:
-        return InfluenceSection.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"--approximate-set {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+        return parse_config(apply_overrides({}, settings), InfluenceSection)
+    except ConfigError as e:
+        raise UserError(f"--approximate-set {e}") from None
 
 
 def run_precompute(model: str | Path, candidates: int | None = 50, blend: float = 0.0, store_k: int = 20,

@@ -95,13 +95,13 @@ class _ClientSlots(Checkpointed):
         out = super().problems(k, folder, universe, tombstones)
         if not self.cfg.shows_labels:
             return out
-        recorded = read_meta(folder).get("features")
+        meta = read_meta(folder)
+        recorded = meta.get("features")
         if recorded is None:
             return [*out, FEATURES_UNRECORDED]
-        now = features_record(self.cfg, self.counted(tombstones, [int(c) for c in recorded.get("clients", {})]))
-        out += [f"its features' record differs from its clients' data that remains ({what}: counted outside "
-                "its lineage, or altered)" for what in ("uses", "clients") if recorded.get(what) != now.get(what)]
-        meta = read_meta(folder)
+        out += _record_problems(recorded, features_record(self.cfg, self.counted(
+            tombstones, [int(c) for c in recorded.get("clients", {})])), "its clients' data that remains",
+            ("uses", "clients"))
         if not meta.get("checkpoints"):
             return out
         counted = self.counted(tombstones, [k])[k]  # a sliced client's checkpoints: each counted over its stage's
@@ -111,13 +111,10 @@ class _ClientSlots(Checkpointed):
             s, ckpt = rec["stage"], stage_dir(self.checkpoints(self.run.path, k), rec["stage"])
             if not is_adapter(ckpt):
                 continue  # missing: check_checkpoints says so
-            stage = read_meta(ckpt).get("features")
             now = slicing.checkpoint_features(self.cfg, k, slicing.stage_pool(counted, train, meta["slices"], s), s)
-            if stage is None:
-                out.append(f"checkpoint {ckpt.name}: {FEATURES_UNRECORDED}")
-            elif stage != now:
-                out.append(f"checkpoint {ckpt.name}: its features' record differs from the client's data of the "
-                           f"users of slices 1..{s} that remains (counted outside its lineage, or altered)")
+            out += [f"checkpoint {ckpt.name}: {p}" for p in _record_problems(
+                read_meta(ckpt).get("features"), now, f"the client's data of the users of slices 1..{s} that remains",
+                ("uses", "counted_over", "clients"))]
         return out
 
     def purge(self, removed_ids, universe, before=frozenset()):
@@ -144,6 +141,16 @@ class _ClientSlots(Checkpointed):
                         slicing.in_slices(train, slices, s)))
         return f"{dropped} cached prompts that showed the old features, " + purge_common(
             self.run, model, removed_ids, universe)
+
+
+def _record_problems(recorded: dict | None, now: dict, against: str, keys: tuple[str, ...]) -> list[str]:
+    """Problems of a client adapter's (or checkpoint's) ``features`` record against ``now``, its recount from
+    ``against``: unrecorded, or differing in one of ``keys`` (the clients' twin of
+    :func:`~privrec.unlearning.exact.routes.feature_problems`, whose records have one block per client)."""
+    if recorded is None:
+        return [FEATURES_UNRECORDED]
+    return [f"its features' record differs from {against} ({what}: counted outside its lineage, or altered)"
+            for what in keys if recorded.get(what) != now.get(what)]
 
 
 def _counted_lineage(meta: dict, k: int) -> str | None:

@@ -80,9 +80,7 @@ def influence_states(rec: Recommender, users: set[int], section: InfluenceSectio
 def approximate_recommender(rec: Recommender, rid: str, states: dict[int, dict]) -> Recommender:
     """``rec`` (a fresh one, not serving yet) with ``states`` in place of its shards' adapters: the approximate
     model of request ``rid`` (its digest names it, so no store entry of another model is read for it)."""
-    for k, state in states.items():
-        rec.scorer.states[k] = state
-    rec.scorer._pool = None  # the neighbour pool's scores are the adapters': computed again
+    rec.scorer.use_states(states)
     rec.digest = f"{rec.digest}+approximate:{rid}"
     rec.approximate = rid
     return rec

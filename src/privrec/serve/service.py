@@ -280,7 +280,7 @@ class Service:
         if user in self.forgotten:  # accepted while it was being computed
             raise Gone(f"user {user} asked for their data to be deleted (request {self.forgotten[user]})")
         out = {"user": user, "k": k, "items": items, "source": source, "candidates": self.candidates}
-        if getattr(rec, "approximate", None):  # not the certified model: say so with the answer
+        if rec.approximate:  # not the certified model: say so with the answer
             out["approximate"] = rec.approximate
         return out
 
@@ -440,7 +440,7 @@ class Service:
         self._swapping = rid  # done in the ledger before the new adapters serve: reported as installed until then
         try:
             if self.approximate and req["kind"] == "users" and req["status"] == PENDING and \
-                    getattr(self.rec, "approximate", None) != rid:
+                    self.rec.approximate != rid:
                 self._serve_approximate(rid, {int(u) for u in read_spec(req)["users"]})
             run_resume(self.path, progress=self.progress, lock=False, swap_guard=self.plan_lock, routes=ROUTES,
                        executor=self.executor)
