@@ -25,12 +25,13 @@ approx    a ``privrec train`` original on the same samples (``--original-set``: 
           against retrain, completeness (JSD / symmetric KL from retrain on the forgotten samples, as a
           fraction of the original's), test AUC, the membership attack.
 tune      (not part of ``all``) the approximate methods' settings chosen on validation requests: single users
-          drawn apart from every measured request's users, each forgotten by retrain once and by every grid
-          point of every method (``--grid``, ``--tune-methods``); the chosen point minimises the median
-          completeness (JSD) over them, among the points that keep the retained members' AUC within
-          ``--tune-max-auc-drop`` of the original's and are ``--tune-min-speedup`` x faster than retrain. No test
-          sample is read. ``approx --tuned`` then measures the requests with the chosen values (its own record
-          part and run folders), and the record keeps every grid point's numbers and the choice.
+          drawn apart from every measured request's users (``--tune-like REQ``: of about REQ's size), each
+          forgotten by retrain once and by every grid point of every method (``--grid``, ``--tune-methods``);
+          the chosen point minimises the median completeness (JSD) over them, among the points that keep the
+          retained members' AUC within ``--tune-max-auc-drop`` of the original's and are ``--tune-min-speedup``
+          x faster than retrain. No test sample is read. ``approx --tuned`` then measures the requests with the
+          chosen values (its own record part and run folders), and the record keeps every grid point's numbers
+          and the choice.
 plot      (reads the record only; not part of ``all``) the timed exact requests' speed-ups and every run's
           planned replay work by the user's training samples, as a PNG (``--plot``, docs/img/forget-requests.png).
 
@@ -535,15 +536,36 @@ def step_approx(args, rec: Record) -> str:
 
 # --- tune: settings chosen on validation requests ----------------------------------------------------------
 def tune_requests(args, original: Path) -> dict[str, list[int]]:
-    """``--tune-requests`` single users drawn (seeded) from the training users that no measured request holds."""
+    """``--tune-requests`` single users drawn (seeded) from the training users that no measured request holds;
+    with ``--tune-like REQ``, from those whose training-sample count is nearest the measured request REQ's."""
     from privrec.prepare import setup_data
 
     cfg = RunDir(original, create=False).load_config()
-    measured = {u for users in approx_requests(args, original).values() for u in users}
-    pool = sorted({s.user_id for s in setup_data(cfg, set()).train} - measured)
-    rng = np.random.default_rng([cfg.seed, 12])
-    drawn = sorted(int(u) for u in rng.choice(pool, size=min(args.tune_requests, len(pool)), replace=False))
+    measured_requests = approx_requests(args, original)
+    counts: dict[int, int] = {}
+    for s in setup_data(cfg, set()).train:
+        counts[s.user_id] = counts.get(s.user_id, 0) + 1
+    size = None
+    if args.tune_like is not None:
+        if args.tune_like not in measured_requests:
+            raise SystemExit(f"bench_forget: --tune-like {args.tune_like!r}: expected one of "
+                             f"{sorted(measured_requests)}")
+        size = sum(counts[u] for u in measured_requests[args.tune_like])
+    measured = {u for users in measured_requests.values() for u in users}
+    drawn = draw_tune_users(counts, measured, args.tune_requests, size, np.random.default_rng([cfg.seed, 12]))
     return {f"valid-u{u}": [u] for u in drawn}
+
+
+def draw_tune_users(counts: dict[int, int], measured: set[int], n: int, size: int | None,
+                    rng: np.random.Generator) -> list[int]:
+    """``n`` users of ``counts`` (user -> training samples) outside ``measured``, drawn with ``rng``; with
+    ``size``, among the nearest ones: those within the smallest distance |count - size| that holds ``n`` of
+    them, so a validation request forgets about as many samples as the measured one it stands in for."""
+    pool = sorted(set(counts) - measured)
+    if size is not None and len(pool) > n:
+        cut = sorted(abs(counts[u] - size) for u in pool)[n - 1]
+        pool = [u for u in pool if abs(counts[u] - size) <= cut]
+    return sorted(int(u) for u in rng.choice(pool, size=min(n, len(pool)), replace=False))
 
 
 def tune_grids(args) -> dict[str, dict[str, list]]:
@@ -684,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuned", action="store_true", help="approx: with the settings `tune` chose (record part "
                    "approx-tuned, runs under RUNS/unlearn-tuned)")
     p.add_argument("--tune-requests", type=int, default=4, help="tune: validation requests (single users)")
+    p.add_argument("--tune-like", default=None, help="tune: draw the validation users among those whose training "
+                   "samples are nearest in number to this measured request's (e.g. user-random), so the settings "
+                   "are chosen on requests of the size they are measured on")
     p.add_argument("--tune-methods", nargs="+", default=[m for m in TUNE_GRIDS], choices=list(TUNE_GRIDS),
                    help="tune: the methods to tune")
     p.add_argument("--grid", action="append", default=[], help="tune: METHOD:key=v1,v2 replaces one key's values "

@@ -301,6 +301,19 @@ def test_tune_judges_completeness_under_the_guards():
     assert [bf.point_name(p) for p in bf.grid_points({"a.x": [1, 2], "b": [3]})] == ["a.x=1 b=3", "a.x=2 b=3"]
 
 
+def test_tune_like_draws_validation_users_sized_like_the_measured_request():
+    bf = benchmark_module("bench_forget")
+    counts = {1: 1, 2: 1, 3: 6, 4: 7, 5: 9, 6: 20, 7: 7, 8: 2}
+    rng = lambda: bf.np.random.default_rng(0)  # noqa: E731
+    sized = bf.draw_tune_users(counts, {4}, 2, 7, rng())
+    assert set(sized) == {3, 7}  # the nearest to 7 samples besides the measured user 4 (7: 0 off, 3: 1 off)
+    assert bf.draw_tune_users(counts, {4}, 3, 7, rng()) == [3, 5, 7]  # 0, 1 and 2 off: the three nearest
+    anywhere = {u for seed in range(20)
+                for u in bf.draw_tune_users(counts, {4}, 2, None, bf.np.random.default_rng(seed))}
+    assert 4 not in anywhere and anywhere - {3, 5, 7}  # unsized: any user but the measured one
+    assert bf.draw_tune_users(counts, set(counts) - {1}, 3, 7, rng()) == [1]  # fewer candidates than asked
+
+
 def test_tune_chooses_on_validation_users_apart_from_the_measured_ones(tmp_path, capsys):
     bf = benchmark_module("bench_forget")
     runs = tmp_path / "bf"
