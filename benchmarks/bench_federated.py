@@ -441,9 +441,10 @@ def forget_users(cfg) -> dict[str, int]:
     return {"core": ranked[0], "edge": ranked[-1], "random": int(rng.choice(ranked[1:-1]))}
 
 
-def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
+def forget_table(runs: Path, progress: bool, part: str = "all", features: bool = False) -> str:
     """``part``: ``unsliced`` (the mixture and PPLR requests), ``sliced`` (the 4-slice mixture's) or ``all``; the
-    table shows what ``RUNS/forget.json`` holds."""
+    table shows what ``RUNS/forget.json`` holds. ``features``: the runs of the ``features`` table (client-local
+    counted features, :data:`FEATURES`, with its rounds), so a request also recounts its client's features."""
     from privrec import models
     from privrec.unlearning.exact.forget import resolve_interactions
 
@@ -454,7 +455,10 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
         rec[key] = value
         path.write_text(json.dumps(rec, indent=1))
 
-    cfg = config(dict(METHODS)["mixture"])
+    methods = dict(FEATURE_METHODS if features else METHODS)
+    extra = FEATURES if features else []
+    sliced_ov = SLICED[1] + extra
+    cfg = config(methods["mixture"] + extra)
     users = forget_users(cfg)
     tomb = {(u, i) for u, i, _ in resolve_interactions(plan_federation(cfg).splits.dataset, [users["random"]])}
 
@@ -474,7 +478,7 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
 
     ms = {}
     if part in ("unsliced", "all"):
-        ms = {name: run_once(name, ov, runs, progress) for name, ov in METHODS if name in ("mixture", "PPLR")}
+        ms = {name: run_once(name, methods[name] + extra, runs, progress) for name in ("mixture", "PPLR")}
         mix_run, pplr_run = runs / "mixture", runs / "pplr"
         assignment = models.load(mix_run).clients
         leaving = assignment[users["random"]]
@@ -487,9 +491,9 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
             put("pplr:random", dict(_forget_on_copy(pplr_run, users=[users["random"]], retrain_federation=True),
                                     user=users["random"]))
     if part in ("sliced", "all"):
-        name, ov = SLICED
-        ms[name] = run_once(name, ov, runs, progress)
-        requests("sliced", runs / "mixture-4-slices", config(ov))
+        name = SLICED[0]
+        ms[name] = run_once(name, sliced_ov, runs, progress)
+        requests("sliced", runs / "mixture-4-slices", config(sliced_ov))
     for name, _ in [*METHODS, SLICED]:  # the quality rows of every run this table has
         out = runs / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         if name in ("mixture", "PPLR", SLICED[0]) and name not in ms and (out / METRICS_FILE).is_file():
@@ -498,7 +502,9 @@ def forget_table(runs: Path, progress: bool, part: str = "all") -> str:
     any_m = next(iter(ms.values()))
     lines = [f"Model `{cfg.model.name}`, {cfg.federated.clients} {cfg.federated.partition} clients, "
              f"{any_m['n_train']} train / {any_m['n_test']} test samples ({ARGS.config}), "
-             f"{cfg.federated.rounds} rounds x {cfg.train.epochs} local epoch. Machine: {machine()}.", "",
+             f"{cfg.federated.rounds} rounds x {cfg.train.epochs} local epoch"
+             + (" (mixture; PPLR: up to 8, the best on validation kept), features " + ", ".join(FEATURES)
+                if features else "") + f". Machine: {machine()}.", "",
              "| method | overall AUC | per-client AUC | std | min | gap |", "|---|---|---|---|---|---|"]
     for name in ("mixture", SLICED[0], "PPLR"):
         if name not in ms:
@@ -557,6 +563,8 @@ def main() -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where results.md / benchmarks.md / img/ are")
     ap.add_argument("--part", choices=["all", "unsliced", "sliced"], default="all",
                     help="forget: only the mixture and PPLR requests, or only the 4-slice mixture's")
+    ap.add_argument("--features", action="store_true", help="forget: on the features table's runs (client-local "
+                    "counted features, the rounds chosen on validation); its own section of docs/federated.md")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     ARGS.config, ARGS.set, ARGS.docs = args.config, args.set, args.docs
@@ -568,8 +576,9 @@ def main() -> None:
         body = results_table(runs, args.progress, FEATURE_METHODS, features=True)
         publish(Path(args.docs) / "results.md", "bench_federated_features", body)
     if args.what == "forget":
-        body = forget_table(runs, args.progress, args.part)
-        publish(Path(args.docs) / "federated.md", "bench_federated_forget", body)
+        body = forget_table(runs, args.progress, args.part, args.features)
+        publish(Path(args.docs) / "federated.md", "bench_federated_forget" + ("_features" if args.features else ""),
+                body)
     if args.what == "memory":
         whole, client = measure_memory(SPLIT)
         print(json.dumps({"whole": whole, "client": client, "client_share": memory_shares(whole, client)},

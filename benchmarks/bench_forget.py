@@ -632,7 +632,7 @@ def step_tune(args, rec: Record) -> str:
                 if rec.get("tune", req, method, name) is not None:
                     continue
                 log(f"tune {req}: {method} {name}")
-                m = unlearn_once(args, original, users, method, base / req / "grid", base / req / "retrain",
+                m = unlearn_once(args, original, users, method, base / req / f"grid-{method}", base / req / "retrain",
                                  [f"unlearn.{k}={v}" for k, v in point.items()])
                 steps = m["budget"]["steps"].get(method)
                 steps = steps["student"] if method == "e2urec" else steps

@@ -108,6 +108,11 @@ class InfluenceSection(_Section):
         "cg", description="cg: conjugate gradient on (H + damping I) x = v, exact residual; sgd: LLMEraser's "
         "mini-batch gradient descent on 1/2 x^T (H + damping I) x - v^T x (LiSSA's recursion), mini-batch "
         "residual.")
+    curvature: Literal["hessian", "gauss-newton"] = Field(
+        "hessian", description="H: hessian = the loss's Hessian in the adapter's parameters (double backward; "
+        "not positive definite for LoRA, so CG stops at negative curvature the damping does not cover); "
+        "gauss-newton = its generalised Gauss-Newton part J^T p(1-p) J, positive semi-definite (equal to the "
+        "Hessian where the logit is linear in the parameters).")
     damping: float = Field(
         1e-3, gt=0, description="lambda in (H + lambda I): makes the non-convex adapter loss's Hessian positive "
         "definite and bounds the step (per retained item: a loss sum_i l_i + c/2 |theta|^2 has lambda = c / n).")
