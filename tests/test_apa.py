@@ -14,6 +14,7 @@ from privrec.unlearning.exact.apa import (
     neighbour_errors,
     own_shares,
     prediction_errors,
+    self_in_pool,
     softmax_weights,
     with_own,
 )
@@ -52,6 +53,22 @@ def test_neighbours_are_cosine_nearest_and_errors_their_mean():
     probs = 1 - pool_errors  # all labels 1 -> error = 1 - p
     w = apa_weights(query, pool, probs, [1, 1, 1, 1], n=2, tau=5.0)
     assert w[0, 0] == pytest.approx(1 / (1 + math.exp(-5 * 0.7)))
+
+
+def test_a_query_that_is_a_pool_sample_can_be_left_out_of_its_own_neighbours():
+    pool = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    ids = ["a", "b", "c"]
+    assert self_in_pool(["x", "y"], ids) is None  # test samples: nothing to leave out
+    mine = self_in_pool(["b", "x", "a"], ids)
+    assert mine.tolist() == [1, -1, 0]
+    query = np.array([pool[1], [0.95, 0.05], pool[0]])
+    assert nearest(query, pool, 1).tolist() == [[1], [0], [0]]  # each pool sample's nearest is itself ...
+    assert nearest(query, pool, 1, mine).tolist() == [[0], [0], [1]]  # ... unless it is left out
+    assert nearest(query, pool, 5, mine).shape == (3, 2)  # at most the pool less one
+    errors = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(neighbour_errors(query[:1], pool, errors, 1, mine[:1]), [[0.0, 1.0]])
+    with pytest.raises(ValueError, match="only the sample itself"):
+        nearest(pool[:1], pool[:1], 1, np.array([0]))
 
 
 def test_sisa_averages_the_adapters_outputs():

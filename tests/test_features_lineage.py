@@ -247,6 +247,36 @@ def test_own_weight_scores_a_user_with_the_shard_that_holds_their_history(sharde
     assert code == 2 and "scoring" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_validation_sample_is_never_its_own_neighbour(sharded, capsys):
+    """APA's neighbour pool is the validation split: scoring that split (``evaluate --split valid``, the serving
+    scorer) weighs each sample on the pool without it, as on a test sample; with itself in the pool its own
+    label would choose its weights."""
+    import numpy as np
+
+    from privrec.metrics import auc
+    from privrec.recommender import ShardAggregation, open_model
+    from privrec.unlearning.exact.apa import aggregate, apa_weights
+
+    md = open_model(sharded)
+    splits = md.splits()
+    scorer = ShardAggregation(md, splits)
+    valid, s = splits.valid, md.cfg.shards
+    got = scorer.score(valid, progress=False, aggregation="apa-nd", own_samples=True)
+    f, per = scorer.pool(False)
+    labels = np.array([x.label for x in valid], dtype=np.float64)
+    keep = [np.arange(len(valid)) != i for i in range(len(valid))]
+    by_hand = np.concatenate([apa_weights(f[i:i + 1], f[k], per[k], labels[k], s.neighbours, s.tau, s.error)
+                              for i, k in enumerate(keep)])
+    leaky = apa_weights(f, f, per, labels, s.neighbours, s.tau, s.error)
+    assert not np.allclose(by_hand, leaky, atol=1e-3)  # leaving the sample out changes its weights
+    items = scorer.model.encode(valid)
+    np.testing.assert_allclose(got, aggregate(scorer.model, "apa-nd", items, scorer.states, omega=by_hand,
+                                              batch_size=16, progress=False), atol=1e-6)
+    code, text, err = run_cli(capsys, "evaluate", str(sharded), "--split", "valid")
+    assert code == 0, err
+    assert json.loads(text[text.index("{"):])["auc"] == pytest.approx(auc(list(labels), got), abs=1e-6)
+
+
 def test_forgetting_a_user_reaches_only_the_shards_whose_features_counted_them(sharded, tmp_path, capsys):
     import shutil
 

@@ -104,6 +104,32 @@ def test_mixture_scores_with_every_clients_adapter(runs, tmp_path, capsys):
     assert not np.allclose(scorer.score(client0, progress=False), before, atol=1e-7)
 
 
+def test_a_mixture_validation_sample_is_not_its_own_neighbour(runs):
+    """The mixture's neighbour pool is the client's validation samples: scoring them weighs each on the pool
+    without it (with itself in, its own label would choose its weights)."""
+    from privrec.federated.mixture import Pool, mixture_weights
+    from privrec.model.mixture import score_mixture
+    from privrec.recommender import open_model, scorer_of
+
+    _, _, run = runs["mixture"]
+    md = open_model(run)
+    scorer = scorer_of(md, md.splits())
+    fcfg, states = md.cfg.federated, list(scorer.states.values())
+    c = max(md.manifest.clients.values(), key=lambda k: len(scorer.valid_of(k)))
+    valid = scorer.valid_of(c)
+    assert len(valid) >= 3
+    got = scorer.score(valid, progress=False)
+    pool = scorer.pool(c, False)
+    rest = [np.arange(len(valid)) != i for i in range(len(valid))]
+    by_hand = np.concatenate([mixture_weights(fcfg, pool.features[i:i + 1],
+                                              Pool(pool.features[k], pool.probs[k], pool.labels[k]), len(states))
+                              for i, k in enumerate(rest)])
+    assert not np.allclose(by_hand, mixture_weights(fcfg, pool.features, pool, len(states)), atol=1e-3)
+    mode = "d" if fcfg.mixture_aggregation == "apa-d" else "nd"
+    want = score_mixture(scorer.model, scorer.encode(c, valid), states, by_hand, mode, scorer.batch_size, False)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_forgetting_a_user_retrains_only_their_client_exactly(runs, tmp_path):
     """The user's client retrains alone, to the adapter a federation trained from scratch without the user
     (same clients) gives that client; every other adapter stays bit-identical; certificate and verify pass."""

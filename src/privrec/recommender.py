@@ -218,24 +218,29 @@ class ClientMixture(_Clients):
         super().__init__(md, splits)
         self._pools: dict[int, object] = {}
 
+    def valid_of(self, c: int) -> list[Sample]:
+        return [s for s in self.splits.valid if self.md.manifest.clients.get(s.user_id) == c]
+
     def pool(self, c: int, progress: bool):
         from privrec.federated.mixture import client_pool
 
         if c not in self._pools:
-            valid = [s for s in self.splits.valid if self.md.manifest.clients.get(s.user_id) == c]
-            self._pools[c] = client_pool(self.model, self.encode(c, valid), list(self.states.values()),
+            self._pools[c] = client_pool(self.model, self.encode(c, self.valid_of(c)), list(self.states.values()),
                                          self.batch_size, progress)
         return self._pools[c]
 
     def score(self, samples: list[Sample], progress: bool = True) -> np.ndarray:
         from privrec.federated.mixture import mixture_scores
+        from privrec.unlearning.exact.apa import self_in_pool
 
         out = np.zeros(len(samples))
         states = list(self.states.values())  # in client order (the manifest's adapters are sorted)
         for c, idx in self.by_client(samples).items():
-            items = self.encode(c, [samples[i] for i in idx])
-            out[idx] = mixture_scores(self.model, items, self.pool(c, progress), states, self.md.cfg.federated,
-                                      self.batch_size, progress)[0]
+            mine = [samples[i] for i in idx]
+            out[idx] = mixture_scores(self.model, self.encode(c, mine), self.pool(c, progress), states,
+                                      self.md.cfg.federated, self.batch_size, progress,
+                                      exclude=self_in_pool([s.sample_id for s in mine],
+                                                           [s.sample_id for s in self.valid_of(c)]))[0]
         return out
 
 
@@ -301,7 +306,7 @@ class ShardAggregation:
         """P(Yes) under ``aggregation`` (default: the primary). ``own_samples``: the samples are the model's
         own (its splits), so their untuned features may come from and go to the run's feature cache; other
         prompts (a user's candidates) are computed fresh, never cached under a sample id they do not own."""
-        from privrec.unlearning.exact.apa import aggregate, apa_weights
+        from privrec.unlearning.exact.apa import aggregate, apa_weights, self_in_pool
         from privrec.unlearning.exact.shards import load_features, own_of
 
         name = aggregation or self.md.manifest.primary
@@ -316,7 +321,8 @@ class ShardAggregation:
                     f = self.model.last_hidden(items, self.cfg.shards.features, self.batch_size, progress)
             s = self.cfg.shards
             omega = apa_weights(f, f_pool, per_pool, [x.label for x in self.splits.valid], s.neighbours, s.tau,
-                                s.error)
+                                s.error, self_in_pool([x.sample_id for x in samples],
+                                                      [x.sample_id for x in self.splits.valid]))
         return aggregate(self.model, name, items, self.states, omega=omega, batch_size=self.batch_size,
                          progress=progress, own=own_of(self.cfg, [x.user_id for x in samples], self.shard_users),
                          own_weight=self.cfg.shards.own_weight)

@@ -222,6 +222,7 @@ class FederatedClient:
         weighted on this client's own validation samples (METHODS §10); with the (n, K) weights, K in sorted
         client order. The untuned features are computed once per client."""
         from privrec.federated.mixture import client_pool, mixture_scores, untuned_features
+        from privrec.unlearning.exact.apa import self_in_pool
 
         items, bs = self.items[split], self.cfg.train.eval_batch_size
         labels = np.array([e.label for e in items], dtype=np.float64)
@@ -232,8 +233,9 @@ class FederatedClient:
             if name not in feats:
                 feats[name] = untuned_features(self.model, self.items[name], bs, self.progress)
         pool = client_pool(self.model, self.items["valid"], order, bs, self.progress, feats["valid"])
+        mine = self_in_pool([x.sample_id for x in self.samples[split]], [x.sample_id for x in self.samples["valid"]])
         probs, omega = mixture_scores(self.model, items, pool, order, self.cfg.federated, bs, self.progress,
-                                      feats[split])
+                                      feats[split], mine)  # scoring valid: a sample is not its own neighbour
         return Predictions(probs, labels, users), omega
 
     def predict(self, state: State, split: str) -> Predictions:

@@ -54,23 +54,24 @@ def client_pool(model: RecLM, valid: list[Encoded], states: Sequence[dict[str, t
     return Pool(f, probs, np.array([e.label for e in valid], dtype=np.float64))
 
 
-def mixture_weights(fcfg, query: np.ndarray, pool: Pool, k: int) -> np.ndarray:
+def mixture_weights(fcfg, query: np.ndarray, pool: Pool, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """(N, K) weights over the K adapters for each query prompt (uniform when the client has no validation
-    sample to weigh them on)."""
-    if len(pool.labels) == 0:
+    sample to weigh them on; ``exclude``: each query's own pool row, so a validation sample is not its own
+    neighbour, :func:`~privrec.unlearning.exact.apa.self_in_pool`)."""
+    if len(pool.labels) == 0 or (exclude is not None and len(pool.labels) == 1 and (exclude >= 0).all()):
         return uniform_weights(len(query), k)
     return apa_weights(query, pool.features, pool.probs, pool.labels, fcfg.mixture_neighbours, fcfg.mixture_tau,
-                       "abs")
+                       "abs", exclude)
 
 
 def mixture_scores(model: RecLM, items: list[Encoded], pool: Pool, states: Sequence[dict[str, torch.Tensor]],
-                   fcfg, batch_size: int, progress: bool, features: np.ndarray | None = None) -> tuple[np.ndarray,
-                                                                                                       np.ndarray]:
+                   fcfg, batch_size: int, progress: bool, features: np.ndarray | None = None,
+                   exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(P(Yes) of ``items`` under the mixture of ``states`` weighted on ``pool``, the (N, K) weights)."""
     if not items:
         return np.zeros(0), np.zeros((0, len(states)))
     f = untuned_features(model, items, batch_size, progress) if features is None else features
-    omega = mixture_weights(fcfg, f, pool, len(states))
+    omega = mixture_weights(fcfg, f, pool, len(states), exclude)
     mode = "d" if fcfg.mixture_aggregation == "apa-d" else "nd"
     return score_mixture(model, items, list(states), omega, mode, batch_size, progress), omega
 

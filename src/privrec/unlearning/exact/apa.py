@@ -43,22 +43,40 @@ def prediction_errors(probs: np.ndarray, labels: Sequence[float], kind: ErrorKin
     raise ValueError(f"unknown error kind {kind!r}")
 
 
-def nearest(query: np.ndarray, pool: np.ndarray, n: int) -> np.ndarray:
+def nearest(query: np.ndarray, pool: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """(N, n) indices of each query's n most cosine-similar pool rows, most similar first (ties: lower
-    pool index first)."""
+    pool index first). ``exclude`` (N,): a pool row each query may not take (the query itself, when it is a
+    pool sample: leave-one-out), -1 for none."""
     if len(pool) == 0:
         raise ValueError("the neighbour pool is empty")
-    n = min(n, len(pool))
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
     p = pool / np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
     sims = q.astype(np.float64) @ p.astype(np.float64).T  # (N, M)
+    if exclude is not None and (np.asarray(exclude) >= 0).any():
+        if len(pool) == 1:
+            raise ValueError("the neighbour pool holds only the sample itself")
+        rows = np.flatnonzero(np.asarray(exclude) >= 0)
+        sims[rows, np.asarray(exclude)[rows]] = -np.inf
+        n = min(n, len(pool) - 1)
+    n = min(n, len(pool))
     return np.argsort(-sims, axis=1, kind="stable")[:, :n]
 
 
-def neighbour_errors(query: np.ndarray, pool: np.ndarray, pool_errors: np.ndarray, n: int) -> np.ndarray:
-    """(N, K) mean error of every adapter over each query's n nearest pool samples."""
-    idx = nearest(query, pool, n)  # (N, n)
+def neighbour_errors(query: np.ndarray, pool: np.ndarray, pool_errors: np.ndarray, n: int,
+                     exclude: np.ndarray | None = None) -> np.ndarray:
+    """(N, K) mean error of every adapter over each query's n nearest pool samples (``exclude``: see
+    :func:`nearest`)."""
+    idx = nearest(query, pool, n, exclude)  # (N, n)
     return np.asarray(pool_errors, dtype=np.float64)[idx].mean(axis=1)  # (N, n, K) -> (N, K)
+
+
+def self_in_pool(query_ids: Sequence[str], pool_ids: Sequence[str]) -> np.ndarray | None:
+    """(N,) each query's own row in the pool (-1 where it is not a pool sample), or None when no query is: a
+    validation sample scored against the validation pool must not be its own neighbour, or its own label
+    chooses its weights."""
+    where = {sid: i for i, sid in enumerate(pool_ids)}
+    out = np.array([where.get(sid, -1) for sid in query_ids], dtype=np.int64)
+    return out if (out >= 0).any() else None
 
 
 def softmax_weights(errors: np.ndarray, tau: float) -> np.ndarray:
@@ -99,10 +117,12 @@ def apa_weights(
     n: int,
     tau: float,
     error: ErrorKind = "abs",
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
-    """METHODS §4 steps 1-3: per test sample weights over the K adapters from its neighbours' errors."""
+    """METHODS §4 steps 1-3: per test sample weights over the K adapters from its neighbours' errors
+    (``exclude``: a pool row per query it may not take, :func:`self_in_pool`)."""
     return softmax_weights(
-        neighbour_errors(query, pool, prediction_errors(pool_probs, pool_labels, error), n), tau
+        neighbour_errors(query, pool, prediction_errors(pool_probs, pool_labels, error), n, exclude), tau
     )
 
 

@@ -39,7 +39,7 @@ from privrec.rundir import (
     is_adapter,
 )
 from privrec.train import TrainResult, train
-from privrec.unlearning.exact.apa import aggregate, apa_weights, own_shares, score_each
+from privrec.unlearning.exact.apa import aggregate, apa_weights, own_shares, score_each, self_in_pool
 from privrec.unlearning.exact.ledger import excluded_ids
 from privrec.unlearning.exact.slices import (
     StageState,
@@ -434,6 +434,7 @@ def evaluate_shards(
             cfg.shards.neighbours,
             cfg.shards.tau,
             cfg.shards.error,
+            self_in_pool([s.sample_id for s in test], [s.sample_id for s in valid]),  # leave-one-out on valid
         )
         seconds["weights"] = time.perf_counter() - t0
     own = own_of(cfg, users, shard_users)
