@@ -449,18 +449,27 @@ def original_run(args) -> Path:
     return out
 
 
+def training_counts(original: Path) -> tuple[object, dict[int, int]]:
+    """(the original run's config, each training user's number of training samples)."""
+    from collections import Counter
+
+    from privrec.prepare import setup_data
+
+    cfg = RunDir(original, create=False).load_config()
+    return cfg, dict(Counter(s.user_id for s in setup_data(cfg, set()).train))
+
+
 def approx_requests(args, original: Path) -> dict[str, list[int]]:
     """Single users (core, edge, random) and 1% of the training users (random, rounded up: the TALLRec pool of
     4,096 samples holds 138 users, so 1% is 2 of them), as METHODS §8 draws them."""
-    cfg = RunDir(original, create=False).load_config()
-    from privrec.prepare import setup_data
+    cfg, counts = training_counts(original)
+    return measured_requests(cfg.seed, counts)
 
-    train_s = setup_data(cfg, set()).train
-    counts: dict[int, int] = {}
-    for s in train_s:
-        counts[s.user_id] = counts.get(s.user_id, 0) + 1
+
+def measured_requests(seed: int, counts: dict[int, int]) -> dict[str, list[int]]:
+    """:func:`approx_requests` from the users' training-sample ``counts``."""
     ranked = sorted(counts, key=lambda u: (-counts[u], u))
-    rng = np.random.default_rng([cfg.seed, 9])
+    rng = np.random.default_rng([seed, 9])
     n1 = math.ceil(0.01 * len(ranked))
     return {"user-core": [ranked[0]], "user-edge": [ranked[-1]], "user-random": [int(rng.choice(ranked))],
             "users-1pct": sorted(int(u) for u in rng.choice(ranked, size=n1, replace=False))}
@@ -538,20 +547,14 @@ def step_approx(args, rec: Record) -> str:
 def tune_requests(args, original: Path) -> dict[str, list[int]]:
     """``--tune-requests`` single users drawn (seeded) from the training users that no measured request holds;
     with ``--tune-like REQ``, from those whose training-sample count is nearest the measured request REQ's."""
-    from privrec.prepare import setup_data
-
-    cfg = RunDir(original, create=False).load_config()
-    measured_requests = approx_requests(args, original)
-    counts: dict[int, int] = {}
-    for s in setup_data(cfg, set()).train:
-        counts[s.user_id] = counts.get(s.user_id, 0) + 1
+    cfg, counts = training_counts(original)
+    requests = measured_requests(cfg.seed, counts)
     size = None
     if args.tune_like is not None:
-        if args.tune_like not in measured_requests:
-            raise SystemExit(f"bench_forget: --tune-like {args.tune_like!r}: expected one of "
-                             f"{sorted(measured_requests)}")
-        size = sum(counts[u] for u in measured_requests[args.tune_like])
-    measured = {u for users in measured_requests.values() for u in users}
+        if args.tune_like not in requests:
+            raise SystemExit(f"bench_forget: --tune-like {args.tune_like!r}: expected one of {sorted(requests)}")
+        size = sum(counts[u] for u in requests[args.tune_like])
+    measured = {u for users in requests.values() for u in users}
     drawn = draw_tune_users(counts, measured, args.tune_requests, size, np.random.default_rng([cfg.seed, 12]))
     return {f"valid-u{u}": [u] for u in drawn}
 

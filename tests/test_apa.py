@@ -69,6 +69,10 @@ def test_a_query_that_is_a_pool_sample_can_be_left_out_of_its_own_neighbours():
     np.testing.assert_allclose(neighbour_errors(query[:1], pool, errors, 1, mine[:1]), [[0.0, 1.0]])
     with pytest.raises(ValueError, match="only the sample itself"):
         nearest(pool[:1], pool[:1], 1, np.array([0]))
+    # a one-sample pool: the sample itself has no neighbour (uniform weights), another query reads the sample
+    w = apa_weights(pool[:2], pool[:1], 1 - errors[:1], [1], n=20, tau=5.0, exclude=np.array([0, -1]))
+    np.testing.assert_allclose(w[0], [0.5, 0.5])
+    np.testing.assert_allclose(w[1], softmax_weights(errors[:1], 5.0)[0])
 
 
 def test_sisa_averages_the_adapters_outputs():

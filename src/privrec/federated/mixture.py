@@ -58,7 +58,7 @@ def mixture_weights(fcfg, query: np.ndarray, pool: Pool, k: int, exclude: np.nda
     """(N, K) weights over the K adapters for each query prompt (uniform when the client has no validation
     sample to weigh them on; ``exclude``: each query's own pool row, so a validation sample is not its own
     neighbour, :func:`~privrec.unlearning.exact.apa.self_in_pool`)."""
-    if len(pool.labels) == 0 or (exclude is not None and len(pool.labels) == 1 and (exclude >= 0).all()):
+    if len(pool.labels) == 0:
         return uniform_weights(len(query), k)
     return apa_weights(query, pool.features, pool.probs, pool.labels, fcfg.mixture_neighbours, fcfg.mixture_tau,
                        "abs", exclude)

@@ -87,22 +87,32 @@ def loss_gradient(model: RecLM, items: list[Encoded], batch_size: int) -> Vec:
     return total
 
 
+def _summed_over_chunks(model: RecLM, items: list[Encoded], batch_size: int,
+                        product: Callable[[list[Encoded], Vec], Vec | None]) -> Vec:
+    """sum over ``items``' batches of ``product(chunk, params)`` (None: this chunk adds nothing), a curvature
+    product that differentiates a backward pass. The fused CPU attention kernel has no derivative of its
+    backward; the math kernel (the same attention written in differentiable ops) has."""
+    params = model.trainable_parameters()
+    total = [torch.zeros_like(p) for p in params]
+    with sdpa_kernel(SDPBackend.MATH):
+        for chunk in _chunks(model, items, batch_size):
+            part = product(chunk, params)
+            if part is not None:
+                total = [t + h.detach() for t, h in zip(total, part)]
+    return total
+
+
 def hessian_vector_product(model: RecLM, items: list[Encoded], x: Vec, batch_size: int) -> Vec:
     """sum_{z in items} H(z) x, H(z) the Hessian of l(z, theta) in the trainable parameters, by double backward
     (Pearlmutter's trick: the gradient of <grad l, x>); the Hessian itself is never formed."""
-    params = model.trainable_parameters()
-    total = [torch.zeros_like(p) for p in params]
-    # the fused CPU attention kernel has no derivative of its backward; the math kernel (the same attention
-    # written in differentiable ops) has
-    with sdpa_kernel(SDPBackend.MATH):
-        for chunk in _chunks(model, items, batch_size):
-            g = torch.autograd.grad(_loss_sum(model, chunk), params, create_graph=True, materialize_grads=True)
-            gx = sum((gi * xi).sum() for gi, xi in zip(g, x))
-            if not gx.requires_grad:  # the loss is linear in every parameter here: H = 0
-                continue
-            hx = torch.autograd.grad(gx, params, materialize_grads=True)
-            total = [t + h.detach() for t, h in zip(total, hx)]
-    return total
+    def hx(chunk: list[Encoded], params: Vec) -> Vec | None:
+        g = torch.autograd.grad(_loss_sum(model, chunk), params, create_graph=True, materialize_grads=True)
+        gx = sum((gi * xi).sum() for gi, xi in zip(g, x))
+        if not gx.requires_grad:  # the loss is linear in every parameter here: H = 0
+            return None
+        return torch.autograd.grad(gx, params, materialize_grads=True)
+
+    return _summed_over_chunks(model, items, batch_size, hx)
 
 
 def gauss_newton_vector_product(model: RecLM, items: list[Encoded], x: Vec, batch_size: int) -> Vec:
@@ -110,22 +120,18 @@ def gauss_newton_vector_product(model: RecLM, items: list[Encoded], x: Vec, batc
     in the trainable parameters (J_z: the gradient of the sample's logit). J x comes from the derivative of
     J^T u in the dummy u (the double-backward form of a Jacobian-vector product), then J^T (p (1 - p) J x) is one
     more backward; G is never formed."""
-    params = model.trainable_parameters()
-    total = [torch.zeros_like(p) for p in params]
-    with sdpa_kernel(SDPBackend.MATH):  # the derivative of a backward (as in hessian_vector_product)
-        for chunk in _chunks(model, items, batch_size):
-            z = model.logits(model.collate(chunk))
-            u = torch.zeros_like(z, requires_grad=True)
-            jtu = torch.autograd.grad(z, params, grad_outputs=u, create_graph=True, materialize_grads=True)
-            ux = sum((g * xi).sum() for g, xi in zip(jtu, x))
-            if not ux.requires_grad:  # no parameter reaches the logit
-                continue
-            jx = torch.autograd.grad(ux, u)[0].detach()  # (B,) J x
-            p = torch.sigmoid(z.detach().float())
-            gx = torch.autograd.grad(z, params, grad_outputs=(p * (1 - p) * jx).to(z.dtype),
-                                     materialize_grads=True)
-            total = [t + g.detach() for t, g in zip(total, gx)]
-    return total
+    def gx(chunk: list[Encoded], params: Vec) -> Vec | None:
+        z = model.logits(model.collate(chunk))
+        u = torch.zeros_like(z, requires_grad=True)
+        jtu = torch.autograd.grad(z, params, grad_outputs=u, create_graph=True, materialize_grads=True)
+        ux = sum((g * xi).sum() for g, xi in zip(jtu, x))
+        if not ux.requires_grad:  # no parameter reaches the logit
+            return None
+        jx = torch.autograd.grad(ux, u)[0].detach()  # (B,) J x
+        p = torch.sigmoid(z.detach().float())
+        return torch.autograd.grad(z, params, grad_outputs=(p * (1 - p) * jx).to(z.dtype), materialize_grads=True)
+
+    return _summed_over_chunks(model, items, batch_size, gx)
 
 
 CURVATURE = {"hessian": hessian_vector_product, "gauss-newton": gauss_newton_vector_product}

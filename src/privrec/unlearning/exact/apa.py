@@ -52,22 +52,27 @@ def nearest(query: np.ndarray, pool: np.ndarray, n: int, exclude: np.ndarray | N
     q = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
     p = pool / np.maximum(np.linalg.norm(pool, axis=1, keepdims=True), 1e-12)
     sims = q.astype(np.float64) @ p.astype(np.float64).T  # (N, M)
-    if exclude is not None and (np.asarray(exclude) >= 0).any():
+    rows = np.flatnonzero(np.asarray(exclude) >= 0) if exclude is not None else np.zeros(0, dtype=np.int64)
+    if len(rows):
         if len(pool) == 1:
             raise ValueError("the neighbour pool holds only the sample itself")
-        rows = np.flatnonzero(np.asarray(exclude) >= 0)
         sims[rows, np.asarray(exclude)[rows]] = -np.inf
-        n = min(n, len(pool) - 1)
-    n = min(n, len(pool))
+    n = min(n, len(pool) - (1 if len(rows) else 0))
     return np.argsort(-sims, axis=1, kind="stable")[:, :n]
 
 
 def neighbour_errors(query: np.ndarray, pool: np.ndarray, pool_errors: np.ndarray, n: int,
                      exclude: np.ndarray | None = None) -> np.ndarray:
     """(N, K) mean error of every adapter over each query's n nearest pool samples (``exclude``: see
-    :func:`nearest`)."""
+    :func:`nearest`). A query whose only pool sample is itself has no neighbour: equal errors, so no adapter is
+    preferred (uniform weights)."""
+    errors = np.asarray(pool_errors, dtype=np.float64)
+    if exclude is not None and len(pool) == 1:
+        out = np.repeat(errors, len(query), axis=0)  # (N, K): the one pool row's errors
+        out[np.asarray(exclude) >= 0] = 0.0
+        return out
     idx = nearest(query, pool, n, exclude)  # (N, n)
-    return np.asarray(pool_errors, dtype=np.float64)[idx].mean(axis=1)  # (N, n, K) -> (N, K)
+    return errors[idx].mean(axis=1)  # (N, n, K) -> (N, K)
 
 
 def self_in_pool(query_ids: Sequence[str], pool_ids: Sequence[str]) -> np.ndarray | None:
